@@ -1,0 +1,350 @@
+"""HTTP image downloader for the ingest stage: bounded, retrying, never raising per URL.
+
+`download` fetches one URL and always returns a `DownloadResult` whose `status` is "ok" or a
+short machine-readable reason (see `REASONS`). `download_many` fans a (possibly huge, lazy)
+iterable of URLs out over worker threads, keeping at most 2 * concurrency URLs in flight so
+memory stays bounded for millions of inputs.
+
+Redirects are followed by hand (not by requests) so that every hop is size-bounded, every
+target is scheme-checked, and `max_redirects` applies per call even on a caller's session.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from urllib3.exceptions import ReadTimeoutError
+
+REASONS: tuple[str, ...] = (
+    "ok", "bad_scheme", "bad_url", "http_<code>", "http_5xx", "timeout", "connection_error",
+    "truncated", "too_large", "too_many_redirects", "noai", "ssl_error", "decode_error", "error",
+)
+"""Every value `DownloadResult.status` can take ("http_<code>" is e.g. "http_404")."""
+
+RETRYABLE: frozenset[str] = frozenset({"http_5xx", "timeout", "connection_error", "truncated"})
+"""Failure reasons that are usually transient and therefore retried with backoff."""
+
+_REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+_NOAI_TOKENS = frozenset({"noai", "noimageai"})
+_TOKEN_SPLIT = re.compile(r"[\s,:;]+")
+_CHUNK = 64 * 1024
+_DRAIN_LIMIT = 64 * 1024
+_ACCEPT = "image/avif,image/webp,image/*,*/*;q=0.8"
+
+_sleep: Callable[[float], object] = time.sleep
+_local = threading.local()
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    """Knobs for one download run; defaults suit polite bulk crawling of image hosts."""
+
+    timeout: float = 10.0
+    retries: int = 3
+    backoff: float = 0.5
+    backoff_max: float = 8.0
+    max_bytes: int = 32 * 2**20
+    max_redirects: int = 5
+    respect_noai: bool = True
+    user_agent: str = "dinocurate/0.1 (+image curation)"
+    concurrency: int = 32
+
+    def __post_init__(self) -> None:
+        """Reject nonsensical settings early instead of failing every URL later."""
+        if self.timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        if self.retries < 0 or self.max_redirects < 0:
+            raise ValueError("retries and max_redirects must be >= 0")
+        if self.backoff < 0 or self.backoff_max < 0:
+            raise ValueError("backoff and backoff_max must be >= 0")
+        if self.max_bytes < 1 or self.concurrency < 1:
+            raise ValueError("max_bytes and concurrency must be >= 1")
+
+
+@dataclass
+class DownloadResult:
+    """Outcome for one input URL: body when ok, otherwise a reason and a one-line detail."""
+
+    url: str
+    status: str
+    data: bytes | None
+    http_status: int | None
+    attempts: int
+    error: str | None
+    content_type: str | None
+
+    @property
+    def ok(self) -> bool:
+        """True when the body was downloaded in full."""
+        return self.status == "ok"
+
+
+def download(url: str, settings: DownloadSettings, session: requests.Session | None = None) -> DownloadResult:
+    """Fetch one URL with retries; never raises for a per-URL problem.
+
+    Without `session`, a session private to the calling thread is used (connection reuse). A
+    caller's session works too; one from `new_session` also keeps redirect bodies size-bounded.
+    """
+    return _download(url, settings, session if session is not None else _thread_session(settings), None)
+
+
+def download_many(urls: Iterable[str], settings: DownloadSettings) -> Iterator[tuple[int, DownloadResult]]:
+    """Download `urls` on `settings.concurrency` threads, yielding (input index, result) as they finish.
+
+    The input is consumed lazily: at most 2 * concurrency URLs are pulled ahead of the results
+    already yielded. Closing the generator early cancels queued work and stops retry waits.
+    """
+    window = 2 * settings.concurrency
+    finished: queue.SimpleQueue[tuple[int, DownloadResult]] = queue.SimpleQueue()
+    stop = threading.Event()
+    local = threading.local()
+    sessions: list[requests.Session] = []
+    sessions_lock = threading.Lock()
+
+    def work(index: int, url: str) -> None:
+        try:
+            session = getattr(local, "session", None)
+            if session is None:
+                session = local.session = new_session(settings)
+                with sessions_lock:
+                    sessions.append(session)
+            result = _download(url, settings, session, stop)
+        except Exception as exc:  # a bug must not hang the consumer waiting for this index
+            result = _result(url, "error", _one_line(exc))
+        finished.put((index, result))
+
+    pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="download")
+    try:
+        in_flight = 0
+        source = enumerate(urls)
+        exhausted = False
+        while True:
+            while not exhausted and in_flight < window:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                    break
+                pool.submit(work, *item)
+                in_flight += 1
+            if in_flight == 0:
+                return
+            index, result = finished.get()
+            in_flight -= 1
+            yield index, result
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        for session in sessions:
+            session.close()
+
+
+class _HopByHopSession(requests.Session):
+    """A Session that never resolves redirects itself.
+
+    Even with allow_redirects=False, requests pre-computes the next hop of a 3xx, which reads
+    the whole redirect body into memory and may raise on a malformed Location; `_attempt`
+    follows redirects itself, so that work is switched off here.
+    """
+
+    def get_redirect_target(self, resp: requests.Response) -> None:
+        """No redirect target as far as requests is concerned."""
+        return None
+
+
+def new_session(settings: DownloadSettings) -> requests.Session:
+    """A session suited to `download` (one per thread: sessions are not shared across threads)."""
+    session = _HopByHopSession()
+    session.max_redirects = settings.max_redirects  # mirrors the limit `_attempt` enforces per call
+    session.headers["User-Agent"] = settings.user_agent
+    return session
+
+
+def _thread_session(settings: DownloadSettings) -> requests.Session:
+    """The calling thread's lazily created session for plain `download` calls."""
+    session = getattr(_local, "session", None)
+    if session is None:
+        session = _local.session = new_session(settings)
+    return session
+
+
+def _download(
+    url: str, settings: DownloadSettings, session: requests.Session, stop: threading.Event | None
+) -> DownloadResult:
+    """Validate, then attempt up to retries + 1 times with capped exponential backoff."""
+    problem = _check_url(url)
+    if problem is not None:
+        return _result(url, *problem)
+    attempts = 0
+    while True:
+        attempts += 1
+        result = _attempt(url, settings, session)
+        result.attempts = attempts
+        if result.status not in RETRYABLE or attempts > settings.retries:
+            return result
+        delay = min(settings.backoff * 2 ** (attempts - 1), settings.backoff_max)
+        if stop is None:
+            _sleep(delay)
+        elif stop.wait(delay):
+            return result
+
+
+def _attempt(url: str, settings: DownloadSettings, session: requests.Session) -> DownloadResult:
+    """One attempt: follow up to max_redirects redirects, then classify and read the final response."""
+    headers = {"User-Agent": settings.user_agent, "Accept": _ACCEPT}
+    timeout = (settings.timeout, settings.timeout)
+    current = url
+    hops = 0
+    resp: requests.Response | None = None
+    try:
+        while True:
+            resp = session.get(current, headers=headers, timeout=timeout, stream=True, allow_redirects=False)
+            try:
+                if resp.status_code not in _REDIRECT_CODES or "location" not in resp.headers:
+                    return _read_final(url, resp, settings)
+                if hops == settings.max_redirects:
+                    return _result(url, "too_many_redirects", f"more than {settings.max_redirects} redirects", resp)
+                current = _redirect_target(resp)
+                _drain(resp)
+            finally:
+                resp.close()
+            hops += 1
+            problem = _check_url(current)
+            if problem is not None:
+                status, error = problem
+                return _result(url, status, f"redirect to {current!r}: {error}", resp)
+    except Exception as exc:
+        return _result(url, _classify(exc), _one_line(exc), resp)
+
+
+def _read_final(url: str, resp: requests.Response, settings: DownloadSettings) -> DownloadResult:
+    """Turn a non-redirect response into a result, streaming the body under the size cap."""
+    code = resp.status_code
+    if code >= 500:
+        _drain(resp)
+        return _result(url, "http_5xx", f"HTTP {code} {resp.reason}", resp)
+    if not 200 <= code < 300:
+        _drain(resp)
+        return _result(url, f"http_{code}", f"HTTP {code} {resp.reason}", resp)
+    if settings.respect_noai and _is_noai(resp.headers.get("X-Robots-Tag")):
+        return _result(url, "noai", f"X-Robots-Tag: {resp.headers['X-Robots-Tag']}", resp)
+    declared = _content_length(resp)
+    if declared is not None and declared > settings.max_bytes:
+        return _result(url, "too_large", f"Content-Length {declared} > max_bytes {settings.max_bytes}", resp)
+    body = bytearray()
+    for chunk in resp.iter_content(_CHUNK):
+        body += chunk
+        if len(body) > settings.max_bytes:
+            return _result(url, "too_large", f"body exceeded max_bytes {settings.max_bytes}", resp)
+    identity = resp.headers.get("Content-Encoding", "identity").strip().lower() in ("", "identity")
+    if declared is not None and identity and len(body) < declared:
+        return _result(url, "truncated", f"got {len(body)} of {declared} declared bytes", resp)
+    return DownloadResult(url, "ok", bytes(body), code, 0, None, resp.headers.get("Content-Type"))
+
+
+def _check_url(url: object) -> tuple[str, str] | None:
+    """(status, error) when `url` cannot be fetched over http(s), else None; no network."""
+    if not isinstance(url, str):
+        return "bad_url", f"not a string: {type(url).__name__}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError as exc:
+        return "bad_url", _one_line(exc)
+    if not parts.scheme:
+        return "bad_url", "no scheme"
+    if parts.scheme.lower() not in ("http", "https"):
+        return "bad_scheme", f"scheme {parts.scheme!r} is not http(s)"
+    if not parts.hostname:
+        return "bad_url", "no host"
+    return None
+
+
+def _redirect_target(resp: requests.Response) -> str:
+    """Absolute URL of a redirect; Location is decoded like browsers do (UTF-8 sent as latin-1).
+
+    A Location that cannot be joined is returned as is, for `_check_url` to reject.
+    """
+    location = resp.headers["location"]
+    try:
+        location = location.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        pass
+    try:
+        return urljoin(resp.url, location)
+    except ValueError:
+        return location
+
+
+def _is_noai(value: str | None) -> bool:
+    """True when an X-Robots-Tag value holds a noai/noimageai token, for any (or no) bot name."""
+    return bool(value) and not _NOAI_TOKENS.isdisjoint(_TOKEN_SPLIT.split(value.lower()))
+
+
+def _content_length(resp: requests.Response) -> int | None:
+    """The declared body length, or None when absent or unparseable."""
+    value = resp.headers.get("Content-Length")
+    if value is None:
+        return None
+    try:
+        length = int(value.split(",")[0].strip())
+    except ValueError:
+        return None
+    return length if length >= 0 else None
+
+
+def _drain(resp: requests.Response) -> None:
+    """Read a small unwanted body so the connection can be reused; give up past a limit."""
+    declared = _content_length(resp)
+    if declared is not None and declared > _DRAIN_LIMIT:
+        return
+    read = 0
+    try:
+        for chunk in resp.iter_content(_CHUNK):
+            read += len(chunk)
+            if read > _DRAIN_LIMIT:
+                return
+    except requests.RequestException:
+        pass
+
+
+def _classify(exc: Exception) -> str:
+    """Map a requests/urllib3 exception to a result status."""
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "ssl_error"
+    if isinstance(exc, requests.Timeout):
+        return "timeout"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "truncated"
+    if isinstance(exc, requests.exceptions.ContentDecodingError):
+        return "decode_error"
+    if isinstance(exc, requests.exceptions.TooManyRedirects):
+        return "too_many_redirects"
+    if isinstance(exc, requests.exceptions.InvalidSchema):
+        return "bad_scheme"
+    if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)):
+        return "bad_url"
+    if isinstance(exc, requests.ConnectionError):
+        # a read timeout while streaming the body surfaces as ConnectionError(ReadTimeoutError)
+        return "timeout" if exc.args and isinstance(exc.args[0], ReadTimeoutError) else "connection_error"
+    return "error"
+
+
+def _one_line(exc: BaseException) -> str:
+    """A short single-line description of an exception."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _result(url: object, status: str, error: str, resp: requests.Response | None = None) -> DownloadResult:
+    """A failed result, keeping the HTTP status and content type when a response was seen."""
+    http_status = resp.status_code if resp is not None else None
+    content_type = resp.headers.get("Content-Type") if resp is not None else None
+    return DownloadResult(str(url), status, None, http_status, 0, error, content_type)

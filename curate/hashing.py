@@ -1,0 +1,265 @@
+"""Exact (sha256) and perceptual (64-bit pHash) duplicate detection.
+
+Perceptual near-duplicates are found with an exact Hamming range search: FAISS multi-index
+hashing (``IndexBinaryMultiHash``) for large inputs, brute force (``IndexBinaryFlat``) for small
+ones. Identical hashes are collapsed before the search so that many copies of one image cost
+O(copies), not O(copies^2). Records linked by either kind of edge form connected components;
+one keeper is kept per component.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from math import comb
+
+import faiss
+import imagehash
+import numpy as np
+from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+# Largest pHash Hamming distance treated as "same image". Chosen by bench/phash_threshold.py:
+# on 2,000 synthetic images and 2,000 Fashion-MNIST images, thresholds 0..16 were scored by the
+# recall of edited copies (JPEG q30..95, resize 0.5x..2x, blur, combinations) and the
+# false-merge rate of distinct pairs; 10 is the largest threshold whose false-merge rate on
+# distinct synthetic images stays ~0 (see the table in that script's output).
+DEFAULT_MAX_DISTANCE = 10
+
+# Cost model for choosing the search plan, in nanoseconds, measured on 2 cores with
+# bench/hashdedup.py (1M hashes): a hash-table probe, a shortlisted candidate (set insert plus
+# Hamming check), one brute-force Hamming comparison, and one table insert at index build time.
+_NS_PROBE = 60.0
+_NS_CANDIDATE = 40.0
+_NS_FLAT = 0.5
+_NS_ADD = 150.0
+_MAX_TABLES = 16
+
+_POPCOUNT8 = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
+
+
+def phash_u64(img: Image.Image) -> int:
+    """64-bit pHash (imagehash.phash, hash_size=8) of a decoded image as an unsigned int.
+
+    Bit order: the 8x8 boolean DCT-sign matrix is flattened row-major and its first element is
+    the most significant bit, so ``f"{phash_u64(img):016x}" == str(imagehash.phash(img))``.
+    The caller passes the image after EXIF transpose and first-frame selection.
+    """
+    bits = np.asarray(imagehash.phash(img, hash_size=8).hash, dtype=bool).reshape(-1)
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def hamming_u64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Element-wise Hamming distance (popcount of xor) of broadcastable uint64 arrays, as uint8."""
+    x = np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64))
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x).astype(np.uint8, copy=False)
+    x = np.ascontiguousarray(x)
+    return _POPCOUNT8[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """How phash_pairs searches: ``tables == 0`` is brute force, else multi-index hashing."""
+
+    tables: int
+    bits: int
+    nflip: int
+
+
+def _mih_plan(tables: int, max_distance: int) -> SearchPlan:
+    """Multi-index plan with ``tables`` disjoint substrings of ``64 // tables`` bits each.
+
+    If two hashes differ in at most r bits, some substring differs in at most r // tables bits
+    (pigeonhole), so probing every table with that many flips finds all pairs.
+    """
+    if not 2 <= tables <= _MAX_TABLES:
+        raise ValueError(f"tables must be in 2..{_MAX_TABLES}, got {tables}")
+    return SearchPlan(tables, 64 // tables, max_distance // tables)
+
+
+def _mih_cost(plan: SearchPlan, n: int) -> float:
+    """Estimated nanoseconds for an all-pairs search of n uniformly distributed hashes."""
+    probes = plan.tables * sum(comb(plan.bits, k) for k in range(plan.nflip + 1))
+    candidates = probes * n / 2.0**plan.bits
+    threads = max(1, faiss.omp_get_max_threads())
+    return n * (probes * _NS_PROBE + candidates * _NS_CANDIDATE) / threads + plan.tables * n * _NS_ADD
+
+
+def choose_plan(n: int, max_distance: int) -> SearchPlan:
+    """Cheapest exact plan by the cost model: brute force or the best number of hash tables."""
+    threads = max(1, faiss.omp_get_max_threads())
+    best, best_cost = SearchPlan(0, 64, 0), float(n) * n * _NS_FLAT / threads
+    for tables in range(2, _MAX_TABLES + 1):
+        plan = _mih_plan(tables, max_distance)
+        cost = _mih_cost(plan, n)
+        if cost < best_cost:
+            best, best_cost = plan, cost
+    return best
+
+
+def _as_codes(values: np.ndarray) -> np.ndarray:
+    """uint64 values as an (n, 8) uint8 code array with 8 zero bytes of slack after the end.
+
+    IndexBinaryMultiHash reads each substring with an unaligned 8-byte load, which can run up to
+    7 bytes past the last code; the slack keeps that read inside our own buffer.
+    """
+    buf = np.zeros((len(values) + 1, 8), dtype=np.uint8)
+    buf[: len(values)] = values.astype("<u8").view(np.uint8).reshape(-1, 8)
+    return buf[: len(values)]
+
+
+def _unique_pairs(
+    values: np.ndarray, max_distance: int, chunk: int, plan: SearchPlan
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (u < v) of distinct sorted values within max_distance, by FAISS range search."""
+    codes = _as_codes(values)
+    if plan.tables == 0:
+        index = faiss.IndexBinaryFlat(64)
+    else:
+        index = faiss.IndexBinaryMultiHash(64, plan.tables, plan.bits)
+        index.nflip = plan.nflip
+    index.add(codes)
+    us, vs, ds = [], [], []
+    for start in range(0, len(values), chunk):
+        stop = min(start + chunk, len(values))
+        lims, dist, found = index.range_search(codes[start:stop], max_distance + 1)
+        query = np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(lims).astype(np.int64))
+        found = found.astype(np.int64, copy=False)
+        upper = found > query
+        us.append(query[upper])
+        vs.append(found[upper])
+        ds.append(dist[upper].astype(np.uint8))
+    if not us:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.uint8)
+    return np.concatenate(us), np.concatenate(vs), np.concatenate(ds)
+
+
+def phash_pairs(
+    phash: np.ndarray, max_distance: int, chunk: int = 65536, *, tables: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact pairs (i < j) with Hamming(phash[i], phash[j]) <= max_distance.
+
+    Returns int64 i, int64 j and uint8 distance arrays sorted by (i, j). Identical hashes are
+    collapsed first: each set of equal hashes is represented by its smallest index, which is
+    linked to every other member (a star, distance 0), and pairs between distinct hash values
+    are reported between their representatives. When all hashes are distinct this is exactly
+    the set of all pairs; in every case the connected components equal those of all pairs,
+    and the output stays O(n + pairs of distinct values) instead of O(copies^2).
+
+    ``tables`` overrides the search plan (0: brute force, m >= 2: multi-index hashing with m
+    tables); by default ``choose_plan`` picks it from n and max_distance.
+    """
+    values = np.asarray(phash, dtype=np.uint64).reshape(-1)
+    empty = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.uint8))
+    if max_distance < 0 or len(values) < 2:
+        return empty
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    max_distance = min(int(max_distance), 64)
+    uniq, first, inverse = np.unique(values, return_index=True, return_inverse=True)
+    rep = first.astype(np.int64)
+    inverse = inverse.reshape(-1)
+
+    members = np.arange(len(values), dtype=np.int64)
+    dup = rep[inverse] != members
+    star_i, star_j = rep[inverse[dup]], members[dup]
+
+    if max_distance == 0 or len(uniq) < 2:
+        u, v, d = empty
+    else:
+        if tables is None:
+            plan = choose_plan(len(uniq), max_distance)
+        else:
+            plan = SearchPlan(0, 64, 0) if tables == 0 else _mih_plan(tables, max_distance)
+        u, v, d = _unique_pairs(uniq, max_distance, chunk, plan)
+    ru, rv = rep[u], rep[v]
+    i = np.concatenate([np.minimum(ru, rv), star_i])
+    j = np.concatenate([np.maximum(ru, rv), star_j])
+    dist = np.concatenate([d, np.zeros(len(star_i), dtype=np.uint8)])
+    order = np.lexsort((j, i))
+    return i[order], j[order], dist[order]
+
+
+@dataclass
+class DedupResult:
+    """Per-record outcome of dedup, aligned with the input order."""
+
+    keep: np.ndarray
+    dup_of: list[str | None]
+    reason: list[str | None]
+    group: np.ndarray
+    distance: np.ndarray
+
+
+def _exact_edges(sha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Star edges linking records with the same non-empty sha256 to the first of them."""
+    n = len(sha)
+    if n == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    _, first, inverse = np.unique(sha, return_index=True, return_inverse=True)
+    src = first.astype(np.int64)[inverse.reshape(-1)]
+    dst = np.arange(n, dtype=np.int64)
+    linked = (src != dst) & (sha != "")
+    return src[linked], dst[linked]
+
+
+def dedup(
+    ids: Sequence[str],
+    sha256: Sequence[str],
+    phash: np.ndarray,
+    pixels: np.ndarray,
+    max_distance: int = DEFAULT_MAX_DISTANCE,
+) -> DedupResult:
+    """Group exact (same sha256) and perceptual (pHash within max_distance) duplicates.
+
+    Records are linked by equal sha256 (None or "" links nothing) and, unless max_distance < 0,
+    by pHash Hamming distance <= max_distance; each connected component keeps one record: the
+    highest pixel count, then the smallest id in string order. Everything in the result is a
+    function of the records alone, so it does not depend on the input order. Ids must be unique.
+    """
+    n = len(ids)
+    id_arr = np.array([str(x) for x in ids], dtype=str) if n else np.empty(0, dtype=str)
+    sha = np.array(["" if s is None else str(s) for s in sha256], dtype=str) if n else id_arr
+    codes = np.asarray(phash, dtype=np.uint64).reshape(-1)
+    pix = np.asarray(pixels, dtype=np.int64).reshape(-1)
+    if not (len(sha) == len(codes) == len(pix) == n):
+        raise ValueError("ids, sha256, phash and pixels must have the same length")
+    by_id = np.argsort(id_arr, kind="stable")
+    if n > 1 and np.any(id_arr[by_id][1:] == id_arr[by_id][:-1]):
+        raise ValueError("ids must be unique")
+    rank = np.empty(n, dtype=np.int64)
+    rank[by_id] = np.arange(n, dtype=np.int64)
+
+    ei, ej = _exact_edges(sha)
+    if max_distance >= 0:
+        pi, pj, _ = phash_pairs(codes, max_distance)
+        ei, ej = np.concatenate([ei, pi]), np.concatenate([ej, pj])
+    graph = coo_matrix((np.ones(len(ei), dtype=np.int8), (ei, ej)), shape=(n, n)).tocsr()
+    ncomp, labels = connected_components(graph, directed=False)
+
+    order = np.lexsort((rank, -pix, labels))
+    head = np.ones(n, dtype=bool)
+    head[1:] = labels[order][1:] != labels[order][:-1]
+    keeper_of = np.empty(ncomp, dtype=np.int64)
+    keeper_of[labels[order][head]] = order[head]
+    keeper = keeper_of[labels]
+    keep = keeper == np.arange(n)
+
+    sizes = np.bincount(labels, minlength=ncomp)
+    min_rank = np.full(ncomp, n, dtype=np.int64)
+    np.minimum.at(min_rank, labels, rank)
+    multi = np.flatnonzero(sizes > 1)
+    group_of = np.full(ncomp, -1, dtype=np.int64)
+    group_of[multi[np.argsort(min_rank[multi], kind="stable")]] = np.arange(len(multi))
+    group = group_of[labels]
+
+    distance = hamming_u64(codes, codes[keeper]).astype(np.int16)
+    distance[keep] = -1
+    exact = (sha == sha[keeper]) & (sha != "")
+    dup_of: list[str | None] = [None if k else id_arr[m].item() for k, m in zip(keep, keeper)]
+    reason: list[str | None] = [
+        None if k else ("exact" if e else "near") for k, e in zip(keep, exact)
+    ]
+    return DedupResult(keep=keep, dup_of=dup_of, reason=reason, group=group, distance=distance)

@@ -1,0 +1,259 @@
+"""Ingest: plan the inputs into parts, then check every image and copy good bytes into raw shards.
+
+Layout under the stage directory:
+  _plan/part-XXXXX.parquet   the inputs of each part, fixed before any work starts
+  _cache/part-XXXXX/         finished downloads of an unfinished part (so a rerun never refetches)
+  shards/shard-XXXXX.tar     raw webdataset shard of part XXXXX (original bytes of ok images)
+  part-XXXXX.parquet         records of part XXXXX; written last, it marks the part done
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.download import DownloadResult, DownloadSettings, download_many
+from curate.images import CheckSettings, ImageCheck, check_image
+from curate.parts import (atomic_path, clean_temporaries, list_parts, part_name, write_bytes_atomic,
+                          write_table_atomic)
+from curate.sources import PlanItem, iter_source
+from curate.tars import write_samples
+
+PLAN_SCHEMA = pa.schema([
+    ("id", pa.string()), ("uri", pa.string()), ("kind", pa.string()), ("source", pa.string()),
+    ("path", pa.string()), ("member", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
+    ("extra", pa.string()), ("status", pa.string()), ("error", pa.string()),
+])
+
+RECORD_FIELDS = [
+    ("id", pa.string()), ("uri", pa.string()), ("source", pa.string()), ("status", pa.string()),
+    ("error", pa.string()), ("sha256", pa.string()), ("phash", pa.uint64()), ("width", pa.int32()),
+    ("height", pa.int32()), ("nbytes", pa.int64()), ("format", pa.string()), ("ext", pa.string()),
+    ("mode", pa.string()), ("n_frames", pa.int32()), ("http_status", pa.int32()),
+    ("raw_shard", pa.string()), ("raw_key", pa.string()), ("raw_offset", pa.int64()),
+]
+CORE_COLUMNS = {name for name, _ in RECORD_FIELDS}
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """How ingest splits and checks its inputs."""
+
+    part_size: int = 1000
+    workers: int = 0  # processes over parts; 0 = one per CPU core
+    check: CheckSettings = field(default_factory=CheckSettings)
+    download: DownloadSettings = field(default_factory=DownloadSettings)
+
+
+def make_id(uri: str) -> str:
+    """Stable record id: 16 hex chars of blake2b of the source URI."""
+    return hashlib.blake2b(uri.encode("utf-8", errors="surrogatepass"), digest_size=8).hexdigest()
+
+
+def plan(sources: Iterable[str], stage_dir: str | os.PathLike, part_size: int) -> int:
+    """Enumerate all sources into plan parts (once); returns the number of parts."""
+    stage_dir = Path(stage_dir)
+    plan_dir = stage_dir / "_plan"
+    if plan_dir.exists():
+        return len(list_parts(plan_dir))
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    clean_temporaries(stage_dir)
+    seen: dict[str, int] = {}
+    with atomic_path(plan_dir) as tmp:
+        tmp.mkdir()
+        rows: list[dict] = []
+        n_parts = 0
+        for source in sources:
+            for item in iter_source(source):
+                rows.append(_plan_row(item, seen))
+                if len(rows) == part_size:
+                    pq.write_table(pa.Table.from_pylist(rows, schema=PLAN_SCHEMA), tmp / part_name(n_parts))
+                    rows, n_parts = [], n_parts + 1
+        if rows or n_parts == 0:
+            pq.write_table(pa.Table.from_pylist(rows, schema=PLAN_SCHEMA), tmp / part_name(n_parts))
+            n_parts += 1
+    return n_parts
+
+
+def _plan_row(item: PlanItem, seen: dict[str, int]) -> dict:
+    row = asdict(item)
+    base = make_id(item.uri)
+    count = seen.get(base, 0)
+    seen[base] = count + 1
+    if count:
+        row["id"] = make_id(f"{item.uri}#{count}")
+        if not row["status"]:
+            row["status"], row["error"] = "duplicate_uri", f"same source URI as record {base}"
+    else:
+        row["id"] = base
+    return row
+
+
+def ingest(sources: Iterable[str], stage_dir: str | os.PathLike, settings: IngestSettings = IngestSettings(),
+           on_part: Callable[[int, dict], None] | None = None) -> dict:
+    """Plan, then run every unfinished part (in parallel processes); returns counts by status."""
+    stage_dir = Path(stage_dir)
+    n_parts = plan(sources, stage_dir, settings.part_size)
+    todo = [i for i in range(n_parts) if not (stage_dir / part_name(i)).exists()]
+    workers = settings.workers or os.cpu_count() or 1
+    if workers > 1 and len(todo) > 1:
+        ctx = get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+            futures = {pool.submit(run_part, stage_dir, i, settings): i for i in todo}
+            for fut in as_completed(futures):
+                counts = fut.result()
+                if on_part:
+                    on_part(futures[fut], counts)
+    else:
+        for i in todo:
+            counts = run_part(stage_dir, i, settings)
+            if on_part:
+                on_part(i, counts)
+    return status_counts(stage_dir)
+
+
+def status_counts(stage_dir: str | os.PathLike) -> dict:
+    """Counts of records by status over all finished parts."""
+    total: Counter = Counter()
+    for p in list_parts(stage_dir):
+        col = pq.read_table(p, columns=["status"]).column("status")
+        total.update(col.to_pylist())
+    return dict(sorted(total.items()))
+
+
+def run_part(stage_dir: str | os.PathLike, index: int, settings: IngestSettings) -> dict:
+    """Process one part: fetch, check, write its raw shard, then its records (the done marker)."""
+    stage_dir = Path(stage_dir)
+    out = stage_dir / part_name(index)
+    if out.exists():
+        return {}
+    items = pq.read_table(stage_dir / "_plan" / part_name(index)).to_pylist()
+    cache = stage_dir / "_cache" / f"part-{index:05d}"
+    _fill_download_cache(items, cache, settings.download)
+    shard_name = f"shard-{index:05d}.tar"
+    records: list[dict] = []
+    good: list[tuple[int, bytes]] = []
+    with _Reader() as reader:
+        for row in items:
+            rec, data = _process(row, reader, cache, settings.check)
+            if data is not None:
+                good.append((len(records), data))
+            records.append(rec)
+    shard_dir = stage_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    samples = ({"__key__": records[i]["id"], records[i]["ext"]: data, "json": _raw_meta(records[i])}
+               for i, data in good)
+    with atomic_path(shard_dir / shard_name) as tmp:
+        layout = write_samples(tmp, samples)
+    for i, _ in good:
+        rec = records[i]
+        rec["raw_shard"], rec["raw_key"] = f"shards/{shard_name}", rec["id"]
+        rec["raw_offset"] = layout[rec["id"]][rec["ext"]][0]
+    write_table_atomic(records_table(records), out)
+    shutil.rmtree(cache, ignore_errors=True)
+    return dict(Counter(r["status"] for r in records))
+
+
+def _raw_meta(rec: dict) -> str:
+    meta = {k: rec[k] for k in ("id", "uri", "width", "height", "sha256")}
+    meta.update(json.loads(rec["_extra"]) if rec.get("_extra") else {})
+    return json.dumps(meta, sort_keys=True, default=str)
+
+
+def _fill_download_cache(items: list[dict], cache: Path, settings: DownloadSettings) -> None:
+    """Download every URL of the part not yet in the cache; each result lands there atomically."""
+    todo = [r for r in items if r["kind"] == "url" and not r["status"] and not (cache / f"{r['id']}.json").exists()]
+    if not todo:
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    for idx, res in download_many((r["uri"] for r in todo), settings):
+        rid = todo[idx]["id"]
+        if res.data is not None:
+            write_bytes_atomic(cache / f"{rid}.bin", res.data)
+        meta = {"status": res.status, "http_status": res.http_status, "error": res.error,
+                "attempts": res.attempts}
+        write_bytes_atomic(cache / f"{rid}.json", json.dumps(meta).encode())
+
+
+class _Reader:
+    """Reads file and tar-member bytes for one part, keeping tars open."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, object] = {}
+
+    def tar_member(self, row: dict) -> bytes:
+        path = row["path"]
+        if row["offset"] is not None:
+            fh = self._files.get(path) or self._files.setdefault(path, open(path, "rb"))
+            fh.seek(row["offset"])
+            return fh.read(row["size"])
+        tf = self._files.get(path) or self._files.setdefault(path, tarfile.open(path, "r:*"))
+        member = tf.extractfile(row["member"])
+        if member is None:
+            raise OSError(f"{row['member']} is not a regular file")
+        return member.read()
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fh in self._files.values():
+            fh.close()
+
+
+def _process(row: dict, reader: _Reader, cache: Path, check: CheckSettings) -> tuple[dict, bytes | None]:
+    """One plan row -> (record, original bytes if the image is ok)."""
+    rec = {"id": row["id"], "uri": row["uri"], "source": row["source"], "_extra": row["extra"]}
+    if row["status"]:
+        rec.update(status=row["status"], error=row["error"])
+        return rec, None
+    data: bytes | None = None
+    try:
+        if row["kind"] == "url":
+            meta = json.loads((cache / f"{row['id']}.json").read_text())
+            rec["http_status"] = meta["http_status"]
+            if meta["status"] != "ok":
+                rec.update(status=meta["status"], error=meta["error"])
+                return rec, None
+            data = (cache / f"{row['id']}.bin").read_bytes()
+        elif row["size"] is not None and row["size"] > check.max_bytes:
+            rec.update(status="too_large", error=f"{row['size']} bytes > {check.max_bytes}", nbytes=row["size"])
+            return rec, None
+        elif row["kind"] == "tar":
+            data = reader.tar_member(row)
+        else:
+            with open(row["path"], "rb") as fh:
+                data = fh.read()
+    except (OSError, tarfile.TarError) as exc:
+        rec.update(status="read_error", error=str(exc)[:200])
+        return rec, None
+    res: ImageCheck = check_image(data, check)
+    rec.update({k: v for k, v in asdict(res).items()})
+    return rec, (data if res.status == "ok" else None)
+
+
+def records_table(records: list[dict]) -> pa.Table:
+    """Records as a table: core columns typed, carried columns (caption, ...) appended after."""
+    extras = [json.loads(r["_extra"]) if r.get("_extra") else {} for r in records]
+    names = sorted({k for e in extras for k in e})
+    arrays = {name: pa.array([r.get(name) for r in records], type=t) for name, t in RECORD_FIELDS}
+    for key in names:
+        col = key if key not in CORE_COLUMNS else f"src_{key}"
+        values = [e.get(key) for e in extras]
+        try:
+            arrays[col] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            arrays[col] = pa.array([None if v is None else str(v) for v in values], type=pa.string())
+    return pa.table(arrays)

@@ -1,0 +1,165 @@
+"""Curated webdataset shards: a deterministic plan, atomic shard files, a Parquet index, verify.
+
+The plan (which sample goes to which shard, in which order) is fixed first and saved, then each
+shard is written to a temporary name and renamed, so a killed run resumes shard by shard and
+ends with byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.parts import atomic_path, clean_temporaries, write_table_atomic
+from curate.tars import TarReader, sample_nbytes, write_samples
+
+INDEX_NAME = "index.parquet"
+PLAN_NAME = "_plan.parquet"
+NEEDED = ["id", "uri", "raw_shard", "raw_offset", "nbytes", "ext", "sha256", "width", "height"]
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """Bounds and order of the output shards."""
+
+    max_size: int = 512 * 2**20  # bytes per shard (tar size, headers included)
+    max_count: int = 10_000      # samples per shard
+    shuffle_seed: int | None = 0  # None keeps id order
+
+
+def shard_name(i: int) -> str:
+    """File name of shard i (shard-000000.tar)."""
+    return f"shard-{i:06d}.tar"
+
+
+def plan_shards(records: pa.Table, settings: ShardSettings, meta_columns: Sequence[str] = ()) -> pa.Table:
+    """Order the records (by id, then a seeded shuffle) and cut them into bounded shards."""
+    missing = [c for c in NEEDED if c not in records.column_names]
+    if missing:
+        raise ValueError(f"records lack columns needed for shards: {missing}")
+    keep = NEEDED + [c for c in meta_columns if c in records.column_names and c not in NEEDED]
+    t = records.select(keep).sort_by("id")
+    if settings.shuffle_seed is not None and t.num_rows:
+        perm = np.random.default_rng(settings.shuffle_seed).permutation(t.num_rows)
+        t = t.take(pa.array(perm))
+    metas = [_sample_meta(row, keep) for row in t.to_pylist()]
+    sizes = t.column("nbytes").to_numpy()
+    shard_ids = np.empty(t.num_rows, dtype=np.int64)
+    cur, count, used = 0, 0, 0
+    for i, (n, meta) in enumerate(zip(sizes, metas)):
+        need = sample_nbytes([int(n), len(meta.encode())])
+        if count and (count >= settings.max_count or used + need > settings.max_size):
+            cur, count, used = cur + 1, 0, 0
+        shard_ids[i] = cur
+        count, used = count + 1, used + need
+    t = t.append_column("shard", pa.array([shard_name(int(s)) for s in shard_ids], type=pa.string()))
+    return t.append_column("meta", pa.array(metas, type=pa.string()))
+
+
+def _sample_meta(row: dict, columns: Sequence[str]) -> str:
+    skip = {"raw_shard", "raw_offset", "nbytes", "ext"}
+    meta = {c: row[c] for c in columns if c not in skip and row[c] is not None}
+    return json.dumps(meta, sort_keys=True, default=str)
+
+
+def write_shards(records: pa.Table, raw_root: str | os.PathLike, out_dir: str | os.PathLike,
+                 settings: ShardSettings = ShardSettings(), meta_columns: Sequence[str] = (),
+                 on_shard: Callable[[str, int], None] | None = None) -> dict:
+    """Write the records' original bytes into shards under `out_dir`; resumes shard by shard."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_temporaries(out)
+    plan_path = out / PLAN_NAME
+    if not plan_path.exists():
+        write_table_atomic(plan_shards(records, settings, meta_columns), plan_path)
+    planned = pq.read_table(plan_path)
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in planned.select(["id", "raw_shard", "raw_offset", "nbytes", "ext", "shard", "meta"]).to_pylist():
+        groups[row["shard"]].append(row)
+    written = 0
+    with TarReader(raw_root) as reader:
+        for name in sorted(groups):
+            rows = groups[name]
+            if not (out / name).exists():
+                samples = ({"__key__": r["id"], r["ext"]: reader.read(r["raw_shard"], r["raw_offset"], r["nbytes"]),
+                            "json": r["meta"]} for r in rows)
+                with atomic_path(out / name) as tmp:
+                    write_samples(tmp, samples)
+                written += 1
+            if on_shard:
+                on_shard(name, len(rows))
+    index = planned.drop_columns(["raw_shard", "raw_offset", "meta"])
+    index = index.rename_columns(["key" if c == "id" else c for c in index.column_names])
+    if not (out / INDEX_NAME).exists():
+        write_table_atomic(index, out / INDEX_NAME)
+    return {"samples": planned.num_rows, "shards": len(groups), "shards_written": written,
+            "bytes": int(sum((out / n).stat().st_size for n in groups))}
+
+
+@dataclass
+class VerifyReport:
+    """What `verify_shards` found; ok when no errors."""
+
+    shards: int = 0
+    samples: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def verify_shards(out_dir: str | os.PathLike, max_errors: int = 50) -> VerifyReport:
+    """Read every shard back; check sample counts, keys and sha256 against the index."""
+    out = Path(out_dir)
+    report = VerifyReport()
+    index_path = out / INDEX_NAME
+    if not index_path.exists():
+        report.errors.append(f"no {INDEX_NAME} in {out}")
+        return report
+    index = pq.read_table(index_path, columns=["key", "shard", "ext", "sha256"]).to_pylist()
+    expected: dict[str, dict[str, tuple[str, str]]] = defaultdict(dict)
+    for row in index:
+        expected[row["shard"]][row["key"]] = (row["ext"], row["sha256"])
+    on_disk = sorted(p.name for p in out.glob("shard-*.tar"))
+    for extra in sorted(set(on_disk) - set(expected)):
+        report.errors.append(f"{extra}: shard not in the index")
+    for name in sorted(expected):
+        report.shards += 1
+        path = out / name
+        if not path.exists():
+            report.errors.append(f"{name}: missing")
+            continue
+        seen: dict[str, str] = {}
+        try:
+            with tarfile.open(path, "r:") as tf:
+                for info in tf:
+                    key, _, ext = info.name.partition(".")
+                    want = expected[name].get(key)
+                    if want is None:
+                        report.errors.append(f"{name}: unexpected member {info.name}")
+                    elif ext == want[0]:
+                        digest = hashlib.sha256(tf.extractfile(info).read()).hexdigest()
+                        seen[key] = digest
+                        if digest != want[1]:
+                            report.errors.append(f"{name}: {info.name} sha256 mismatch")
+        except (tarfile.TarError, OSError) as exc:
+            report.errors.append(f"{name}: unreadable ({exc})")
+            continue
+        missing = set(expected[name]) - set(seen)
+        if missing:
+            report.errors.append(f"{name}: {len(missing)} samples missing, e.g. {sorted(missing)[0]}")
+        report.samples += len(seen)
+        if len(report.errors) >= max_errors:
+            break
+    return report

@@ -1,0 +1,200 @@
+"""Input sources enumerated into plan items: local folders, URL lists, and tar files.
+
+Enumeration is deterministic (sorted walks, file order of lists and tars), so that the same
+inputs always give the same plan, the same ids and the same parts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+URL_LIST_SUFFIXES = (".txt", ".csv", ".tsv", ".parquet")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+# Members of a webdataset sample that carry metadata rather than an image.
+META_EXTS = {"json": "json", "txt": "caption", "caption": "caption", "cls": "cls", "id": "source_id"}
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all (missing file, URL list without a url column)."""
+
+
+@dataclass
+class PlanItem:
+    """One input to ingest: where its bytes are and what came with it."""
+
+    uri: str
+    kind: str                   # "file", "url", "tar"
+    source: str                 # the SOURCE argument it came from
+    path: str | None = None     # file path, or tar path
+    member: str | None = None   # tar member name
+    offset: int | None = None   # tar member data offset (uncompressed tars)
+    size: int | None = None     # bytes on disk when known
+    extra: str | None = None    # JSON object of carried columns (caption, license, ...)
+    status: str | None = None   # preset reason when the item is bad before reading it
+    error: str | None = None
+
+
+def source_kind(source: str) -> str:
+    """Classify a SOURCE argument as folder, url_list, tar or file."""
+    p = Path(source)
+    low = source.lower()
+    if p.is_dir():
+        return "folder"
+    if not p.exists():
+        raise SourceError(f"source does not exist: {source}")
+    if low.endswith(TAR_SUFFIXES):
+        return "tar"
+    if low.endswith(URL_LIST_SUFFIXES):
+        return "url_list"
+    return "file"
+
+
+def iter_source(source: str) -> Iterator[PlanItem]:
+    """Plan items of one SOURCE, in a deterministic order."""
+    kind = source_kind(source)
+    if kind == "folder":
+        yield from _iter_folder(source)
+    elif kind == "tar":
+        yield from _iter_tar(source)
+    elif kind == "url_list":
+        yield from _iter_url_list(source)
+    else:
+        path = str(Path(source).resolve())
+        yield PlanItem(uri=path, kind="file", source=source, path=path, size=os.path.getsize(path))
+
+
+def _iter_folder(root: str) -> Iterator[PlanItem]:
+    base = Path(root).resolve()
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            if not os.path.isfile(full):
+                yield PlanItem(uri=full, kind="file", source=root, path=full,
+                               status="not_regular_file", error="broken link or special file")
+                continue
+            yield PlanItem(uri=full, kind="file", source=root, path=full, size=os.path.getsize(full))
+
+
+def _json_extra(row: dict) -> str | None:
+    extra = {k: v for k, v in row.items() if k.lower() != "url" and v is not None and v != ""}
+    return json.dumps(extra, sort_keys=True, default=str) if extra else None
+
+
+def _url_column(names: list[str], source: str) -> str:
+    for n in names:
+        if n.strip().lower() == "url":
+            return n
+    raise SourceError(f"{source}: no 'url' column (columns: {', '.join(names)})")
+
+
+def _iter_url_list(source: str) -> Iterator[PlanItem]:
+    low = source.lower()
+    if low.endswith(".txt"):
+        with open(source, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                url = line.strip()
+                if url and not url.startswith("#"):
+                    yield PlanItem(uri=url, kind="url", source=source)
+    elif low.endswith((".csv", ".tsv")):
+        with open(source, newline="", encoding="utf-8", errors="replace") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if low.endswith(".tsv") else ",")
+            col = _url_column(list(reader.fieldnames or []), source)
+            for row in reader:
+                yield _url_item((row.get(col) or "").strip(), row, source)
+    else:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(source)
+        col = _url_column(pf.schema_arrow.names, source)
+        for batch in pf.iter_batches(batch_size=8192):
+            for row in batch.to_pylist():
+                yield _url_item(str(row.get(col) or "").strip(), row, source)
+
+
+def _url_item(url: str, row: dict, source: str) -> PlanItem:
+    item = PlanItem(uri=url, kind="url", source=source, extra=_json_extra(row))
+    if not url:
+        item.uri, item.status, item.error = f"{source}:<empty url>", "bad_url", "empty url"
+    return item
+
+
+def unsafe_member_name(name: str) -> bool:
+    """True for absolute member names or names that climb out with '..'."""
+    p = PurePosixPath(name)
+    return name.startswith(("/", "\\")) or p.is_absolute() or ".." in p.parts or ":" in p.parts[0]
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset convention: key = path up to the first dot of the base name; ext = the rest."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, (ext.lower() if dot else "")
+
+
+def _iter_tar(source: str) -> Iterator[PlanItem]:
+    path = str(Path(source).resolve())
+    compressed = not path.lower().endswith(".tar")
+    try:
+        tf = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError) as exc:
+        yield PlanItem(uri=path, kind="file", source=source, path=path, status="bad_tar", error=str(exc)[:200])
+        return
+    group: list[tarfile.TarInfo] = []
+    group_key: str | None = None
+    with tf:
+        try:
+            for info in tf:
+                if info.isdir():
+                    continue
+                key, _ = _split_key(info.name)
+                if group and key != group_key:
+                    yield from _tar_group(tf, group, path, source, compressed)
+                    group = []
+                group_key = key
+                group.append(info)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            if group:
+                yield from _tar_group(tf, group, path, source, compressed)
+                group = []
+            yield PlanItem(uri=f"{path}::<end>", kind="tar", source=source, path=path,
+                           status="bad_tar", error=f"tar read stopped: {exc}"[:200])
+        if group:
+            yield from _tar_group(tf, group, path, source, compressed)
+
+
+def _tar_group(tf: tarfile.TarFile, members: list[tarfile.TarInfo], path: str, source: str,
+               compressed: bool) -> Iterator[PlanItem]:
+    extra: dict = {}
+    images: list[tarfile.TarInfo] = []
+    for info in members:
+        _, ext = _split_key(info.name)
+        if info.isfile() and not unsafe_member_name(info.name) and ext in META_EXTS:
+            raw = tf.extractfile(info).read().decode("utf-8", errors="replace")
+            if ext == "json":
+                try:
+                    obj = json.loads(raw)
+                    extra.update(obj if isinstance(obj, dict) else {"json": obj})
+                except json.JSONDecodeError:
+                    extra["json"] = raw
+            else:
+                extra[META_EXTS[ext]] = raw.strip()
+        else:
+            images.append(info)
+    extra_json = json.dumps(extra, sort_keys=True, default=str) if extra else None
+    for info in images:
+        uri = f"{path}::{info.name}"
+        item = PlanItem(uri=uri, kind="tar", source=source, path=path, member=info.name,
+                        offset=None if compressed else info.offset_data, size=info.size, extra=extra_json)
+        if unsafe_member_name(info.name):
+            item.status, item.error = "unsafe_path", f"member name {info.name!r} escapes the archive"
+        elif not info.isfile():
+            item.status, item.error = "not_regular_file", f"tar member type {info.type!r}"
+        yield item

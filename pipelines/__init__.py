@@ -1,0 +1,1 @@
+"""Wiring: config, CLI, stage runner, manifests and executors."""

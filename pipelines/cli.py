@@ -1,0 +1,146 @@
+"""The `curate` command: one subcommand per stage, each ending with a one-screen summary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from pipelines.config import Config, load_config
+from pipelines.manifest import StageConflict, StageResult
+
+
+def _common(p: argparse.ArgumentParser, workdir_required: bool = True) -> None:
+    p.add_argument("--workdir", required=workdir_required, help="work directory (one per run)")
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set ingest.part_size=500 (repeatable)")
+    p.add_argument("--force", action="store_true", help="redo the stage even if it is done or was made with other settings")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `curate`."""
+    parser = argparse.ArgumentParser(prog="curate", description=(
+        "Curate raw web images into a DINOv2-style training set: ingest -> hashdedup -> shards."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="check raw images from folders, URL lists and tars; write records and raw shards")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="a folder (recursive), a URL list (.txt, .csv/.tsv/.parquet with a url column) or a tar")
+    _common(p)
+    p.add_argument("--part-size", type=int, help="inputs per part (records part + raw shard)")
+    p.add_argument("--workers", type=int, help="processes over parts (0 = one per core)")
+    p.add_argument("--min-side", type=int, help="drop images whose shorter side is smaller")
+    p.add_argument("--concurrency", type=int, help="download threads per worker")
+    p.add_argument("--timeout", type=float, help="per-request timeout in seconds")
+    p.add_argument("--retries", type=int, help="retries on timeouts, connection errors and 5xx")
+    p.add_argument("--max-bytes", type=int, help="largest download body accepted")
+    p.add_argument("--ignore-noai", action="store_true", help="download images even when X-Robots-Tag says noai")
+
+    p = sub.add_parser("hashdedup", help="mark exact (sha256) and perceptual (pHash) duplicates")
+    _common(p)
+    p.add_argument("--max-distance", type=int, help="pHash Hamming threshold (negative disables)")
+
+    p = sub.add_parser("shards", help="write surviving records as webdataset shards, or --verify shards")
+    _common(p, workdir_required=False)
+    p.add_argument("--out", help="output directory (default <workdir>/shards)")
+    p.add_argument("--max-size", type=int, help="bytes per shard")
+    p.add_argument("--max-count", type=int, help="samples per shard")
+    p.add_argument("--shuffle-seed", help="seed of the sample order, or 'none' for id order")
+    p.add_argument("--select", help="also require this boolean column ('column' or 'stage:column')")
+    p.add_argument("--verify", metavar="DIR", help="read every shard in DIR back and check it against its index")
+
+    p = sub.add_parser("demo", help="generate a raw pool and run the pipeline on it, offline")
+    p.add_argument("--workdir", help="where to work (default: a new folder under the current directory)")
+    p.add_argument("--pool-size", type=int, default=2000, help="number of distinct generated images")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _config(args: argparse.Namespace, flags: dict[str, str]) -> Config:
+    overrides = list(args.overrides)
+    for attr, key in flags.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if getattr(args, "workdir", None):
+        overrides.append(f"workdir={args.workdir}")
+    return load_config(args.config, overrides)
+
+
+def print_summary(results: list[StageResult], started: float, out=sys.stdout) -> None:
+    """One screen: per stage, in -> out, drops by reason, time, where the outputs are."""
+    for r in results:
+        c = r.counts
+        head = f"[{r.stage}] " + ("already done, nothing to do" if r.skipped else f"done in {r.seconds:.1f}s")
+        print(head, file=out)
+        if "in" in c:
+            print(f"  in {c['in']:,}  ->  out {c.get('out', 0):,}", file=out)
+        for reason, n in sorted(c.get("dropped", {}).items(), key=lambda kv: -kv[1]):
+            print(f"    dropped {n:>8,}  {reason}", file=out)
+        extras = {k: v for k, v in c.items() if k not in ("in", "out", "dropped")}
+        if extras:
+            print("  " + "  ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in extras.items()), file=out)
+        for name, path in r.outputs.items():
+            print(f"  {name}: {path}", file=out)
+    print(f"total {time.time() - started:.1f}s", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `curate` console script."""
+    args = build_parser().parse_args(argv)
+    started = time.time()
+    from pipelines import stages
+
+    try:
+        if args.command == "ingest":
+            cfg = _config(args, {"part_size": "ingest.part_size", "workers": "ingest.workers",
+                                 "min_side": "ingest.min_side", "concurrency": "download.concurrency",
+                                 "timeout": "download.timeout", "retries": "download.retries",
+                                 "max_bytes": "download.max_bytes"})
+            cfg.ingest.sources = [str(Path(s).resolve()) for s in args.sources]
+            if args.ignore_noai:
+                cfg.download.respect_noai = False
+            results = [stages.run_ingest(cfg, force=args.force)]
+        elif args.command == "hashdedup":
+            cfg = _config(args, {"max_distance": "hashdedup.phash_max_distance"})
+            results = [stages.run_hashdedup(cfg, force=args.force)]
+        elif args.command == "shards":
+            if args.verify:
+                return _verify(args.verify)
+            if not args.workdir:
+                print("curate shards: --workdir is required (or --verify DIR)", file=sys.stderr)
+                return 2
+            seed = args.shuffle_seed
+            if seed is not None:
+                args.shuffle_seed = "null" if seed.lower() == "none" else seed
+            cfg = _config(args, {"out": "shards.out", "max_size": "shards.max_size", "max_count": "shards.max_count",
+                                 "shuffle_seed": "shards.shuffle_seed", "select": "shards.select"})
+            results = [stages.run_shards(cfg, force=args.force)]
+        elif args.command == "demo":
+            from pipelines.demo import run_demo
+
+            return run_demo(args.workdir, args.pool_size, args.seed)
+        else:
+            raise AssertionError(args.command)
+    except (StageConflict, ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"curate {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(results, started)
+    return 0
+
+
+def _verify(directory: str) -> int:
+    from curate.shards import verify_shards
+
+    report = verify_shards(directory)
+    status = "OK" if report.ok else f"FAILED ({len(report.errors)} problems)"
+    print(f"[verify] {directory}: {report.shards} shards, {report.samples:,} samples: {status}")
+    for e in report.errors:
+        print(f"  {e}")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

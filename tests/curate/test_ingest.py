@@ -1,0 +1,155 @@
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.download import DownloadSettings
+from curate.images import sha256_hex
+from curate.ingest import IngestSettings, ingest, make_id
+from curate.parts import read_table
+from curate.synth import encode, make_image
+from tests.badfiles import corpus
+
+FAST = IngestSettings(part_size=4, workers=1, download=DownloadSettings(timeout=0.5, retries=2, backoff=0.01))
+
+
+def _write_corpus(root: Path) -> dict[str, str]:
+    want = {}
+    for i, (name, (data, status)) in enumerate(sorted(corpus().items())):
+        sub = root / f"d{i % 3}" / "nested"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / name).write_bytes(data)
+        want[str((sub / name).resolve())] = status
+    return want
+
+
+def test_folder_ingest_counts_statuses_and_raw_bytes(tmp_path):
+    want = _write_corpus(tmp_path / "raw")
+    counts = ingest([str(tmp_path / "raw")], tmp_path / "w", FAST)
+    t = read_table(tmp_path / "w").to_pylist()
+    assert {r["uri"]: r["status"] for r in t} == want
+    assert sum(counts.values()) == len(want) and counts["ok"] == list(want.values()).count("ok")
+    assert all(r["id"] == make_id(r["uri"]) for r in t)
+    # every ok record's bytes sit in its raw shard at the recorded offset, byte for byte
+    for r in t:
+        if r["status"] != "ok":
+            assert r["raw_shard"] is None and r["error"]
+            continue
+        original = Path(r["uri"]).read_bytes()
+        with open(tmp_path / "w" / r["raw_shard"], "rb") as fh:
+            fh.seek(r["raw_offset"])
+            assert fh.read(r["nbytes"]) == original
+        assert r["sha256"] == sha256_hex(original)
+    # the raw shards are ordinary webdataset tars: key = id, image under its extension, json meta
+    members = set()
+    for shard in sorted((tmp_path / "w" / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tf:
+            members |= set(tf.getnames())
+    ok = [r for r in t if r["status"] == "ok"]
+    assert members == {f"{r['id']}.{r['ext']}" for r in ok} | {f"{r['id']}.json" for r in ok}
+
+
+def test_rerun_does_nothing(tmp_path):
+    _write_corpus(tmp_path / "raw")
+    ingest([str(tmp_path / "raw")], tmp_path / "w", FAST)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("*") if p.is_file()}
+    ingest([str(tmp_path / "raw")], tmp_path / "w", FAST)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_parallel_workers_give_identical_output(tmp_path):
+    _write_corpus(tmp_path / "raw")
+    ingest([str(tmp_path / "raw")], tmp_path / "a", FAST)
+    ingest([str(tmp_path / "raw")], tmp_path / "b", IngestSettings(part_size=4, workers=2))
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def test_tar_source_read_in_place_with_metadata_and_unsafe_names(tmp_path):
+    good = encode(make_image(5, (80, 80)), "PNG")
+    tar_path = tmp_path / "in.tar"
+    with tarfile.open(tar_path, "w") as tf:
+        _add(tf, "a/0001.jpg", encode(make_image(6, (80, 80)), "JPEG"))
+        _add(tf, "a/0001.json", json.dumps({"license": "cc-by", "score": 0.5}).encode())
+        _add(tf, "a/0001.txt", b"a red square")
+        _add(tf, "a/0002.png", good)
+        _add(tf, "../escape.png", good)
+        _add(tf, "/abs/path.png", good)
+        _add(tf, "a/0003.jpg", b"not an image")
+        link = tarfile.TarInfo("a/0004.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+    out = tmp_path / "w"
+    ingest([str(tar_path)], out, FAST)
+    rows = {r["uri"].split("::", 1)[1]: r for r in read_table(out).to_pylist()}
+    assert {k: v["status"] for k, v in rows.items()} == {
+        "a/0001.jpg": "ok", "a/0002.png": "ok", "../escape.png": "unsafe_path",
+        "/abs/path.png": "unsafe_path", "a/0003.jpg": "not_image", "a/0004.png": "not_regular_file"}
+    assert rows["a/0001.jpg"]["caption"] == "a red square"
+    assert rows["a/0001.jpg"]["license"] == "cc-by" and rows["a/0001.jpg"]["score"] == 0.5
+    # nothing was extracted anywhere: the workdir holds only our own files
+    assert not (tmp_path / "escape.png").exists() and not Path("/abs/path.png").exists()
+    assert {p.name for p in out.iterdir()} == {"_plan", "shards", "part-00000.parquet", "part-00001.parquet"}
+
+
+def test_compressed_tar_is_read_too(tmp_path):
+    tar_path = tmp_path / "in.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tf:
+        for i in range(5):
+            _add(tf, f"{i:04d}.jpg", encode(make_image(40 + i, (70, 70)), "JPEG"))
+    counts = ingest([str(tar_path)], tmp_path / "w", FAST)
+    assert counts == {"ok": 5}
+
+
+def test_url_lists_download_check_and_carry_columns(tmp_path, image_server):
+    s = image_server
+    s.add("/a.jpg", encode(make_image(50, (90, 90)), "JPEG"))
+    s.add("/b.png", encode(make_image(51, (90, 90)), "PNG"), content_type="image/png")
+    s.add("/text.jpg", b"hello", content_type="text/plain")
+    urls = {s.url("/a.jpg"): "ok", s.url("/b.png"): "ok", s.url("/404"): "http_404",
+            s.url("/flaky500/x"): "ok", s.url("/always500"): "http_5xx", s.url("/slow"): "timeout",
+            s.url("/truncated"): "truncated", s.url("/noai"): "noai", s.url("/loop"): "too_many_redirects",
+            s.url("/text.jpg"): "not_image", "ftp://example.invalid/x.jpg": "bad_scheme"}
+    with open(tmp_path / "list.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["URL", "caption", "license"])
+        for i, u in enumerate(urls):
+            w.writerow([u, f"caption {i}", "cc0"])
+        w.writerow([s.url("/a.jpg"), "again", "cc0"])
+    pq.write_table(pa.table({"url": [s.url("/b.png")], "aesthetic": [6.5]}), tmp_path / "more.parquet")
+    (tmp_path / "plain.txt").write_text(f"# a comment\n{s.url('/redirect/a.jpg')}\n\n")
+    sources = [str(tmp_path / "list.csv"), str(tmp_path / "more.parquet"), str(tmp_path / "plain.txt")]
+    ingest(sources, tmp_path / "w", FAST)
+    rows = read_table(tmp_path / "w").to_pylist()
+    csv_rows = [r for r in rows if r["source"].endswith("list.csv")]
+    assert {r["uri"]: r["status"] for r in csv_rows[:-1]} == urls
+    assert csv_rows[-1]["status"] == "duplicate_uri" and csv_rows[-1]["id"] != make_id(csv_rows[-1]["uri"])
+    assert [r["caption"] for r in csv_rows[:2]] == ["caption 0", "caption 1"]
+    assert csv_rows[2]["http_status"] == 404
+    pq_row = next(r for r in rows if r["source"].endswith("more.parquet"))
+    # the same URL under another source is another record (the id is per URI occurrence)
+    assert pq_row["status"] == "duplicate_uri" and pq_row["aesthetic"] == 6.5
+    txt_row = next(r for r in rows if r["source"].endswith("plain.txt"))
+    assert txt_row["status"] == "ok" and txt_row["http_status"] == 200
+    # once directly and once behind the redirect; the second listing of the URL is never fetched
+    assert s.ok_hits["/a.jpg"] == 2
+
+
+def test_missing_url_column_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.csv").write_text("link,caption\nhttp://x/y.jpg,z\n")
+    with pytest.raises(ValueError, match="no 'url' column"):
+        ingest([str(tmp_path / "bad.csv")], tmp_path / "w", FAST)
