@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.parts import atomic_path, clean_temporaries, write_table_atomic
-from curate.tars import TarReader, sample_nbytes, write_samples
+from curate.tars import TarReader, sample_nbytes, tar_file_size, write_samples
 
 INDEX_NAME = "index.parquet"
 PLAN_NAME = "_plan.parquet"
@@ -32,7 +32,7 @@ NEEDED = ["id", "uri", "raw_shard", "raw_offset", "nbytes", "ext", "sha256", "wi
 class ShardSettings:
     """Bounds and order of the output shards."""
 
-    max_size: int = 512 * 2**20  # bytes per shard (tar size, headers included)
+    max_size: int = 512 * 2**20  # bytes per shard file (a single larger sample gets a shard of its own)
     max_count: int = 10_000      # samples per shard
     shuffle_seed: int | None = 0  # None keeps id order
 
@@ -58,7 +58,7 @@ def plan_shards(records: pa.Table, settings: ShardSettings, meta_columns: Sequen
     cur, count, used = 0, 0, 0
     for i, (n, meta) in enumerate(zip(sizes, metas)):
         need = sample_nbytes([int(n), len(meta.encode())])
-        if count and (count >= settings.max_count or used + need > settings.max_size):
+        if count and (count >= settings.max_count or tar_file_size(used + need) > settings.max_size):
             cur, count, used = cur + 1, 0, 0
         shard_ids[i] = cur
         count, used = count + 1, used + need

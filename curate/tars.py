@@ -25,6 +25,11 @@ def sample_nbytes(sizes: Iterable[int]) -> int:
     return sum(BLOCK + padded(s) for s in sizes)
 
 
+def tar_file_size(content: int) -> int:
+    """Size on disk of a tar whose members take `content` bytes: end blocks, then record padding."""
+    return (content + 2 * BLOCK + RECORD - 1) // RECORD * RECORD
+
+
 def write_samples(path: str | os.PathLike, samples: Iterable[dict[str, bytes | str]]) -> dict[str, dict[str, tuple[int, int]]]:
     """Write samples (dicts with __key__ and ext -> bytes) to a tar at `path`.
 

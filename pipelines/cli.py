@@ -69,8 +69,9 @@ def _config(args: argparse.Namespace, flags: dict[str, str]) -> Config:
     return load_config(args.config, overrides)
 
 
-def print_summary(results: list[StageResult], started: float, out=sys.stdout) -> None:
+def print_summary(results: list[StageResult], started: float, out=None) -> None:
     """One screen: per stage, in -> out, drops by reason, time, where the outputs are."""
+    out = out or sys.stdout
     for r in results:
         c = r.counts
         head = f"[{r.stage}] " + ("already done, nothing to do" if r.skipped else f"done in {r.seconds:.1f}s")

@@ -1,0 +1,90 @@
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from curate.parts import read_table
+from curate.shards import ShardSettings, verify_shards, write_shards
+from curate.synth import encode, make_image
+from curate.ingest import IngestSettings, ingest
+
+
+@pytest.fixture
+def ingested(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(23):
+        (raw / f"{i:03d}.jpg").write_bytes(encode(make_image(100 + i, (64 + i, 70)), "JPEG"))
+    ingest([str(raw)], tmp_path / "ingest", IngestSettings(part_size=10, workers=1))
+    return tmp_path / "ingest", read_table(tmp_path / "ingest")
+
+
+def _samples(out: Path) -> dict[str, dict]:
+    found = {}
+    for shard in sorted(out.glob("shard-*.tar")):
+        with tarfile.open(shard) as tf:
+            for info in tf:
+                key, _, ext = info.name.partition(".")
+                found.setdefault(key, {"shard": shard.name})[ext] = tf.extractfile(info).read()
+    return found
+
+
+def test_shards_hold_every_record_once_with_original_bytes(ingested, tmp_path):
+    stage, records = ingested
+    info = write_shards(records, stage, tmp_path / "out", ShardSettings(max_count=5))
+    assert info["samples"] == 23 and info["shards"] == 5
+    found = _samples(tmp_path / "out")
+    assert set(found) == set(records.column("id").to_pylist())
+    for r in records.to_pylist():
+        assert found[r["id"]]["jpg"] == Path(r["uri"]).read_bytes()
+        meta = json.loads(found[r["id"]]["json"])
+        assert meta["id"] == r["id"] and meta["width"] == r["width"] and meta["sha256"] == r["sha256"]
+    index = pq.read_table(tmp_path / "out" / "index.parquet").to_pylist()
+    assert sorted(x["key"] for x in index) == sorted(found)
+    assert all(found[x["key"]]["shard"] == x["shard"] for x in index)
+    assert verify_shards(tmp_path / "out").ok
+
+
+def test_size_bound_and_deterministic_shuffle(ingested, tmp_path):
+    stage, records = ingested
+    write_shards(records, stage, tmp_path / "a", ShardSettings(max_size=30_720, shuffle_seed=1))
+    write_shards(records, stage, tmp_path / "b", ShardSettings(max_size=30_720, shuffle_seed=1))
+    write_shards(records, stage, tmp_path / "c", ShardSettings(max_size=30_720, shuffle_seed=2))
+    write_shards(records.take(list(range(22, -1, -1))), stage, tmp_path / "d", ShardSettings(max_size=30_720, shuffle_seed=1))
+    names = sorted(p.name for p in (tmp_path / "a").glob("shard-*.tar"))
+    assert len(names) > 1
+    for n in names:
+        assert (tmp_path / "a" / n).stat().st_size <= 30_720
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes()
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "d" / n).read_bytes()  # input order irrelevant
+    order = lambda d: pq.read_table(d / "index.parquet").column("key").to_pylist()  # noqa: E731
+    assert order(tmp_path / "a") != order(tmp_path / "c")
+    assert sorted(order(tmp_path / "a")) == sorted(order(tmp_path / "c"))
+
+
+def test_verify_catches_corruption_and_missing_shards(ingested, tmp_path):
+    stage, records = ingested
+    write_shards(records, stage, tmp_path / "out", ShardSettings(max_count=8, shuffle_seed=None))
+    shard = tmp_path / "out" / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[1024 + 100] ^= 0xFF  # inside the first member's data
+    shard.write_bytes(bytes(data))
+    report = verify_shards(tmp_path / "out")
+    assert not report.ok and any("sha256 mismatch" in e for e in report.errors)
+    (tmp_path / "out" / "shard-000002.tar").unlink()
+    assert any("shard-000002.tar: missing" in e for e in verify_shards(tmp_path / "out").errors)
+
+
+def test_resume_writes_only_missing_shards(ingested, tmp_path):
+    stage, records = ingested
+    out = tmp_path / "out"
+    write_shards(records, stage, out, ShardSettings(max_count=5))
+    reference = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (out / "shard-000003.tar").unlink()
+    (out / "index.parquet").unlink()
+    (out / ".shard-000003.tar.tmp-deadbeef").write_bytes(b"half a shard")
+    info = write_shards(records, stage, out, ShardSettings(max_count=5))
+    assert info["shards_written"] == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == reference
