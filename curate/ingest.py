@@ -240,7 +240,7 @@ def _process(row: dict, reader: _Reader, cache: Path, check: CheckSettings) -> t
         rec.update(status="read_error", error=str(exc)[:200])
         return rec, None
     res: ImageCheck = check_image(data, check)
-    rec.update({k: v for k, v in asdict(res).items()})
+    rec.update(vars(res))
     return rec, (data if res.status == "ok" else None)
 
 

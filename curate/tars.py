@@ -1,13 +1,14 @@
 """Deterministic webdataset tar writing with known member offsets, and random-access reads.
 
-Tars are written with webdataset's TarWriter (USTAR, fixed mtime), so the same samples always
-give the same bytes, and the data offset of every member is computed while writing, which lets
-later stages read one image by seek without scanning the tar.
+The same samples always give the same bytes, and the data offset of every member is recorded
+while writing, which lets later stages read one image by seek without scanning the tar.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -31,31 +32,27 @@ def tar_file_size(content: int) -> int:
 
 
 def write_samples(path: str | os.PathLike, samples: Iterable[dict[str, bytes | str]]) -> dict[str, dict[str, tuple[int, int]]]:
-    """Write samples (dicts with __key__ and ext -> bytes) to a tar at `path`.
+    """Write samples (dicts with __key__ and ext -> bytes) as a webdataset tar at `path`.
 
-    Returns key -> ext -> (data offset, size). Members are laid out in sorted-extension order,
-    exactly as TarWriter writes them; names must stay under 100 bytes (USTAR, no extra headers).
+    Returns key -> ext -> (data offset, size). Members of a sample are written in sorted-extension
+    order with fixed metadata (USTAR, mtime 0), so the same samples always give the same bytes.
+    The stdlib writer is used directly: importing webdataset would import torch in every worker.
     """
-    import webdataset as wds
-
     layout: dict[str, dict[str, tuple[int, int]]] = {}
-    pos = 0
     with open(path, "wb") as fh:
-        writer = wds.TarWriter(fh, encoder=False, mtime=0, user="curate", group="curate", mode=0o444)
-        for sample in samples:
-            key = str(sample["__key__"])
-            members = {k: (v.encode() if isinstance(v, str) else bytes(v))
-                       for k, v in sample.items() if k != "__key__"}
-            entry = {}
-            for ext in sorted(members):
-                name = f"{key}.{ext}"
-                if len(name.encode()) >= 100:
-                    raise ValueError(f"tar member name too long for USTAR: {name!r}")
-                entry[ext] = (pos + BLOCK, len(members[ext]))
-                pos += BLOCK + padded(len(members[ext]))
-            writer.write({"__key__": key, **members})
-            layout[key] = entry
-        writer.close()
+        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for sample in samples:
+                key = str(sample["__key__"])
+                entry = {}
+                for ext in sorted(k for k in sample if k != "__key__"):
+                    value = sample[ext]
+                    data = value.encode() if isinstance(value, str) else bytes(value)
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o444
+                    info.uname = info.gname = "curate"
+                    entry[ext] = (tf.offset + BLOCK, len(data))
+                    tf.addfile(info, io.BytesIO(data))
+                layout[key] = entry
         fh.flush()
         os.fsync(fh.fileno())
     return layout

@@ -4,6 +4,7 @@
 and serves synthetic images plus a set of misbehaving routes (errors, slowness, truncation,
 oversized bodies, redirect loops, noai headers) so that clients are tested against real sockets.
 
+`latency` delays every answer (simulates a distant host, so concurrency can be measured).
 Built-in routes (anything added with `add` takes precedence):
   /img/<seed>.jpg         a good JPEG (`image_bytes(seed)`)
   /404, /always500        those statuses
@@ -42,6 +43,7 @@ class _Server(ThreadingHTTPServer):
     """ThreadingHTTPServer that knows its owner and stays silent about client disconnects."""
 
     daemon_threads = True
+    request_queue_size = 256  # the default backlog of 5 drops SYNs when many clients connect at once
     owner: ImageServer
 
     def handle_error(self, request: object, client_address: object) -> None:
@@ -104,8 +106,11 @@ class _Handler(BaseHTTPRequestHandler):
 class ImageServer:
     """Context manager running a loopback HTTP server with image and failure routes."""
 
-    def __init__(self, slow_seconds: float = 3.0, flaky_failures: int = 2, big_bytes: int = 3 * 2**20) -> None:
+    def __init__(
+        self, slow_seconds: float = 3.0, flaky_failures: int = 2, big_bytes: int = 3 * 2**20, latency: float = 0.0
+    ) -> None:
         self.slow_seconds = slow_seconds
+        self.latency = latency
         self.flaky_failures = flaky_failures
         self.good_image = image_bytes(0)
         self.big_body = bytes(range(256)) * (big_bytes // 256) + bytes(big_bytes % 256)
@@ -234,6 +239,8 @@ class ImageServer:
             self._hits[path] += 1
             self._last_headers[path] = dict(h.headers.items())
             served = self._files.get(path)
+        if self.latency > 0:
+            self._stopping.wait(self.latency)
         good = self.good_image
         if served is not None:
             status, body, content_type, headers, chunked = served

@@ -84,7 +84,7 @@ def test_slow_response_times_out_and_is_retried(server: ImageServer) -> None:
     res = get(server, "/slow", timeout=0.3, retries=1)
     assert (res.status, res.attempts, res.http_status) == ("timeout", 2, None)
     assert server.hits["/slow"] == 2
-    assert time.monotonic() - start < 1.5
+    assert time.monotonic() - start < 2.5  # two full slow answers would take 3 s
 
 
 def test_stall_mid_body_is_a_timeout(server: ImageServer) -> None:
@@ -278,7 +278,7 @@ def test_download_many_runs_concurrently() -> None:
         elapsed = time.monotonic() - start
     assert sorted(i for i, _ in results) == list(range(8))
     assert all(r.status == "ok" for _, r in results)
-    assert elapsed < 1.5  # sequentially this takes 4 s
+    assert elapsed < 2.5  # sequentially this takes 4 s
 
 
 def test_download_many_close_early_stops_workers(server: ImageServer) -> None:
@@ -288,7 +288,7 @@ def test_download_many_close_early_stops_workers(server: ImageServer) -> None:
     assert next(gen)[0] == 0
     start = time.monotonic()
     gen.close()
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 2.0  # well under one 5 s backoff wait
     assert server.hits["/always500"] <= 2 * settings.concurrency
     assert not [t for t in threading.enumerate() if t.name.startswith("download")]
 

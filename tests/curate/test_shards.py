@@ -88,3 +88,16 @@ def test_resume_writes_only_missing_shards(ingested, tmp_path):
     info = write_shards(records, stage, out, ShardSettings(max_count=5))
     assert info["shards_written"] == 1
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == reference
+
+
+def test_webdataset_reads_the_shards(ingested, tmp_path):
+    import webdataset as wds
+
+    stage, records = ingested
+    write_shards(records, stage, tmp_path / "out", ShardSettings(max_count=10))
+    urls = sorted(str(p) for p in (tmp_path / "out").glob("shard-*.tar"))
+    seen = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode("pil"):
+        seen[sample["__key__"]] = (sample["jpg"].size, sample["json"]["uri"])
+    want = {r["id"]: ((r["width"], r["height"]), r["uri"]) for r in records.to_pylist()}
+    assert seen == want

@@ -1,0 +1,91 @@
+"""Folder ingest throughput vs a bare PIL decode loop on the same files, in the same run.
+
+    python bench/ingest.py [--n 3000] [--rss 10000,100000]
+
+Ratio = ingest images/s / bare decode images/s, for 1 process each and for 2 processes each.
+With --rss, also runs `curate ingest` in subprocesses on folders of those sizes and reports the
+peak RSS of the largest process (memory must not grow with the pool).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from _common import ROOT, emit, make_folder, peak_rss_mb
+
+
+def bare_decode(paths: list[str]) -> int:
+    """The baseline: read and fully decode every file with PIL."""
+    from PIL import Image
+
+    n = 0
+    for p in paths:
+        with Image.open(p) as img:
+            img.load()
+        n += 1
+    return n
+
+
+def bare_decode_parallel(paths: list[str], workers: int) -> int:
+    chunks = [paths[i::workers] for i in range(workers)]
+    with ProcessPoolExecutor(workers) as pool:
+        return sum(pool.map(bare_decode, chunks))
+
+
+def run_ingest(folder: Path, work: Path, workers: int, part_size: int) -> float:
+    from curate.ingest import IngestSettings, ingest
+
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.perf_counter()
+    ingest([str(folder)], work, IngestSettings(part_size=part_size, workers=workers))
+    return time.perf_counter() - t0
+
+
+def rss_for(n: int, tmp: Path) -> dict:
+    folder = tmp / f"rss{n}"
+    make_folder(folder, n, size=(64, 48))
+    work = tmp / f"rss_work{n}"
+    shutil.rmtree(work, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pipelines.cli", "ingest", str(folder), "--workdir", str(work), "--workers", "2"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t0
+    return {"files": n, "seconds": round(seconds, 1), "images_per_s": round(n / seconds, 1),
+            "peak_rss_mb_largest_process": round(peak_rss_mb(children=True), 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--part-size", type=int, default=500)
+    ap.add_argument("--rss", default="", help="comma-separated folder sizes for the memory check")
+    ap.add_argument("--tmp", default=None)
+    args = ap.parse_args()
+    tmp = Path(args.tmp or tempfile.mkdtemp(prefix="bench_ingest_"))
+    folder = tmp / "folder"
+    paths = [str(p) for p in make_folder(folder, args.n)]
+    bare_decode(paths[:200])  # warm the page cache
+    figures = {}
+    for workers in (1, 2):
+        t0 = time.perf_counter()
+        if workers == 1:
+            bare_decode(paths)
+        else:
+            bare_decode_parallel(paths, workers)
+        base = args.n / (time.perf_counter() - t0)
+        ours = args.n / run_ingest(folder, tmp / "work", workers, args.part_size)
+        figures[f"workers{workers}"] = {"ingest_images_per_s": round(ours, 1), "bare_decode_images_per_s": round(base, 1),
+                                        "ratio": round(ours / base, 3)}
+    rss = [rss_for(int(n), tmp) for n in args.rss.split(",") if n]
+    emit("ingest", n=args.n, image="128x96 jpeg q85", **figures, rss=rss)
+
+
+if __name__ == "__main__":
+    main()

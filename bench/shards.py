@@ -1,0 +1,52 @@
+"""Curated shard writing MB/s vs copying the same bytes (same reads) into one file.
+
+    python bench/shards.py [--n 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from _common import emit, make_folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=5000)
+    ap.add_argument("--size", type=int, default=256, help="image side in pixels")
+    args = ap.parse_args()
+    from curate.ingest import IngestSettings, ingest
+    from curate.parts import read_table
+    from curate.shards import ShardSettings, write_shards
+    from curate.tars import TarReader
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_shards_"))
+    make_folder(tmp / "folder", args.n, size=(args.size, args.size))
+    ingest([str(tmp / "folder")], tmp / "ingest", IngestSettings(part_size=1000))
+    records = read_table(tmp / "ingest")
+    total = int(sum(records.column("nbytes").to_pylist()))
+    rows = records.select(["raw_shard", "raw_offset", "nbytes"]).to_pylist()
+    results = {"copy": [], "shards": []}
+    for _ in range(3):
+        t0 = time.perf_counter()
+        with TarReader(tmp / "ingest") as reader, open(tmp / "copy.bin", "wb") as fh:
+            for r in rows:
+                fh.write(reader.read(r["raw_shard"], r["raw_offset"], r["nbytes"]))
+        results["copy"].append(time.perf_counter() - t0)
+        shutil.rmtree(tmp / "out", ignore_errors=True)
+        t0 = time.perf_counter()
+        write_shards(records, tmp / "ingest", tmp / "out", ShardSettings(max_size=64 * 2**20))
+        results["shards"].append(time.perf_counter() - t0)
+    copy_mb_s = total / 2**20 / min(results["copy"])
+    shard_mb_s = total / 2**20 / min(results["shards"])
+    emit("shards", n=args.n, image_mb=round(total / 2**20, 1), shards_mb_per_s=round(shard_mb_s, 1),
+         copy_mb_per_s=round(copy_mb_s, 1), ratio=round(shard_mb_s / copy_mb_s, 3), best_of=3)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
