@@ -43,7 +43,7 @@ class HashDedupConfig:
     """Exact (sha256) and perceptual (pHash) duplicates."""
 
     exact: bool = True
-    phash_max_distance: int = 6      # Hamming distance on 64-bit pHash; < 0 disables (see bench/RESULTS.md)
+    phash_max_distance: int = 4      # Hamming distance on 64-bit pHash; < 0 disables (bench/phash_threshold.py)
 
 
 @dataclass

@@ -15,6 +15,8 @@ from pipelines.cli import print_summary
 from pipelines.config import load_config
 from pipelines import stages
 
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
 
 def run_demo(workdir: str | None, pool_size: int, seed: int = 0) -> int:
     """Generate the pool (once), run every stage, print the summary; returns an exit code."""
@@ -28,7 +30,7 @@ def run_demo(workdir: str | None, pool_size: int, seed: int = 0) -> int:
         marker.write_text(json.dumps(planted))
     else:
         planted = json.loads(marker.read_text())
-    cfg = load_config(None, [f"workdir={root / 'work'}"])
+    cfg = load_config(DEMO_CONFIG if DEMO_CONFIG.exists() else None, [f"workdir={root / 'work'}"])
     cfg.ingest.sources = [str(raw)]
     results = [stages.run_ingest(cfg), stages.run_hashdedup(cfg), stages.run_shards(cfg)]
     print(f"demo pool: {root}  (planted: {', '.join(f'{k} {v}' for k, v in planted.items())})")

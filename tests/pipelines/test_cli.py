@@ -69,3 +69,13 @@ def test_typo_in_a_setting_is_an_error(tmp_path, capsys):
         assert "part_sise" in str(exc)
     else:
         raise AssertionError("a misspelt key was accepted")
+
+
+def test_config_defaults_match_the_library_and_the_demo_config_loads():
+    from curate.hashing import DEFAULT_MAX_DISTANCE
+    from pipelines.config import Config, load_config
+    from pipelines.demo import DEMO_CONFIG
+
+    assert Config().hashdedup.phash_max_distance == DEFAULT_MAX_DISTANCE
+    cfg = load_config(DEMO_CONFIG, ["shards.max_count=7"])
+    assert cfg.ingest.part_size == 500 and cfg.shards.max_count == 7
