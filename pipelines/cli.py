@@ -22,7 +22,7 @@ def _common(p: argparse.ArgumentParser, workdir_required: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `curate`."""
     parser = argparse.ArgumentParser(prog="curate", description=(
-        "Curate raw web images into a DINOv2-style training set: ingest -> hashdedup -> shards."))
+        "Curate raw web images into a DINOv2-style training set: ingest -> hashdedup -> embed -> shards."))
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="check raw images from folders, URL lists and tars; write records and raw shards")
@@ -41,6 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hashdedup", help="mark exact (sha256) and perceptual (pHash) duplicates")
     _common(p)
     p.add_argument("--max-distance", type=int, help="pHash Hamming threshold (negative disables)")
+
+    p = sub.add_parser("embed", help="embed every kept record with a vision model (float16, L2-normalised parts)")
+    _common(p)
+    p.add_argument("--model", help="pixels[:side] | timm:<name>[:weights] | open_clip:<arch>[:tag|weights] | "
+                                   "torchscript:<file>[:side] | checkpoint:<teacher_backbone.pt>")
+    p.add_argument("--name", help="embedding name (default: from the model spec); several can coexist")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-workers", type=int, help="DataLoader decode processes")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--executor", choices=["local", "ray"])
+    p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--ray-actors", type=int, help="actors (default: one per GPU, else one per CPU)")
 
     p = sub.add_parser("shards", help="write surviving records as webdataset shards, or --verify shards")
     _common(p, workdir_required=False)
@@ -107,6 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "hashdedup":
             cfg = _config(args, {"max_distance": "hashdedup.phash_max_distance"})
             results = [stages.run_hashdedup(cfg, force=args.force)]
+        elif args.command == "embed":
+            from pipelines.embed_stage import run_embed
+
+            cfg = _config(args, {"model": "embed.model", "name": "embed.name", "batch_size": "embed.batch_size",
+                                 "num_workers": "embed.num_workers", "device": "embed.device",
+                                 "executor": "executor", "ray_address": "ray_address",
+                                 "ray_actors": "embed.ray_actors"})
+            results = [run_embed(cfg, force=args.force)]
         elif args.command == "shards":
             if args.verify:
                 return _verify(args.verify)

@@ -47,6 +47,21 @@ class HashDedupConfig:
 
 
 @dataclass
+class EmbedConfig:
+    """Embedding with a vision model (see pipelines/embedders.py for the spec forms)."""
+
+    model: str = "pixels:16"         # pixels[:side] | timm:<name>[:file] | open_clip:<arch>[:tag|file] | torchscript:<file>[:side] | checkpoint:<file>
+    name: Optional[str] = None       # embedding name under <workdir>/embed/; default: a slug of the model spec
+    batch_size: int = 64
+    num_workers: int = 1             # DataLoader processes decoding and preprocessing
+    device: str = "auto"             # auto = cuda when available
+    precision: str = "auto"          # auto = bf16 autocast on CUDA, fp32 on CPU; fp32 | bf16 | fp16
+    threads: int = 0                 # torch threads on CPU; 0 = cores left after the DataLoader workers
+    ray_actors: int = 0              # with executor=ray: 0 = one actor per GPU, or one per CPU without GPUs
+    ray_gpus_per_actor: Optional[float] = None  # null = 1 when the cluster has GPUs, else 0
+
+
+@dataclass
 class ShardsConfig:
     """Curated webdataset shards."""
 
@@ -67,6 +82,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     hashdedup: HashDedupConfig = field(default_factory=HashDedupConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
 
 

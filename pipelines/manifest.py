@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curate import __version__
-from curate.parts import write_json_atomic
+from curate.parts import clean_temporaries, write_json_atomic
 
 MANIFEST = "_MANIFEST.json"
 STARTED = "_STARTED.json"
@@ -60,6 +60,7 @@ def begin(stage: str, stage_dir: str | Path, key: str, force: bool = False) -> S
         return StageResult(stage, str(d), key, skipped=True, counts=done.get("counts", {}),
                            seconds=0.0, outputs=done.get("outputs", {}))
     d.mkdir(parents=True, exist_ok=True)
+    clean_temporaries(d)
     if started is None or recorded != key:
         write_json_atomic(d / STARTED, {"stage": stage, "key": key, "started": time.time()})
     return None

@@ -1,0 +1,70 @@
+"""Executors: the Ray side. Stages run locally by default; with `executor: ray` the heavy part of a
+stage runs on a Ray cluster (`ray_address`, or a local Ray when none) and the driver writes the
+outputs, so the files are the same whichever executor ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to a Ray cluster (or start a local one) once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+
+
+class _EmbedWorker:
+    """One Ray actor: loads the model once, then embeds whole parts."""
+
+    def __init__(self, spec: str, settings_kwargs: dict) -> None:
+        from curate.embed import EmbedSettings, resolve_device
+        from pipelines.embedders import load_embedder
+
+        self.settings = EmbedSettings(**settings_kwargs)
+        self.embedder = load_embedder(spec, resolve_device(self.settings.device))
+
+    def run(self, index: int, rows: list[dict], raw_root: str):
+        from curate.embed import embed_rows
+
+        e = self.embedder
+        vecs, errs = embed_rows(rows, raw_root, e.model, e.transform, e.dim, self.settings)
+        return index, vecs, errs
+
+
+def ray_embed(spec: str, settings_kwargs: dict, jobs: Sequence[tuple[int, list[dict]]], raw_root: str,
+              actors: int = 0, gpus_per_actor: float | None = None,
+              address: str | None = None) -> Iterator[tuple[int, object, list[str]]]:
+    """Embed parts over an actor pool: one actor per GPU (num_gpus=1), or `actors` CPU actors.
+
+    Yields (part index, float16 vectors, errors) as parts finish, in any order.
+    """
+    import ray
+    from ray.util import ActorPool
+
+    init_ray(address)
+    resources = ray.cluster_resources()
+    n_gpus = int(resources.get("GPU", 0))
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if n_gpus else 0.0
+    if not actors:
+        actors = max(1, int(n_gpus / gpus_per_actor) if gpus_per_actor else int(resources.get("CPU", 1)))
+    kwargs = dict(settings_kwargs)
+    if not gpus_per_actor:
+        kwargs.update(device="cpu", num_workers=0, threads=1)
+    remote = ray.remote(_EmbedWorker).options(num_cpus=1, num_gpus=gpus_per_actor)
+    pool = ActorPool([remote.remote(spec, kwargs) for _ in range(actors)])
+    yield from pool.map_unordered(lambda a, job: a.run.remote(job[0], job[1], raw_root), list(jobs))
+
+
+def on_ray(fn: Callable, items: Sequence, address: str | None = None, num_cpus: float = 1) -> list:
+    """Run fn(item) as Ray tasks and return the results in input order."""
+    import ray
+
+    init_ray(address)
+    task = ray.remote(num_cpus=num_cpus)(fn)
+    return ray.get([task.remote(x) for x in items])

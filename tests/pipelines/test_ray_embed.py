@@ -1,0 +1,66 @@
+"""The embed stage on Ray (a local Ray, and a simulated 2-node cluster) equals the local executor."""
+
+import numpy as np
+import pytest
+
+from curate.synth import encode, make_image
+from pipelines.config import load_config
+from pipelines.embed_stage import embedding_dir, run_embed
+from pipelines.stages import run_hashdedup, run_ingest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rayembed")
+    raw = tmp / "raw"
+    raw.mkdir()
+    for i in range(40):
+        (raw / f"{i:03d}.jpg").write_bytes(encode(make_image(900 + i, (72, 64)), "JPEG"))
+    cfg = load_config(None, [f"workdir={tmp / 'w'}", "ingest.part_size=8", "ingest.workers=1"])
+    cfg.ingest.sources = [str(raw)]
+    run_ingest(cfg)
+    run_hashdedup(cfg)
+    cfg.embed.model, cfg.embed.num_workers, cfg.embed.name = "pixels:8", 0, "local"
+    run_embed(cfg)
+    return cfg
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.glob("part-*"))}
+
+
+def _run_on_ray(cfg, name, address):
+    import ray
+
+    cfg.executor, cfg.ray_address, cfg.embed.name = "ray", address, name
+    try:
+        run_embed(cfg)
+    finally:
+        ray.shutdown()
+        cfg.executor, cfg.ray_address = "local", None
+
+
+def test_local_ray_gives_identical_parts(workdir):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    _run_on_ray(workdir, "ray-local", None)
+    local = _files(embedding_dir(workdir, "local"))
+    assert len(local) == 10 and _files(embedding_dir(workdir, "ray-local")) == local
+
+
+def test_simulated_two_node_cluster_gives_identical_parts(workdir):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        _run_on_ray(workdir, "ray-cluster", cluster.address)
+    finally:
+        cluster.shutdown()
+    local = _files(embedding_dir(workdir, "local"))
+    assert _files(embedding_dir(workdir, "ray-cluster")) == local
+    ids = np.concatenate([np.load(p) for p in sorted(embedding_dir(workdir, "ray-cluster").glob("*.npy"))])
+    assert ids.shape == (40, 192)
