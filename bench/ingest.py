@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from _common import ROOT, emit, make_folder, peak_rss_mb
+from _common import ROOT, emit, make_folder
 
 
 def bare_decode(paths: list[str]) -> int:
@@ -54,11 +54,14 @@ def rss_for(n: int, tmp: Path) -> dict:
     work = tmp / f"rss_work{n}"
     shutil.rmtree(work, ignore_errors=True)
     cmd = [sys.executable, "-m", "pipelines.cli", "ingest", str(folder), "--workdir", str(work), "--workers", "2"]
+    # a fresh wrapper process per size, so the peak of one run cannot hide in another's figure
+    wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     return {"files": n, "seconds": round(seconds, 1), "images_per_s": round(n / seconds, 1),
-            "peak_rss_mb_largest_process": round(peak_rss_mb(children=True), 1)}
+            "peak_rss_mb_largest_process": round(int(out.stdout.split()[-1]) / 1024, 1)}
 
 
 def main() -> None:

@@ -63,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", help="also require this boolean column ('column' or 'stage:column')")
     p.add_argument("--verify", metavar="DIR", help="read every shard in DIR back and check it against its index")
 
+    p = sub.add_parser("run", help="run the whole pipeline from a config (stages skip when done)")
+    p.add_argument("config_file", metavar="CONFIG", help="YAML config (e.g. configs/demo.yaml)")
+    p.add_argument("overrides_pos", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. workdir=/data/w")
+    p.add_argument("--workdir", help="work directory (overrides the config's)")
+    p.add_argument("--from", dest="start", help="first stage to run")
+    p.add_argument("--until", help="last stage to run")
+    p.add_argument("--force", action="store_true", help="redo stages made with other settings")
+    p.add_argument("--executor", choices=["local", "ray"])
+    p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+
     p = sub.add_parser("demo", help="generate a raw pool and run the pipeline on it, offline")
     p.add_argument("--workdir", help="where to work (default: a new folder under the current directory)")
     p.add_argument("--pool-size", type=int, default=2000, help="number of distinct generated images")
@@ -139,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _config(args, {"out": "shards.out", "max_size": "shards.max_size", "max_count": "shards.max_count",
                                  "shuffle_seed": "shards.shuffle_seed", "select": "shards.select"})
             results = [stages.run_shards(cfg, force=args.force)]
+        elif args.command == "run":
+            from pipelines.run import run_pipeline
+
+            args.config, args.overrides = args.config_file, list(args.overrides_pos)
+            cfg = _config(args, {"executor": "executor", "ray_address": "ray_address"})
+            results = run_pipeline(cfg, args.start, args.until, force=args.force)
         elif args.command == "demo":
             from pipelines.demo import run_demo
 

@@ -1,6 +1,7 @@
 """`curate demo`: generate a raw pool offline and run the pipeline on it on the local executor.
 
-For now the pipeline is ingest -> hashdedup -> shards (+ verify); later stages join as they land.
+For now the pipeline is ingest -> hashdedup -> embed -> shards (+ verify); later stages join as
+they land.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from curate.synth import write_pool
 from pipelines.cli import print_summary
 from pipelines.config import load_config
-from pipelines import stages
+from pipelines.run import run_pipeline
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -32,7 +33,7 @@ def run_demo(workdir: str | None, pool_size: int, seed: int = 0) -> int:
         planted = json.loads(marker.read_text())
     cfg = load_config(DEMO_CONFIG if DEMO_CONFIG.exists() else None, [f"workdir={root / 'work'}"])
     cfg.ingest.sources = [str(raw)]
-    results = [stages.run_ingest(cfg), stages.run_hashdedup(cfg), stages.run_shards(cfg)]
+    results = run_pipeline(cfg)
     print(f"demo pool: {root}  (planted: {', '.join(f'{k} {v}' for k, v in planted.items())})")
     print_summary(results, started)
     from curate.shards import verify_shards

@@ -79,3 +79,18 @@ def test_config_defaults_match_the_library_and_the_demo_config_loads():
     assert Config().hashdedup.phash_max_distance == DEFAULT_MAX_DISTANCE
     cfg = load_config(DEMO_CONFIG, ["shards.max_count=7"])
     assert cfg.ingest.part_size == 500 and cfg.shards.max_count == 7
+
+
+def test_run_executes_stages_in_order_and_skips_done_ones(tmp_path, capsys):
+    _pool(tmp_path / "raw")
+    (tmp_path / "c.yaml").write_text(f"workdir: {tmp_path / 'w'}\ningest:\n  sources: [{tmp_path / 'raw'}]\n"
+                                     "  workers: 1\nembed:\n  num_workers: 0\n  model: 'pixels:8'\n")
+    assert main(["run", str(tmp_path / "c.yaml"), "--until", "hashdedup"]) == 0
+    out = capsys.readouterr().out
+    assert "[ingest] done" in out and "[hashdedup] done" in out and "embed" not in out
+    assert main(["run", str(tmp_path / "c.yaml"), "shards.max_count=5"]) == 0
+    out = capsys.readouterr().out
+    assert "[ingest] already done" in out and "[hashdedup] already done" in out
+    assert "[embed/pixels-8] done" in out and "shards 3" in out
+    assert "max_count: 5" in (tmp_path / "w" / "config.yaml").read_text()
+    assert main(["run", str(tmp_path / "c.yaml"), "--from", "embed", "--until", "ingest"]) == 2
