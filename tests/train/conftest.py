@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 def make_images(n: int, size: int = 48, seed: int = 0, n_classes: int = 0) -> list[np.ndarray]:

@@ -33,6 +33,7 @@ def test_layerscale_and_presets():
     n_params = sum(p.numel() for p in s.parameters())
     assert 21.5e6 < n_params < 22.3e6  # ViT-S/14 at 224: ~22.06M incl. pos-embed and mask token
     assert s.vit.patch_embed.proj.kernel_size == (14, 14)
+    assert s(torch.randn(1, 3, 96, 96))["patch"].shape == (1, 36, 384)  # 96 px local crop: floor like a conv
 
 
 def test_swiglu_hidden_width_matches_dinov2():

@@ -1,0 +1,1 @@
+"""The DINOv2 trainer: models, heads, losses, augmentations, data, loop, eval."""

@@ -1,0 +1,71 @@
+"""Command-line entry points: `main` (train) and `eval_main` (k-NN / linear probe)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
+
+
+def resolve_config_path(name: str) -> str:
+    """A YAML path as given, or a bundled config name ('tiny', 'vits14', ...) from configs/train/."""
+    if os.path.isfile(name):
+        return name
+    candidate = CONFIG_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if candidate.is_file():
+        return str(candidate)
+    raise FileNotFoundError(f"config {name!r} not found (looked in {CONFIG_DIR})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train: `python -m train CONFIG [key.sub=value ...]`; 0 on success, 2 bad config, 3 diverged."""
+    parser = argparse.ArgumentParser(prog="python -m train", description="Train a DINOv2 ViT.")
+    parser.add_argument("config", help="YAML config path or bundled name (tiny, vits14, vitb14, vitl14, vitg14)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_args(argv)
+    from train.config import load_config
+    from train.loop import TrainingDiverged, train
+
+    try:
+        cfg = load_config(resolve_config_path(args.config), args.overrides)
+    except Exception as e:  # noqa: BLE001 - report any config error as a usage error
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = train(cfg)
+    except TrainingDiverged as e:
+        print(f"training stopped: {e}. The last good checkpoint in {cfg.output_dir} was left in place.",
+              file=sys.stderr)
+        return 3
+    last = summary["history"][-1] if summary["history"] else {}
+    print(json.dumps({"output_dir": cfg.output_dir, "iterations": summary["iterations"],
+                      "final_loss": last.get("loss"), "decode_errors": summary["decode_errors"]}))
+    return 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """Evaluate: k-NN (k in --ks) and a linear probe of a checkpoint on labelled train/test folders."""
+    parser = argparse.ArgumentParser(prog="python -m train.eval", description="k-NN / linear-probe evaluation.")
+    parser.add_argument("checkpoint", help="teacher_backbone.pt, a training checkpoint, or an output dir")
+    parser.add_argument("train", help="labelled folder root/<class>/<img> used as the k-NN bank / probe train set")
+    parser.add_argument("test", help="labelled folder with the same classes")
+    parser.add_argument("--ks", default="10,20,100,200", help="comma-separated k values")
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--probe-steps", type=int, default=300)
+    parser.add_argument("--output", default="", help="also write the JSON result here")
+    args = parser.parse_args(argv)
+    from train.eval import evaluate
+
+    result = evaluate(args.checkpoint, args.train, args.test, [int(k) for k in args.ks.split(",")],
+                      args.temperature, args.batch_size, args.device, args.probe_steps)
+    text = json.dumps(result)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    return 0
