@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "ray"])
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
 
+    p = sub.add_parser("train", add_help=False,
+                       help="train a DINOv2 ViT: curate train CONFIG [key.sub=value ...] (CONFIG: tiny, vits14, ... or a YAML)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("eval", add_help=False,
+                       help="k-NN and linear-probe evaluation: curate eval CHECKPOINT TRAIN_DIR TEST_DIR [--ks 10,20]")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
     p = sub.add_parser("demo", help="generate a raw pool and run the pipeline on it, offline")
     p.add_argument("--workdir", help="where to work (default: a new folder under the current directory)")
     p.add_argument("--pool-size", type=int, default=2000, help="number of distinct generated images")
@@ -112,6 +119,11 @@ def print_summary(results: list[StageResult], started: float, out=None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `curate` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("train", "eval"):
+        from train import cli as train_cli
+
+        return (train_cli.main if argv[0] == "train" else train_cli.eval_main)(argv[1:])
     args = build_parser().parse_args(argv)
     started = time.time()
     from pipelines import stages

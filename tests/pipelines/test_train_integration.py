@@ -1,0 +1,40 @@
+"""The shard contract end to end: curate -> shards -> `curate train` -> embed with the trained
+teacher (`checkpoint:`) -> `curate eval`."""
+
+import json
+
+import numpy as np
+
+from curate.synth import make_image
+from pipelines.cli import main
+
+
+def test_curated_shards_train_embed_and_eval(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(24):
+        make_image(2000 + i, (64, 64)).save(raw / f"{i:02d}.png")
+    (tmp_path / "c.yaml").write_text(f"workdir: {tmp_path / 'w'}\ningest:\n  sources: [{raw}]\n  workers: 1\n"
+                                     "embed:\n  num_workers: 0\n  model: 'pixels:8'\nshards:\n  max_count: 10\n")
+    assert main(["run", str(tmp_path / "c.yaml")]) == 0
+    out = tmp_path / "run"
+    assert main(["train", "tiny", f"data.path={tmp_path / 'w' / 'shards'}", f"output_dir={out}",
+                 "optim.iterations=3", "optim.batch_size=6", "crops.n_local=2", "progress=false",
+                 "data.num_workers=0", "checkpoint_every=3"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["iterations"] == 3 and np.isfinite(summary["final_loss"])
+    assert main(["embed", "--workdir", str(tmp_path / "w"), "--model", f"checkpoint:{out / 'teacher_backbone.pt'}",
+                 "--name", "teacher", "--num-workers", "0"]) == 0
+    vecs = np.load(tmp_path / "w" / "embed" / "teacher" / "part-00000.npy")
+    assert vecs.shape == (24, 96) and np.allclose(np.linalg.norm(vecs.astype(np.float32), axis=1), 1, atol=2e-3)
+    for split, n in (("train", 6), ("test", 3)):
+        for c in range(2):
+            d = tmp_path / "eval" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                make_image(5000 + 100 * c + i + (50 if split == "test" else 0), (48, 48)).save(d / f"{i}.png")
+    capsys.readouterr()
+    assert main(["eval", str(out / "teacher_backbone.pt"), str(tmp_path / "eval" / "train"),
+                 str(tmp_path / "eval" / "test"), "--ks", "1,3", "--probe-steps", "5"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["knn"]) == {"1", "3"} and all(0 <= v <= 1 for v in result["knn"].values())
