@@ -1,6 +1,6 @@
 """Folder ingest throughput vs a bare PIL decode loop on the same files, in the same run.
 
-    python bench/ingest.py [--n 3000] [--rss 10000,100000]
+    python bench/ingest.py [--n 3000] [--size 128x96] [--rss 10000,100000]
 
 Ratio = ingest images/s / bare decode images/s, for 1 process each and for 2 processes each.
 With --rss, also runs `curate ingest` in subprocesses on folders of those sizes and reports the
@@ -68,12 +68,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--part-size", type=int, default=500)
+    ap.add_argument("--size", default="128x96", help="image size WxH of the generated JPEGs")
     ap.add_argument("--rss", default="", help="comma-separated folder sizes for the memory check")
     ap.add_argument("--tmp", default=None)
     args = ap.parse_args()
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="bench_ingest_"))
-    folder = tmp / "folder"
-    paths = [str(p) for p in make_folder(folder, args.n)]
+    size = tuple(int(v) for v in args.size.split("x"))
+    folder = tmp / f"folder{args.size}"
+    paths = [str(p) for p in make_folder(folder, args.n, size=size)]
     bare_decode(paths[:200])  # warm the page cache
     figures = {}
     for workers in (1, 2):
@@ -87,7 +89,7 @@ def main() -> None:
         figures[f"workers{workers}"] = {"ingest_images_per_s": round(ours, 1), "bare_decode_images_per_s": round(base, 1),
                                         "ratio": round(ours / base, 3)}
     rss = [rss_for(int(n), tmp) for n in args.rss.split(",") if n]
-    emit("ingest", n=args.n, image="128x96 jpeg q85", **figures, rss=rss)
+    emit("ingest", n=args.n, image=f"{args.size} jpeg q85", **figures, rss=rss)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,19 @@ from scipy.sparse.csgraph import connected_components
 # 3.9e-4 for +0.1% recall. pHash hashes have exactly 32 bits set, so distances are even: 4 == 5.
 DEFAULT_MAX_DISTANCE = 4
 
-# Cost model for choosing the search plan, in nanoseconds, measured on 2 cores with
-# bench/hashdedup.py (1M hashes): a hash-table probe, a shortlisted candidate (set insert plus
-# Hamming check), one brute-force Hamming comparison, and one table insert at index build time.
-_NS_PROBE = 60.0
-_NS_CANDIDATE = 40.0
-_NS_FLAT = 0.5
-_NS_ADD = 150.0
+# Cost model for choosing the search plan, in CPU nanoseconds, fitted to the CPU times of
+# IndexBinaryFlat and IndexBinaryMultiHash with 2..5 tables (n = 200k and 1M random hashes,
+# max_distance 4, and 8 with 3 tables; the settings of bench/hashdedup.py): fixed cost per
+# query, a table probe, a probe that hits a non-empty bucket, a shortlisted candidate (set insert
+# plus Hamming check), one brute-force comparison, and one single-threaded insert per table.
+# At n = 1M and max_distance 4 it picks 3 tables of 21 bits with 1 flip, the fastest measured
+# (CPU s: 3 tables 10.8, 5 tables 38, 4 tables 89, 2 tables 77, brute force about 300).
+_NS_QUERY = 2000.0
+_NS_PROBE = 70.0
+_NS_HIT = 150.0
+_NS_CANDIDATE = 60.0
+_NS_FLAT = 0.3
+_NS_ADD = 100.0
 _MAX_TABLES = 16
 
 _POPCOUNT8 = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
@@ -80,21 +86,29 @@ def _mih_plan(tables: int, max_distance: int) -> SearchPlan:
     return SearchPlan(tables, 64 // tables, max_distance // tables)
 
 
-def _mih_cost(plan: SearchPlan, n: int) -> float:
-    """Estimated nanoseconds for an all-pairs search of n uniformly distributed hashes."""
+def _mih_cost(plan: SearchPlan, n: int, threads: int) -> float:
+    """Estimated wall nanoseconds of an all-pairs search of n uniformly distributed hashes.
+
+    Each query probes its tables against, on average, half of the values (later chunks only).
+    """
     probes = plan.tables * sum(comb(plan.bits, k) for k in range(plan.nflip + 1))
-    candidates = probes * n / 2.0**plan.bits / 2  # later chunks only: half the table
-    threads = max(1, faiss.omp_get_max_threads())
-    return n * (probes * _NS_PROBE + candidates * _NS_CANDIDATE) / threads + plan.tables * n * _NS_ADD
+    per_bucket = n / 2 / 2.0**plan.bits
+    hits = probes * -np.expm1(-per_bucket)
+    query = _NS_QUERY + probes * _NS_PROBE + hits * _NS_HIT + probes * per_bucket * _NS_CANDIDATE
+    return n * query / threads + plan.tables * n * _NS_ADD
 
 
 def choose_plan(n: int, max_distance: int) -> SearchPlan:
-    """Cheapest exact plan by the cost model: brute force or the best number of hash tables."""
+    """Cheapest exact plan by the cost model: brute force or the best number of hash tables.
+
+    Brute force wins for small n and for large radii; multi-index hashing wins when
+    n is large and max_distance // tables flips keep the number of probes small.
+    """
     threads = max(1, faiss.omp_get_max_threads())
-    best, best_cost = SearchPlan(0, 64, 0), float(n) * n / 2 * _NS_FLAT / threads
+    best, best_cost = SearchPlan(0, 64, 0), n * n / 2 * _NS_FLAT / threads
     for tables in range(2, _MAX_TABLES + 1):
         plan = _mih_plan(tables, max_distance)
-        cost = _mih_cost(plan, n)
+        cost = _mih_cost(plan, n, threads)
         if cost < best_cost:
             best, best_cost = plan, cost
     return best
@@ -192,7 +206,13 @@ def phash_pairs(
 
 @dataclass
 class DedupResult:
-    """Per-record outcome of dedup, aligned with the input order."""
+    """Per-record outcome of dedup, aligned with the input order.
+
+    keep: bool keeper flag; dup_of: keeper id for dropped records; reason: "exact" (same sha256
+    as the keeper) or "near" (linked by pHash); group: int64 component number (-1 for
+    singletons, numbered by each component's smallest id); distance: int16 pHash distance to
+    the keeper (-1 for keepers).
+    """
 
     keep: np.ndarray
     dup_of: list[str | None]
