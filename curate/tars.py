@@ -36,23 +36,31 @@ def write_samples(path: str | os.PathLike, samples: Iterable[dict[str, bytes | s
 
     Returns key -> ext -> (data offset, size). Members of a sample are written in sorted-extension
     order with fixed metadata (USTAR, mtime 0), so the same samples always give the same bytes.
-    The stdlib writer is used directly: importing webdataset would import torch in every worker.
+    Headers come from the stdlib's TarInfo; the archive ends with two zero blocks padded to a
+    20-block record, exactly as tarfile closes it. (webdataset's writer is not used: importing
+    webdataset imports torch in every worker, and it cannot report member offsets.)
     """
     layout: dict[str, dict[str, tuple[int, int]]] = {}
-    with open(path, "wb") as fh:
-        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            for sample in samples:
-                key = str(sample["__key__"])
-                entry = {}
-                for ext in sorted(k for k in sample if k != "__key__"):
-                    value = sample[ext]
-                    data = value.encode() if isinstance(value, str) else bytes(value)
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime, info.mode = len(data), 0, 0o444
-                    info.uname = info.gname = "curate"
-                    entry[ext] = (tf.offset + BLOCK, len(data))
-                    tf.addfile(info, io.BytesIO(data))
-                layout[key] = entry
+    pos = 0
+    with open(path, "wb", buffering=1 << 20) as fh:
+        for sample in samples:
+            key = str(sample["__key__"])
+            entry = {}
+            for ext in sorted(k for k in sample if k != "__key__"):
+                value = sample[ext]
+                data = value.encode() if isinstance(value, str) else bytes(value)
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                info.uname = info.gname = "curate"
+                header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+                fh.write(header)
+                fh.write(data)
+                fh.write(b"\0" * (padded(len(data)) - len(data)))
+                entry[ext] = (pos + len(header), len(data))
+                pos += len(header) + padded(len(data))
+            layout[key] = entry
+        end = tar_file_size(pos)
+        fh.write(b"\0" * (end - pos))
         fh.flush()
         os.fsync(fh.fileno())
     return layout
