@@ -103,11 +103,8 @@ def run_kind(kind: str, directory: str, queries: np.ndarray, k: int, nprobes: li
 
 
 def peak_rss_self_mb() -> float:
-    """Peak RSS of this process in MiB: VmHWM where Linux has it, else getrusage.
-
-    getrusage's ru_maxrss of a spawned child starts at its parent's RSS (it survives fork and
-    exec), so the child's own high-water mark comes from /proc/self/status.
-    """
+    """Peak RSS of this process in MiB from VmHWM (else getrusage): a spawned child's ru_maxrss
+    starts at its parent's RSS (it survives fork and exec), VmHWM is its own."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -124,6 +121,7 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def main() -> None:
+    """Parse the flags, run the benchmark, print the JSON line."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=256)
