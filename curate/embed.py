@@ -31,7 +31,7 @@ class EmbedSettings:
     num_workers: int = 1      # DataLoader processes decoding and preprocessing
     device: str = "auto"      # auto = cuda when available
     precision: str = "auto"   # auto = bf16 autocast on CUDA, fp32 on CPU; or fp32 | bf16 | fp16
-    threads: int = 0          # torch intra-op threads on CPU; 0 = cores left after the workers
+    threads: int = 0          # torch intra-op threads on CPU; 0 = all cores (decoding is cheap next to a ViT forward)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -92,7 +92,7 @@ def _loader(dataset: RawImages, settings: EmbedSettings, device: torch.device) -
 def _setup(settings: EmbedSettings) -> torch.device:
     device = resolve_device(settings.device)
     if device.type == "cpu":
-        torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) - settings.num_workers))
+        torch.set_num_threads(settings.threads or os.cpu_count() or 1)
     return device
 
 

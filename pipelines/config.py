@@ -56,7 +56,7 @@ class EmbedConfig:
     num_workers: int = 1             # DataLoader processes decoding and preprocessing
     device: str = "auto"             # auto = cuda when available
     precision: str = "auto"          # auto = bf16 autocast on CUDA, fp32 on CPU; fp32 | bf16 | fp16
-    threads: int = 0                 # torch threads on CPU; 0 = cores left after the DataLoader workers
+    threads: int = 0                 # torch threads on CPU; 0 = all cores
     ray_actors: int = 0              # with executor=ray: 0 = one actor per GPU, or one per CPU without GPUs
     ray_gpus_per_actor: Optional[float] = None  # null = 1 when the cluster has GPUs, else 0
 
