@@ -1,0 +1,399 @@
+"""k-means over memory-mapped float16 embeddings: FAISS nearest-centroid search, our own Lloyd loop.
+
+The per-iteration work is split into a pure map (`shard_step`: assign a block and sum it per
+cluster in float64) and a reduce (`reduce_stats` + `update_centroids`), so that a distributed
+driver can run the map over parts on workers; `lloyd` takes that driver as its `step_fn`.
+Sums of float16 inputs in float64 are exact (every float16 is a multiple of 2**-24), so the
+centroids do not depend on the chunk size, the number of workers or the reduction order.
+
+Empty clusters: after a pass, each empty cluster (ascending id) is re-seeded at the point
+farthest from its centroid in the largest remaining cluster (size desc, ties by id; one point
+per donor, donors need >= 2 points); that point then sits at distance 0 from the new centroid.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import faiss
+import numpy as np
+
+PART_RE = re.compile(r"^part-(\d{5,})\.npy$")
+DEFAULT_CHUNK = 65_536
+Seed = int | Sequence[int]
+
+
+@runtime_checkable
+class Vectors(Protocol):
+    """Rows of an n x dim matrix, read as float32 a chunk (or a set of rows) at a time."""
+
+    n: int
+    dim: int
+
+    def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]: ...
+
+    def take(self, rows: np.ndarray) -> np.ndarray: ...
+
+
+def _drop_pages(a: np.ndarray) -> None:
+    """Unmap the file pages of a memory-mapped part just read (the page cache keeps them), so
+    that the resident set stays about one chunk instead of growing to the whole file."""
+    mm = getattr(a, "_mmap", None)
+    if isinstance(mm, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
+
+
+class ArrayVectors:
+    """One or several 2-D arrays (in RAM or memory-mapped .npy parts) seen as one matrix, in order."""
+
+    def __init__(self, arrays: np.ndarray | Sequence[np.ndarray]) -> None:
+        self.arrays = [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
+        if not self.arrays or any(a.ndim != 2 for a in self.arrays):
+            raise ValueError("ArrayVectors needs one or more 2-D arrays")
+        dims = {int(a.shape[1]) for a in self.arrays}
+        if len(dims) != 1:
+            raise ValueError(f"parts disagree on the dimension: {sorted(dims)}")
+        self.dim: int = dims.pop()
+        self.offsets = np.concatenate([[0], np.cumsum([len(a) for a in self.arrays])]).astype(np.int64)
+        self.n: int = int(self.offsets[-1])
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike) -> ArrayVectors:
+        """Memory-map every part-XXXXX.npy of a directory, in part-number order."""
+        named = sorted((int(m.group(1)), p) for p in Path(directory).iterdir() if (m := PART_RE.match(p.name)))
+        if not named:
+            raise FileNotFoundError(f"no part-XXXXX.npy files in {directory}")
+        return cls([np.load(p, mmap_mode="r") for _, p in named])
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Global rows [start, stop) as a new float32 array (may span parts)."""
+        out = np.empty((max(0, stop - start), self.dim), dtype=np.float32)
+        for i, a in enumerate(self.arrays):
+            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+            a0, a1 = max(start, lo), min(stop, hi)
+            if a0 < a1:
+                out[a0 - start : a1 - start] = a[a0 - lo : a1 - lo]
+                _drop_pages(a)
+        return out
+
+    def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first row, float32 block) covering every row once, in order."""
+        if size < 1:
+            raise ValueError("chunk size must be at least 1")
+        for start in range(0, self.n, size):
+            yield start, self.rows(start, min(self.n, start + size))
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 copies of the given global rows, in the order given."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        bounds = np.searchsorted(srt, self.offsets)
+        for i, a in enumerate(self.arrays):
+            b0, b1 = int(bounds[i]), int(bounds[i + 1])
+            if b0 < b1:
+                out[order[b0:b1]] = a[srt[b0:b1] - self.offsets[i]]
+                _drop_pages(a)
+        return out
+
+
+def as_vectors(source: str | os.PathLike | np.ndarray | Sequence[np.ndarray] | Vectors) -> Vectors:
+    """Adapt a directory of parts, an array (or list of arrays) or a Vectors object."""
+    if isinstance(source, (str, os.PathLike)):
+        return ArrayVectors.from_dir(source)
+    if isinstance(source, np.ndarray) or (isinstance(source, (list, tuple)) and source):
+        return ArrayVectors(source)
+    if isinstance(source, Vectors):
+        return source
+    raise TypeError(f"cannot read vectors from {type(source).__name__}")
+
+
+def use_gpu(gpu: bool | None = None) -> bool:
+    """Whether to search on GPU: `gpu`, None meaning 'when faiss sees one'."""
+    available = hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0
+    return available if gpu is None else bool(gpu and available)
+
+
+def make_index(centroids: np.ndarray, gpu: bool | None = None) -> faiss.Index:
+    """Exact L2 index over the centroids, spread over all GPUs when there are any."""
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    index = faiss.IndexFlatL2(c.shape[1])
+    index.add(c)
+    return faiss.index_cpu_to_all_gpus(index) if use_gpu(gpu) else index
+
+
+def assign_chunk(
+    x: np.ndarray, centroids: np.ndarray, index: faiss.Index | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (int32) and squared distance to it (float32) of each row of x.
+
+    The distance is recomputed as ||x - c||^2, the same whichever faiss path (BLAS or not, GPU) ran.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if len(x) == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.float32)
+    index = make_index(centroids) if index is None else index
+    _, nearest = index.search(x, 1)
+    labels = nearest[:, 0].astype(np.int32)
+    diff = x - np.asarray(centroids, dtype=np.float32)[labels]
+    return labels, np.einsum("ij,ij->i", diff, diff)
+
+
+def accumulate(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster float64 sums [k, d] and int64 counts [k] of the rows of x."""
+    sums = np.zeros((k, x.shape[1]), dtype=np.float64)
+    counts = np.bincount(labels, minlength=k).astype(np.int64)
+    if len(labels):
+        order = np.argsort(labels, kind="stable")
+        present = np.flatnonzero(counts)
+        starts = np.concatenate([[0], np.cumsum(counts[present])[:-1]])
+        sums[present] = np.add.reduceat(x[order], starts, axis=0, dtype=np.float64)
+    return sums, counts
+
+
+@dataclass
+class StepStats:
+    """What one assignment pass over (part of) the data contributes to a Lloyd update."""
+
+    sums: np.ndarray  # float64 [k, d]
+    counts: np.ndarray  # int64 [k]
+    inertia: float  # sum of squared distances to the assigned centroid
+    far_dist: np.ndarray  # float32 [k]: largest squared distance in the cluster (-1: empty)
+    far_row: np.ndarray  # int64 [k]: global row of that farthest point (-1: empty)
+
+
+def _farthest(labels: np.ndarray, dists: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per cluster the largest distance and its row (ties: smallest row); -1 where empty."""
+    far_dist = np.full(k, -1.0, dtype=np.float32)
+    far_row = np.full(k, -1, dtype=np.int64)
+    if len(labels):
+        order = np.lexsort((rows, -dists, labels))
+        first = order[np.concatenate([[True], labels[order][1:] != labels[order][:-1]])]
+        far_dist[labels[first]] = dists[first]
+        far_row[labels[first]] = rows[first]
+    return far_dist, far_row
+
+
+def shard_step(
+    x: np.ndarray, centroids: np.ndarray, row_offset: int = 0, index: faiss.Index | None = None
+) -> tuple[StepStats, np.ndarray, np.ndarray]:
+    """The map of a Lloyd step on a block: (stats, labels, squared distances); rows are global."""
+    k = len(centroids)
+    labels, dists = assign_chunk(x, centroids, index)
+    sums, counts = accumulate(x, labels, k)
+    rows = np.arange(row_offset, row_offset + len(x), dtype=np.int64)
+    far_dist, far_row = _farthest(labels, dists, rows, k)
+    return StepStats(sums, counts, float(dists.sum(dtype=np.float64)), far_dist, far_row), labels, dists
+
+
+def reduce_stats(parts: Iterable[StepStats]) -> StepStats:
+    """Combine the stats of disjoint blocks (any order gives the same sums for float16 data)."""
+    total: StepStats | None = None
+    for p in parts:
+        if total is None:
+            total = StepStats(p.sums.copy(), p.counts.copy(), p.inertia, p.far_dist.copy(), p.far_row.copy())
+            continue
+        total.sums += p.sums
+        total.counts += p.counts
+        total.inertia += p.inertia
+        better = (p.far_dist > total.far_dist) | (
+            (p.far_dist == total.far_dist) & (p.far_row >= 0) & ((total.far_row < 0) | (p.far_row < total.far_row))
+        )
+        total.far_dist[better] = p.far_dist[better]
+        total.far_row[better] = p.far_row[better]
+    if total is None:
+        raise ValueError("reduce_stats needs at least one block")
+    return total
+
+
+StepFn = Callable[[np.ndarray], tuple[StepStats, np.ndarray, np.ndarray]]
+
+
+def local_step_fn(vectors: Vectors, chunk_size: int = DEFAULT_CHUNK, gpu: bool | None = None) -> StepFn:
+    """A step function running shard_step chunk by chunk in this process."""
+
+    def step(centroids: np.ndarray) -> tuple[StepStats, np.ndarray, np.ndarray]:
+        index = make_index(centroids, gpu)
+        labels = np.empty(vectors.n, dtype=np.int32)
+        dists = np.empty(vectors.n, dtype=np.float32)
+        total: StepStats | None = None
+        for start, x in vectors.chunks(chunk_size):
+            s, lab, d = shard_step(x, centroids, start, index)
+            labels[start : start + len(x)], dists[start : start + len(x)] = lab, d
+            total = s if total is None else reduce_stats([total, s])
+        if total is None:
+            raise ValueError("no vectors to cluster")
+        return total, labels, dists
+
+    return step
+
+
+def part_step(
+    source: np.ndarray | str | os.PathLike | Vectors, centroids: np.ndarray, row_offset: int = 0,
+    chunk_size: int = DEFAULT_CHUNK, gpu: bool | None = None,
+) -> tuple[StepStats, np.ndarray, np.ndarray]:
+    """shard_step over a whole part (e.g. one memory-mapped .npy on a worker), chunk by chunk; global rows."""
+    stats, labels, dists = local_step_fn(as_vectors(source), chunk_size, gpu)(centroids)
+    stats.far_row[stats.far_row >= 0] += row_offset
+    return stats, labels, dists
+
+
+def update_centroids(
+    stats: StepStats, old: np.ndarray, take: Callable[[np.ndarray], np.ndarray] | None = None
+) -> tuple[np.ndarray, list[int]]:
+    """(new centroids, repaired ids): float64 means, and empty clusters re-seeded as the module says.
+
+    take(rows) fetches the donors' farthest points; without it an empty cluster keeps its centroid.
+    """
+    new = np.asarray(old, dtype=np.float32).copy()
+    full = stats.counts > 0
+    new[full] = (stats.sums[full] / stats.counts[full, None]).astype(np.float32)
+    empty = np.flatnonzero(~full)
+    if len(empty) == 0 or take is None:
+        return new, []
+    by_size = np.argsort(-stats.counts, kind="stable")
+    donors = [int(c) for c in by_size if stats.counts[c] >= 2 and stats.far_row[c] >= 0]
+    pairs = list(zip(empty.tolist(), donors))
+    if pairs:
+        new[[e for e, _ in pairs]] = take(np.array([stats.far_row[d] for _, d in pairs], dtype=np.int64))
+    return new, [e for e, _ in pairs]
+
+
+def _rng(seed: Seed) -> np.random.Generator:
+    return np.random.default_rng(list(seed) if isinstance(seed, (list, tuple)) else seed)
+
+
+def init_sample(vectors: Vectors, size: int, seed: Seed) -> np.ndarray:
+    """float32 rows of a deterministic uniform sample (sorted rows) of min(size, n) vectors."""
+    if size >= vectors.n:
+        return vectors.take(np.arange(vectors.n))
+    rows = np.sort(_rng(seed).choice(vectors.n, size=size, replace=False))
+    return vectors.take(rows)
+
+
+def _sq_to(x: np.ndarray, sq: np.ndarray, c: np.ndarray, chunk_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Squared distances of the rows of x to the rows of c, chunk of rows by chunk of rows (float64)."""
+    csq = np.einsum("ij,ij->i", c, c)
+    for a in range(0, len(x), chunk_size):
+        block = sq[a : a + chunk_size, None] - 2 * (x[a : a + chunk_size] @ c.T) + csq[None]
+        yield a, np.maximum(block, 0, dtype=np.float64)
+
+
+def kmeans_plusplus(
+    x: np.ndarray, k: int, seed: Seed, chunk_size: int = DEFAULT_CHUNK, n_candidates: int | None = None
+) -> np.ndarray:
+    """Greedy k-means++ seeding on in-memory rows x: at each step draw n_candidates points by D^2
+    sampling (default 2 + ln k) and keep the one that lowers the potential most (1: plain k-means++).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    m = len(x)
+    if k > m:
+        raise ValueError(f"k-means++ needs at least k={k} points, got {m}")
+    trials = n_candidates or 2 + int(np.log(k))
+    rng = _rng(seed)
+    sq = np.einsum("ij,ij->i", x, x)
+    centers = np.empty((k, x.shape[1]), dtype=np.float32)
+    d2 = np.full(m, np.inf)
+    pick = np.array([int(rng.integers(m))])
+    for i in range(k):
+        potential = np.zeros(len(pick))
+        for a, block in _sq_to(x, sq, x[pick], chunk_size):
+            potential += np.minimum(block, d2[a : a + len(block), None]).sum(axis=0)
+        best = int(pick[int(np.argmin(potential))])
+        centers[i] = x[best]
+        for a, block in _sq_to(x, sq, x[best : best + 1], chunk_size):
+            np.minimum(d2[a : a + len(block)], block[:, 0], out=d2[a : a + len(block)])
+        if i + 1 == k:
+            break
+        cum = np.cumsum(d2)
+        if cum[-1] > 0:
+            pick = np.minimum(np.searchsorted(cum, rng.random(trials) * cum[-1], side="right"), m - 1)
+        else:
+            pick = rng.integers(m, size=1)
+    return centers
+
+
+def initial_centroids(
+    vectors: Vectors, k: int, method: str = "kmeans++", seed: Seed = 0, sample_size: int | None = None
+) -> np.ndarray:
+    """k initial centroids by k-means++ or random rows, drawn from a deterministic sample.
+
+    The default sample is max(8k, 4096) rows (capped at n): k-means++ costs k passes over it.
+    """
+    if k < 1 or k > vectors.n:
+        raise ValueError(f"need 1 <= k <= n, got k={k}, n={vectors.n}")
+    size = min(vectors.n, sample_size or max(8 * k, 4096))
+    seeds = [*((seed,) if isinstance(seed, int) else seed)]
+    x = init_sample(vectors, max(size, k), [*seeds, 1])
+    if method == "kmeans++":
+        return kmeans_plusplus(x, k, [*seeds, 2])
+    if method == "random":
+        return x[np.sort(_rng([*seeds, 2]).choice(len(x), size=k, replace=False))].copy()
+    raise ValueError(f"unknown init {method!r} (kmeans++ | random)")
+
+
+@dataclass
+class KMeansResult:
+    """Centroids, the final assignment and the objective (inertia) of every assignment pass."""
+
+    centroids: np.ndarray  # float32 [k, d]
+    labels: np.ndarray  # int32 [n]: nearest final centroid
+    sq_dists: np.ndarray  # float32 [n]: squared distance to it
+    objective: list[float] = field(default_factory=list)  # inertia per iteration, then of the final pass
+    repaired: list[int] = field(default_factory=list)  # empty clusters re-seeded, all iterations
+
+
+def lloyd(
+    vectors: Vectors | np.ndarray | str | os.PathLike,
+    init_centroids: np.ndarray,
+    n_iters: int,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    gpu: bool | None = None,
+    step_fn: StepFn | None = None,
+    on_iter: Callable[[int, np.ndarray, float], None] | None = None,
+) -> KMeansResult:
+    """n_iters Lloyd updates from init_centroids, then a final assignment pass (n_iters + 1 passes).
+
+    step_fn(centroids) -> (StepStats, labels, dists) replaces the local pass (e.g. a Ray map + reduce).
+    """
+    vectors = as_vectors(vectors)
+    step = step_fn or local_step_fn(vectors, chunk_size, gpu)
+    centroids = np.asarray(init_centroids, dtype=np.float32).copy()
+    objective: list[float] = []
+    repaired: list[int] = []
+    for it in range(n_iters):
+        stats, _, _ = step(centroids)
+        objective.append(stats.inertia)
+        centroids, fixed = update_centroids(stats, centroids, vectors.take)
+        repaired += fixed
+        if on_iter is not None:
+            on_iter(it, centroids, stats.inertia)
+    stats, labels, dists = step(centroids)
+    objective.append(stats.inertia)
+    return KMeansResult(centroids, labels, dists, objective, repaired)
+
+
+def kmeans(
+    vectors: Vectors | np.ndarray | str | os.PathLike,
+    k: int,
+    n_iters: int = 20,
+    *,
+    init: str = "kmeans++",
+    seed: Seed = 0,
+    init_sample_size: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    gpu: bool | None = None,
+    step_fn: StepFn | None = None,
+) -> KMeansResult:
+    """k-means: seeded init on a deterministic sample, then `lloyd`; same seed -> same result."""
+    vectors = as_vectors(vectors)
+    c0 = initial_centroids(vectors, k, init, seed, init_sample_size)
+    return lloyd(vectors, c0, n_iters, chunk_size=chunk_size, gpu=gpu, step_fn=step_fn)

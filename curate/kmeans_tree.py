@@ -1,0 +1,262 @@
+"""Hierarchical k-means with resampling (Vo et al. 2024), with a split mode and resumable checkpoints.
+
+Level 1 clusters the embeddings, level l clusters the centroids of level l-1. After each level's
+fit, every resampling step draws `sample_size` points per cluster ('c': the closest to the
+centroid, 'r': uniformly at random, seeded), runs ONE Lloyd step on the union of the samples
+starting from the current centroids (assign the samples to the current centroids, move each
+centroid to the float64 mean of its samples), then reassigns all the level's points.
+
+Split mode (a huge level): k-means with `split` clusters, then cluster j of n_j points gets
+k_j sub-clusters, the largest-remainder apportionment of n_clusters proportional to n_j with
+1 <= k_j <= n_j (`apportion`), and a k-means inside it; then all points are reassigned globally.
+
+Checkpoints (optional directory): centroids_l{L}_step{S}.npy, assign_l{L}_step{S}.npy,
+dists_l{L}_step{S}.npy (S = 0 after the fit, S = s after resampling step s), centroids_l{L}.npy and
+assign_l{L}.npy when level L is done, and state.json (the run's settings and the last finished
+step) written last; all atomically (temp file + os.replace). Every random draw is seeded by
+(seed, level, step), so a resumed run ends exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from curate.kmeans import (
+    DEFAULT_CHUNK,
+    ArrayVectors,
+    Seed,
+    StepFn,
+    Vectors,
+    as_vectors,
+    kmeans,
+    local_step_fn,
+    update_centroids,
+)
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    """Settings of one level of the tree."""
+
+    n_clusters: int
+    n_iters: int = 20
+    resampling_steps: int = 0
+    sample_size: int = 0  # points drawn per cluster at each resampling step
+    sampling: str = "c"  # 'c': closest to the centroid, 'r': random
+    init: str = "kmeans++"  # or 'random'
+    split: int = 0  # > 0: k-means with `split` clusters first, then k-means inside each (see apportion)
+    init_sample_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_clusters < 1 or self.n_iters < 0 or self.resampling_steps < 0 or self.split < 0:
+            raise ValueError(f"invalid level settings: {self}")
+        if self.resampling_steps and (self.sample_size < 1 or self.sampling not in ("c", "r")):
+            raise ValueError("resampling needs sample_size >= 1 and sampling 'c' or 'r'")
+
+
+@dataclass
+class TreeResult:
+    """Per-level centroids and assignments; assignments[0] is per point, assignments[l] per level-l centroid."""
+
+    centroids: list[np.ndarray]
+    assignments: list[np.ndarray]
+    sq_dists: np.ndarray  # float32 [n]: squared distance of each point to its level-1 centroid
+    objectives: list[list[float]] = field(default_factory=list)  # per level: inertia of every assignment pass
+
+    def paths(self) -> np.ndarray:
+        """int32 [n, L]: cluster_l1 .. cluster_lL of every point (column 0 is the finest level)."""
+        return cluster_paths(self.assignments)
+
+
+def cluster_paths(assignments: Sequence[np.ndarray]) -> np.ndarray:
+    """Follow each point up the tree: cluster_l(l+1) = level-(l+1) cluster of its level-l centroid."""
+    cols = [np.asarray(assignments[0], dtype=np.int32)]
+    for a in assignments[1:]:
+        cols.append(np.asarray(a, dtype=np.int32)[cols[-1]])
+    return np.stack(cols, axis=1)
+
+
+def apportion(sizes: np.ndarray, total: int) -> np.ndarray:
+    """Split `total` sub-clusters over clusters of `sizes`: largest remainder, 1 <= k_j <= size_j."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    n, live = int(sizes.sum()), int((sizes > 0).sum())
+    if not live <= total <= n:
+        raise ValueError(f"cannot split into {total} clusters: {live} non-empty clusters, {n} points")
+    ks = np.clip(total * sizes // n, (sizes > 0).astype(np.int64), sizes)
+    while (diff := total - int(ks.sum())) != 0:
+        gap = total * sizes - ks * n  # n * (exact quota - k_j), an integer
+        if diff > 0:
+            cand = np.flatnonzero(ks < sizes)
+            pick = cand[np.argsort(-gap[cand], kind="stable")][:diff]
+            ks[pick] += 1
+        else:
+            cand = np.flatnonzero(ks > 1)
+            pick = cand[np.argsort(gap[cand], kind="stable")][:-diff]
+            ks[pick] -= 1
+    return ks
+
+
+def sample_per_cluster(
+    labels: np.ndarray, dists: np.ndarray, k: int, size: int, sampling: str, seed: Seed
+) -> np.ndarray:
+    """Sorted rows of up to `size` points per cluster: the closest ('c') or random ('r') ones."""
+    if sampling == "c":
+        key = dists
+    elif sampling == "r":
+        key = np.random.default_rng(list(seed) if isinstance(seed, (list, tuple)) else seed).random(len(labels))
+    else:
+        raise ValueError(f"unknown sampling {sampling!r} (c | r)")
+    order = np.lexsort((key, labels))
+    counts = np.bincount(labels, minlength=k)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(len(order)) - starts[labels[order]]
+    return np.sort(order[rank < size])
+
+
+def resampling_step(
+    data: Vectors, centroids: np.ndarray, labels: np.ndarray, dists: np.ndarray, spec: LevelSpec,
+    seed: Seed, step: StepFn, chunk_size: int = DEFAULT_CHUNK, gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """One resampling-clustering step: sample, one Lloyd step on the samples, reassign all points."""
+    rows = sample_per_cluster(labels, dists, len(centroids), spec.sample_size, spec.sampling, seed)
+    y = data.take(rows)
+    stats, _, _ = local_step_fn(ArrayVectors(y), chunk_size, gpu)(centroids)
+    new, _ = update_centroids(stats, centroids, lambda r: y[r])
+    full, labels, dists = step(new)
+    return new, labels, dists, full.inertia
+
+
+def split_fit(
+    data: Vectors, spec: LevelSpec, seed: Seed, step: StepFn, chunk_size: int = DEFAULT_CHUNK, gpu: bool | None = None
+) -> tuple[np.ndarray, list[float]]:
+    """k-means with spec.split clusters, then k-means with apportion(sizes) clusters inside each one."""
+    coarse = kmeans(data, spec.split, spec.n_iters, init=spec.init, seed=[*seed, 0],
+                    init_sample_size=spec.init_sample_size, chunk_size=chunk_size, gpu=gpu, step_fn=step)
+    sizes = np.bincount(coarse.labels, minlength=spec.split)
+    ks = apportion(sizes, spec.n_clusters)
+    order = np.argsort(coarse.labels, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    parts = []
+    for j in np.flatnonzero(ks):
+        xj = data.take(order[bounds[j] : bounds[j + 1]])
+        sub = kmeans(xj, int(ks[j]), spec.n_iters, init=spec.init, seed=[*seed, 1, int(j)],
+                     init_sample_size=spec.init_sample_size, chunk_size=chunk_size, gpu=gpu)
+        parts.append(sub.centroids)
+    return np.concatenate(parts), coarse.objective
+
+
+class Checkpoints:
+    """Atomic per-(level, step) files in a directory, and the state.json that marks what is done."""
+
+    def __init__(self, directory: str | os.PathLike | None, run: dict) -> None:
+        self.dir = Path(directory) if directory is not None else None
+        self.run = run
+        self.state: dict = {"run": run, "level": 0, "step": -1, "objectives": {}}
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            path = self.dir / "state.json"
+            if path.exists():
+                state = json.loads(path.read_text())
+                if state["run"] != run:
+                    raise ValueError(f"{self.dir} holds checkpoints of another run: {state['run']}")
+                self.state = state
+
+    def _write(self, name: str, write: Callable[[object], None]) -> None:
+        path = self.dir / name
+        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def done(self, level: int) -> int:
+        """Last finished step of `level` (-1: none)."""
+        if self.state["level"] > level:
+            return 10**9
+        return self.state["step"] if self.state["level"] == level else -1
+
+    def load(self, level: int, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[float]]:
+        """Centroids, labels, distances and objectives saved at (level, step)."""
+        names = [f"centroids_l{level}_step{step}", f"assign_l{level}_step{step}", f"dists_l{level}_step{step}"]
+        c, a, d = (np.load(self.dir / f"{n}.npy") for n in names)
+        return c, a, d, list(self.state["objectives"][str(level)])
+
+    def save(self, level: int, step: int, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], objective: list[float],
+             final: bool) -> None:
+        """Write the step's arrays, then the state; drop the previous step's per-point arrays."""
+        self.state.update(level=level, step=step)
+        self.state["objectives"][str(level)] = list(objective)
+        if self.dir is None:
+            return
+        for prefix, arr in zip(("centroids", "assign", "dists"), arrays):
+            self._write(f"{prefix}_l{level}_step{step}.npy", lambda fh, a=arr: np.save(fh, a))
+            if final and prefix != "dists":
+                self._write(f"{prefix}_l{level}.npy", lambda fh, a=arr: np.save(fh, a))
+        self._write("state.json", lambda fh: fh.write(json.dumps(self.state, indent=1).encode()))
+        for prefix in ("assign", "dists"):
+            (self.dir / f"{prefix}_l{level}_step{step - 1}.npy").unlink(missing_ok=True)
+
+
+def hierarchical_kmeans(
+    vectors: Vectors | np.ndarray | str | os.PathLike,
+    levels: Sequence[LevelSpec],
+    *,
+    seed: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    gpu: bool | None = None,
+    step_fn: StepFn | None = None,
+    on_checkpoint: Callable[[int, int], None] | None = None,
+) -> TreeResult:
+    """Fit the levels bottom-up with resampling; resumes from checkpoint_dir at the last finished step.
+
+    step_fn runs level 1's full-data passes (e.g. distributed); on_checkpoint(level, step) follows each step.
+    """
+    vectors = as_vectors(vectors)
+    run = {"n": vectors.n, "dim": vectors.dim, "seed": seed, "levels": [asdict(s) for s in levels]}
+    ckpt = Checkpoints(checkpoint_dir, run)
+    centroids: list[np.ndarray] = []
+    assignments: list[np.ndarray] = []
+    objectives: list[list[float]] = []
+    level1_dists = np.zeros(0, np.float32)
+    for level, spec in enumerate(levels, start=1):
+        data = vectors if level == 1 else ArrayVectors(centroids[-1])
+        step = step_fn if (level == 1 and step_fn is not None) else local_step_fn(data, chunk_size, gpu)
+        last = ckpt.done(level)
+        if last >= 0:
+            start = min(last, spec.resampling_steps)
+            c, labels, dists, obj = ckpt.load(level, start)
+            start += 1
+        else:
+            if spec.split:
+                c, obj = split_fit(data, spec, [seed, level], step, chunk_size, gpu)
+                stats, labels, dists = step(c)
+                obj = obj + [stats.inertia]
+            else:
+                res = kmeans(data, spec.n_clusters, spec.n_iters, init=spec.init, seed=[seed, level, 0],
+                             init_sample_size=spec.init_sample_size, chunk_size=chunk_size, gpu=gpu, step_fn=step)
+                c, labels, dists, obj = res.centroids, res.labels, res.sq_dists, res.objective
+            ckpt.save(level, 0, (c, labels, dists), obj, spec.resampling_steps == 0)
+            if on_checkpoint is not None:
+                on_checkpoint(level, 0)
+            start = 1
+        for s in range(start, spec.resampling_steps + 1):
+            c, labels, dists, inertia = resampling_step(data, c, labels, dists, spec, [seed, level, 2, s], step,
+                                                        chunk_size, gpu)
+            obj = obj + [inertia]
+            ckpt.save(level, s, (c, labels, dists), obj, s == spec.resampling_steps)
+            if on_checkpoint is not None:
+                on_checkpoint(level, s)
+        centroids.append(c)
+        assignments.append(labels)
+        objectives.append(obj)
+        if level == 1:
+            level1_dists = dists
+    return TreeResult(centroids, assignments, level1_dists, objectives)
