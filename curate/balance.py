@@ -236,10 +236,10 @@ def retrieve(
     pool_labels: np.ndarray | None = None,
     pool_centroids: np.ndarray | None = None,
     cluster_max_seeds: int = 10_000,
-    n_per_seed: int = 4,
+    n_per_seed: int | Mapping[str, int] = 4,
     min_seeds: int = 3,
     per_cluster: int = 1000,
-    max_per_set: int | None = None,
+    max_per_set: int | None | Mapping[str, int | None] = None,
     strategy: str = "c",
     seed: int = 0,
     seed_ids: Mapping[str, Sequence] | None = None,
@@ -247,6 +247,7 @@ def retrieve(
     """Per seed set: cluster-based if it has <= cluster_max_seeds images (and pool clusters are given),
     else sample-based; each pool row kept once. Cluster-based: every pool cluster with > min_seeds
     seeds gives up to per_cluster rows ('c': most similar to them, 'r': random), <= max_per_set per set.
+    n_per_seed and max_per_set may be per-set mappings.
     """
     if strategy not in ("c", "r"):
         raise ValueError(f"unknown strategy {strategy!r} (c | r)")
@@ -265,13 +266,15 @@ def retrieve(
     report: dict = {"mode": "mixed", "sets": {}}
     cands = []
     for i, (name, q) in enumerate(zip(names, arrays)):
+        n_set = n_per_seed[name] if isinstance(n_per_seed, Mapping) else n_per_seed
+        cap = max_per_set.get(name) if isinstance(max_per_set, Mapping) else max_per_set
         if clustered and len(q) <= cluster_max_seeds:
-            c, info = _cluster_candidates(q, vec, members, centroids, i, min_seeds, per_cluster, max_per_set,
+            c, info = _cluster_candidates(q, vec, members, centroids, i, min_seeds, per_cluster, cap,
                                           strategy, np.random.default_rng([seed, i]))
             report["sets"][name] = {"mode": "cluster", "seeds": len(q), **info}
         elif knn is not None:
-            c = _nearest_candidates(knn, q, n_per_seed, i)
-            report["sets"][name] = {"mode": "sample", "seeds": len(q), "n_per_seed": n_per_seed}
+            c = _nearest_candidates(knn, q, n_set, i)
+            report["sets"][name] = {"mode": "sample", "seeds": len(q), "n_per_seed": n_set}
         else:
             raise ValueError(f"seed set {name!r} needs knn (sample mode) or pool clusters (cluster mode)")
         report["sets"][name]["found"] = int(len(np.unique(c[0])))

@@ -22,7 +22,8 @@ def _common(p: argparse.ArgumentParser, workdir_required: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `curate`."""
     parser = argparse.ArgumentParser(prog="curate", description=(
-        "Curate raw web images into a DINOv2-style training set: ingest -> hashdedup -> embed -> shards."))
+        "Curate raw web images into a DINOv2-style training set: "
+        "ingest -> hashdedup -> embed -> cluster -> balance -> shards; then train and eval."))
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="check raw images from folders, URL lists and tars; write records and raw shards")
@@ -53,6 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "ray"])
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--ray-actors", type=int, help="actors (default: one per GPU, else one per CPU)")
+
+    p = sub.add_parser("cluster", help="hierarchical k-means over an embedding (cluster_l1..lN per record)")
+    _common(p)
+    p.add_argument("--embedding", help="embedding name under <workdir>/embed/ (default: the embed stage's)")
+    p.add_argument("--levels", help="clusters per level, finest first, e.g. 20000,2000,200")
+    p.add_argument("--iters", type=int, help="Lloyd iterations per level")
+    p.add_argument("--resampling-steps", type=int, help="resampling steps per level")
+    p.add_argument("--sample-size", type=int, help="points drawn per cluster at each resampling step")
+    p.add_argument("--sampling", choices=["c", "r"], help="resampling: closest (c) or random (r)")
+    p.add_argument("--executor", choices=["local", "ray"])
+    p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+
+    p = sub.add_parser("balance", help="balanced sampling over the cluster tree, and retrieval for seed sets")
+    _common(p)
+    p.add_argument("--target", type=int, help="number of images to select")
+    p.add_argument("--strategy", choices=["r", "c"], help="inside a leaf: random (r) or closest first (c)")
+    p.add_argument("--multiplier", type=int, help="> 1 allows repeats")
+    p.add_argument("--seeds", nargs="+", metavar="NAME=SOURCE", help="seed sets to retrieve nearest pool images for")
+    p.add_argument("--n-per-seed", type=int, help="nearest pool images per seed image (sample mode)")
 
     p = sub.add_parser("shards", help="write surviving records as webdataset shards, or --verify shards")
     _common(p, workdir_required=False)
@@ -149,6 +169,34 @@ def main(argv: list[str] | None = None) -> int:
                                  "executor": "executor", "ray_address": "ray_address",
                                  "ray_actors": "embed.ray_actors"})
             results = [run_embed(cfg, force=args.force)]
+        elif args.command == "cluster":
+            from pipelines.cluster_stage import run_cluster
+            from pipelines.config import LevelConfig
+
+            cfg = _config(args, {"embedding": "cluster.embedding", "executor": "executor", "ray_address": "ray_address"})
+            if args.levels:
+                cfg.cluster.levels = [LevelConfig(int(k)) for k in args.levels.split(",")]
+            for lv in cfg.cluster.levels:
+                for attr, flag in (("n_iters", "iters"), ("resampling_steps", "resampling_steps"),
+                                   ("sample_size", "sample_size"), ("sampling", "sampling")):
+                    if getattr(args, flag) is not None:
+                        setattr(lv, attr, getattr(args, flag))
+            results = [run_cluster(cfg, force=args.force)]
+        elif args.command == "balance":
+            from pipelines.cluster_stage import run_balance
+            from pipelines.config import SeedSetConfig
+
+            cfg = _config(args, {"target": "balance.target", "strategy": "balance.strategy",
+                                 "multiplier": "balance.multiplier"})
+            for spec in args.seeds or []:
+                name, sep, source = spec.partition("=")
+                if not sep or not source:
+                    raise ValueError(f"--seeds takes NAME=SOURCE, got {spec!r}")
+                cfg.balance.seeds.append(SeedSetConfig(name=name, source=str(Path(source).resolve())))
+            if args.n_per_seed:
+                for s in cfg.balance.seeds:
+                    s.n_per_seed = args.n_per_seed
+            results = [run_balance(cfg, force=args.force)]
         elif args.command == "shards":
             if args.verify:
                 return _verify(args.verify)

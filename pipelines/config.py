@@ -62,6 +62,53 @@ class EmbedConfig:
 
 
 @dataclass
+class LevelConfig:
+    """One level of the hierarchical k-means (level 1 is the finest, fitted on the embeddings)."""
+
+    n_clusters: int = 100
+    n_iters: int = 20
+    resampling_steps: int = 0        # after the fit: draw sample_size points per cluster, refit, reassign
+    sample_size: int = 0
+    sampling: str = "c"              # c: closest to the centroid | r: random
+    init: str = "kmeans++"           # kmeans++ | random
+    split: int = 0                   # > 0: k-means with `split` clusters, then k-means inside each
+
+
+@dataclass
+class ClusterConfig:
+    """Hierarchical k-means over one embedding (Vo et al. 2024)."""
+
+    embedding: Optional[str] = None  # embedding name under <workdir>/embed/ (default: the embed stage's)
+    levels: list[LevelConfig] = field(default_factory=lambda: [LevelConfig(100), LevelConfig(10)])
+    seed: int = 0
+    chunk_size: int = 65536          # rows per assignment chunk (memory-mapped float16 -> float32)
+
+
+@dataclass
+class SeedSetConfig:
+    """A curated seed set for retrieval (DINOv2's retrieval-based augmentation)."""
+
+    name: str = "seeds"
+    source: str = ""                 # folder, URL list or tar of the seed images
+    n_per_seed: int = 4              # sample-based mode: nearest pool images per seed image
+    max_images: Optional[int] = None  # cap of retrieved images for this set (cluster mode)
+
+
+@dataclass
+class BalanceConfig:
+    """Balanced sampling over the cluster tree, plus retrieval from seed sets."""
+
+    target: int = 0                  # images to select; 0 = no balanced sampling (retrieval only)
+    strategy: str = "r"              # r: random inside a leaf | c: closest to the centroid first
+    multiplier: int = 1              # > 1 allows repeats (target may exceed the pool)
+    seed: int = 0
+    seeds: list[SeedSetConfig] = field(default_factory=list)
+    seed_cluster_max: int = 10000    # seed sets up to this size use cluster-based retrieval
+    seed_min_per_cluster: int = 3    # cluster mode: a pool cluster needs more seeds than this
+    seed_per_cluster: int = 1000     # cluster mode: pool images a qualifying cluster contributes
+
+
+@dataclass
 class ShardsConfig:
     """Curated webdataset shards."""
 
@@ -83,6 +130,8 @@ class Config:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     hashdedup: HashDedupConfig = field(default_factory=HashDedupConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
 
 

@@ -20,12 +20,20 @@ def _embed(cfg: Config, force: bool) -> StageResult:
 
 def _stage_table() -> dict[str, Callable[[Config, bool], StageResult]]:
     from pipelines import stages
+    from pipelines.cluster_stage import run_balance, run_cluster
 
     return {"ingest": stages.run_ingest, "hashdedup": stages.run_hashdedup, "embed": _embed,
-            "shards": stages.run_shards}
+            "cluster": run_cluster, "balance": run_balance, "shards": stages.run_shards}
 
 
-STAGES = ["ingest", "hashdedup", "embed", "shards"]
+STAGES = ["ingest", "hashdedup", "embed", "cluster", "balance", "shards"]
+
+
+def enabled(cfg: Config, stage: str) -> bool:
+    """Cluster and balance run only when the config asks for a selection (a target or seed sets)."""
+    if stage in ("cluster", "balance"):
+        return bool(cfg.balance.target or cfg.balance.seeds)
+    return True
 
 
 def run_pipeline(cfg: Config, start: str | None = None, until: str | None = None,
@@ -44,6 +52,8 @@ def run_pipeline(cfg: Config, start: str | None = None, until: str | None = None
     table = _stage_table()
     results = []
     for name in STAGES[i0:i1 + 1]:
+        if not enabled(cfg, name):
+            continue
         t0 = time.time()
         result = table[name](cfg, force)
         result.seconds = result.seconds or (time.time() - t0 if not result.skipped else 0.0)

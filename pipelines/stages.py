@@ -158,6 +158,8 @@ def selected_records(cfg: Config, select: str | None = None) -> pa.Table:
     import pyarrow.compute as pc
 
     dirs = [stage_dir(cfg, "ingest"), stage_dir(cfg, "hashdedup")]
+    if select and list_parts(stage_dir(cfg, "cluster")):
+        dirs.append(stage_dir(cfg, "cluster"))  # the cluster path travels into the sample metadata
     column = None
     if select:
         sel_dir, column = _find_select(cfg, select)
@@ -180,6 +182,8 @@ def run_shards(cfg: Config, force: bool = False) -> StageResult:
 
     sc = cfg.shards
     upstream = ["ingest", "hashdedup"]
+    if sc.select:
+        upstream.append(_find_select(cfg, sc.select)[0].name)
     inputs = _upstream(cfg, *upstream)
     out = Path(sc.out) if sc.out else stage_dir(cfg, "shards")
     key = fingerprint({"config": asdict(sc), "inputs": inputs})
@@ -188,7 +192,8 @@ def run_shards(cfg: Config, force: bool = False) -> StageResult:
         return prev
     t0 = time.time()
     records = selected_records(cfg, sc.select)
-    dup_cols = {"dup_of", "dup_reason", "dup_group", "dup_distance", "raw_key", "error", "status"}
+    dup_cols = {"dup_of", "dup_reason", "dup_group", "dup_distance", "raw_key", "error", "status", "selected",
+                "repeats", "cluster_sq_dist"}
     meta = [c for c in records.column_names if c not in CORE_COLUMNS and c not in dup_cols]
     settings = ShardSettings(max_size=sc.max_size, max_count=sc.max_count, shuffle_seed=sc.shuffle_seed)
     with _progress(None, "shards", "shard") as bar:

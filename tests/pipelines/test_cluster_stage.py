@@ -1,0 +1,78 @@
+"""cluster -> balance -> shards through the stage runners: exact target, tree paths in the shard
+metadata, seed-set retrieval with the seed recorded."""
+
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from curate.parts import read_table
+from curate.synth import encode, make_image, reencode, resized
+from pipelines.cli import main
+from pipelines.config import LevelConfig, SeedSetConfig, load_config
+from pipelines.run import run_pipeline
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(90):
+        (raw / f"{i:03d}.png").write_bytes(encode(make_image(3000 + i, (64, 64)), "PNG"))
+    c = load_config(None, [f"workdir={tmp_path / 'w'}", "ingest.workers=1", "ingest.part_size=40",
+                           "embed.num_workers=0", "embed.model=pixels:8", "balance.target=30",
+                           "shards.select=balance:selected"])
+    c.ingest.sources = [str(raw)]
+    c.cluster.levels = [LevelConfig(9, n_iters=5), LevelConfig(3, n_iters=5)]
+    return c
+
+
+def test_balance_meets_the_target_and_shards_carry_the_tree_path(cfg, tmp_path):
+    results = {r.stage: r for r in run_pipeline(cfg)}
+    assert results["balance"].counts["out"] == 30 and results["balance"].counts["shortfall"] == 0
+    bal = read_table(tmp_path / "w" / "balance").to_pylist()
+    assert sum(1 for r in bal if r["selected"]) == 30 and len(bal) == 90
+    clusters = read_table(tmp_path / "w" / "cluster").to_pylist()
+    assert all(r["cluster_l1"] is not None and 0 <= r["cluster_l2"] < 3 for r in clusters)
+    assert len(np.load(tmp_path / "w" / "cluster" / "centroids_l1.npy")) == 9
+    metas = []
+    for shard in sorted((tmp_path / "w" / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tf:
+            metas += [json.loads(tf.extractfile(m).read()) for m in tf if m.name.endswith(".json")]
+    chosen = {r["id"]: r for r in bal if r["selected"]}
+    assert {m["id"] for m in metas} == set(chosen)
+    by_id = {r["id"]: r for r in clusters}
+    for m in metas:
+        assert m["cluster_l1"] == by_id[m["id"]]["cluster_l1"] and m["selected_by"].startswith("l2:")
+    # a rerun skips every stage
+    assert all(r.skipped for r in run_pipeline(cfg))
+
+
+def test_seed_retrieval_finds_the_edited_copies(cfg, tmp_path):
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    for i in (5, 17, 60):
+        (seeds / f"s{i}.jpg").write_bytes(reencode(resized(make_image(3000 + i, (64, 64)), 1.2), 85))
+    cfg.balance.target = 0
+    cfg.balance.seed_cluster_max = 0  # force sample-based retrieval
+    cfg.balance.seeds = [SeedSetConfig(name="museum", source=str(seeds), n_per_seed=1)]
+    run_pipeline(cfg)
+    ing = {r["id"]: r["uri"] for r in read_table(tmp_path / "w" / "ingest").to_pylist()}
+    got = {ing[r["id"]].rsplit("/", 1)[1]: r for r in read_table(tmp_path / "w" / "balance").to_pylist()
+           if r["selected"]}
+    assert set(got) == {"005.png", "017.png", "060.png"}
+    assert all(r["seed_set"] == "museum" and r["seed_sim"] > 0.9 for r in got.values())
+    assert len(pq.read_table(tmp_path / "w" / "shards" / "index.parquet")) == 3
+
+
+def test_cluster_and_balance_commands(cfg, tmp_path, capsys):
+    cfg.balance.target = 0
+    run_pipeline(cfg, until="embed")
+    w = str(tmp_path / "w")
+    assert main(["cluster", "--workdir", w, "--levels", "6,2", "--iters", "3"]) == 0
+    assert "levels 6/2" in capsys.readouterr().out
+    assert main(["balance", "--workdir", w, "--target", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "in 90  ->  out 90" in out and "shortfall 110" in out
