@@ -64,3 +64,26 @@ def test_simulated_two_node_cluster_gives_identical_parts(workdir):
     assert _files(embedding_dir(workdir, "ray-cluster")) == local
     ids = np.concatenate([np.load(p) for p in sorted(embedding_dir(workdir, "ray-cluster").glob("*.npy"))])
     assert ids.shape == (40, 192)
+
+
+def test_kmeans_lloyd_passes_on_ray_give_the_local_clusters(workdir):
+    import ray
+
+    from curate.parts import read_table
+    from pipelines.cluster_stage import run_cluster
+    from pipelines.config import LevelConfig
+
+    workdir.cluster.embedding = "local"
+    workdir.cluster.levels = [LevelConfig(6, n_iters=4, resampling_steps=1, sample_size=3), LevelConfig(2, n_iters=3)]
+    run_cluster(workdir)
+    local = read_table(f"{workdir.workdir}/cluster")
+    centroids = np.load(f"{workdir.workdir}/cluster/centroids_l1.npy")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    workdir.executor = "ray"
+    try:
+        run_cluster(workdir, force=True)
+    finally:
+        ray.shutdown()
+        workdir.executor = "local"
+    assert read_table(f"{workdir.workdir}/cluster").equals(local)
+    assert np.array_equal(np.load(f"{workdir.workdir}/cluster/centroids_l1.npy"), centroids)
