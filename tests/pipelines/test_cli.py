@@ -94,3 +94,13 @@ def test_run_executes_stages_in_order_and_skips_done_ones(tmp_path, capsys):
     assert "[embed/pixels-8] done" in out and "shards 3" in out
     assert "max_count: 5" in (tmp_path / "w" / "config.yaml").read_text()
     assert main(["run", str(tmp_path / "c.yaml"), "--from", "embed", "--until", "ingest"]) == 2
+
+
+def test_paper_scale_config_loads():
+    from pathlib import Path
+
+    from pipelines.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "lvd142m.yaml")
+    assert [lv.n_clusters for lv in cfg.cluster.levels] == [10_000_000, 500_000, 50_000, 10_000]
+    assert cfg.balance.target == 142_000_000 and cfg.executor == "ray"
