@@ -1,0 +1,416 @@
+"""Embedding copy detection as in DINOv2 (LVD-142M): a k-NN graph over the embeddings, edges with
+cosine above a threshold, connected components, one keeper per component; and evaluation-set
+decontamination, which drops every pool image that copies an evaluation image plus its component.
+
+Edges are strict: a pair is linked when its cosine is > threshold, never when it is equal (the
+convention of faiss range search). Every similarity that decides or is reported is recomputed in
+float64 from the stored vectors, so results do not depend on chunking, query splitting or order
+(up to exact ties for a row's k-th nearest neighbour).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from curate.index import EmbeddingParts, IndexSpec, VectorIndex, build_index
+
+DEFAULT_K = 64  # neighbours per image in the k-NN graph (DINOv2)
+DEFAULT_THRESHOLD = 0.6  # copy-dedup cosine (DINOv2)
+DECONTAM_THRESHOLD = 0.45  # stricter (lower) cosine against evaluation sets (DINOv2)
+DEFAULT_MAX_COMPONENT = 1000  # a larger component usually means a threshold that chains images
+QUERY_CHUNK = 8192  # queries per index search
+PAIR_BATCH = 32768  # pairs whose similarity is recomputed at once
+SLACK = 1e-3  # candidates are fetched this far below the threshold, then decided exactly
+
+Vectors = EmbeddingParts | str | os.PathLike | np.ndarray | Sequence[np.ndarray]
+
+
+class LargeComponentWarning(UserWarning):
+    """The largest duplicate component is larger than max_component (a threshold that chains)."""
+
+
+def as_parts(vectors: Vectors) -> EmbeddingParts:
+    """EmbeddingParts for a parts directory, an array or a list of arrays (unchanged if it is one)."""
+    return vectors if isinstance(vectors, EmbeddingParts) else EmbeddingParts(vectors)
+
+
+def valid_rows(parts: EmbeddingParts, valid: np.ndarray | None = None) -> np.ndarray:
+    """Rows that may form edges: non-zero vectors, status "ok" in the parts' Parquet, and `valid`."""
+    ok = np.zeros(parts.n, dtype=bool)
+    for start, chunk in parts.chunks():
+        ok[start : start + len(chunk)] = np.einsum("ij,ij->i", chunk, chunk) > 0
+    for p, path in enumerate(parts.paths):
+        table = Path(path).with_suffix(".parquet")
+        if table.is_file() and "status" in pq.read_schema(table).names:
+            status = pq.read_table(table, columns=["status"]).column("status").to_pylist()
+            if len(status) != parts.sizes[p]:
+                raise ValueError(f"{table} has {len(status)} rows but {path} has {parts.sizes[p]}")
+            ok[parts.offsets[p] : parts.offsets[p + 1]] &= np.array([s == "ok" for s in status], dtype=bool)
+    if valid is not None:
+        valid = np.asarray(valid, dtype=bool)
+        if valid.shape != (parts.n,):
+            raise ValueError(f"valid must have shape ({parts.n},), got {valid.shape}")
+        ok &= valid
+    return ok
+
+
+def gather(parts: EmbeddingParts, rows: np.ndarray) -> np.ndarray:
+    """float64 copies of the given global rows (any order, repeats allowed), read part by part."""
+    rows = np.asarray(rows, dtype=np.int64)
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    out = np.empty((len(uniq), parts.dim), dtype=np.float64)
+    owner = np.searchsorted(parts.offsets, uniq, side="right") - 1
+    bounds = np.searchsorted(owner, np.arange(len(parts.sizes) + 1), side="left")
+    for p in range(len(parts.sizes)):
+        a, b = int(bounds[p]), int(bounds[p + 1])
+        if a < b:
+            out[a:b] = parts.part(p)[uniq[a:b] - parts.offsets[p]]
+    return out[inverse.reshape(-1)]
+
+
+def pair_sims(a: EmbeddingParts, rows_a: np.ndarray, b: EmbeddingParts, rows_b: np.ndarray) -> np.ndarray:
+    """Cosine of row pairs (a[rows_a[t]], b[rows_b[t]]) in float64, the same whatever the batching."""
+    out = np.empty(len(rows_a), dtype=np.float64)
+    for s in range(0, len(rows_a), PAIR_BATCH):
+        x, y = gather(a, rows_a[s : s + PAIR_BATCH]), gather(b, rows_b[s : s + PAIR_BATCH])
+        out[s : s + PAIR_BATCH] = (x * y).sum(axis=1)
+    return out
+
+
+def pool_index(parts: EmbeddingParts, index_spec: IndexSpec | None = None) -> VectorIndex:
+    """Index over all rows: exact flat for small n, the index module's auto choice (IVF) above."""
+    return build_index(parts, index_spec or IndexSpec(), log=lambda _: None)
+
+
+def knn_edges(
+    vectors: Vectors,
+    k: int = DEFAULT_K,
+    threshold: float = DEFAULT_THRESHOLD,
+    index_spec: IndexSpec | None = None,
+    chunk: int = QUERY_CHUNK,
+    valid: np.ndarray | None = None,
+    query_rows: tuple[int, int] | None = None,
+    index: VectorIndex | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs among each valid row's k nearest neighbours with cosine > threshold (strict).
+
+    Returns (i int64, j int64, sim float32) with i < j, unique, sorted by (i, j). query_rows=(a, b)
+    searches only those rows, so workers (each with the same index) can split the queries:
+    merge_edges of their results equals one full run. Invalid rows (embed_error, zero) form no edges.
+    """
+    parts = as_parts(vectors)
+    start, stop = query_rows if query_rows is not None else (0, parts.n)
+    if not 0 <= start <= stop <= parts.n:
+        raise ValueError(f"query_rows {query_rows} is not a row range of 0..{parts.n}")
+    return _edges(parts, valid_rows(parts, valid), k, threshold, index or pool_index(parts, index_spec),
+                  chunk, start, stop)
+
+
+def _edges(parts: EmbeddingParts, ok: np.ndarray, k: int, threshold: float, index: VectorIndex,
+           chunk: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """knn_edges on resolved inputs: index candidates at threshold - SLACK, decided in float64."""
+    if not 0 <= threshold < 1:
+        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    if k < 1 or chunk < 1:
+        raise ValueError("k and chunk must be at least 1")
+    width = min(k + 1, parts.n)
+    keys = []
+    for q0 in range(start, stop, chunk):
+        rows = np.flatnonzero(ok[q0 : min(q0 + chunk, stop)]) + q0
+        if not len(rows):
+            continue
+        sims, nbrs = index.knn(parts.rows(q0, min(q0 + chunk, stop))[rows - q0], width)
+        other = (nbrs != rows[:, None]) & (nbrs >= 0)
+        take = other & (np.cumsum(other, axis=1) <= k) & (sims > threshold - SLACK)
+        take &= ok[np.where(nbrs >= 0, nbrs, 0)]
+        qi, nj = np.broadcast_to(rows[:, None], nbrs.shape)[take], nbrs[take]
+        keys.append(np.minimum(qi, nj) * parts.n + np.maximum(qi, nj))
+    keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.int64)
+    i, j = keys // max(parts.n, 1), keys % max(parts.n, 1)
+    sim = pair_sims(parts, i, parts, j)
+    linked = sim > threshold
+    return i[linked], j[linked], sim[linked].astype(np.float32)
+
+
+def merge_edges(*edges: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Union of knn_edges results (e.g. one per query range): unique (i, j), sorted, as one run gives."""
+    i = np.concatenate([e[0] for e in edges]) if edges else np.zeros(0, dtype=np.int64)
+    j = np.concatenate([e[1] for e in edges]) if edges else np.zeros(0, dtype=np.int64)
+    sim = np.concatenate([e[2] for e in edges]) if edges else np.zeros(0, dtype=np.float32)
+    _, first = np.unique(np.stack([i, j]), axis=1, return_index=True)
+    return i[first], j[first], sim[first]
+
+
+def canonical_labels(labels: np.ndarray) -> np.ndarray:
+    """Renumber component labels 0, 1, ... in the order of each component's smallest row."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
+
+
+def _find(parent: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    """Roots of `nodes`, halving every path walked (each visited node skips to its grandparent)."""
+    cur = np.array(nodes, dtype=np.int64)
+    pos = np.arange(len(cur))
+    roots = np.empty(len(cur), dtype=np.int64)
+    while len(cur):
+        up = parent[cur]
+        done = up == cur
+        roots[pos[done]] = cur[done]
+        cur, up, pos = cur[~done], up[~done], pos[~done]
+        grand = parent[up]
+        parent[cur] = grand
+        cur = grand
+    return roots
+
+
+def union_find(n: int, edge_chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Component labels (canonical) of n nodes from edges streamed in chunks: only n ints in memory.
+
+    Roots are hooked under the smaller root (np.minimum.at), so parent[x] <= x always holds, no
+    cycle can form, and every root is its component's smallest row.
+    """
+    parent = np.arange(n, dtype=np.int64)
+    for i, j in edge_chunks:
+        i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+        while len(i):
+            ri, rj = _find(parent, i), _find(parent, j)
+            differ = ri != rj
+            i, j, ri, rj = i[differ], j[differ], ri[differ], rj[differ]
+            np.minimum.at(parent, np.maximum(ri, rj), np.minimum(ri, rj))
+    return canonical_labels(_find(parent, np.arange(n, dtype=np.int64)))
+
+
+def components(n: int, i: np.ndarray, j: np.ndarray, method: str = "scipy", chunk: int = 1 << 22) -> np.ndarray:
+    """Connected-component label per node, numbered by smallest row (the same for both methods).
+
+    method "scipy": csgraph.connected_components on a sparse matrix; "union_find": streamed over
+    edge chunks of `chunk` pairs, for graphs whose edge matrix does not fit in memory.
+    """
+    i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+    if method == "union_find":
+        return union_find(n, ((i[s : s + chunk], j[s : s + chunk]) for s in range(0, len(i), chunk)))
+    if method != "scipy":
+        raise ValueError(f"method must be 'scipy' or 'union_find', got {method!r}")
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n)).tocsr()
+    return canonical_labels(connected_components(graph, directed=False)[1])
+
+
+@dataclass
+class CopyDedupResult:
+    """Per-record outcome of copy_dedup, aligned with the input rows, plus groups and stats."""
+
+    ids: np.ndarray
+    keep: np.ndarray  # False for every component member but its keeper
+    dup_of: list[str | None]  # keeper id for dropped records, None otherwise
+    group: np.ndarray  # int64 group number of a component of >= 2 records, -1 otherwise
+    max_sim: np.ndarray  # float32 highest similarity to another group member (NaN: none)
+    valid: np.ndarray  # rows that took part (others are kept, never grouped)
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray]
+    groups: pa.Table  # group, keeper, members, size, max_sim
+    stats: dict = field(default_factory=dict)
+    warning: str | None = None
+
+    def records(self) -> pa.Table:
+        """Row-aligned record columns (id, keep, dup_of, dup_group, dup_max_sim) for a Parquet part."""
+        return pa.table({"id": pa.array(self.ids.tolist(), type=pa.string()), "keep": pa.array(self.keep),
+                         "dup_of": pa.array(self.dup_of, type=pa.string()), "dup_group": pa.array(self.group),
+                         "dup_max_sim": pa.array(self.max_sim, from_pandas=True)})
+
+
+def _id_rank(ids: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """ids as a numpy str array and each id's rank in string order; ids must be unique."""
+    id_arr = np.array([str(x) for x in ids], dtype=str) if n else np.empty(0, dtype=str)
+    if len(id_arr) != n:
+        raise ValueError(f"got {len(id_arr)} ids for {n} vectors")
+    by_id = np.argsort(id_arr, kind="stable")
+    if n > 1 and np.any(id_arr[by_id][1:] == id_arr[by_id][:-1]):
+        raise ValueError("ids must be unique")
+    rank = np.empty(n, dtype=np.int64)
+    rank[by_id] = np.arange(n, dtype=np.int64)
+    return id_arr, rank
+
+
+def copy_dedup(
+    vectors: Vectors,
+    ids: Sequence[str],
+    pixels: np.ndarray | None = None,
+    k: int = DEFAULT_K,
+    threshold: float = DEFAULT_THRESHOLD,
+    max_component: int = DEFAULT_MAX_COMPONENT,
+    index_spec: IndexSpec | None = None,
+    chunk: int = QUERY_CHUNK,
+    valid: np.ndarray | None = None,
+    method: str = "scipy",
+    index: VectorIndex | None = None,
+) -> CopyDedupResult:
+    """Group embedding copies (k-NN graph, cosine > threshold, components) and keep one per group.
+
+    The keeper has the most pixels, then the smallest id (string order); groups are numbered by
+    their smallest id, so the result does not depend on the input order. Warns (and records it)
+    when the largest component exceeds max_component: transitive chains of a too-low threshold.
+    """
+    parts = as_parts(vectors)
+    n = parts.n
+    id_arr, rank = _id_rank(ids, n)
+    pix = np.zeros(n, dtype=np.int64) if pixels is None else np.asarray(pixels, dtype=np.int64).reshape(-1)
+    if len(pix) != n:
+        raise ValueError(f"got {len(pix)} pixel counts for {n} vectors")
+    ok = valid_rows(parts, valid)
+    index = index or pool_index(parts, index_spec)
+    i, j, sim = _edges(parts, ok, k, threshold, index, chunk, 0, n)
+    labels = components(n, i, j, method)
+
+    ncomp = int(labels.max()) + 1 if n else 0
+    order = np.lexsort((rank, -pix, labels))
+    head = np.ones(n, dtype=bool)
+    head[1:] = labels[order][1:] != labels[order][:-1]
+    keeper_of = np.empty(ncomp, dtype=np.int64)
+    keeper_of[labels[order][head]] = order[head]
+    keeper = keeper_of[labels]
+    keep = keeper == np.arange(n)
+    sizes = np.bincount(labels, minlength=ncomp)
+    min_rank = np.full(ncomp, n, dtype=np.int64)
+    np.minimum.at(min_rank, labels, rank)
+    multi = np.flatnonzero(sizes > 1)
+    multi = multi[np.argsort(min_rank[multi], kind="stable")]
+    group_of = np.full(ncomp, -1, dtype=np.int64)
+    group_of[multi] = np.arange(len(multi))
+    group = group_of[labels]
+
+    max_sim = np.full(n, -np.inf, dtype=np.float32)
+    np.maximum.at(max_sim, i, sim)
+    np.maximum.at(max_sim, j, sim)
+    max_sim[np.isinf(max_sim)] = np.nan
+    group_max = np.full(len(multi), -np.inf, dtype=np.float32)
+    np.maximum.at(group_max, group[i], sim)  # both ends of an edge are in the same group
+    dup_of = id_arr[keeper].astype(object)
+    dup_of[keep] = None
+
+    members = np.flatnonzero(group >= 0)
+    members = members[np.lexsort((rank[members], group[members]))]
+    offsets = np.concatenate([[0], np.cumsum(sizes[multi])]).astype(np.int32)
+    groups = pa.table({
+        "group": pa.array(np.arange(len(multi), dtype=np.int64)),
+        "keeper": pa.array(id_arr[keeper_of[multi]].tolist(), type=pa.string()),
+        "members": pa.ListArray.from_arrays(pa.array(offsets), pa.array(id_arr[members].tolist(), type=pa.string())),
+        "size": pa.array(sizes[multi].astype(np.int64)),
+        "max_sim": pa.array(group_max),
+    })
+    largest = int(sizes.max()) if n else 0
+    hist_sizes, hist_counts = np.unique(sizes[multi], return_counts=True)
+    stats = {
+        "n": n, "valid": int(ok.sum()), "invalid": int(n - ok.sum()), "pairs": int(len(i)),
+        "groups": int(len(multi)), "in_groups": int(len(members)), "dropped": int(n - keep.sum()),
+        "kept": int(keep.sum()), "largest_component": largest, "k": k, "threshold": threshold,
+        "index_kind": index.kind, "component_sizes": {int(s): int(c) for s, c in zip(hist_sizes, hist_counts)},
+    }
+    warning = None
+    if largest > max_component:
+        warning = (f"largest duplicate component has {largest} records (> max_component={max_component}): "
+                   f"threshold {threshold} probably chains distinct images; calibrate it (curate.calibrate)")
+        warnings.warn(warning, LargeComponentWarning, stacklevel=2)
+    return CopyDedupResult(id_arr, keep, dup_of.tolist(), group, max_sim, ok, (i, j, sim), groups, stats, warning)
+
+
+@dataclass
+class DecontamResult:
+    """Pool records that copy an evaluation image, directly or through their duplicate component."""
+
+    keep: np.ndarray  # False for removed pool rows
+    reason: list[str | None]  # "direct" (matches an evaluation image), "component" or None
+    pairs: dict[str, pa.Table]  # per evaluation set: pool_id, eval_id, sim (sim > threshold)
+    removed: dict[str, pa.Table]  # per evaluation set: pool_id, reason
+    stats: dict = field(default_factory=dict)
+
+
+def _matches(
+    index: VectorIndex, pool_ok: np.ndarray, ev: EmbeddingParts, threshold: float, k: int | None, chunk: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unique candidate (pool row, eval row) pairs: range search (k None) or k-NN, at threshold - SLACK."""
+    ev_ok, keys = valid_rows(ev), [np.zeros(0, dtype=np.int64)]
+    for start, rows in ev.chunks(chunk):
+        keep = np.flatnonzero(ev_ok[start : start + len(rows)])
+        if not len(keep):
+            continue
+        if k is None:
+            lims, sims, found = index.range(rows[keep], threshold - SLACK)
+            owner = np.repeat(keep + start, np.diff(lims))
+        else:
+            sims, found = index.knn(rows[keep], min(k, index.ntotal))
+            owner = np.broadcast_to((keep + start)[:, None], found.shape)
+            take = (found >= 0) & (sims > threshold - SLACK)
+            found, owner = found[take], owner[take]
+        take = pool_ok[found]
+        keys.append(found[take] * max(ev.n, 1) + owner[take])
+    keys = np.unique(np.concatenate(keys))
+    return keys // max(ev.n, 1), keys % max(ev.n, 1)
+
+
+def decontaminate(
+    pool_vectors: Vectors,
+    pool_ids: Sequence[str],
+    pool_groups: np.ndarray | None,
+    eval_sets: Mapping[str, tuple[Vectors, Sequence[str]]],
+    threshold: float = DECONTAM_THRESHOLD,
+    k: int | None = None,
+    index_spec: IndexSpec | None = None,
+    index: VectorIndex | None = None,
+    valid: np.ndarray | None = None,
+    chunk: int = QUERY_CHUNK,
+) -> DecontamResult:
+    """Drop pool images with cosine > threshold to any evaluation image, and their whole component.
+
+    Searches the pool index with each set's images: range search when k is None (exact with a
+    flat index), else the k nearest. pool_groups is CopyDedupResult.group (-1: no component).
+    """
+    pool = as_parts(pool_vectors)
+    id_arr, _ = _id_rank(pool_ids, pool.n)
+    groups = np.full(pool.n, -1, dtype=np.int64) if pool_groups is None else np.asarray(pool_groups, dtype=np.int64)
+    if groups.shape != (pool.n,):
+        raise ValueError(f"pool_groups must have shape ({pool.n},), got {groups.shape}")
+    ok = valid_rows(pool, valid)
+    index = index or pool_index(pool, index_spec)
+    direct_all = np.zeros(pool.n, dtype=bool)
+    removed_all = np.zeros(pool.n, dtype=bool)
+    pairs, removed, stats = {}, {}, {}
+    for name in sorted(eval_sets):
+        vecs, eval_ids = eval_sets[name]
+        ev = as_parts(vecs)
+        ev_id, _ = _id_rank(eval_ids, ev.n)
+        p, e = _matches(index, ok, ev, threshold, k, chunk)
+        sim = pair_sims(pool, p, ev, e)
+        hit = sim > threshold
+        p, e, sim = p[hit], e[hit], sim[hit].astype(np.float32)
+        direct = np.zeros(pool.n, dtype=bool)
+        direct[p] = True
+        hit_groups = np.unique(groups[direct])
+        component = np.isin(groups, hit_groups[hit_groups >= 0]) & ~direct
+        order = np.lexsort((ev_id[e], id_arr[p]))
+        pairs[name] = pa.table({"pool_id": pa.array(id_arr[p][order].tolist(), type=pa.string()),
+                                "eval_id": pa.array(ev_id[e][order].tolist(), type=pa.string()),
+                                "sim": pa.array(sim[order])})
+        gone = np.flatnonzero(direct | component)
+        gone = gone[np.argsort(id_arr[gone], kind="stable")]
+        removed[name] = pa.table({"pool_id": pa.array(id_arr[gone].tolist(), type=pa.string()),
+                                  "reason": pa.array(np.where(direct[gone], "direct", "component").tolist(),
+                                                     type=pa.string())})
+        stats[name] = {"eval_images": ev.n, "pairs": int(len(p)), "direct": int(direct.sum()),
+                       "component": int(component.sum()), "removed": int(len(gone))}
+        direct_all |= direct
+        removed_all |= direct | component
+    reason = np.where(direct_all, "direct", np.where(removed_all, "component", None)).tolist()
+    stats["total"] = {"pool": pool.n, "removed": int(removed_all.sum()), "direct": int(direct_all.sum()),
+                      "threshold": threshold, "index_kind": index.kind}
+    return DecontamResult(~removed_all, reason, pairs, removed, stats)
