@@ -254,12 +254,14 @@ def copy_dedup(
     valid: np.ndarray | None = None,
     method: str = "scipy",
     index: VectorIndex | None = None,
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> CopyDedupResult:
     """Group embedding copies (k-NN graph, cosine > threshold, components) and keep one per group.
 
     The keeper has the most pixels, then the smallest id (string order); groups are numbered by
     their smallest id, so the result does not depend on the input order. Warns (and records it)
     when the largest component exceeds max_component: transitive chains of a too-low threshold.
+    `edges` (from knn_edges runs merged with merge_edges, e.g. on several workers) skips the search.
     """
     parts = as_parts(vectors)
     n = parts.n
@@ -268,8 +270,11 @@ def copy_dedup(
     if len(pix) != n:
         raise ValueError(f"got {len(pix)} pixel counts for {n} vectors")
     ok = valid_rows(parts, valid)
-    index = index or pool_index(parts, index_spec)
-    i, j, sim = _edges(parts, ok, k, threshold, index, chunk, 0, n)
+    if edges is None:
+        index = index or pool_index(parts, index_spec)
+        i, j, sim = _edges(parts, ok, k, threshold, index, chunk, 0, n)
+    else:
+        i, j, sim = edges
     labels = components(n, i, j, method)
 
     ncomp = int(labels.max()) + 1 if n else 0
@@ -314,7 +319,8 @@ def copy_dedup(
         "n": n, "valid": int(ok.sum()), "invalid": int(n - ok.sum()), "pairs": int(len(i)),
         "groups": int(len(multi)), "in_groups": int(len(members)), "dropped": int(n - keep.sum()),
         "kept": int(keep.sum()), "largest_component": largest, "k": k, "threshold": threshold,
-        "index_kind": index.kind, "component_sizes": {int(s): int(c) for s, c in zip(hist_sizes, hist_counts)},
+        "index_kind": index.kind if index is not None else "given edges",
+        "component_sizes": {int(s): int(c) for s, c in zip(hist_sizes, hist_counts)},
     }
     warning = None
     if largest > max_component:

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `curate`."""
     parser = argparse.ArgumentParser(prog="curate", description=(
         "Curate raw web images into a DINOv2-style training set: "
-        "ingest -> hashdedup -> embed -> cluster -> balance -> shards; then train and eval."))
+        "ingest -> hashdedup -> embed -> dedup -> decontaminate -> cluster -> balance -> shards; then train, eval."))
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="check raw images from folders, URL lists and tars; write records and raw shards")
@@ -54,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "ray"])
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--ray-actors", type=int, help="actors (default: one per GPU, else one per CPU)")
+
+    p = sub.add_parser("dedup", help="embedding copy detection: k-NN graph, cosine threshold, components")
+    _common(p)
+    p.add_argument("--embedding", help="embedding name under <workdir>/embed/")
+    p.add_argument("--k", type=int, help="neighbours per image (default 64)")
+    p.add_argument("--threshold", type=float, help="cosine above which images are copies (default 0.6)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="edit a pool sample, report precision/recall per threshold and recommend one")
+    p.add_argument("--executor", choices=["local", "ray"])
+    p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+
+    p = sub.add_parser("decontaminate", help="drop pool images that copy an evaluation image (and their component)")
+    _common(p)
+    p.add_argument("--eval-set", dest="eval_sets", nargs="+", metavar="NAME=SOURCE", help="evaluation sets")
+    p.add_argument("--threshold", type=float, help="cosine above which a pool image copies an eval image (0.45)")
 
     p = sub.add_parser("cluster", help="hierarchical k-means over an embedding (cluster_l1..lN per record)")
     _common(p)
@@ -169,6 +184,22 @@ def main(argv: list[str] | None = None) -> int:
                                  "executor": "executor", "ray_address": "ray_address",
                                  "ray_actors": "embed.ray_actors"})
             results = [run_embed(cfg, force=args.force)]
+        elif args.command == "dedup":
+            from pipelines.copy_stage import run_calibration, run_dedup
+
+            cfg = _config(args, {"embedding": "dedup.embedding", "k": "dedup.k", "threshold": "dedup.threshold",
+                                 "executor": "executor", "ray_address": "ray_address"})
+            if args.calibrate:
+                return _print_calibration(run_calibration(cfg))
+            results = [run_dedup(cfg, force=args.force)]
+        elif args.command == "decontaminate":
+            from pipelines.config import EvalSetConfig
+            from pipelines.copy_stage import run_decontaminate
+
+            cfg = _config(args, {"threshold": "decontaminate.threshold"})
+            for name, source in _named_sources(args.eval_sets or [], "--eval-set"):
+                cfg.decontaminate.eval_sets.append(EvalSetConfig(name=name, source=source))
+            results = [run_decontaminate(cfg, force=args.force)]
         elif args.command == "cluster":
             from pipelines.cluster_stage import run_cluster
             from pipelines.config import LevelConfig
@@ -188,11 +219,8 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = _config(args, {"target": "balance.target", "strategy": "balance.strategy",
                                  "multiplier": "balance.multiplier"})
-            for spec in args.seeds or []:
-                name, sep, source = spec.partition("=")
-                if not sep or not source:
-                    raise ValueError(f"--seeds takes NAME=SOURCE, got {spec!r}")
-                cfg.balance.seeds.append(SeedSetConfig(name=name, source=str(Path(source).resolve())))
+            for name, source in _named_sources(args.seeds or [], "--seeds"):
+                cfg.balance.seeds.append(SeedSetConfig(name=name, source=source))
             if args.n_per_seed:
                 for s in cfg.balance.seeds:
                     s.n_per_seed = args.n_per_seed
@@ -225,6 +253,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"curate {args.command}: error: {exc}", file=sys.stderr)
         return 2
     print_summary(results, started)
+    return 0
+
+
+def _named_sources(specs: list[str], flag: str) -> list[tuple[str, str]]:
+    out = []
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not sep or not name or not source:
+            raise ValueError(f"{flag} takes NAME=SOURCE, got {spec!r}")
+        out.append((name, str(Path(source).resolve())))
+    return out
+
+
+def _print_calibration(summary: dict) -> int:
+    print(f"[dedup --calibrate] model {summary['model']}: {summary['positives']} edited copies, "
+          f"{summary['negatives']} negative pairs")
+    if summary.get("recommended") is None:
+        print(f"  no threshold reaches precision {summary['target_precision']}")
+    else:
+        print(f"  recommended threshold {summary['recommended']:.3f}: precision {summary['precision']:.3f}, "
+              f"recall {summary['recall']:.3f} (target precision {summary['target_precision']})")
+        for edit, r in summary.get("recall_by_edit", {}).items():
+            print(f"    recall {r:.2f}  {edit}")
+    print(f"  table and summary: {summary['path']}")
     return 0
 
 

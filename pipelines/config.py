@@ -62,6 +62,36 @@ class EmbedConfig:
 
 
 @dataclass
+class DedupConfig:
+    """Embedding copy detection (DINOv2: k-NN graph, k = 64, cosine > 0.6, components)."""
+
+    embedding: Optional[str] = None  # embedding name (default: the only/configured one); a copy descriptor is best
+    k: int = 64                      # neighbours per image in the k-NN graph
+    threshold: float = 0.6           # cosine above which two images are copies (calibrate per model!)
+    max_component: int = 1000        # warn when a component grows larger (a threshold that chains)
+    index: str = "auto"              # auto | flat | ivf_flat | ivf_pq | hnsw
+    nprobe: Optional[int] = None     # IVF lists searched (null = the index module's conservative default)
+    calibrate_sample: int = 300      # pool images edited for `curate dedup --calibrate`
+    target_precision: float = 0.95   # precision the calibration recommends a threshold for
+
+
+@dataclass
+class EvalSetConfig:
+    """An evaluation set whose copies must leave the pool."""
+
+    name: str = "eval"
+    source: str = ""                 # folder, URL list or tar
+
+
+@dataclass
+class DecontamConfig:
+    """Evaluation-set decontamination (DINOv2: cosine > 0.45, whole duplicate component)."""
+
+    threshold: float = 0.45
+    eval_sets: list[EvalSetConfig] = field(default_factory=list)
+
+
+@dataclass
 class LevelConfig:
     """One level of the hierarchical k-means (level 1 is the finest, fitted on the embeddings)."""
 
@@ -130,6 +160,8 @@ class Config:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     hashdedup: HashDedupConfig = field(default_factory=HashDedupConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    decontaminate: DecontamConfig = field(default_factory=DecontamConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)

@@ -21,18 +21,25 @@ def _embed(cfg: Config, force: bool) -> StageResult:
 def _stage_table() -> dict[str, Callable[[Config, bool], StageResult]]:
     from pipelines import stages
     from pipelines.cluster_stage import run_balance, run_cluster
+    from pipelines.copy_stage import run_decontaminate, run_dedup
 
     return {"ingest": stages.run_ingest, "hashdedup": stages.run_hashdedup, "embed": _embed,
-            "cluster": run_cluster, "balance": run_balance, "shards": stages.run_shards}
+            "dedup": run_dedup, "decontaminate": run_decontaminate, "cluster": run_cluster,
+            "balance": run_balance, "shards": stages.run_shards}
 
 
-STAGES = ["ingest", "hashdedup", "embed", "cluster", "balance", "shards"]
+STAGES = ["ingest", "hashdedup", "embed", "dedup", "decontaminate", "cluster", "balance", "shards"]
 
 
 def enabled(cfg: Config, stage: str) -> bool:
-    """Cluster and balance run only when the config asks for a selection (a target or seed sets)."""
+    """Optional stages run when configured: decontaminate with evaluation sets, cluster and balance
+    with a selection (a target or seed sets), dedup unless its threshold is set to 1 or more."""
     if stage in ("cluster", "balance"):
         return bool(cfg.balance.target or cfg.balance.seeds)
+    if stage == "decontaminate":
+        return bool(cfg.decontaminate.eval_sets)
+    if stage == "dedup":
+        return cfg.dedup.threshold < 1
     return True
 
 

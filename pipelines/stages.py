@@ -153,11 +153,21 @@ def _find_select(cfg: Config, select: str) -> tuple[Path, str]:
     raise ValueError(f"no stage in {cfg.workdir} has a column '{column}' to select on")
 
 
+# Optional stages whose drops the shards honour when they have run: column, and what drops a record.
+DROP_FILTERS = {"dedup": ("copy_of", "not_null"), "decontaminate": ("contaminated", "true")}
+
+
+def finished_filters(cfg: Config) -> list[str]:
+    """The optional dropping stages that have finished in this workdir."""
+    return [s for s in DROP_FILTERS if read_manifest(stage_dir(cfg, s)) is not None]
+
+
 def selected_records(cfg: Config, select: str | None = None) -> pa.Table:
-    """Records that survived: ok, not a hash duplicate, and `select` true when given."""
+    """Records that survived: ok, not a hash or copy duplicate, not contaminated, `select` true."""
     import pyarrow.compute as pc
 
     dirs = [stage_dir(cfg, "ingest"), stage_dir(cfg, "hashdedup")]
+    dirs += [stage_dir(cfg, s) for s in finished_filters(cfg)]
     if select and list_parts(stage_dir(cfg, "cluster")):
         dirs.append(stage_dir(cfg, "cluster"))  # the cluster path travels into the sample metadata
     column = None
@@ -169,6 +179,10 @@ def selected_records(cfg: Config, select: str | None = None) -> pa.Table:
     for k in range(len(list_parts(dirs[0]))):
         t = read_aligned(dirs, k)
         mask = pc.and_(pc.equal(t.column("status"), "ok"), pc.is_null(t.column("dup_of")))
+        for stage in finished_filters(cfg):
+            col, rule = DROP_FILTERS[stage]
+            drop = pc.is_valid(t.column(col)) if rule == "not_null" else pc.fill_null(t.column(col), False)
+            mask = pc.and_(mask, pc.invert(drop))
         if column:
             mask = pc.and_(mask, pc.fill_null(t.column(column), False))
         out.append(t.filter(mask))
@@ -181,7 +195,7 @@ def run_shards(cfg: Config, force: bool = False) -> StageResult:
     from curate.shards import ShardSettings, write_shards
 
     sc = cfg.shards
-    upstream = ["ingest", "hashdedup"]
+    upstream = ["ingest", "hashdedup", *finished_filters(cfg)]
     if sc.select:
         upstream.append(_find_select(cfg, sc.select)[0].name)
     inputs = _upstream(cfg, *upstream)
@@ -193,7 +207,8 @@ def run_shards(cfg: Config, force: bool = False) -> StageResult:
     t0 = time.time()
     records = selected_records(cfg, sc.select)
     dup_cols = {"dup_of", "dup_reason", "dup_group", "dup_distance", "raw_key", "error", "status", "selected",
-                "repeats", "cluster_sq_dist"}
+                "repeats", "cluster_sq_dist", "copy_of", "copy_group", "copy_max_sim", "contaminated",
+                "contam_reason", "contam_set"}
     meta = [c for c in records.column_names if c not in CORE_COLUMNS and c not in dup_cols]
     settings = ShardSettings(max_size=sc.max_size, max_count=sc.max_count, shuffle_seed=sc.shuffle_seed)
     with _progress(None, "shards", "shard") as bar:

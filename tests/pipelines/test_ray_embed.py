@@ -1,5 +1,7 @@
 """The embed stage on Ray (a local Ray, and a simulated 2-node cluster) equals the local executor."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -87,3 +89,22 @@ def test_kmeans_lloyd_passes_on_ray_give_the_local_clusters(workdir):
         workdir.executor = "local"
     assert read_table(f"{workdir.workdir}/cluster").equals(local)
     assert np.array_equal(np.load(f"{workdir.workdir}/cluster/centroids_l1.npy"), centroids)
+
+
+def test_copy_dedup_queries_on_ray_give_the_local_groups(workdir):
+    import ray
+
+    from pipelines.copy_stage import run_dedup
+
+    workdir.dedup.embedding, workdir.dedup.threshold, workdir.dedup.k = "local", 0.5, 8
+    run_dedup(workdir)
+    local = _files(Path(workdir.workdir) / "dedup")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    workdir.executor = "ray"
+    try:
+        res = run_dedup(workdir, force=True)
+    finally:
+        ray.shutdown()
+        workdir.executor = "local"
+    assert res.counts["pairs"] > 0  # the threshold links some images, so the equality below means something
+    assert _files(Path(workdir.workdir) / "dedup") == local  # byte-identical parts (NaN-safe)

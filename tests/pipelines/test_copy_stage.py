@@ -1,0 +1,70 @@
+"""dedup -> decontaminate -> shards through the stage runners, and `curate dedup --calibrate`."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from curate.parts import read_table
+from curate.synth import encode, make_image, reencode, resized
+from pipelines.cli import main
+from pipelines.config import EvalSetConfig, load_config
+from pipelines.run import run_pipeline
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(50):
+        img = make_image(4000 + i, (72, 72))
+        (raw / f"{i:03d}.png").write_bytes(encode(img, "PNG"))
+        if i < 6:  # edited copies that pHash is told to ignore, so the embedding must catch them
+            (raw / f"{i:03d}-copy.jpg").write_bytes(reencode(resized(img, 1.3), 80))
+    c = load_config(None, [f"workdir={tmp_path / 'w'}", "ingest.workers=1", "embed.num_workers=0",
+                           "embed.model=pixels:16", "hashdedup.phash_max_distance=-1", "dedup.threshold=0.9"])
+    c.ingest.sources = [str(raw)]
+    return c
+
+
+def _names(tmp_path, stage, pred):
+    uri = {r["id"]: r["uri"].rsplit("/", 1)[1] for r in read_table(tmp_path / "w" / "ingest").to_pylist()}
+    return {uri[r["id"]] for r in read_table(tmp_path / "w" / stage).to_pylist() if pred(r)}
+
+
+def test_copies_are_grouped_and_left_out_of_the_shards(cfg, tmp_path):
+    results = {r.stage: r for r in run_pipeline(cfg)}
+    assert results["dedup"].counts["dropped"] == {"copy_duplicate": 6}
+    dropped = _names(tmp_path, "dedup", lambda r: r["copy_of"] is not None)
+    assert dropped == {f"{i:03d}.png" for i in range(6)}  # the 1.3x copies have more pixels: they are kept
+    groups = pq.read_table(tmp_path / "w" / "dedup" / "groups.parquet")
+    assert groups.num_rows == 6 and set(groups.column("size").to_pylist()) == {2}
+    assert results["shards"].counts["out"] == 50
+
+
+def test_decontamination_removes_the_copies_of_an_eval_set_and_their_components(cfg, tmp_path):
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    for i in (2, 30, 41):  # image 2 also has a pool copy: both leave
+        (ev / f"e{i}.jpg").write_bytes(reencode(resized(make_image(4000 + i, (72, 72)), 0.9), 85))
+    cfg.decontaminate.eval_sets = [EvalSetConfig(name="bench", source=str(ev))]
+    cfg.decontaminate.threshold = 0.9  # thresholds are per model: distinct images reach ~0.8 in pixel space
+    results = {r.stage: r for r in run_pipeline(cfg)}
+    gone = _names(tmp_path, "decontaminate", lambda r: r["contaminated"])
+    assert gone == {"002.png", "002-copy.jpg", "030.png", "041.png"}
+    assert sum(results["decontaminate"].counts["dropped"].values()) == 4
+    assert results["decontaminate"].counts["dropped"].get("contaminated_component", 0) <= 1
+    matches = pq.read_table(tmp_path / "w" / "decontaminate" / "matches-bench.parquet").to_pylist()
+    assert all(m["sim"] > 0.9 for m in matches) and len({m["eval_id"] for m in matches}) == 3
+    assert results["shards"].counts["out"] == 50 - 3  # groups: 002's whole component, 030 and 041
+
+
+def test_calibrate_recommends_a_threshold(cfg, tmp_path, capsys):
+    run_pipeline(cfg, until="embed")
+    cfg_args = ["dedup", "--workdir", str(tmp_path / "w"), "--calibrate", "--set", "dedup.calibrate_sample=30",
+                "--set", "embed.model=pixels:16"]
+    assert main(cfg_args) == 0
+    out = capsys.readouterr().out
+    assert "recommended threshold" in out or "no threshold reaches" in out
+    summary = json.loads((tmp_path / "w" / "dedup_calibration" / "pixels-16.json").read_text())
+    assert summary["positives"] == 30 and summary["target_precision"] == 0.95
