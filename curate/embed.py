@@ -19,6 +19,7 @@ import pyarrow as pa
 import torch
 from PIL import Image, ImageOps
 
+from curate.images import to_rgb
 from curate.parts import atomic_path, part_name, write_table_atomic
 from curate.tars import TarReader
 
@@ -60,19 +61,13 @@ class RawImages(torch.utils.data.Dataset):
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                rgb = _to_rgb(img)
+                rgb = to_rgb(img)
             x = self.transform(rgb)
             if tuple(x.shape) != self.shape:
                 raise ValueError(f"transform gave shape {tuple(x.shape)}, expected {self.shape}")
             return x, ""
         except Exception as exc:  # one bad sample must not stop the run
             return torch.zeros(self.shape), f"{type(exc).__name__}: {exc}"[:200]
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    from curate.images import to_rgb
-
-    return to_rgb(img)
 
 
 def _autocast(device: torch.device, precision: str):
@@ -82,11 +77,18 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast("cpu", enabled=False)
 
 
-def _loader(dataset: RawImages, settings: EmbedSettings, device: torch.device) -> torch.utils.data.DataLoader:
+def _loader(dataset: RawImages, settings: EmbedSettings, device: torch.device,
+            part_sizes: Sequence[int]) -> torch.utils.data.DataLoader:
+    """Batches restart at every part boundary, so a part gets the same batches whether it is embedded
+    alone (a resumed run, a Ray actor) or among others (bit-identical results on any device)."""
+    batches, start = [], 0
+    for size in part_sizes:
+        batches += [list(range(b, min(b + settings.batch_size, start + size)))
+                    for b in range(start, start + size, settings.batch_size)]
+        start += size
     workers = settings.num_workers if len(dataset) else 0
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=settings.batch_size, shuffle=False, num_workers=workers,
-        pin_memory=device.type == "cuda")
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                       pin_memory=device.type == "cuda")
 
 
 def _setup(settings: EmbedSettings) -> torch.device:
@@ -97,10 +99,11 @@ def _setup(settings: EmbedSettings) -> torch.device:
 
 
 def _batches(rows: Sequence[dict], raw_root: str | os.PathLike, model: torch.nn.Module, transform: Callable,
-             settings: EmbedSettings, device: torch.device):
+             settings: EmbedSettings, device: torch.device, part_sizes: Sequence[int] | None = None):
     """Yield (float16 vectors, errors) per batch, in row order."""
     probe = transform(Image.new("RGB", (64, 48)))
-    loader = _loader(RawImages(raw_root, rows, transform, tuple(probe.shape)), settings, device)
+    dataset = RawImages(raw_root, rows, transform, tuple(probe.shape))
+    loader = _loader(dataset, settings, device, part_sizes if part_sizes is not None else [len(rows)])
     channels_last = device.type == "cuda" and probe.dim() == 3
     with torch.inference_mode(), _autocast(device, settings.precision):
         for x, errs in loader:
@@ -148,7 +151,7 @@ def embed_parts(jobs: Sequence[tuple[int, list[dict]]], raw_root: str | os.PathL
                 on_part(k, n)
 
     write_ready()
-    for vecs, errs in _batches(flat, raw_root, model, transform, settings, device):
+    for vecs, errs in _batches(flat, raw_root, model, transform, settings, device, [len(r) for _, r in jobs]):
         vec_buf.append(vecs)
         err_buf.extend(errs)
         write_ready()

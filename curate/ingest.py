@@ -239,7 +239,11 @@ def _process(row: dict, reader: _Reader, cache: Path, check: CheckSettings) -> t
     except (OSError, tarfile.TarError) as exc:
         rec.update(status="read_error", error=str(exc)[:200])
         return rec, None
-    res: ImageCheck = check_image(data, check)
+    try:
+        res: ImageCheck = check_image(data, check)
+    except Exception as exc:  # an unexpected decoder failure is a bad file, not a dead part
+        rec.update(status="decode_error", error=f"{type(exc).__name__}: {exc}"[:200], nbytes=len(data))
+        return rec, None
     rec.update(vars(res))
     return rec, (data if res.status == "ok" else None)
 

@@ -35,10 +35,12 @@ class _Subset:
 
 
 def resolve_embedding(cfg: Config, name: str | None) -> Path:
-    """The embedding to use: the named one, else the configured model's, else the only finished one."""
+    """The finished embedding to use: the named one, else the configured model's, else the only one."""
     d = embedding_dir(cfg, name)
-    if name or read_manifest(d) is not None:
+    if read_manifest(d) is not None:
         return d
+    if name:
+        raise RuntimeError(f"embedding {name!r} has not finished in {cfg.workdir}; run `curate embed --name {name}`")
     done = sorted(p for p in stage_dir(cfg, "embed").glob("*") if read_manifest(p) is not None)
     if len(done) == 1:
         return done[0]
@@ -49,28 +51,36 @@ def resolve_embedding(cfg: Config, name: str | None) -> Path:
 
 def _embedding(cfg: Config, name: str | None) -> tuple[Path, dict]:
     d = resolve_embedding(cfg, name)
-    m = read_manifest(d)
-    if m is None:
-        raise RuntimeError(f"embedding {d.name!r} has not finished in {cfg.workdir}; run `curate embed` first")
-    return d, m
+    return d, read_manifest(d)
 
 
-def _valid(d: Path) -> np.ndarray:
+def _valid(cfg: Config, d: Path) -> np.ndarray:
+    """Rows of the embedding to cluster: embedded fine, and not dropped by copy dedup or
+    decontamination (when those ran), so balancing picks only images that reach the shards."""
+    from pipelines.stages import DROP_FILTERS, finished_filters
+
     status = [s for p in list_parts(d) for s in pq.read_table(p, columns=["status"]).column("status").to_pylist()]
-    return np.flatnonzero(np.array(status, dtype=object) == "ok")
+    keep = np.array(status, dtype=object) == "ok"
+    ids = embedding_ids(d)
+    for stage in finished_filters(cfg):
+        col, rule = DROP_FILTERS[stage]
+        t = read_table(stage_dir(cfg, stage), columns=["id", col]).to_pylist()
+        dropped = {r["id"] for r in t if (r[col] is not None if rule == "not_null" else bool(r[col]))}
+        keep &= np.array([x not in dropped for x in ids], dtype=bool)
+    return np.flatnonzero(keep)
 
 
 def _ray_step_fn(emb_dir: Path, valid: np.ndarray, chunk: int, address: str | None):
     """A Lloyd pass as Ray tasks, one per embedding part; the driver reduces (same sums as local)."""
+    import ray
+
+    from curate.index import EmbeddingParts
     from curate.kmeans import reduce_stats
     from pipelines.executors import init_ray
 
-    import ray
-
     init_ray(address)
-    paths = sorted(str(p) for p in emb_dir.glob("part-*.npy"))
-    sizes = [int(np.load(p, mmap_mode="r").shape[0]) for p in paths]
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    parts = EmbeddingParts(emb_dir)  # parts in numeric order, with their row offsets
+    paths, offsets = [str(p) for p in parts.paths], np.asarray(parts.offsets)
     jobs = []
     for p, lo, hi in zip(paths, offsets[:-1], offsets[1:]):
         rows = valid[(valid >= lo) & (valid < hi)] - lo
@@ -98,15 +108,18 @@ def run_cluster(cfg: Config, force: bool = False) -> StageResult:
     from curate.kmeans_tree import LevelSpec, hierarchical_kmeans
 
     cc = cfg.cluster
+    from pipelines.stages import finished_filters
+
     emb_dir, emb_manifest = _embedding(cfg, cc.embedding)
-    inputs = {**_upstream(cfg, "ingest"), "embedding": emb_manifest["key"]}
-    key = fingerprint({"config": asdict(cc), "inputs": inputs})
+    inputs = {**_upstream(cfg, "ingest", *finished_filters(cfg)), "embedding": emb_manifest["key"]}
+    config = {k: v for k, v in asdict(cc).items() if k != "chunk_size"}  # chunking does not change results
+    key = fingerprint({"config": config, "inputs": inputs})
     d = stage_dir(cfg, "cluster")
     prev = begin("cluster", d, key, force)
     if prev:
         return prev
     t0 = time.time()
-    valid = _valid(emb_dir)
+    valid = _valid(cfg, emb_dir)
     base = ArrayVectors.from_dir(emb_dir)
     vectors = base if len(valid) == base.n else _Subset(base, valid)
     levels = [LevelSpec(**asdict(lv)) for lv in cc.levels]
@@ -160,12 +173,12 @@ def run_balance(cfg: Config, force: bool = False) -> StageResult:
         report.update({k: v for k, v in res.report.items() if isinstance(v, (int, float, str))})
     seed_set = np.full(len(ids), None, dtype=object)
     seed_id = np.full(len(ids), None, dtype=object)
-    seed_sim = np.full(len(ids), np.nan, dtype=np.float32)
+    seed_sim = np.full(len(ids), None, dtype=object)
     if bc.seeds:
         from pipelines.seeds import retrieve_seeds
 
         rows, sets, sids, sims, seed_report = retrieve_seeds(cfg, ids, paths[:, 0])
-        seed_set[rows], seed_id[rows], seed_sim[rows] = sets, sids, sims
+        seed_set[rows], seed_id[rows], seed_sim[rows] = sets, sids, [float(x) for x in sims]
         fresh = rows[counts[rows] == 0]
         counts[fresh] = 1
         selected_by[fresh] = [f"seed:{s}" for s in seed_set[fresh]]
@@ -175,7 +188,7 @@ def run_balance(cfg: Config, force: bool = False) -> StageResult:
         "selected": (selected, pa.bool_()), "repeats": (counts, pa.int32()),
         "selected_by": ([s or None for s in selected_by], pa.string()),
         "seed_set": (seed_set.tolist(), pa.string()), "seed_id": (seed_id.tolist(), pa.string()),
-        "seed_sim": (seed_sim, pa.float32())})
+        "seed_sim": (seed_sim.tolist(), pa.float32())})
     shortfall = max(0, bc.target - int(counts.sum())) if bc.target else 0
     result = StageResult("balance", str(d), key, counts={
         "in": len(ids), "out": int(selected.sum()), "dropped": {"not_selected": int((~selected).sum())},

@@ -65,7 +65,7 @@ def run_dedup(cfg: Config, force: bool = False) -> StageResult:
     dc = cfg.dedup
     emb_dir = resolve_embedding(cfg, dc.embedding)
     inputs = {**_upstream(cfg, "ingest"), "embedding": read_manifest(emb_dir)["key"]}
-    config = {k: v for k, v in asdict(dc).items() if k not in ("calibrate_sample", "target_precision")}
+    config = {k: v for k, v in asdict(dc).items() if k not in ("calibrate_sample", "target_precision", "max_component")}
     key = fingerprint({"config": config, "inputs": inputs})
     d = stage_dir(cfg, "dedup")
     prev = begin("dedup", d, key, force)
@@ -94,9 +94,15 @@ def run_dedup(cfg: Config, force: bool = False) -> StageResult:
 
 
 def _as_parts(emb_dir: Path):
-    from curate.index import EmbeddingParts
+    from curate.dedup import as_parts
 
-    return EmbeddingParts(emb_dir)
+    return as_parts(str(emb_dir))
+
+
+def _ok_rows(emb_dir: Path) -> np.ndarray:
+    from curate.dedup import valid_rows
+
+    return np.flatnonzero(valid_rows(_as_parts(emb_dir)))
 
 
 def run_decontaminate(cfg: Config, force: bool = False) -> StageResult:
@@ -108,7 +114,8 @@ def run_decontaminate(cfg: Config, force: bool = False) -> StageResult:
     if not xc.eval_sets:
         raise ValueError("no evaluation sets: give --eval-set NAME=SOURCE (or decontaminate.eval_sets)")
     emb_dir = resolve_embedding(cfg, cfg.dedup.embedding)
-    inputs = {**_upstream(cfg, "ingest", "dedup"), "embedding": read_manifest(emb_dir)["key"]}
+    with_groups = read_manifest(stage_dir(cfg, "dedup")) is not None and cfg.dedup.threshold < 1
+    inputs = {**_upstream(cfg, "ingest", *(["dedup"] if with_groups else [])), "embedding": read_manifest(emb_dir)["key"]}
     key = fingerprint({"config": asdict(xc), "inputs": inputs})
     d = stage_dir(cfg, "decontaminate")
     prev = begin("decontaminate", d, key, force)
@@ -116,9 +123,12 @@ def run_decontaminate(cfg: Config, force: bool = False) -> StageResult:
         return prev
     t0 = time.time()
     ids = embedding_ids(emb_dir)
-    groups = {r["id"]: r["copy_group"] for r in read_table(stage_dir(cfg, "dedup"), ["id", "copy_group"]).to_pylist()}
-    pool_groups = np.array([groups.get(x) if groups.get(x) is not None else -1 for x in ids], dtype=np.int64)
-    eval_sets = {s.name: embed_folder_set(cfg, s.name, s.source, d / "eval_sets" / s.name) for s in xc.eval_sets}
+    pool_groups = None  # without copy dedup every image is its own component
+    if with_groups:
+        groups = {r["id"]: r["copy_group"] for r in read_table(stage_dir(cfg, "dedup"), ["id", "copy_group"]).to_pylist()}
+        pool_groups = np.array([groups.get(x) if groups.get(x) is not None else -1 for x in ids], dtype=np.int64)
+    eval_sets = {s.name: embed_folder_set(cfg, emb_dir, s.name, s.source, d / "eval_sets" / s.name)
+                 for s in xc.eval_sets}
     res = decontaminate(str(emb_dir), ids, pool_groups, eval_sets, threshold=xc.threshold, index_spec=_index_spec(cfg))
     removed_by: dict[str, str] = {}
     for name, table in res.removed.items():
@@ -139,10 +149,11 @@ def run_decontaminate(cfg: Config, force: bool = False) -> StageResult:
 
 def run_calibration(cfg: Config) -> dict:
     """Edited copies of a pool sample -> precision/recall per threshold and a recommended threshold."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     from curate.calibrate import evaluate_embedder, make_calibration_set
-    from curate.embed import resolve_device
+    from curate.embed import _autocast, resolve_device
+    from curate.images import to_rgb
     from curate.tars import TarReader
     from pipelines.embedders import load_embedder
 
@@ -152,23 +163,25 @@ def run_calibration(cfg: Config) -> dict:
     dc = cfg.dedup
     emb_dir = resolve_embedding(cfg, dc.embedding)
     model = read_manifest(emb_dir)["config"]["model"]
-    ids = embedding_ids(emb_dir)
+    ids = np.array(embedding_ids(emb_dir), dtype=object)[_ok_rows(emb_dir)]
     rng = np.random.default_rng(0)
-    pick = set(rng.choice(len(ids), min(dc.calibrate_sample, len(ids)), replace=False).tolist())
-    chosen = {ids[i] for i in pick}
+    chosen = set(rng.choice(ids, min(dc.calibrate_sample, len(ids)), replace=False).tolist())
     rows = [r for r in read_table(stage_dir(cfg, "ingest")).to_pylist() if r["id"] in chosen]
     with TarReader(stage_dir(cfg, "ingest")) as reader:
-        originals = [Image.open(io.BytesIO(reader.read(r["raw_shard"], r["raw_offset"], r["nbytes"]))).convert("RGB")
-                     for r in rows]
+        originals = []
+        for r in rows:
+            with Image.open(io.BytesIO(reader.read(r["raw_shard"], r["raw_offset"], r["nbytes"]))) as img:
+                originals.append(to_rgb(ImageOps.exif_transpose(img)).copy())
     copies = make_calibration_set(originals, seed=0)
-    emb = load_embedder(model, resolve_device(cfg.embed.device))
+    device = resolve_device(cfg.embed.device)
+    emb = load_embedder(model, device)
 
     def embed(images: list) -> np.ndarray:
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), _autocast(device, cfg.embed.precision):
             for s in range(0, len(images), cfg.embed.batch_size):
-                x = torch.stack([emb.transform(im) for im in images[s:s + cfg.embed.batch_size]])
-                out.append(torch.nn.functional.normalize(emb.model(x).float(), dim=-1).numpy())
+                x = torch.stack([emb.transform(im) for im in images[s:s + cfg.embed.batch_size]]).to(device)
+                out.append(torch.nn.functional.normalize(emb.model(x).float(), dim=-1).cpu().numpy())
         return np.concatenate(out)
 
     report = evaluate_embedder(embed, originals, copies, target_precision=dc.target_precision)

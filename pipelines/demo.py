@@ -1,7 +1,6 @@
 """`curate demo`: generate a raw pool offline and run the pipeline on it on the local executor.
 
-For now the pipeline is ingest -> hashdedup -> embed -> shards (+ verify); later stages join as
-they land.
+The pipeline is configs/demo.yaml through `curate run` (+ a verify of the shards).
 """
 
 from __future__ import annotations

@@ -52,7 +52,10 @@ def run_embed(cfg: Config, force: bool = False) -> StageResult:
 
     ec = cfg.embed
     inputs = _upstream(cfg, "ingest", "hashdedup")
-    key = fingerprint({"model": _model_fingerprint(ec.model), "precision": ec.precision, "inputs": inputs})
+    precision = ec.precision
+    if precision == "auto":  # resolved, so a run resumed on another kind of device cannot mix parts
+        precision = "bf16" if resolve_device(ec.device).type == "cuda" else "fp32"
+    key = fingerprint({"model": _model_fingerprint(ec.model), "precision": precision, "inputs": inputs})
     d = embedding_dir(cfg)
     prev = begin(f"embed/{d.name}", d, key, force)
     if prev:

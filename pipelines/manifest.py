@@ -49,6 +49,9 @@ def begin(stage: str, stage_dir: str | Path, key: str, force: bool = False) -> S
     done = read_manifest(d)
     started = json.loads((d / STARTED).read_text()) if (d / STARTED).exists() else None
     recorded = (done or started or {}).get("key")
+    if force and (done or started):
+        shutil.rmtree(d)  # --force redoes the stage, whatever it holds
+        done = started = recorded = None
     if recorded is not None and recorded != key:
         if not force:
             raise StageConflict(

@@ -17,16 +17,30 @@ from pipelines.cluster_stage import resolve_embedding
 from pipelines.stages import stage_dir
 
 
-def embed_folder_set(cfg: Config, name: str, source: str, out: Path) -> tuple[np.ndarray, list[str]]:
-    """Ingest `source` into out/ingest and embed its ok images with the pool embedding's model."""
+def embed_folder_set(cfg: Config, emb_dir: Path, name: str, source: str, out: Path) -> tuple[np.ndarray, list[str]]:
+    """Ingest `source` into out/ingest and embed its ok images with the model of the embedding in
+    `emb_dir`; cached (ids written first, vectors last as the marker), keyed by model and source."""
     from curate.embed import EmbedSettings, embed_rows, resolve_device
+    from curate.images import CheckSettings
+    from curate.parts import atomic_path, write_json_atomic
     from pipelines.embedders import load_embedder
+    from pipelines.stages import _source_fingerprint
 
+    model = read_manifest(emb_dir)["config"]["model"]
+    stamp = {"model": model, "source": _source_fingerprint(source)}
     vec_path, ids_path = out / "vectors.npy", out / "ids.json"
     if vec_path.exists() and ids_path.exists():
-        return np.load(vec_path), json.loads(ids_path.read_text())
-    model = read_manifest(resolve_embedding(cfg, cfg.cluster.embedding))["config"]["model"]
-    ingest([source], out / "ingest", IngestSettings(workers=1))
+        cached = json.loads(ids_path.read_text())
+        if cached.get("stamp") == stamp:
+            return np.load(vec_path), cached["ids"]
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    ic = cfg.ingest
+    settings = IngestSettings(workers=1, check=CheckSettings(min_side=ic.min_side, max_pixels=ic.max_pixels,
+                                                              max_bytes=ic.max_file_bytes))
+    ingest([source], out / "ingest", settings)
     rows = [r for r in read_table(out / "ingest").to_pylist() if r["status"] == "ok"]
     if not rows:
         raise ValueError(f"seed/eval set {name!r} ({source}) holds no usable image")
@@ -37,8 +51,10 @@ def embed_folder_set(cfg: Config, name: str, source: str, out: Path) -> tuple[np
                                             precision=ec.precision, threads=ec.threads))
     keep = [i for i, e in enumerate(errors) if not e]
     vecs, ids = vecs[keep], [rows[i]["id"] for i in keep]
-    np.save(vec_path, vecs)
-    ids_path.write_text(json.dumps(ids))
+    write_json_atomic(ids_path, {"stamp": stamp, "ids": ids})
+    with atomic_path(vec_path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, vecs)
     return vecs, ids
 
 
@@ -57,7 +73,8 @@ def retrieve_seeds(cfg: Config, pool_ids: list[str], pool_l1: np.ndarray):
     index = build_index(pool, log=lambda m: None)
     sets, ids = {}, {}
     for s in bc.seeds:
-        sets[s.name], ids[s.name] = embed_folder_set(cfg, s.name, s.source, stage_dir(cfg, "balance") / "seeds" / s.name)
+        sets[s.name], ids[s.name] = embed_folder_set(cfg, emb_dir, s.name, s.source,
+                                                     stage_dir(cfg, "balance") / "seeds" / s.name)
     res = retrieve(sets, knn=index.knn, pool=pool, pool_labels=pool_l1,
                    pool_centroids=np.load(stage_dir(cfg, "cluster") / "centroids_l1.npy"),
                    cluster_max_seeds=bc.seed_cluster_max, n_per_seed={s.name: s.n_per_seed for s in bc.seeds},

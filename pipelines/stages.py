@@ -41,11 +41,21 @@ def _upstream(cfg: Config, *stages: str) -> dict:
 
 
 def _source_fingerprint(source: str) -> dict:
+    """Path plus size and mtime; for a folder, a stat walk (files, bytes, newest mtime), so adding or
+    changing images makes the stage redo instead of reporting 'already done'."""
     p = Path(source).resolve()
     if p.is_file():
         st = p.stat()
         return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return {"path": str(p)}
+    files = size = newest = 0
+    for dirpath, _, names in os.walk(p):
+        for name in names:
+            try:
+                st = os.stat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            files, size, newest = files + 1, size + st.st_size, max(newest, st.st_mtime_ns)
+    return {"path": str(p), "files": files, "bytes": size, "newest_mtime_ns": newest}
 
 
 def run_ingest(cfg: Config, force: bool = False) -> StageResult:
@@ -61,7 +71,8 @@ def run_ingest(cfg: Config, force: bool = False) -> StageResult:
         check=CheckSettings(min_side=ic.min_side, max_pixels=ic.max_pixels, max_bytes=ic.max_file_bytes),
         download=DownloadSettings(**asdict(cfg.download)))
     config = {"ingest": asdict(ic), "download": asdict(cfg.download)}
-    config["ingest"].pop("workers")
+    config["ingest"].pop("workers")  # parallelism settings do not change the records
+    config["download"].pop("concurrency")
     key = fingerprint({"config": config, "inputs": inputs})
     d = stage_dir(cfg, "ingest")
     prev = begin("ingest", d, key, force)
@@ -158,8 +169,10 @@ DROP_FILTERS = {"dedup": ("copy_of", "not_null"), "decontaminate": ("contaminate
 
 
 def finished_filters(cfg: Config) -> list[str]:
-    """The optional dropping stages that have finished in this workdir."""
-    return [s for s in DROP_FILTERS if read_manifest(stage_dir(cfg, s)) is not None]
+    """The optional dropping stages that are enabled by the config and have finished."""
+    from pipelines.run import enabled
+
+    return [s for s in DROP_FILTERS if enabled(cfg, s) and read_manifest(stage_dir(cfg, s)) is not None]
 
 
 def selected_records(cfg: Config, select: str | None = None) -> pa.Table:

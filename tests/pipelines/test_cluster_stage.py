@@ -23,7 +23,7 @@ def cfg(tmp_path):
         (raw / f"{i:03d}.png").write_bytes(encode(make_image(3000 + i, (64, 64)), "PNG"))
     c = load_config(None, [f"workdir={tmp_path / 'w'}", "ingest.workers=1", "ingest.part_size=40",
                            "embed.num_workers=0", "embed.model=pixels:8", "balance.target=30",
-                           "shards.select=balance:selected"])
+                           "shards.select=balance:selected", "dedup.threshold=1.0"])
     c.ingest.sources = [str(raw)]
     c.cluster.levels = [LevelConfig(9, n_iters=5), LevelConfig(3, n_iters=5)]
     return c
@@ -48,6 +48,14 @@ def test_balance_meets_the_target_and_shards_carry_the_tree_path(cfg, tmp_path):
         assert m["cluster_l1"] == by_id[m["id"]]["cluster_l1"] and m["selected_by"].startswith("l2:")
     # a rerun skips every stage
     assert all(r.skipped for r in run_pipeline(cfg))
+
+
+def test_balance_only_picks_images_that_survive_copy_dedup(cfg, tmp_path):
+    cfg.dedup.threshold = 0.75  # pixel features: this merges many distinct images, on purpose
+    results = {r.stage: r for r in run_pipeline(cfg)}
+    dropped = results["dedup"].counts["dropped"]["copy_duplicate"]
+    assert dropped > 0 and results["cluster"].counts["in"] == 90 - dropped
+    assert results["balance"].counts["out"] == results["shards"].counts["out"] == 30
 
 
 def test_seed_retrieval_finds_the_edited_copies(cfg, tmp_path):

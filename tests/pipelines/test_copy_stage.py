@@ -68,3 +68,16 @@ def test_calibrate_recommends_a_threshold(cfg, tmp_path, capsys):
     assert "recommended threshold" in out or "no threshold reaches" in out
     summary = json.loads((tmp_path / "w" / "dedup_calibration" / "pixels-16.json").read_text())
     assert summary["positives"] == 30 and summary["target_precision"] == 0.95
+
+
+def test_decontamination_without_copy_dedup(cfg, tmp_path):
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    (ev / "e7.jpg").write_bytes(reencode(resized(make_image(4007, (72, 72)), 0.9), 85))
+    cfg.dedup.threshold = 1.0  # dedup off: every image is its own component
+    cfg.decontaminate.threshold = 0.9
+    cfg.decontaminate.eval_sets = [EvalSetConfig(name="bench", source=str(ev))]
+    results = {r.stage: r for r in run_pipeline(cfg)}
+    assert "dedup" not in results
+    assert _names(tmp_path, "decontaminate", lambda r: r["contaminated"]) == {"007.png"}
+    assert results["shards"].counts["out"] == 56 - 1
