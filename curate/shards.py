@@ -43,12 +43,16 @@ def shard_name(i: int) -> str:
 
 
 def plan_shards(records: pa.Table, settings: ShardSettings, meta_columns: Sequence[str] = ()) -> pa.Table:
-    """Order the records (by id, then a seeded shuffle) and cut them into bounded shards."""
+    """Order the records (by key, then a seeded shuffle) and cut them into bounded shards.
+
+    The sample key is the record id, or a `key` column when records repeat (`<id>_r1`, ...)."""
     missing = [c for c in NEEDED if c not in records.column_names]
     if missing:
         raise ValueError(f"records lack columns needed for shards: {missing}")
-    keep = NEEDED + [c for c in meta_columns if c in records.column_names and c not in NEEDED]
-    t = records.select(keep).sort_by("id")
+    if "key" not in records.column_names:
+        records = records.append_column("key", records.column("id"))
+    keep = ["key", *NEEDED] + [c for c in meta_columns if c in records.column_names and c not in (*NEEDED, "key")]
+    t = records.select(keep).sort_by("key")
     if settings.shuffle_seed is not None and t.num_rows:
         perm = np.random.default_rng(settings.shuffle_seed).permutation(t.num_rows)
         t = t.take(pa.array(perm))
@@ -67,7 +71,7 @@ def plan_shards(records: pa.Table, settings: ShardSettings, meta_columns: Sequen
 
 
 def _sample_meta(row: dict, columns: Sequence[str]) -> str:
-    skip = {"raw_shard", "raw_offset", "nbytes", "ext"}
+    skip = {"raw_shard", "raw_offset", "nbytes", "ext", "key"}
     meta = {c: row[c] for c in columns if c not in skip and row[c] is not None}
     return json.dumps(meta, sort_keys=True, default=str)
 
@@ -84,14 +88,14 @@ def write_shards(records: pa.Table, raw_root: str | os.PathLike, out_dir: str | 
         write_table_atomic(plan_shards(records, settings, meta_columns), plan_path)
     planned = pq.read_table(plan_path)
     groups: dict[str, list[dict]] = defaultdict(list)
-    for row in planned.select(["id", "raw_shard", "raw_offset", "nbytes", "ext", "shard", "meta"]).to_pylist():
+    for row in planned.select(["key", "raw_shard", "raw_offset", "nbytes", "ext", "shard", "meta"]).to_pylist():
         groups[row["shard"]].append(row)
     written = 0
     with TarReader(raw_root) as reader:
         for name in sorted(groups):
             rows = groups[name]
             if not (out / name).exists():
-                samples = ({"__key__": r["id"], r["ext"]: reader.read(r["raw_shard"], r["raw_offset"], r["nbytes"]),
+                samples = ({"__key__": r["key"], r["ext"]: reader.read(r["raw_shard"], r["raw_offset"], r["nbytes"]),
                             "json": r["meta"]} for r in rows)
                 with atomic_path(out / name) as tmp:
                     write_samples(tmp, samples)
@@ -99,7 +103,6 @@ def write_shards(records: pa.Table, raw_root: str | os.PathLike, out_dir: str | 
             if on_shard:
                 on_shard(name, len(rows))
     index = planned.drop_columns(["raw_shard", "raw_offset", "meta"])
-    index = index.rename_columns(["key" if c == "id" else c for c in index.column_names])
     if not (out / INDEX_NAME).exists():
         write_table_atomic(index, out / INDEX_NAME)
     return {"samples": planned.num_rows, "shards": len(groups), "shards_written": written,

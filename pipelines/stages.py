@@ -202,6 +202,22 @@ def selected_records(cfg: Config, select: str | None = None) -> pa.Table:
     return pa.concat_tables(out, promote_options="permissive")
 
 
+def _expand_repeats(records: pa.Table) -> pa.Table:
+    """A record selected n > 1 times (balance multiplier) becomes n samples: <id>, <id>_r1, ..."""
+    import numpy as np
+
+    if "repeats" not in records.column_names:
+        return records
+    reps = np.maximum(records.column("repeats").fill_null(1).to_numpy(zero_copy_only=False), 1)
+    if (reps == 1).all():
+        return records
+    take = np.repeat(np.arange(records.num_rows), reps)
+    nth = np.arange(len(take)) - np.repeat(np.cumsum(reps) - reps, reps)
+    ids = records.column("id").to_pylist()
+    keys = [ids[i] if k == 0 else f"{ids[i]}_r{k}" for i, k in zip(take.tolist(), nth.tolist())]
+    return records.take(pa.array(take)).append_column("key", pa.array(keys, type=pa.string()))
+
+
 def run_shards(cfg: Config, force: bool = False) -> StageResult:
     """Write the surviving records as curated webdataset shards with a Parquet index."""
     from curate.ingest import CORE_COLUMNS
@@ -218,7 +234,7 @@ def run_shards(cfg: Config, force: bool = False) -> StageResult:
     if prev:
         return prev
     t0 = time.time()
-    records = selected_records(cfg, sc.select)
+    records = _expand_repeats(selected_records(cfg, sc.select))
     dup_cols = {"dup_of", "dup_reason", "dup_group", "dup_distance", "raw_key", "error", "status", "selected",
                 "repeats", "cluster_sq_dist", "copy_of", "copy_group", "copy_max_sim", "contaminated",
                 "contam_reason", "contam_set"}

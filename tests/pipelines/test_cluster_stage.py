@@ -84,3 +84,13 @@ def test_cluster_and_balance_commands(cfg, tmp_path, capsys):
     assert main(["balance", "--workdir", w, "--target", "200"]) == 0
     out = capsys.readouterr().out
     assert "in 90  ->  out 90" in out and "shortfall 110" in out
+
+
+def test_multiplier_repeats_reach_the_shards(cfg, tmp_path):
+    cfg.balance.target, cfg.balance.multiplier = 150, 2  # more than the 90 images: some repeat
+    results = {r.stage: r for r in run_pipeline(cfg)}
+    assert results["balance"].counts["shortfall"] == 0
+    index = pq.read_table(tmp_path / "w" / "shards" / "index.parquet").to_pylist()
+    assert len(index) == 150 and len({r["key"] for r in index}) == 150
+    assert all(r["key"] == r["id"] or r["key"].startswith(r["id"] + "_r") for r in index)
+    assert max(sum(1 for r in index if r["id"] == x["id"]) for x in index) == 2
