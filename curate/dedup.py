@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from curate.groups import id_ranks, pick_keepers
 from curate.index import EmbeddingParts, IndexSpec, VectorIndex, build_index
 
 DEFAULT_K = 64  # neighbours per image in the k-NN graph (DINOv2)
@@ -230,16 +231,10 @@ class CopyDedupResult:
 
 
 def _id_rank(ids: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """ids as a numpy str array and each id's rank in string order; ids must be unique."""
-    id_arr = np.array([str(x) for x in ids], dtype=str) if n else np.empty(0, dtype=str)
-    if len(id_arr) != n:
-        raise ValueError(f"got {len(id_arr)} ids for {n} vectors")
-    by_id = np.argsort(id_arr, kind="stable")
-    if n > 1 and np.any(id_arr[by_id][1:] == id_arr[by_id][:-1]):
-        raise ValueError("ids must be unique")
-    rank = np.empty(n, dtype=np.int64)
-    rank[by_id] = np.arange(n, dtype=np.int64)
-    return id_arr, rank
+    """id_ranks, checking there is one id per vector."""
+    if len(ids) != n:
+        raise ValueError(f"got {len(ids)} ids for {n} vectors")
+    return id_ranks(ids)
 
 
 def copy_dedup(
@@ -277,22 +272,9 @@ def copy_dedup(
         i, j, sim = edges
     labels = components(n, i, j, method)
 
-    ncomp = int(labels.max()) + 1 if n else 0
-    order = np.lexsort((rank, -pix, labels))
-    head = np.ones(n, dtype=bool)
-    head[1:] = labels[order][1:] != labels[order][:-1]
-    keeper_of = np.empty(ncomp, dtype=np.int64)
-    keeper_of[labels[order][head]] = order[head]
-    keeper = keeper_of[labels]
-    keep = keeper == np.arange(n)
-    sizes = np.bincount(labels, minlength=ncomp)
-    min_rank = np.full(ncomp, n, dtype=np.int64)
-    np.minimum.at(min_rank, labels, rank)
-    multi = np.flatnonzero(sizes > 1)
-    multi = multi[np.argsort(min_rank[multi], kind="stable")]
-    group_of = np.full(ncomp, -1, dtype=np.int64)
-    group_of[multi] = np.arange(len(multi))
-    group = group_of[labels]
+    picked = pick_keepers(labels, pix, rank)
+    keeper, keep, group = picked.keeper, picked.keep, picked.group
+    sizes, multi, keeper_of = picked.sizes, picked.multi, picked.keeper_of
 
     max_sim = np.full(n, -np.inf, dtype=np.float32)
     np.maximum.at(max_sim, i, sim)

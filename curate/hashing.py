@@ -20,6 +20,8 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from curate.groups import id_ranks, pick_keepers
+
 # Largest pHash Hamming distance treated as "same image". Chosen by bench/phash_threshold.py
 # (3,000 synthetic images and 3,000 Fashion-MNIST test images, 7,000 edited copies each: JPEG
 # q30..95, resize 0.5x..2x, blur, combinations): 4 is the smallest threshold reaching the best
@@ -258,17 +260,12 @@ def dedup(
     function of the records alone, so it does not depend on the input order. Ids must be unique.
     """
     n = len(ids)
-    id_arr = np.array([str(x) for x in ids], dtype=str) if n else np.empty(0, dtype=str)
     sha = _factorize_sha(sha256)
     codes = np.asarray(phash, dtype=np.uint64).reshape(-1)
     pix = np.asarray(pixels, dtype=np.int64).reshape(-1)
     if not (len(sha) == len(codes) == len(pix) == n):
         raise ValueError("ids, sha256, phash and pixels must have the same length")
-    by_id = np.argsort(id_arr, kind="stable")
-    if n > 1 and np.any(id_arr[by_id][1:] == id_arr[by_id][:-1]):
-        raise ValueError("ids must be unique")
-    rank = np.empty(n, dtype=np.int64)
-    rank[by_id] = np.arange(n, dtype=np.int64)
+    id_arr, rank = id_ranks(ids)
 
     ei, ej = _exact_edges(sha)
     if max_distance >= 0:
@@ -277,21 +274,8 @@ def dedup(
     graph = coo_matrix((np.ones(len(ei), dtype=np.int8), (ei, ej)), shape=(n, n)).tocsr()
     ncomp, labels = connected_components(graph, directed=False)
 
-    order = np.lexsort((rank, -pix, labels))
-    head = np.ones(n, dtype=bool)
-    head[1:] = labels[order][1:] != labels[order][:-1]
-    keeper_of = np.empty(ncomp, dtype=np.int64)
-    keeper_of[labels[order][head]] = order[head]
-    keeper = keeper_of[labels]
-    keep = keeper == np.arange(n)
-
-    sizes = np.bincount(labels, minlength=ncomp)
-    min_rank = np.full(ncomp, n, dtype=np.int64)
-    np.minimum.at(min_rank, labels, rank)
-    multi = np.flatnonzero(sizes > 1)
-    group_of = np.full(ncomp, -1, dtype=np.int64)
-    group_of[multi[np.argsort(min_rank[multi], kind="stable")]] = np.arange(len(multi))
-    group = group_of[labels]
+    picked = pick_keepers(labels, pix, rank)
+    keeper, keep, group = picked.keeper, picked.keep, picked.group
 
     distance = hamming_u64(codes, codes[keeper]).astype(np.int16)
     distance[keep] = -1

@@ -8,12 +8,8 @@ from curate.kmeans_tree import LevelSpec, hierarchical_kmeans
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """faiss on one thread: OpenMP on tiny searches is very slow on a busy 2-core machine."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+def one_thread(one_faiss_thread):
+    """faiss on one thread for every test here (see conftest)."""
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -37,12 +37,8 @@ VIT_SIDE = 64  # ViT input side: small, to keep the test fast on CPU
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """faiss on one thread: the small searches here are slower with OpenMP on a busy 2-core box."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+def one_thread(one_faiss_thread):
+    """faiss on one thread for every test here (see conftest)."""
 
 
 def unit(x: np.ndarray) -> np.ndarray:
