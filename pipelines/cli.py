@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `curate`."""
     parser = argparse.ArgumentParser(prog="curate", description=(
         "Curate raw web images into a DINOv2-style training set: "
-        "ingest -> hashdedup -> embed -> dedup -> decontaminate -> cluster -> balance -> shards; then train, eval."))
+        "ingest -> hashdedup -> embed -> dedup -> decontaminate -> cluster -> balance -> shards -> report; "
+        "then train, eval."))
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="check raw images from folders, URL lists and tars; write records and raw shards")
@@ -97,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle-seed", help="seed of the sample order, or 'none' for id order")
     p.add_argument("--select", help="also require this boolean column ('column' or 'stage:column')")
     p.add_argument("--verify", metavar="DIR", help="read every shard in DIR back and check it against its index")
+
+    p = sub.add_parser("report", help="stats report of a workdir: one self-contained HTML page and a JSON")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", help="output directory (default <workdir>/report)")
 
     p = sub.add_parser("run", help="run the whole pipeline from a config (stages skip when done)")
     p.add_argument("config_file", metavar="CONFIG", help="YAML config (e.g. configs/demo.yaml)")
@@ -237,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _config(args, {"out": "shards.out", "max_size": "shards.max_size", "max_count": "shards.max_count",
                                  "shuffle_seed": "shards.shuffle_seed", "select": "shards.select"})
             results = [stages.run_shards(cfg, force=args.force)]
+        elif args.command == "report":
+            from pipelines.report_stage import write_report
+
+            paths = write_report(args.workdir, args.out)
+            print(f"[report] {paths['html']}\n  figures: {paths['json']}")
+            return 0
         elif args.command == "run":
             from pipelines.run import run_pipeline
 

@@ -37,6 +37,7 @@ def run_demo(workdir: str | None, pool_size: int, seed: int = 0) -> int:
     print_summary(results, started)
     from curate.shards import verify_shards
 
-    report = verify_shards(results[-1].outputs["shards"])
+    shards = next(r for r in results if r.stage == "shards")
+    report = verify_shards(shards.outputs["shards"])
     print(f"[verify] {report.shards} shards, {report.samples:,} samples: {'OK' if report.ok else report.errors[:5]}")
     return 0 if report.ok else 1

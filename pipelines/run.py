@@ -18,6 +18,15 @@ def _embed(cfg: Config, force: bool) -> StageResult:
     return run_embed(cfg, force)
 
 
+def _report(cfg: Config, force: bool) -> StageResult:
+    """The stats report is cheap and always reflects the workdir as it is now, so it is rewritten."""
+    from pipelines.report_stage import write_report
+
+    t0 = time.time()
+    paths = write_report(cfg.workdir)
+    return StageResult("report", str(Path(paths["html"]).parent), "", seconds=time.time() - t0, outputs=paths)
+
+
 def _stage_table() -> dict[str, Callable[[Config, bool], StageResult]]:
     from pipelines import stages
     from pipelines.cluster_stage import run_balance, run_cluster
@@ -25,10 +34,10 @@ def _stage_table() -> dict[str, Callable[[Config, bool], StageResult]]:
 
     return {"ingest": stages.run_ingest, "hashdedup": stages.run_hashdedup, "embed": _embed,
             "dedup": run_dedup, "decontaminate": run_decontaminate, "cluster": run_cluster,
-            "balance": run_balance, "shards": stages.run_shards}
+            "balance": run_balance, "shards": stages.run_shards, "report": _report}
 
 
-STAGES = ["ingest", "hashdedup", "embed", "dedup", "decontaminate", "cluster", "balance", "shards"]
+STAGES = ["ingest", "hashdedup", "embed", "dedup", "decontaminate", "cluster", "balance", "shards", "report"]
 
 
 def enabled(cfg: Config, stage: str) -> bool:
