@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate a raw pool and run the pipeline on it, offline")
     p.add_argument("--workdir", help="where to work (default: a new folder under the current directory)")
-    p.add_argument("--pool-size", type=int, default=2000, help="number of distinct generated images")
+    p.add_argument("--pool-size", type=int, default=2000, help="number of distinct generated pool images")
+    p.add_argument("--train-iters", type=int, default=300, help="tiny-ViT training iterations (0 = curate only)")
     p.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from pipelines.demo import run_demo
 
-            return run_demo(args.workdir, args.pool_size, args.seed)
+            return run_demo(args.workdir, args.pool_size, args.seed, args.train_iters)
         else:
             raise AssertionError(args.command)
     except (StageConflict, ValueError, RuntimeError, FileNotFoundError) as exc:

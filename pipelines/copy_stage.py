@@ -138,10 +138,16 @@ def run_decontaminate(cfg: Config, force: bool = False) -> StageResult:
     write_by_id(stage_dir(cfg, "ingest"), d, ids, {
         "contaminated": (~res.keep, pa.bool_()), "contam_reason": (res.reason, pa.string()),
         "contam_set": ([removed_by.get(x) for x in ids], pa.string())})
-    n_removed = int((~res.keep).sum())
-    reasons = {f"contaminated_{r}": int(sum(1 for x in res.reason if x == r)) for r in ("direct", "component")}
+    # counted over the records that survived copy dedup, so the funnel chains stage to stage
+    alive = np.ones(len(ids), dtype=bool)
+    if with_groups:
+        copy_of = {r["id"]: r["copy_of"] for r in read_table(stage_dir(cfg, "dedup"), ["id", "copy_of"]).to_pylist()}
+        alive = np.array([copy_of.get(x) is None for x in ids], dtype=bool)
+    removed = alive & ~res.keep
+    reasons = {f"contaminated_{r}": int(sum(1 for x, a in zip(res.reason, removed) if a and x == r))
+               for r in ("direct", "component")}
     result = StageResult("decontaminate", str(d), key, counts={
-        "in": len(ids), "out": len(ids) - n_removed, "dropped": {k: v for k, v in reasons.items() if v}},
+        "in": int(alive.sum()), "out": int(alive.sum() - removed.sum()), "dropped": {k: v for k, v in reasons.items() if v}},
         seconds=time.time() - t0, outputs={"records": str(d), "matches": str(d / "matches-<set>.parquet")})
     finish(result, {**asdict(xc), "stats": res.stats}, inputs)
     return result

@@ -1,37 +1,93 @@
-"""`curate demo`: generate a raw pool offline and run the pipeline on it on the local executor.
-
-The pipeline is configs/demo.yaml through `curate run` (+ a verify of the shards).
-"""
+"""`curate demo`: generate a labelled, long-tailed web-like pool offline, curate it with
+configs/demo.yaml through `curate run` (local executor), verify the shards, train the tiny ViT on
+them, evaluate it with k-NN, and print what each step did."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
-from curate.synth import write_pool
+import numpy as np
+import pyarrow.parquet as pq
+
+from curate.synth_pool import write_labelled_pool
 from pipelines.cli import print_summary
-from pipelines.config import load_config
+from pipelines.config import EvalSetConfig, load_config
 from pipelines.run import run_pipeline
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def run_demo(workdir: str | None, pool_size: int, seed: int = 0) -> int:
-    """Generate the pool (once), run every stage, print the summary; returns an exit code."""
+def class_balance(labels: list[int]) -> dict:
+    """Normalised class entropy (1 = uniform) and max/min class ratio."""
+    counts = np.array(sorted(Counter(labels).values()), dtype=float)
+    p = counts / counts.sum()
+    entropy = float(-(p * np.log(p)).sum() / np.log(len(p))) if len(p) > 1 else 1.0
+    return {"images": int(counts.sum()), "entropy": round(entropy, 3), "max_min": round(counts[-1] / counts[0], 1)}
+
+
+def _balance_summary(root: Path, work: Path) -> str:
+    labels = json.loads((root / "labels.json").read_text())
+    index = pq.read_table(work / "shards" / "index.parquet", columns=["uri"]).column("uri").to_pylist()
+    curated = [labels[Path(u).name] for u in index if Path(u).name in labels]
+    pool = list(labels.values())
+    rng = np.random.default_rng(0)
+    random = [pool[i] for i in rng.choice(len(pool), min(len(curated), len(pool)), replace=False)]
+    rows = {"pool": class_balance(pool), "random subset": class_balance(random), "curated": class_balance(curated)}
+    lines = ["[balance] classes (labels never shown to the pipeline)"]
+    lines += [f"  {k:<14} {v['images']:>6,} images  entropy {v['entropy']:.3f}  max/min {v['max_min']:>5}"
+              for k, v in rows.items()]
+    return "\n".join(lines)
+
+
+def _train_and_eval(root: Path, work: Path, iters: int) -> str:
+    from train.cli import resolve_config_path
+    from train.config import load_config as load_train_config
+    from train.eval import evaluate
+    from train.loop import train
+
+    out = root / "train"
+    cfg = load_train_config(resolve_config_path("tiny"), [
+        f"data.path={work / 'shards'}", f"output_dir={out}", f"optim.iterations={iters}", "optim.batch_size=32",
+        f"checkpoint_every={max(1, iters // 2)}", "progress=false", "data.num_workers=0",
+        f"optim.warmup_iters={max(1, iters // 10)}", f"loss.warmup_teacher_temp_iters={max(1, iters // 3)}",
+        f"head.freeze_last_layer_iters={max(0, iters // 10)}"])
+    print(f"demo: training the tiny ViT for {iters} iterations on the curated shards ...", file=sys.stderr)
+    t0 = time.time()
+    summary = train(cfg)
+    seconds = time.time() - t0
+    res = evaluate(str(out / "teacher_backbone.pt"), str(root / "eval" / "train"), str(root / "eval" / "test"),
+                   ks=(10, 20), probe_steps=100)
+    knn = ", ".join(f"k={k}: {v:.3f}" for k, v in res["knn"].items())
+    if not summary["history"]:
+        status = f"already trained ({summary['iterations']} iterations)"
+    else:
+        status = (f"{summary['iterations'] - summary['start_iteration']} iterations in {seconds:.0f}s, "
+                  f"final loss {float(summary['history'][-1]['loss']):.3f}")
+    return (f"[train] tiny ViT, {status}: {out}\n"
+            f"[eval] k-NN accuracy on the labelled evaluation set: {knn}; linear probe {res['linear']['accuracy']:.3f}")
+
+
+def run_demo(workdir: str | None, pool_size: int, seed: int = 0, train_iters: int = 0) -> int:
+    """Generate the pool (once), run every stage, train and evaluate; returns an exit code."""
     started = time.time()
     root = Path(workdir) if workdir else Path.cwd() / time.strftime("demo-%Y%m%d-%H%M%S")
-    raw = root / "raw"
     marker = root / "raw.done"
     if not marker.exists():
-        print(f"demo: generating a raw pool of {pool_size:,} images (+ copies and junk) in {raw}", file=sys.stderr)
-        planted = write_pool(str(raw), pool_size, seed)
+        print(f"demo: generating a labelled raw pool of {pool_size:,} images (+ copies, junk, leaked "
+              f"evaluation images) in {root / 'raw'}", file=sys.stderr)
+        planted = write_labelled_pool(root, pool_size, seed=seed)
         marker.write_text(json.dumps(planted))
     else:
         planted = json.loads(marker.read_text())
-    cfg = load_config(DEMO_CONFIG if DEMO_CONFIG.exists() else None, [f"workdir={root / 'work'}"])
-    cfg.ingest.sources = [str(raw)]
+    work = root / "work"
+    cfg = load_config(DEMO_CONFIG if DEMO_CONFIG.exists() else None,
+                      [f"workdir={work}", f"balance.target={max(1, pool_size // 2)}"])
+    cfg.ingest.sources = [str(root / "raw")]
+    cfg.decontaminate.eval_sets = [EvalSetConfig(name="benchmark", source=str(root / "eval"))]
     results = run_pipeline(cfg)
     print(f"demo pool: {root}  (planted: {', '.join(f'{k} {v}' for k, v in planted.items())})")
     print_summary(results, started)
@@ -40,4 +96,9 @@ def run_demo(workdir: str | None, pool_size: int, seed: int = 0) -> int:
     shards = next(r for r in results if r.stage == "shards")
     report = verify_shards(shards.outputs["shards"])
     print(f"[verify] {report.shards} shards, {report.samples:,} samples: {'OK' if report.ok else report.errors[:5]}")
+    print(_balance_summary(root, work))
+    if train_iters > 0:
+        print(_train_and_eval(root, work, train_iters))
+    html = next((r.outputs.get("html") for r in results if r.stage == "report"), None)
+    print(f"[report] {html}\ntotal {time.time() - started:.0f}s")
     return 0 if report.ok else 1

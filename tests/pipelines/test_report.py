@@ -96,7 +96,7 @@ def test_missing_stages_are_skipped(report: tuple[Path, dict, str], tmp_path: Pa
     html_path, _, _ = report
     work = html_path.parent.parent
     partial = tmp_path / "work"
-    skip = shutil.ignore_patterns("embed", "dedup", "cluster", "balance", "shards", "report")
+    skip = shutil.ignore_patterns("embed", "dedup", "decontaminate", "cluster", "balance", "shards", "report")
     shutil.copytree(work, partial, ignore=skip)
     paths = write_report(partial, tmp_path / "out")
     rep = json.loads(Path(paths["json"]).read_text())
