@@ -160,6 +160,7 @@ class Config:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     hashdedup: HashDedupConfig = field(default_factory=HashDedupConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    extra_embeds: list[EmbedConfig] = field(default_factory=list)  # more named embeddings (e.g. copy + semantic)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     decontaminate: DecontamConfig = field(default_factory=DecontamConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

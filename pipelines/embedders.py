@@ -2,6 +2,7 @@
 
 Specs:
   pixels[:<side>]                        no weights: downsampled, centred pixels (a baseline)
+  colorhist[:<bins>]                     no weights: joint RGB histogram (palette), Hellinger
   timm:<name>[:<weights file>]           any timm model (e.g. vit_large_patch14_dinov2.lvd142m)
   open_clip:<arch>[:<pretrained tag or weights file>]
   torchscript:<file>[:<side>]            e.g. an SSCD copy-detection descriptor
@@ -42,6 +43,22 @@ class CentredPixels(nn.Module):
         return flat - flat.mean(dim=1, keepdim=True)
 
 
+class ColourHistogram(nn.Module):
+    """Joint RGB histogram with `bins` levels per channel, square-rooted (Hellinger): a no-weights
+    descriptor of an image's palette, for demos and pools whose concepts differ by colour."""
+
+    def __init__(self, bins: int) -> None:
+        super().__init__()
+        self.bins = bins
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = (x.clamp(0, 1) * (self.bins - 1e-6)).long()  # [B, 3, H, W] -> level per channel
+        idx = (q[:, 0] * self.bins + q[:, 1]) * self.bins + q[:, 2]
+        hist = torch.zeros(x.shape[0], self.bins ** 3, device=x.device)
+        hist.scatter_add_(1, idx.flatten(1), torch.ones_like(idx.flatten(1), dtype=hist.dtype))
+        return (hist / idx[0].numel()).sqrt()
+
+
 class _EncodeImage(nn.Module):
     """open_clip models embed images through encode_image."""
 
@@ -75,6 +92,12 @@ def _pixels(arg: str | None) -> tuple[nn.Module, Callable]:
     side = int(arg) if arg else 16
     return CentredPixels(), T.Compose([T.Resize((side, side), interpolation=T.InterpolationMode.BICUBIC,
                                                 antialias=True), T.ToTensor()])
+
+
+def _colourhist(arg: str | None) -> tuple[nn.Module, Callable]:
+    from torchvision import transforms as T
+
+    return ColourHistogram(int(arg) if arg else 8), T.Compose([T.Resize((64, 64), antialias=True), T.ToTensor()])
 
 
 def _timm(name: str, weights: str | None) -> tuple[nn.Module, Callable]:
@@ -139,6 +162,8 @@ def load_embedder(spec: str, device: str | torch.device = "cpu") -> Embedder:
     kind, args = split_spec(spec)
     if kind == "pixels":
         model, transform = _pixels(args[0] if args else None)
+    elif kind == "colorhist":
+        model, transform = _colourhist(args[0] if args else None)
     elif kind == "timm":
         if not args:
             raise ValueError("timm spec needs a model name: timm:<name>[:<weights file>]")
@@ -156,7 +181,7 @@ def load_embedder(spec: str, device: str | torch.device = "cpu") -> Embedder:
             raise ValueError("checkpoint spec needs a file: checkpoint:<teacher_backbone.pt>")
         model, transform = _checkpoint(args[0])
     else:
-        raise ValueError(f"unknown model spec {spec!r}: use pixels, timm, open_clip, torchscript or checkpoint")
+        raise ValueError(f"unknown model spec {spec!r}: use pixels, colorhist, timm, open_clip, torchscript or checkpoint")
     model = model.eval().to(device)
     probe = transform(Image.new("RGB", (64, 48), (128, 64, 32))).unsqueeze(0).to(device)
     with torch.inference_mode():

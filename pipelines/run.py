@@ -12,10 +12,14 @@ from pipelines.config import Config, to_yaml
 from pipelines.manifest import StageResult
 
 
-def _embed(cfg: Config, force: bool) -> StageResult:
+def _embed(cfg: Config, force: bool) -> list[StageResult]:
+    """The main embedding, then each of cfg.extra_embeds (DINOv2 used a copy descriptor for
+    dedup and a semantic model for retrieval; name them and point dedup/cluster at them)."""
+    from dataclasses import replace
+
     from pipelines.embed_stage import run_embed
 
-    return run_embed(cfg, force)
+    return [run_embed(c, force) for c in [cfg, *(replace(cfg, embed=e) for e in cfg.extra_embeds)]]
 
 
 def _report(cfg: Config, force: bool) -> StageResult:
@@ -27,7 +31,7 @@ def _report(cfg: Config, force: bool) -> StageResult:
     return StageResult("report", str(Path(paths["html"]).parent), "", seconds=time.time() - t0, outputs=paths)
 
 
-def _stage_table() -> dict[str, Callable[[Config, bool], StageResult]]:
+def _stage_table() -> dict[str, Callable[[Config, bool], StageResult | list[StageResult]]]:
     from pipelines import stages
     from pipelines.cluster_stage import run_balance, run_cluster
     from pipelines.copy_stage import run_decontaminate, run_dedup
@@ -70,8 +74,6 @@ def run_pipeline(cfg: Config, start: str | None = None, until: str | None = None
     for name in STAGES[i0:i1 + 1]:
         if not enabled(cfg, name):
             continue
-        t0 = time.time()
-        result = table[name](cfg, force)
-        result.seconds = result.seconds or (time.time() - t0 if not result.skipped else 0.0)
-        results.append(result)
+        out = table[name](cfg, force)
+        results.extend(out if isinstance(out, list) else [out])
     return results

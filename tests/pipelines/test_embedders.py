@@ -87,3 +87,13 @@ def test_unknown_specs_are_clear_errors():
         load_embedder("timm")
     assert slug("timm:vit_small_patch14_dinov2.lvd142m") == "timm-vit_small_patch14_dinov2.lvd142m"
     assert slug("checkpoint:/runs/a/teacher_backbone.pt") == "checkpoint-teacher_backbone"
+
+
+def test_colour_histogram_is_a_normalised_palette_descriptor():
+    e = load_embedder("colorhist:4")
+    assert e.dim == 64
+    red, blue = Image.new("RGB", (40, 30), (250, 5, 5)), Image.new("RGB", (50, 20), (5, 5, 250))
+    with torch.inference_mode():
+        out = e.model(torch.stack([e.transform(red), e.transform(blue)]))
+    assert torch.allclose(out.pow(2).sum(dim=1), torch.ones(2))  # square-rooted frequencies
+    assert out[0].argmax().item() == 3 * 16 and out[1].argmax().item() == 3 and float(out[0] @ out[1]) == 0
