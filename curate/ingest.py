@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.download import DownloadResult, DownloadSettings, download_many
+from curate.download import DownloadSettings, download_many
 from curate.images import CheckSettings, ImageCheck, check_image
 from curate.parts import (atomic_path, clean_temporaries, list_parts, part_name, write_bytes_atomic,
                           write_table_atomic)

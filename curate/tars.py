@@ -6,7 +6,6 @@ while writing, which lets later stages read one image by seek without scanning t
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from collections.abc import Iterable

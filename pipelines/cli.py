@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
 
     p = sub.add_parser("train", add_help=False,
-                       help="train a DINOv2 ViT: curate train CONFIG [key.sub=value ...] (CONFIG: tiny, vits14, ... or a YAML)")
+                       help="train a DINOv2 ViT: curate train CONFIG [key.sub=value ...]; CONFIG is a trainer config "
+                            "(tiny, vits14, ... or its YAML) or a pipeline config with a train section (curate, then train)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p = sub.add_parser("eval", add_help=False,
                        help="k-NN and linear-probe evaluation: curate eval CHECKPOINT TRAIN_DIR TEST_DIR [--ks 10,20]")
@@ -162,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `curate` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("train", "eval"):
+        from pipelines.train_stage import is_pipeline_config
         from train import cli as train_cli
 
+        if argv[0] == "train" and len(argv) > 1 and is_pipeline_config(argv[1]):
+            return _curate_then_train(argv[1], argv[2:])
         return (train_cli.main if argv[0] == "train" else train_cli.eval_main)(argv[1:])
     args = build_parser().parse_args(argv)
     started = time.time()
@@ -263,6 +267,24 @@ def main(argv: list[str] | None = None) -> int:
             raise AssertionError(args.command)
     except (StageConflict, ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"curate {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(results, started)
+    return 0
+
+
+def _curate_then_train(config: str, overrides: list[str]) -> int:
+    """`curate train PIPELINE_CONFIG`: curate (stages already done are skipped), then train and evaluate."""
+    from pipelines.run import run_pipeline
+
+    started = time.time()
+    cfg = load_config(config, overrides)
+    if not cfg.train.config:
+        print("curate train: the pipeline config has no train.config (e.g. train: {config: tiny})", file=sys.stderr)
+        return 2
+    try:
+        results = run_pipeline(cfg)
+    except (StageConflict, ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"curate train: error: {exc}", file=sys.stderr)
         return 2
     print_summary(results, started)
     return 0

@@ -150,6 +150,19 @@ class ShardsConfig:
 
 
 @dataclass
+class TrainStageConfig:
+    """Training on the curated shards at the end of `curate run` (off unless `config` is set)."""
+
+    config: Optional[str] = None     # trainer config: tiny | vits14 | vitb14 | vitl14 | vitg14 | a YAML path
+    overrides: list[str] = field(default_factory=list)  # trainer key=value overrides
+    output_dir: Optional[str] = None  # default <workdir>/train
+    eval_train: Optional[str] = None  # labelled folder root/<class>/<img>: the k-NN bank
+    eval_test: Optional[str] = None   # labelled folder with the same classes: the k-NN queries
+    ks: list[int] = field(default_factory=lambda: [10, 20])
+    probe_steps: int = 100           # linear-probe optimisation steps
+
+
+@dataclass
 class Config:
     """The whole pipeline's settings."""
 
@@ -166,6 +179,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
+    train: TrainStageConfig = field(default_factory=TrainStageConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -1,6 +1,6 @@
-"""`curate demo`: generate a labelled, long-tailed web-like pool offline, curate it with
-configs/demo.yaml through `curate run` (local executor), verify the shards, train the tiny ViT on
-them, evaluate it with k-NN, and print what each step did."""
+"""`curate demo`: generate a labelled, long-tailed web-like pool offline, then curate it with
+configs/demo.yaml, train the tiny ViT on the curated shards and evaluate it with k-NN, all through
+`curate run` on the local executor; verify the shards and print what each step did."""
 
 from __future__ import annotations
 
@@ -43,34 +43,6 @@ def _balance_summary(root: Path, work: Path) -> str:
     return "\n".join(lines)
 
 
-def _train_and_eval(root: Path, work: Path, iters: int) -> str:
-    from train.cli import resolve_config_path
-    from train.config import load_config as load_train_config
-    from train.eval import evaluate
-    from train.loop import train
-
-    out = root / "train"
-    cfg = load_train_config(resolve_config_path("tiny"), [
-        f"data.path={work / 'shards'}", f"output_dir={out}", f"optim.iterations={iters}", "optim.batch_size=32",
-        f"checkpoint_every={max(1, iters // 2)}", "progress=false", "data.num_workers=0",
-        f"optim.warmup_iters={max(1, iters // 10)}", f"loss.warmup_teacher_temp_iters={max(1, iters // 3)}",
-        f"head.freeze_last_layer_iters={max(0, iters // 10)}"])
-    print(f"demo: training the tiny ViT for {iters} iterations on the curated shards ...", file=sys.stderr)
-    t0 = time.time()
-    summary = train(cfg)
-    seconds = time.time() - t0
-    res = evaluate(str(out / "teacher_backbone.pt"), str(root / "eval" / "train"), str(root / "eval" / "test"),
-                   ks=(10, 20), probe_steps=100)
-    knn = ", ".join(f"k={k}: {v:.3f}" for k, v in res["knn"].items())
-    if not summary["history"]:
-        status = f"already trained ({summary['iterations']} iterations)"
-    else:
-        status = (f"{summary['iterations'] - summary['start_iteration']} iterations in {seconds:.0f}s, "
-                  f"final loss {float(summary['history'][-1]['loss']):.3f}")
-    return (f"[train] tiny ViT, {status}: {out}\n"
-            f"[eval] k-NN accuracy on the labelled evaluation set: {knn}; linear probe {res['linear']['accuracy']:.3f}")
-
-
 def run_demo(workdir: str | None, pool_size: int, seed: int = 0, train_iters: int = 0) -> int:
     """Generate the pool (once), run every stage, train and evaluate; returns an exit code."""
     started = time.time()
@@ -88,6 +60,15 @@ def run_demo(workdir: str | None, pool_size: int, seed: int = 0, train_iters: in
                       [f"workdir={work}", f"balance.target={max(1, pool_size // 2)}"])
     cfg.ingest.sources = [str(root / "raw")]
     cfg.decontaminate.eval_sets = [EvalSetConfig(name="benchmark", source=str(root / "eval"))]
+    if train_iters > 0:
+        cfg.train.config, cfg.train.output_dir = "tiny", str(root / "train")
+        cfg.train.eval_train, cfg.train.eval_test = str(root / "eval" / "train"), str(root / "eval" / "test")
+        cfg.train.overrides = [
+            f"optim.iterations={train_iters}", "optim.batch_size=32", f"checkpoint_every={max(1, train_iters // 2)}",
+            "progress=false", "data.num_workers=0", f"optim.warmup_iters={max(1, train_iters // 10)}",
+            f"loss.warmup_teacher_temp_iters={max(1, train_iters // 3)}",
+            f"head.freeze_last_layer_iters={max(0, train_iters // 10)}"]
+        print(f"demo: the tiny ViT trains for {train_iters} iterations on the curated shards at the end", file=sys.stderr)
     results = run_pipeline(cfg)
     print(f"demo pool: {root}  (planted: {', '.join(f'{k} {v}' for k, v in planted.items())})")
     print_summary(results, started)
@@ -97,8 +78,10 @@ def run_demo(workdir: str | None, pool_size: int, seed: int = 0, train_iters: in
     report = verify_shards(shards.outputs["shards"])
     print(f"[verify] {report.shards} shards, {report.samples:,} samples: {'OK' if report.ok else report.errors[:5]}")
     print(_balance_summary(root, work))
-    if train_iters > 0:
-        print(_train_and_eval(root, work, train_iters))
+    ev = next((r for r in results if r.stage == "evaluate"), None)
+    if ev is not None:
+        knn = ", ".join(f"k={k[4:]}: {v:.3f}" for k, v in ev.counts.items() if k.startswith("knn@"))
+        print(f"[eval] k-NN accuracy on the labelled evaluation set: {knn}; linear probe {ev.counts['linear']:.3f}")
     html = next((r.outputs.get("html") for r in results if r.stage == "report"), None)
     print(f"[report] {html}\ntotal {time.time() - started:.0f}s")
     return 0 if report.ok else 1

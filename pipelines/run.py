@@ -35,24 +35,32 @@ def _stage_table() -> dict[str, Callable[[Config, bool], StageResult | list[Stag
     from pipelines import stages
     from pipelines.cluster_stage import run_balance, run_cluster
     from pipelines.copy_stage import run_decontaminate, run_dedup
+    from pipelines.train_stage import run_evaluate, run_train
 
     return {"ingest": stages.run_ingest, "hashdedup": stages.run_hashdedup, "embed": _embed,
             "dedup": run_dedup, "decontaminate": run_decontaminate, "cluster": run_cluster,
-            "balance": run_balance, "shards": stages.run_shards, "report": _report}
+            "balance": run_balance, "shards": stages.run_shards, "report": _report, "train": run_train,
+            "evaluate": run_evaluate}
 
 
-STAGES = ["ingest", "hashdedup", "embed", "dedup", "decontaminate", "cluster", "balance", "shards", "report"]
+STAGES = ["ingest", "hashdedup", "embed", "dedup", "decontaminate", "cluster", "balance", "shards", "report",
+          "train", "evaluate"]
 
 
 def enabled(cfg: Config, stage: str) -> bool:
     """Optional stages run when configured: decontaminate with evaluation sets, cluster and balance
-    with a selection (a target or seed sets), dedup unless its threshold is set to 1 or more."""
+    with a selection (a target or seed sets), dedup unless its threshold is set to 1 or more, train
+    with a trainer config, evaluate with labelled folders too."""
     if stage in ("cluster", "balance"):
         return bool(cfg.balance.target or cfg.balance.seeds)
     if stage == "decontaminate":
         return bool(cfg.decontaminate.eval_sets)
     if stage == "dedup":
         return cfg.dedup.threshold < 1
+    if stage == "train":
+        return bool(cfg.train.config)
+    if stage == "evaluate":
+        return bool(cfg.train.config and cfg.train.eval_train and cfg.train.eval_test)
     return True
 
 

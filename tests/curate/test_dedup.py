@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import warnings
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -1,6 +1,5 @@
 import json
 
-import faiss
 import numpy as np
 import pytest
 

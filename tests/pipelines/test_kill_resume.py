@@ -1,6 +1,5 @@
 """SIGKILL `curate ingest` / `curate shards` at several points, rerun, compare with a clean run."""
 
-import os
 import random
 import signal
 import subprocess

@@ -38,3 +38,30 @@ def test_curated_shards_train_embed_and_eval(tmp_path, capsys):
                  str(tmp_path / "eval" / "test"), "--ks", "1,3", "--probe-steps", "5"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result["knn"]) == {"1", "3"} and all(0 <= v <= 1 for v in result["knn"].values())
+
+
+def test_curate_train_with_a_pipeline_config_curates_trains_and_evaluates(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(20):
+        make_image(7000 + i, (64, 64)).save(raw / f"{i:02d}.png")
+    for split, n in (("train", 4), ("test", 2)):
+        for c in range(2):
+            d = tmp_path / "eval" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                make_image(8000 + 100 * c + i + (50 if split == "test" else 0), (48, 48)).save(d / f"{i}.png")
+    (tmp_path / "p.yaml").write_text(
+        f"workdir: {tmp_path / 'w'}\ningest:\n  sources: [{raw}]\n  workers: 1\nembed:\n  num_workers: 0\n"
+        f"  model: 'pixels:8'\ndedup:\n  threshold: 1.0\ntrain:\n  config: tiny\n"
+        f"  overrides: [optim.iterations=2, optim.batch_size=4, crops.n_local=1, progress=false, data.num_workers=0]\n"
+        f"  eval_train: {tmp_path / 'eval' / 'train'}\n  eval_test: {tmp_path / 'eval' / 'test'}\n  ks: [1, 3]\n"
+        f"  probe_steps: 5\n")
+    assert main(["train", str(tmp_path / "p.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "[train] done" in out and "iterations 2" in out and "[evaluate] done" in out and "knn@1" in out
+    result = json.loads((tmp_path / "w" / "evaluate" / "eval.json").read_text())
+    assert set(result["knn"]) == {"1", "3"}
+    assert main(["train", str(tmp_path / "p.yaml")]) == 0  # resumable as a whole: nothing left to do
+    out = capsys.readouterr().out
+    assert "[ingest] already done" in out and "[train] already done" in out
