@@ -66,17 +66,8 @@ def valid_rows(parts: EmbeddingParts, valid: np.ndarray | None = None) -> np.nda
 
 
 def gather(parts: EmbeddingParts, rows: np.ndarray) -> np.ndarray:
-    """float64 copies of the given global rows (any order, repeats allowed), read part by part."""
-    rows = np.asarray(rows, dtype=np.int64)
-    uniq, inverse = np.unique(rows, return_inverse=True)
-    out = np.empty((len(uniq), parts.dim), dtype=np.float64)
-    owner = np.searchsorted(parts.offsets, uniq, side="right") - 1
-    bounds = np.searchsorted(owner, np.arange(len(parts.sizes) + 1), side="left")
-    for p in range(len(parts.sizes)):
-        a, b = int(bounds[p]), int(bounds[p + 1])
-        if a < b:
-            out[a:b] = parts.part(p)[uniq[a:b] - parts.offsets[p]]
-    return out[inverse.reshape(-1)]
+    """float64 copies of the given global rows (any order, repeats allowed)."""
+    return parts.take(rows, np.float64)
 
 
 def pair_sims(a: EmbeddingParts, rows_a: np.ndarray, b: EmbeddingParts, rows_b: np.ndarray) -> np.ndarray:

@@ -115,15 +115,20 @@ class EmbeddingParts:
 
     def sample(self, n: int, seed: int) -> np.ndarray:
         """float32 rows of sample_ids(n, seed), in row order, read part by part (not all loaded)."""
-        ids = self.sample_ids(n, seed)
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
-        owner = np.searchsorted(self.offsets, ids, side="right") - 1
+        return self.take(self.sample_ids(n, seed))
+
+    def take(self, rows: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+        """Copies of the given global rows (any order, repeats allowed), each part read once."""
+        rows = np.asarray(rows, dtype=np.int64)
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        out = np.empty((len(uniq), self.dim), dtype=dtype)
+        owner = np.searchsorted(self.offsets, uniq, side="right") - 1
         bounds = np.searchsorted(owner, np.arange(len(self.sizes) + 1), side="left")
         for i in range(len(self.sizes)):
             a, b = int(bounds[i]), int(bounds[i + 1])
             if a < b:
-                out[a:b] = self.part(i)[ids[a:b] - self.offsets[i]]
-        return out
+                out[a:b] = self.part(i)[uniq[a:b] - self.offsets[i]]
+        return out[inverse.reshape(-1)]
 
 
 def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:

@@ -14,7 +14,7 @@ from pipelines.aligned import embedding_ids, write_by_id
 from pipelines.cluster_stage import resolve_embedding
 from pipelines.config import Config, fingerprint
 from pipelines.manifest import StageResult, begin, finish, read_manifest
-from pipelines.stages import _upstream, stage_dir
+from pipelines.stages import _upstream, finished_filters, stage_dir
 
 
 def _pixels(cfg: Config, ids: list[str]) -> np.ndarray:
@@ -113,7 +113,7 @@ def run_decontaminate(cfg: Config, force: bool = False) -> StageResult:
     if not xc.eval_sets:
         raise ValueError("no evaluation sets: give --eval-set NAME=SOURCE (or decontaminate.eval_sets)")
     emb_dir = resolve_embedding(cfg, cfg.dedup.embedding)
-    with_groups = read_manifest(stage_dir(cfg, "dedup")) is not None and cfg.dedup.threshold < 1
+    with_groups = "dedup" in finished_filters(cfg)  # copy dedup enabled and done
     inputs = {**_upstream(cfg, "ingest", *(["dedup"] if with_groups else [])), "embedding": read_manifest(emb_dir)["key"]}
     key = fingerprint({"config": asdict(xc), "inputs": inputs})
     d = stage_dir(cfg, "decontaminate")
