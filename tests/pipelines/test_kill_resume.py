@@ -98,7 +98,7 @@ def test_sigkill_during_shards_then_rerun_gives_identical_shards(raw_inputs, cli
     reference = _files(ref_out)
     assert len([k for k in reference if k.endswith(".tar")]) == 150
     kills = 0
-    for point in (0.6, 0.8, 0.95):
+    for point in (0.5, 0.7, 0.85):
         out = tmp_path / f"out{point}"
         killed = _kill_after(_curate(["shards", "--workdir", str(work), "--out", str(out), "--max-count", "4"], cli_env),
                              full * point)

@@ -64,7 +64,7 @@ def test_sigkill_at_several_points_of_curate_run(setup, cli_env):
     full = time.time() - t0
     rng = random.Random(11)
     kills = 0
-    for point in (0.25, 0.5, 0.7, 0.9):
+    for point in (0.2, 0.4, 0.6, 0.8):
         work = root / f"killed{point}"
         kills += _kill_after(_curate([*args, f"workdir={work}"], cli_env), full * point * rng.uniform(0.9, 1.1))
         proc = _curate([*args, f"workdir={work}"], cli_env)
