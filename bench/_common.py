@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
 
 def make_folder(root: Path, n: int, size: tuple[int, int] = (128, 96), seed: int = 0) -> list[Path]:
     """n distinct JPEGs under root (reused when already there)."""
-    from curate.synth import encode, make_image
+    from pipelines.synth import encode, make_image
 
     root.mkdir(parents=True, exist_ok=True)
     paths = []

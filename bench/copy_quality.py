@@ -21,8 +21,8 @@ from _common import emit
 
 
 def pixels_embedder():
-    """The pixels:16 baseline (pipelines.embedders) as images -> unit vectors."""
-    from pipelines.embedders import load_embedder
+    """The pixels:16 baseline (curate.embedders) as images -> unit vectors."""
+    from curate.embedders import load_embedder
 
     emb = load_embedder("pixels:16")
     return lambda images: _run(emb.model, emb.transform, images)
@@ -50,7 +50,7 @@ def _run(model, transform, images, batch: int = 128) -> np.ndarray:
 
 def originals(count: int, first_seed: int, rng: np.random.Generator) -> list:
     """Generated originals of varied sizes."""
-    from curate.synth import make_image
+    from pipelines.synth import make_image
 
     return [make_image(first_seed + s, (int(rng.integers(96, 192)), int(rng.integers(72, 160))))
             for s in range(count)]

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import requests  # noqa: E402
 
 from curate.download import DownloadSettings, download, download_many  # noqa: E402
-from curate.synth import encode, make_image  # noqa: E402
+from pipelines.synth import encode, make_image  # noqa: E402
 from tests.httpserver import ImageServer  # noqa: E402
 
 DISTINCT_BODIES = 64

@@ -25,7 +25,7 @@ def _model(name: str):
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    from pipelines.embedders import load_embedder
+    from pipelines.embedding import load_embedder
 
     if name == "pixels":
         e = load_embedder("pixels:16")

@@ -1,6 +1,6 @@
 """Measure pHash Hamming distances of edited copies vs distinct images to pick a dedup threshold.
 
-For each data set (synthetic images from curate.synth, and Fashion-MNIST when the Debian
+For each data set (synthetic images from pipelines.synth, and Fashion-MNIST when the Debian
 package dataset-fashion-mnist is installed) this computes
   (a) the distance between an original and each of its edited copies (JPEG q30..95,
       resize 0.5x..2x, light blur, and combinations), and
@@ -31,7 +31,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from curate.hashing import hamming_u64, phash_u64
-from curate.synth import blurred, make_image, reencode, resized
+from pipelines.synth import blurred, make_image, reencode, resized
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 THRESHOLDS = range(0, 17)

@@ -48,7 +48,7 @@ class HashDedupConfig:
 
 @dataclass
 class EmbedConfig:
-    """Embedding with a vision model (see pipelines/embedders.py for the spec forms)."""
+    """Embedding with a vision model (see curate/embedders.py for the spec forms)."""
 
     model: str = "pixels:16"         # pixels[:side] | timm:<name>[:file] | open_clip:<arch>[:tag|file] | torchscript:<file>[:side] | checkpoint:<file>
     name: Optional[str] = None       # embedding name under <workdir>/embed/; default: a slug of the model spec

@@ -160,7 +160,7 @@ def run_calibration(cfg: Config) -> dict:
     from curate.embed import _autocast, resolve_device
     from curate.images import to_rgb
     from curate.tars import TarReader
-    from pipelines.embedders import load_embedder
+    from pipelines.embedding import load_embedder
 
     import io
     import torch

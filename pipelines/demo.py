@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from curate.synth_pool import write_labelled_pool
+from pipelines.synth_pool import write_labelled_pool
 from pipelines.cli import print_summary
 from pipelines.config import EvalSetConfig, load_config
 from pipelines.run import run_pipeline

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from curate.parts import list_parts, read_aligned
 from pipelines.config import Config, fingerprint
-from pipelines.embedders import slug, split_spec
+from curate.embedders import slug, split_spec
 from pipelines.manifest import StageResult, begin, finish
 from pipelines.stages import _progress, _upstream, stage_dir
 
@@ -48,7 +48,7 @@ def embed_jobs(cfg: Config) -> list[tuple[int, list[dict]]]:
 def run_embed(cfg: Config, force: bool = False) -> StageResult:
     """Embed every kept record with cfg.embed.model into float16 parts aligned with id parts."""
     from curate.embed import EmbedSettings, embed_parts, part_done, resolve_device, write_part
-    from pipelines.embedders import load_embedder
+    from pipelines.embedding import load_embedder
 
     ec = cfg.embed
     inputs = _upstream(cfg, "ingest", "hashdedup")

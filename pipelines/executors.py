@@ -23,7 +23,7 @@ class _EmbedWorker:
 
     def __init__(self, spec: str, settings_kwargs: dict) -> None:
         from curate.embed import EmbedSettings, resolve_device
-        from pipelines.embedders import load_embedder
+        from pipelines.embedding import load_embedder
 
         self.settings = EmbedSettings(**settings_kwargs)
         self.embedder = load_embedder(spec, resolve_device(self.settings.device))

@@ -23,7 +23,7 @@ def embed_folder_set(cfg: Config, emb_dir: Path, name: str, source: str, out: Pa
     from curate.embed import EmbedSettings, embed_rows, resolve_device
     from curate.images import CheckSettings
     from curate.parts import atomic_path, write_json_atomic
-    from pipelines.embedders import load_embedder
+    from pipelines.embedding import load_embedder
     from pipelines.stages import _source_fingerprint
 
     model = read_manifest(emb_dir)["config"]["model"]

@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from curate.synth import encode, make_image
+from pipelines.synth import encode, make_image
 
 
 def _png_with_header_size(width: int, height: int) -> bytes:

@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import urlsplit
 
-from curate.synth import encode, make_image
+from pipelines.synth import encode, make_image
 
 _PIECE = 64 * 1024
 

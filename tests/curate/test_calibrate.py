@@ -14,7 +14,7 @@ from curate.calibrate import (
     precision_recall,
     recommend_threshold,
 )
-from curate.synth import make_image
+from pipelines.synth import make_image
 from tests.curate.test_dedup import pixels_embed, vit_embed
 
 POS = [0.9, 0.8, 0.7, 0.4]

@@ -23,7 +23,7 @@ from curate.dedup import (
     union_find,
 )
 from curate.index import IndexSpec
-from curate.synth import blurred, make_image, reencode, resized
+from pipelines.synth import blurred, make_image, reencode, resized
 
 # Thresholds chosen per embedder for the planted-copy tests (mild resize / JPEG / blur copies),
 # since DINOv2's 0.6 is meant for a trained model. The centred 16x16 pixels of distinct generated
@@ -46,7 +46,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 def pixels_embed():
     """The pixels:16 baseline as an images -> unit vectors callable."""
-    from pipelines.embedders import load_embedder
+    from curate.embedders import load_embedder
 
     emb = load_embedder("pixels:16")
 

@@ -18,7 +18,7 @@ from curate.hashing import (
     phash_pairs,
     phash_u64,
 )
-from curate.synth import encode, make_image, reencode, resized
+from pipelines.synth import encode, make_image, reencode, resized
 
 _BIT = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))
 

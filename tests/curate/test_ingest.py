@@ -12,7 +12,7 @@ from curate.download import DownloadSettings
 from curate.images import sha256_hex
 from curate.ingest import IngestSettings, ingest, make_id
 from curate.parts import read_table
-from curate.synth import encode, make_image
+from pipelines.synth import encode, make_image
 from tests.badfiles import corpus
 
 FAST = IngestSettings(part_size=4, workers=1, download=DownloadSettings(timeout=0.5, retries=2, backoff=0.01))

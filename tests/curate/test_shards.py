@@ -7,7 +7,7 @@ import pytest
 
 from curate.parts import read_table
 from curate.shards import ShardSettings, verify_shards, write_shards
-from curate.synth import encode, make_image
+from pipelines.synth import encode, make_image
 from curate.ingest import IngestSettings, ingest
 
 

@@ -3,7 +3,7 @@ import json
 import pyarrow.parquet as pq
 
 from curate.parts import read_table
-from curate.synth import encode, make_image, reencode, resized
+from pipelines.synth import encode, make_image, reencode, resized
 from pipelines.cli import main
 
 

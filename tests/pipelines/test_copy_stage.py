@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.parts import read_table
-from curate.synth import encode, make_image, reencode, resized
+from pipelines.synth import encode, make_image, reencode, resized
 from pipelines.cli import main
 from pipelines.config import EvalSetConfig, load_config
 from pipelines.run import run_pipeline

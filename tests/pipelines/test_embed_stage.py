@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.parts import read_table
-from curate.synth import encode, make_image
+from pipelines.synth import encode, make_image
 from pipelines.config import load_config
 from pipelines.embed_stage import embed_jobs, embedding_dir, run_embed
 from pipelines.stages import run_hashdedup, run_ingest

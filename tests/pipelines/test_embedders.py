@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from curate.synth import make_image
-from pipelines.embedders import load_embedder, slug
+from pipelines.synth import make_image
+from curate.embedders import slug
+from pipelines.embedding import load_embedder
 
 
 def _embed(e, seeds=(1, 2)):

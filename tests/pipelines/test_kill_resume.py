@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.synth import encode, make_image
+from pipelines.synth import encode, make_image
 
 pytestmark = pytest.mark.slow
 

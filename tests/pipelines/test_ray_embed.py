@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from curate.synth import encode, make_image
+from pipelines.synth import encode, make_image
 from pipelines.config import load_config
 from pipelines.embed_stage import embedding_dir, run_embed
 from pipelines.stages import run_hashdedup, run_ingest

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.synth import write_pool
+from pipelines.synth import write_pool
 from pipelines.config import load_config
 from pipelines.run import run_pipeline
 from tests.pipelines.test_kill_resume import _curate, _kill_after

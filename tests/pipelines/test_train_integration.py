@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from curate.synth import make_image
+from pipelines.synth import make_image
 from pipelines.cli import main
 
 

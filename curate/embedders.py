@@ -6,8 +6,10 @@ Specs:
   timm:<name>[:<weights file>]           any timm model (e.g. vit_large_patch14_dinov2.lvd142m)
   open_clip:<arch>[:<pretrained tag or weights file>]
   torchscript:<file>[:<side>]            e.g. an SSCD copy-detection descriptor
-  checkpoint:<file>                      a teacher backbone saved by our trainer (train/)
+  checkpoint:<file>                      a teacher backbone saved by our trainer (train/); the
+                                         adapter is registered by pipelines/ (curate/ never imports train/)
 Without a weights file, timm and open_clip use their normal download, which needs internet.
+Other kinds can be added with `register_kind`.
 """
 
 from __future__ import annotations
@@ -131,12 +133,18 @@ def _torchscript(path: str, side: str | None) -> tuple[nn.Module, Callable]:
                              T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def _checkpoint(path: str) -> tuple[nn.Module, Callable]:
-    from train.models import load_backbone
+def eval_transform(size: int, mean, std) -> Callable:
+    """The usual evaluation preprocessing: resize the short side to size * 256 / 224, centre crop."""
+    return _eval_transform(size, mean, std, resize=round(size * 256 / 224))
 
-    model = load_backbone(path)
-    size = model.image_size
-    return model, _eval_transform(size, model.mean, model.std, resize=round(size * 256 / 224))
+
+# kind -> factory(args) -> (model, transform); filled by register_kind (e.g. `checkpoint` from pipelines/)
+_EXTRA_KINDS: dict[str, tuple[Callable[[list[str]], tuple[nn.Module, Callable]], str]] = {}
+
+
+def register_kind(kind: str, factory: Callable[[list[str]], tuple[nn.Module, Callable]], usage: str) -> None:
+    """Add a spec kind: `factory(args)` returns (model, transform); `usage` is shown when args are missing."""
+    _EXTRA_KINDS[kind] = (factory, usage)
 
 
 def _load_state(path: str) -> dict:
@@ -176,12 +184,14 @@ def load_embedder(spec: str, device: str | torch.device = "cpu") -> Embedder:
         if not args:
             raise ValueError("torchscript spec needs a file: torchscript:<file>[:<side>]")
         model, transform = _torchscript(args[0], args[1] if len(args) > 1 else None)
-    elif kind == "checkpoint":
+    elif kind in _EXTRA_KINDS:
+        factory, usage = _EXTRA_KINDS[kind]
         if not args:
-            raise ValueError("checkpoint spec needs a file: checkpoint:<teacher_backbone.pt>")
-        model, transform = _checkpoint(args[0])
+            raise ValueError(f"{kind} spec needs arguments: {usage}")
+        model, transform = factory(args)
     else:
-        raise ValueError(f"unknown model spec {spec!r}: use pixels, colorhist, timm, open_clip, torchscript or checkpoint")
+        known = ", ".join(["pixels", "colorhist", "timm", "open_clip", "torchscript", *_EXTRA_KINDS])
+        raise ValueError(f"unknown model spec {spec!r}: use {known}")
     model = model.eval().to(device)
     probe = transform(Image.new("RGB", (64, 48), (128, 64, 32))).unsqueeze(0).to(device)
     with torch.inference_mode():

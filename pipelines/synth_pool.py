@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from curate.synth import encode, reencode, resized
+from pipelines.synth import encode, reencode, resized
 
 
 def make_class_image(cls: int, seed: int, size: tuple[int, int] = (96, 96)) -> Image.Image:
