@@ -202,3 +202,15 @@ def fingerprint(obj: Any) -> str:
     if hasattr(obj, "__dataclass_fields__"):
         obj = asdict(obj)
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def is_pipeline_config(path: str) -> bool:
+    """A pipeline config (curate, then train) rather than a trainer config."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    if not os.path.isfile(path):
+        return False
+    keys = set(OmegaConf.load(path).keys())
+    return bool(keys & {"workdir", "ingest", "embed", "balance", "shards"})

@@ -1,4 +1,6 @@
-"""The embed stage runner: which records to embed, where, on which executor, and its manifest."""
+"""embed: every kept record through a vision model, float16 parts aligned with the ingest parts; the
+main embedding plus `extra_embeds` (DINOv2 used a copy descriptor for dedup and a semantic model for
+clustering)."""
 
 from __future__ import annotations
 
@@ -12,20 +14,17 @@ import pyarrow.parquet as pq
 
 from curate.parts import list_parts, read_aligned
 from pipelines.config import Config, fingerprint
-from curate.embedders import slug, split_spec
+from pipelines.embedding import embedding_dir
+from pipelines.framework import progress, stage_dir, upstream
 from pipelines.manifest import StageResult, begin, finish
-from pipelines.stages import _progress, _upstream, stage_dir
 
 ROW_COLUMNS = ["id", "raw_shard", "raw_offset", "nbytes"]
 
 
-def embedding_dir(cfg: Config, name: str | None = None) -> Path:
-    """`<workdir>/embed/<name>`; the name defaults to a slug of the model spec."""
-    return stage_dir(cfg, "embed") / (name or cfg.embed.name or slug(cfg.embed.model))
-
-
 def _model_fingerprint(spec: str) -> dict:
     """The spec, plus size and mtime of any weights file it names (new weights -> new embeddings)."""
+    from curate.embedders import split_spec
+
     out: dict = {"spec": spec}
     for arg in split_spec(spec)[1]:
         if os.path.isfile(arg):
@@ -45,13 +44,13 @@ def embed_jobs(cfg: Config) -> list[tuple[int, list[dict]]]:
     return jobs
 
 
-def run_embed(cfg: Config, force: bool = False) -> StageResult:
+def run_one(cfg: Config, force: bool = False) -> StageResult:
     """Embed every kept record with cfg.embed.model into float16 parts aligned with id parts."""
     from curate.embed import EmbedSettings, embed_parts, part_done, resolve_device, write_part
     from pipelines.embedding import load_embedder
 
     ec = cfg.embed
-    inputs = _upstream(cfg, "ingest", "hashdedup")
+    inputs = upstream(cfg, "ingest", "hashdedup")
     precision = ec.precision
     if precision == "auto":  # resolved, so a run resumed on another kind of device cannot mix parts
         precision = "bf16" if resolve_device(ec.device).type == "cuda" else "fp32"
@@ -66,7 +65,7 @@ def run_embed(cfg: Config, force: bool = False) -> StageResult:
     settings = EmbedSettings(batch_size=ec.batch_size, num_workers=ec.num_workers, device=ec.device,
                              precision=ec.precision, threads=ec.threads)
     raw_root = str(stage_dir(cfg, "ingest"))
-    with _progress(sum(len(r) for _, r in jobs), f"embed {d.name}", "img") as bar:
+    with progress(sum(len(r) for _, r in jobs), f"embed {d.name}", "img") as bar:
         bar.update(sum(len(r) for _, r in jobs) - sum(len(r) for _, r in todo))
         if cfg.executor == "ray" and todo:
             from pipelines.executors import ray_embed
@@ -88,6 +87,13 @@ def run_embed(cfg: Config, force: bool = False) -> StageResult:
         "dim": dim}, seconds=time.time() - t0, outputs={"embeddings": str(d)})
     finish(result, asdict(ec), inputs)
     return result
+
+
+def run(cfg: Config, force: bool = False) -> list[StageResult]:
+    """The main embedding, then each of cfg.extra_embeds (name them and point dedup/cluster at them)."""
+    from dataclasses import replace
+
+    return [run_one(c, force) for c in [cfg, *(replace(cfg, embed=e) for e in cfg.extra_embeds)]]
 
 
 def _dim(d: Path) -> int:
