@@ -1,6 +1,7 @@
 """embed: every kept record through a vision model, float16 parts aligned with the ingest parts; the
 main embedding plus `extra_embeds` (DINOv2 used a copy descriptor for dedup and a semantic model for
-clustering)."""
+clustering). `bootstrap[:<trainer config>]` first trains our own small DINOv2 ViT on a sample of the
+pool (for pools where no pretrained model can be loaded) and embeds with its teacher."""
 
 from __future__ import annotations
 
@@ -54,12 +55,20 @@ def run_one(cfg: Config, force: bool = False) -> StageResult:
     precision = ec.precision
     if precision == "auto":  # resolved, so a run resumed on another kind of device cannot mix parts
         precision = "bf16" if resolve_device(ec.device).type == "cuda" else "fp32"
-    key = fingerprint({"model": _model_fingerprint(ec.model), "precision": precision, "inputs": inputs})
+    bootstrap = ec.model.split(":")[0] == "bootstrap"
+    model = {"bootstrap": [ec.model, ec.bootstrap_sample, list(ec.bootstrap_overrides)]} if bootstrap else \
+        _model_fingerprint(ec.model)
+    key = fingerprint({"model": model, "precision": precision, "inputs": inputs})
     d = embedding_dir(cfg)
     prev = begin(f"embed/{d.name}", d, key, force)
     if prev:
         return prev
     t0 = time.time()
+    spec = ec.model
+    notes = []
+    if bootstrap:
+        spec, note = _bootstrap(cfg, d / "_bootstrap")
+        notes.append(note)
     jobs = embed_jobs(cfg)
     todo = [(k, rows) for k, rows in jobs if not part_done(d, k)]
     settings = EmbedSettings(batch_size=ec.batch_size, num_workers=ec.num_workers, device=ec.device,
@@ -71,12 +80,12 @@ def run_one(cfg: Config, force: bool = False) -> StageResult:
             from pipelines.executors import ray_embed
 
             ids = dict((k, [r["id"] for r in rows]) for k, rows in todo)
-            for k, vecs, errs in ray_embed(ec.model, asdict(settings), todo, raw_root, ec.ray_actors,
+            for k, vecs, errs in ray_embed(spec, asdict(settings), todo, raw_root, ec.ray_actors,
                                            ec.ray_gpus_per_actor, cfg.ray_address):
                 write_part(d, k, ids[k], vecs, errs)
                 bar.update(len(errs))
         elif todo:
-            emb = load_embedder(ec.model, resolve_device(ec.device))
+            emb = load_embedder(spec, resolve_device(ec.device))
             embed_parts(todo, raw_root, d, emb.model, emb.transform, emb.dim, settings,
                         on_part=lambda k, n: bar.update(n))
     statuses = pq.ParquetDataset([str(p) for p in list_parts(d)]).read(columns=["status"]).column("status")
@@ -84,9 +93,48 @@ def run_one(cfg: Config, force: bool = False) -> StageResult:
     dim = _dim(d)
     result = StageResult(f"embed/{d.name}", str(d), key, counts={
         "in": len(statuses), "out": n_ok, "dropped": {"embed_error": len(statuses) - n_ok} if len(statuses) > n_ok else {},
-        "dim": dim}, seconds=time.time() - t0, outputs={"embeddings": str(d)})
-    finish(result, asdict(ec), inputs)
+        "dim": dim}, seconds=time.time() - t0, outputs={"embeddings": str(d)}, notes=notes)
+    finish(result, {**asdict(ec), **({"bootstrap_teacher": spec} if bootstrap else {})}, inputs)
     return result
+
+
+BOOTSTRAP_CONFIG = "tiny"  # the trainer preset a bare `bootstrap` spec trains
+
+
+def _bootstrap(cfg: Config, work: Path) -> tuple[str, str]:
+    """Train (or resume training) a small DINOv2 ViT on a seeded sample of the kept records; returns the
+    `checkpoint:` spec of its teacher and a note for the summary. Every step resumes: the sample's
+    shards are written shard by shard, the trainer resumes from its last checkpoint."""
+    import numpy as np
+    import pyarrow as pa
+
+    from curate.shards import ShardSettings, write_shards
+    from train.cli import resolve_config_path
+    from train.config import load_config as load_train_config
+    from train.loop import train
+
+    ec = cfg.embed
+    args = [a for a in ec.model.split(":")[1:] if a]
+    shards, out = work / "shards", work / "train"
+    if not (shards / "index.parquet").exists():
+        dirs = [stage_dir(cfg, "ingest"), stage_dir(cfg, "hashdedup")]
+        kept = []
+        for k in range(len(list_parts(dirs[0]))):
+            t = read_aligned(dirs, k)
+            kept.append(t.filter(pc.and_(pc.equal(t.column("status"), "ok"), pc.is_null(t.column("dup_of")))))
+        records = pa.concat_tables(kept, promote_options="permissive")
+        if records.num_rows == 0:
+            raise ValueError("bootstrap: the pool has no kept image to train on")
+        rng = np.random.default_rng(0)
+        take = np.sort(rng.choice(records.num_rows, min(ec.bootstrap_sample, records.num_rows), replace=False))
+        write_shards(records.take(pa.array(take)), stage_dir(cfg, "ingest"), shards, ShardSettings(shuffle_seed=0))
+    tcfg = load_train_config(resolve_config_path(args[0] if args else BOOTSTRAP_CONFIG),
+                             [f"data.path={shards}", f"output_dir={out}", "progress=false",
+                              *ec.bootstrap_overrides])
+    summary = train(tcfg)
+    note = (f"bootstrap: trained {args[0] if args else BOOTSTRAP_CONFIG} for {summary['iterations']} iterations "
+            f"on {pq.read_metadata(shards / 'index.parquet').num_rows:,} pool images; teacher {out / 'teacher_backbone.pt'}")
+    return f"checkpoint:{out / 'teacher_backbone.pt'}", note
 
 
 def run(cfg: Config, force: bool = False) -> list[StageResult]:
