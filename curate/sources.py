@@ -2,6 +2,13 @@
 
 Enumeration is deterministic (sorted walks, file order of lists and tars), so that the same
 inputs always give the same plan, the same ids and the same parts.
+
+Every item has a location-independent `name`, the string its record id is hashed from, so the
+same data gives the same ids wherever it lives (see `source_names` and `PlanItem.name`):
+  folder file   "<source name>/<path relative to the folder>"   e.g. "pool/a/0001.jpg"
+  tar member    "<source name>::<member name>"                   e.g. "shard-0.tar::a/0001.jpg"
+  single file   "<source name>"
+  URL           the URL itself (URL ids are blake2b of the URL, as they always were)
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ import csv
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -31,6 +38,7 @@ class PlanItem:
     uri: str
     kind: str                   # "file", "url", "tar"
     source: str                 # the SOURCE argument it came from
+    name: str = ""              # location-independent name (the id is hashed from it)
     path: str | None = None     # file path, or tar path
     member: str | None = None   # tar member name
     offset: int | None = None   # tar member data offset (uncompressed tars)
@@ -55,31 +63,56 @@ def source_kind(source: str) -> str:
     return "file"
 
 
-def iter_source(source: str) -> Iterator[PlanItem]:
-    """Plan items of one SOURCE, in a deterministic order."""
+def source_names(sources: Sequence[str]) -> list[str]:
+    """Location-independent names of SOURCE arguments: the basename of each folder or file.
+
+    Two different paths with one basename are told apart by order of appearance: the second is
+    "<basename>~2", the third "<basename>~3"; the same path given twice keeps one name.
+    """
+    by_path: dict[str, str] = {}
+    used: set[str] = set()
+    names = []
+    for source in sources:
+        resolved = str(Path(source).resolve())
+        if resolved not in by_path:
+            base = Path(resolved).name or resolved
+            name, n = base, 1
+            while name in used:
+                n += 1
+                name = f"{base}~{n}"
+            used.add(name)
+            by_path[resolved] = name
+        names.append(by_path[resolved])
+    return names
+
+
+def iter_source(source: str, name: str | None = None) -> Iterator[PlanItem]:
+    """Plan items of one SOURCE, in a deterministic order; `name` defaults to its basename."""
     kind = source_kind(source)
+    name = name or source_names([source])[0]
     if kind == "folder":
-        yield from _iter_folder(source)
+        yield from _iter_folder(source, name)
     elif kind == "tar":
-        yield from _iter_tar(source)
+        yield from _iter_tar(source, name)
     elif kind == "url_list":
-        yield from _iter_url_list(source)
+        yield from _iter_url_list(source, name)
     else:
         path = str(Path(source).resolve())
-        yield PlanItem(uri=path, kind="file", source=source, path=path, size=os.path.getsize(path))
+        yield PlanItem(uri=path, kind="file", source=source, name=name, path=path, size=os.path.getsize(path))
 
 
-def _iter_folder(root: str) -> Iterator[PlanItem]:
+def _iter_folder(root: str, sname: str) -> Iterator[PlanItem]:
     base = Path(root).resolve()
     for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
         dirnames.sort()
-        for name in sorted(filenames):
-            full = os.path.join(dirpath, name)
+        for fname in sorted(filenames):
+            full = os.path.join(dirpath, fname)
+            name = f"{sname}/{Path(full).relative_to(base).as_posix()}"
             if not os.path.isfile(full):
-                yield PlanItem(uri=full, kind="file", source=root, path=full,
+                yield PlanItem(uri=full, kind="file", source=root, name=name, path=full,
                                status="not_regular_file", error="broken link or special file")
                 continue
-            yield PlanItem(uri=full, kind="file", source=root, path=full, size=os.path.getsize(full))
+            yield PlanItem(uri=full, kind="file", source=root, name=name, path=full, size=os.path.getsize(full))
 
 
 def _json_extra(row: dict) -> str | None:
@@ -94,20 +127,20 @@ def _url_column(names: list[str], source: str) -> str:
     raise SourceError(f"{source}: no 'url' column (columns: {', '.join(names)})")
 
 
-def _iter_url_list(source: str) -> Iterator[PlanItem]:
+def _iter_url_list(source: str, sname: str) -> Iterator[PlanItem]:
     low = source.lower()
     if low.endswith(".txt"):
         with open(source, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 url = line.strip()
                 if url and not url.startswith("#"):
-                    yield PlanItem(uri=url, kind="url", source=source)
+                    yield PlanItem(uri=url, kind="url", source=source, name=url)
     elif low.endswith((".csv", ".tsv")):
         with open(source, newline="", encoding="utf-8", errors="replace") as fh:
             reader = csv.DictReader(fh, delimiter="\t" if low.endswith(".tsv") else ",")
             col = _url_column(list(reader.fieldnames or []), source)
             for row in reader:
-                yield _url_item((row.get(col) or "").strip(), row, source)
+                yield _url_item((row.get(col) or "").strip(), row, source, sname)
     else:
         import pyarrow.parquet as pq
 
@@ -115,13 +148,14 @@ def _iter_url_list(source: str) -> Iterator[PlanItem]:
         col = _url_column(pf.schema_arrow.names, source)
         for batch in pf.iter_batches(batch_size=8192):
             for row in batch.to_pylist():
-                yield _url_item(str(row.get(col) or "").strip(), row, source)
+                yield _url_item(str(row.get(col) or "").strip(), row, source, sname)
 
 
-def _url_item(url: str, row: dict, source: str) -> PlanItem:
-    item = PlanItem(uri=url, kind="url", source=source, extra=_json_extra(row))
+def _url_item(url: str, row: dict, source: str, sname: str) -> PlanItem:
+    item = PlanItem(uri=url, kind="url", source=source, name=url, extra=_json_extra(row))
     if not url:
-        item.uri, item.status, item.error = f"{source}:<empty url>", "bad_url", "empty url"
+        item.uri, item.name = f"{source}:<empty url>", f"{sname}:<empty url>"
+        item.status, item.error = "bad_url", "empty url"
     return item
 
 
@@ -139,13 +173,14 @@ def _split_key(name: str) -> tuple[str, str]:
     return key, (ext.lower() if dot else "")
 
 
-def _iter_tar(source: str) -> Iterator[PlanItem]:
+def _iter_tar(source: str, sname: str) -> Iterator[PlanItem]:
     path = str(Path(source).resolve())
     compressed = not path.lower().endswith(".tar")
     try:
         tf = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError) as exc:
-        yield PlanItem(uri=path, kind="file", source=source, path=path, status="bad_tar", error=str(exc)[:200])
+        yield PlanItem(uri=path, kind="file", source=source, name=sname, path=path, status="bad_tar",
+                       error=str(exc)[:200])
         return
     group: list[tarfile.TarInfo] = []
     group_key: str | None = None
@@ -156,21 +191,21 @@ def _iter_tar(source: str) -> Iterator[PlanItem]:
                     continue
                 key, _ = _split_key(info.name)
                 if group and key != group_key:
-                    yield from _tar_group(tf, group, path, source, compressed)
+                    yield from _tar_group(tf, group, path, source, sname, compressed)
                     group = []
                 group_key = key
                 group.append(info)
         except (tarfile.TarError, OSError, EOFError) as exc:
             if group:
-                yield from _tar_group(tf, group, path, source, compressed)
+                yield from _tar_group(tf, group, path, source, sname, compressed)
                 group = []
-            yield PlanItem(uri=f"{path}::<end>", kind="tar", source=source, path=path,
+            yield PlanItem(uri=f"{path}::<end>", kind="tar", source=source, name=f"{sname}::<end>", path=path,
                            status="bad_tar", error=f"tar read stopped: {exc}"[:200])
         if group:
-            yield from _tar_group(tf, group, path, source, compressed)
+            yield from _tar_group(tf, group, path, source, sname, compressed)
 
 
-def _tar_group(tf: tarfile.TarFile, members: list[tarfile.TarInfo], path: str, source: str,
+def _tar_group(tf: tarfile.TarFile, members: list[tarfile.TarInfo], path: str, source: str, sname: str,
                compressed: bool) -> Iterator[PlanItem]:
     extra: dict = {}
     images: list[tarfile.TarInfo] = []
@@ -191,7 +226,7 @@ def _tar_group(tf: tarfile.TarFile, members: list[tarfile.TarInfo], path: str, s
     extra_json = json.dumps(extra, sort_keys=True, default=str) if extra else None
     for info in images:
         uri = f"{path}::{info.name}"
-        item = PlanItem(uri=uri, kind="tar", source=source, path=path, member=info.name,
+        item = PlanItem(uri=uri, kind="tar", source=source, name=f"{sname}::{info.name}", path=path, member=info.name,
                         offset=None if compressed else info.offset_data, size=info.size, extra=extra_json)
         if unsafe_member_name(info.name):
             item.status, item.error = "unsafe_path", f"member name {info.name!r} escapes the archive"

@@ -34,7 +34,10 @@ def test_folder_ingest_counts_statuses_and_raw_bytes(tmp_path):
     t = read_table(tmp_path / "w").to_pylist()
     assert {r["uri"]: r["status"] for r in t} == want
     assert sum(counts.values()) == len(want) and counts["ok"] == list(want.values()).count("ok")
-    assert all(r["id"] == make_id(r["uri"]) for r in t)
+    # ids hash the location-independent name "<folder basename>/<relative path>"
+    for r in t:
+        rel = Path(r["uri"]).relative_to((tmp_path / "raw").resolve()).as_posix()
+        assert r["name"] == f"raw/{rel}" and r["id"] == make_id(r["name"])
     # every ok record's bytes sit in its raw shard at the recorded offset, byte for byte
     for r in t:
         if r["status"] != "ok":
@@ -137,7 +140,8 @@ def test_url_lists_download_check_and_carry_columns(tmp_path, image_server):
     rows = read_table(tmp_path / "w").to_pylist()
     csv_rows = [r for r in rows if r["source"].endswith("list.csv")]
     assert {r["uri"]: r["status"] for r in csv_rows[:-1]} == urls
-    assert csv_rows[-1]["status"] == "duplicate_uri" and csv_rows[-1]["id"] != make_id(csv_rows[-1]["uri"])
+    assert all(r["id"] == make_id(r["uri"]) and r["name"] == r["uri"] for r in csv_rows[:-1])  # URL ids unchanged
+    assert csv_rows[-1]["status"] == "duplicate_uri" and csv_rows[-1]["id"] == make_id(csv_rows[-1]["uri"] + "#1")
     assert [r["caption"] for r in csv_rows[:2]] == ["caption 0", "caption 1"]
     assert csv_rows[2]["http_status"] == 404
     pq_row = next(r for r in rows if r["source"].endswith("more.parquet"))

@@ -99,5 +99,5 @@ def test_webdataset_reads_the_shards(ingested, tmp_path):
     seen = {}
     for sample in wds.WebDataset(urls, shardshuffle=False).decode("pil"):
         seen[sample["__key__"]] = (sample["jpg"].size, sample["json"]["uri"])
-    want = {r["id"]: ((r["width"], r["height"]), r["uri"]) for r in records.to_pylist()}
+    want = {r["id"]: ((r["width"], r["height"]), r["name"]) for r in records.to_pylist()}  # the portable name
     assert seen == want
