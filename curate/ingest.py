@@ -34,7 +34,7 @@ from curate.download import DownloadResult, DownloadSettings, download, download
 from curate.images import CheckSettings, ImageCheck, check_image
 from curate.parts import (OutputError, atomic_path, clean_temporaries, ensure_dir, list_parts, part_name,
                           write_bytes_atomic, write_table_atomic)
-from curate.sources import PlanItem, iter_source, source_names
+from curate.sources import TAR_READ_ERRORS, PlanItem, iter_source, source_names, utf8_text
 from curate.tars import write_samples
 
 PLAN_SCHEMA = pa.schema([
@@ -309,8 +309,8 @@ def _process(row: dict, reader: _Reader, cache: Path, settings: IngestSettings) 
                 data = fh.read()
     except OutputError:
         raise
-    except (OSError, tarfile.TarError) as exc:
-        rec.update(status="read_error", error=str(exc)[:200])
+    except TAR_READ_ERRORS as exc:
+        rec.update(status="read_error", error=utf8_text(f"{type(exc).__name__}: {exc}")[0][:200])
         return rec, None
     try:
         res: ImageCheck = check_image(data, check)

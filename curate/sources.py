@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import csv
 import json
+import lzma
 import os
 import tarfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -25,6 +27,23 @@ URL_LIST_SUFFIXES = (".txt", ".csv", ".tsv", ".parquet")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 # Members of a webdataset sample that carry metadata rather than an image.
 META_EXTS = {"json": "json", "txt": "caption", "caption": "caption", "cls": "cls", "id": "source_id"}
+
+
+TAR_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
+"""What reading a damaged (possibly compressed) tar can raise."""
+
+
+def utf8_text(s: str) -> tuple[str, bool]:
+    """`s` as storable UTF-8 text (undecodable bytes escaped as \\xNN), and whether it already was."""
+    try:
+        s.encode("utf-8")
+        return s, True
+    except UnicodeEncodeError:
+        try:
+            raw = s.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = s.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace"), False
 
 
 class SourceError(ValueError):
@@ -108,6 +127,11 @@ def _iter_folder(root: str, sname: str) -> Iterator[PlanItem]:
         for fname in sorted(filenames):
             full = os.path.join(dirpath, fname)
             name = f"{sname}/{Path(full).relative_to(base).as_posix()}"
+            text, valid = utf8_text(full)
+            if not valid:
+                yield PlanItem(uri=text, kind="file", source=root, name=utf8_text(name)[0], path=text,
+                               status="bad_name", error="file name is not valid UTF-8")
+                continue
             if not os.path.isfile(full):
                 yield PlanItem(uri=full, kind="file", source=root, name=name, path=full,
                                status="not_regular_file", error="broken link or special file")
@@ -116,7 +140,7 @@ def _iter_folder(root: str, sname: str) -> Iterator[PlanItem]:
 
 
 def _json_extra(row: dict) -> str | None:
-    extra = {k: v for k, v in row.items() if k.lower() != "url" and v is not None and v != ""}
+    extra = {str(k): v for k, v in row.items() if str(k).lower() != "url" and v is not None and v != ""}
     return json.dumps(extra, sort_keys=True, default=str) if extra else None
 
 
@@ -136,19 +160,53 @@ def _iter_url_list(source: str, sname: str) -> Iterator[PlanItem]:
                 if url and not url.startswith("#"):
                     yield PlanItem(uri=url, kind="url", source=source, name=url)
     elif low.endswith((".csv", ".tsv")):
-        with open(source, newline="", encoding="utf-8", errors="replace") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if low.endswith(".tsv") else ",")
-            col = _url_column(list(reader.fieldnames or []), source)
-            for row in reader:
-                yield _url_item((row.get(col) or "").strip(), row, source, sname)
+        yield from _iter_csv(source, sname, "\t" if low.endswith(".tsv") else ",")
     else:
-        import pyarrow.parquet as pq
+        yield from _iter_parquet(source, sname)
 
+
+def _iter_csv(source: str, sname: str, delimiter: str) -> Iterator[PlanItem]:
+    """Rows of a CSV/TSV list; a row the csv module rejects becomes a `bad_row` record."""
+    with open(source, newline="", encoding="utf-8", errors="replace") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter, restkey="_extra_fields")
+        try:
+            names = list(reader.fieldnames or [])
+        except csv.Error as exc:
+            raise SourceError(f"{source}: unreadable header ({exc})") from exc
+        col = _url_column(names, source)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                where = f"{sname}:<line {reader.line_num}>"
+                yield PlanItem(uri=f"{source}:<line {reader.line_num}>", kind="url", source=source, name=where,
+                               status="bad_row", error=f"csv: {exc}"[:200])
+                continue
+            yield _url_item((row.get(col) or "").strip(), row, source, sname)
+
+
+def _iter_parquet(source: str, sname: str) -> Iterator[PlanItem]:
+    """Rows of a Parquet list; a file pyarrow cannot read is a `SourceError`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
         pf = pq.ParquetFile(source)
         col = _url_column(pf.schema_arrow.names, source)
-        for batch in pf.iter_batches(batch_size=8192):
-            for row in batch.to_pylist():
+        batches = pf.iter_batches(batch_size=8192)
+        while True:
+            try:
+                rows = next(batches).to_pylist()
+            except StopIteration:
+                return
+            for row in rows:
                 yield _url_item(str(row.get(col) or "").strip(), row, source, sname)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        if isinstance(exc, SourceError):
+            raise
+        raise SourceError(f"{source}: not a readable Parquet file ({' '.join(str(exc).split())[:200]})") from exc
 
 
 def _url_item(url: str, row: dict, source: str, sname: str) -> PlanItem:
@@ -178,9 +236,9 @@ def _iter_tar(source: str, sname: str) -> Iterator[PlanItem]:
     compressed = not path.lower().endswith(".tar")
     try:
         tf = tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError) as exc:
+    except TAR_READ_ERRORS as exc:
         yield PlanItem(uri=path, kind="file", source=source, name=sname, path=path, status="bad_tar",
-                       error=str(exc)[:200])
+                       error=utf8_text(str(exc))[0][:200])
         return
     group: list[tarfile.TarInfo] = []
     group_key: str | None = None
@@ -195,12 +253,12 @@ def _iter_tar(source: str, sname: str) -> Iterator[PlanItem]:
                     group = []
                 group_key = key
                 group.append(info)
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except TAR_READ_ERRORS as exc:
             if group:
                 yield from _tar_group(tf, group, path, source, sname, compressed)
                 group = []
             yield PlanItem(uri=f"{path}::<end>", kind="tar", source=source, name=f"{sname}::<end>", path=path,
-                           status="bad_tar", error=f"tar read stopped: {exc}"[:200])
+                           status="bad_tar", error=utf8_text(f"tar read stopped: {exc}")[0][:200])
         if group:
             yield from _tar_group(tf, group, path, source, sname, compressed)
 
@@ -212,7 +270,11 @@ def _tar_group(tf: tarfile.TarFile, members: list[tarfile.TarInfo], path: str, s
     for info in members:
         _, ext = _split_key(info.name)
         if info.isfile() and not unsafe_member_name(info.name) and ext in META_EXTS:
-            raw = tf.extractfile(info).read().decode("utf-8", errors="replace")
+            try:
+                raw = tf.extractfile(info).read().decode("utf-8", errors="replace")
+            except TAR_READ_ERRORS:  # unreadable metadata becomes a record of its own, with its reason
+                images.append(info)
+                continue
             if ext == "json":
                 try:
                     obj = json.loads(raw)
@@ -225,10 +287,13 @@ def _tar_group(tf: tarfile.TarFile, members: list[tarfile.TarInfo], path: str, s
             images.append(info)
     extra_json = json.dumps(extra, sort_keys=True, default=str) if extra else None
     for info in images:
-        uri = f"{path}::{info.name}"
-        item = PlanItem(uri=uri, kind="tar", source=source, name=f"{sname}::{info.name}", path=path, member=info.name,
-                        offset=None if compressed else info.offset_data, size=info.size, extra=extra_json)
-        if unsafe_member_name(info.name):
+        member, valid = utf8_text(info.name)
+        item = PlanItem(uri=f"{path}::{member}", kind="tar", source=source, name=f"{sname}::{member}", path=path,
+                        member=member, offset=None if compressed else info.offset_data, size=info.size,
+                        extra=extra_json)
+        if not valid and compressed:  # uncompressed members are read by offset, so their names do not matter
+            item.status, item.error = "bad_name", "member name is not valid UTF-8"
+        elif unsafe_member_name(info.name):
             item.status, item.error = "unsafe_path", f"member name {info.name!r} escapes the archive"
         elif not info.isfile():
             item.status, item.error = "not_regular_file", f"tar member type {info.type!r}"
