@@ -39,8 +39,8 @@ from curate.tars import write_samples
 
 PLAN_SCHEMA = pa.schema([
     ("id", pa.string()), ("uri", pa.string()), ("name", pa.string()), ("kind", pa.string()),
-    ("source", pa.string()), ("path", pa.string()), ("member", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
-    ("extra", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("source", pa.string()), ("path", pa.string()), ("member", pa.string()), ("offset", pa.int64()),
+    ("size", pa.int64()), ("extra", pa.string()), ("status", pa.string()), ("error", pa.string()),
 ])
 
 RECORD_FIELDS = [

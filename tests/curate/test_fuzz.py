@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import functools
 import io
-import json
 import os
 import struct
 import tarfile
@@ -144,7 +143,8 @@ def expected_records(members: list[dict]) -> int:
     def is_meta(m: dict) -> bool:
         from curate.sources import _split_key, unsafe_member_name
 
-        return m["type"] == tarfile.REGTYPE and not unsafe_member_name(m["name"]) and _split_key(m["name"])[1] in META_EXTS
+        safe = not unsafe_member_name(m["name"])
+        return m["type"] == tarfile.REGTYPE and safe and _split_key(m["name"])[1] in META_EXTS
     return sum(1 for m in members if m["type"] != tarfile.DIRTYPE and not is_meta(m))
 
 
@@ -232,9 +232,10 @@ def test_url_lists_parse_or_fail_clearly(case):
 # ---- config files (pipelines/config.py load_config is tested, not edited) ------------------
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-yaml_value = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
-                                    st.text(max_size=10), st.sampled_from(["${x}", "${oc.env:HOME}", "???", "!!python/object:os.system"])),
-                          lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(st.text(max_size=8), kids, max_size=3)),
+yaml_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=10),
+                      st.sampled_from(["${x}", "${oc.env:HOME}", "???", "!!python/object:os.system"]))
+yaml_value = st.recursive(yaml_leaf, lambda kids: st.one_of(st.lists(kids, max_size=3),
+                                                            st.dictionaries(st.text(max_size=8), kids, max_size=3)),
                           max_leaves=8)
 
 
