@@ -4,7 +4,8 @@ Drives the CLI only by subprocess (`python -m pipelines.cli run CONFIG workdir=.
 what a user gets. A small labelled pool and a config modelled on configs/demo.yaml (local
 executor, ingest in 2 worker processes) are written under --root. After an uninterrupted
 reference run, each of --points kill times is drawn uniformly over the reference duration; a
-fresh workdir is killed there (the whole process group, workers included), rerun to the end and
+fresh workdir is killed there (SIGKILL of the driver alone: its workers must die with it; any
+process of the run still alive a second later counts as an orphan), rerun to the end and
 compared: curated shards, shard index, every stage's record parts and embeddings byte for byte,
 and counts that reconcile. One JSON line reports the figures.
 
@@ -53,6 +54,7 @@ shards:
   max_count: 25
 """
 SKIP = {"_MANIFEST.json", "_STARTED.json"}  # hold timestamps
+ORPHANS: list[int] = []  # killed runs that left a process behind for more than a second
 
 
 def outputs(work: Path) -> dict[str, bytes]:
@@ -90,6 +92,14 @@ def reconcile(work: Path, n_inputs: int) -> list[str]:
     return problems
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def run(config: Path, work: Path, env: dict, kill_after: float | None = None) -> tuple[int, float]:
     """Run `curate run`; SIGKILL its process group after `kill_after` s. Returns (rc or -9, seconds)."""
     start = time.time()
@@ -99,9 +109,14 @@ def run(config: Path, work: Path, env: dict, kill_after: float | None = None) ->
     try:
         _, err = proc.communicate(timeout=kill_after if kill_after is not None else 3600)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        proc.kill()  # the driver only: its workers must die with it
         proc.communicate()
-        return -9, time.time() - start
+        seconds = time.time() - start
+        time.sleep(1.0)
+        if _group_alive(proc.pid):
+            ORPHANS.append(proc.pid)
+            os.killpg(proc.pid, signal.SIGKILL)
+        return -9, seconds
     if proc.returncode != 0:
         sys.stderr.write(err.decode()[-3000:])
     return proc.returncode, time.time() - start
@@ -154,8 +169,8 @@ def main() -> None:
     emit("chaos", points=args.points, pool=args.pool, inputs=n_inputs, seed=args.seed,
          reference_seconds=round(full, 1), killed=killed, identical=identical,
          mean_rerun_seconds=round(sum(rerun_seconds) / max(1, len(rerun_seconds)), 1),
-         files_compared=len(reference), problems=problems[:20])
-    sys.exit(1 if problems else 0)
+         files_compared=len(reference), orphans=len(ORPHANS), problems=problems[:20])
+    sys.exit(1 if problems or ORPHANS else 0)
 
 
 if __name__ == "__main__":
