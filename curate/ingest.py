@@ -45,9 +45,8 @@ PLAN_SCHEMA = pa.schema([
 
 RECORD_FIELDS = [
     ("id", pa.string()), ("uri", pa.string()), ("name", pa.string()), ("source", pa.string()),
-    ("status", pa.string()),
-    ("error", pa.string()), ("sha256", pa.string()), ("phash", pa.uint64()), ("width", pa.int32()),
-    ("height", pa.int32()), ("nbytes", pa.int64()), ("format", pa.string()), ("ext", pa.string()),
+    ("status", pa.string()), ("error", pa.string()), ("sha256", pa.string()), ("phash", pa.uint64()),
+    ("width", pa.int32()), ("height", pa.int32()), ("nbytes", pa.int64()), ("format", pa.string()), ("ext", pa.string()),
     ("mode", pa.string()), ("n_frames", pa.int32()), ("http_status", pa.int32()),
     ("raw_shard", pa.string()), ("raw_key", pa.string()), ("raw_offset", pa.int64()),
 ]
@@ -217,7 +216,7 @@ def _fill_download_cache(items: list[dict], cache: Path, settings: DownloadSetti
     todo = [r for r in items if r["kind"] == "url" and not r["status"] and not _cache_looks_whole(cache, r["id"])]
     if not todo:
         return
-    cache.mkdir(parents=True, exist_ok=True)
+    ensure_dir(cache)
     for idx, res in download_many((r["uri"] for r in todo), settings):
         _cache_put(cache, todo[idx]["id"], res)
 
