@@ -46,8 +46,8 @@ PLAN_SCHEMA = pa.schema([
 RECORD_FIELDS = [
     ("id", pa.string()), ("uri", pa.string()), ("name", pa.string()), ("source", pa.string()),
     ("status", pa.string()), ("error", pa.string()), ("sha256", pa.string()), ("phash", pa.uint64()),
-    ("width", pa.int32()), ("height", pa.int32()), ("nbytes", pa.int64()), ("format", pa.string()), ("ext", pa.string()),
-    ("mode", pa.string()), ("n_frames", pa.int32()), ("http_status", pa.int32()),
+    ("width", pa.int32()), ("height", pa.int32()), ("nbytes", pa.int64()), ("format", pa.string()),
+    ("ext", pa.string()), ("mode", pa.string()), ("n_frames", pa.int32()), ("http_status", pa.int32()),
     ("raw_shard", pa.string()), ("raw_key", pa.string()), ("raw_offset", pa.int64()),
 ]
 CORE_COLUMNS = {name for name, _ in RECORD_FIELDS}
