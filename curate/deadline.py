@@ -1,13 +1,15 @@
 """A whole-request deadline for HTTP downloads: past it, the request's sockets are shut down.
 
 Per-read timeouts do not bound a request: a server that trickles one byte every half second (or
-keeps the headers coming) never trips them. `Deadline` arms a timer that shuts down every socket
-a request used, which wakes the blocked read at once. Sockets are registered by the connection
-classes of `deadline_adapter`, for the thread's current deadline (`Deadline.active`).
+keeps the headers coming) never trips them. When a `Deadline` passes, one watchdog thread (shared
+by all deadlines) shuts down every socket the request used, which wakes the blocked read at once.
+Sockets are registered by the connection classes of `DeadlineAdapter`, for the calling thread's
+current deadline (`Deadline.active`).
 """
 
 from __future__ import annotations
 
+import heapq
 import socket
 import threading
 import time
@@ -29,7 +31,7 @@ class Deadline:
         self.expired = False
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
-        self._timer: threading.Timer | None = None
+        self._done = False
 
     @staticmethod
     def active() -> Deadline | None:
@@ -52,25 +54,62 @@ class Deadline:
 
     def __enter__(self) -> Deadline:
         _active.deadline = self
-        self._timer = threading.Timer(max(0.0, self.remaining()), self._fire)
-        self._timer.daemon = True
-        self._timer.start()
+        _WATCHDOG.add(self)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         _active.deadline = None
-        if self._timer is not None:
-            self._timer.cancel()
         with self._lock:
+            self._done = True
             self._sockets.clear()
 
     def _fire(self) -> None:
         with self._lock:
+            if self._done:
+                return
             self.expired = True
             sockets, self._sockets = self._sockets, []
         for sock in sockets:
             _shutdown(sock)
+
+
+class _Watchdog:
+    """One thread for all deadlines of the process: sleeps until the earliest, fires it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Deadline]] = []
+        self._limit = 1024
+        self._thread: threading.Thread | None = None
+
+    def add(self, deadline: Deadline) -> None:
+        with self._cond:
+            if len(self._heap) >= self._limit:  # drop finished downloads now and then (amortised O(1))
+                self._heap = [entry for entry in self._heap if not entry[2]._done]
+                heapq.heapify(self._heap)
+                self._limit = max(1024, 2 * len(self._heap))
+            heapq.heappush(self._heap, (deadline.at, id(deadline), deadline))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="deadline-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                at, _, deadline = self._heap[0]
+                wait = at - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+            deadline._fire()
+
+
+_WATCHDOG = _Watchdog()
 
 
 def _shutdown(sock: socket.socket) -> None:
