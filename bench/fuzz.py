@@ -35,13 +35,17 @@ def main() -> None:
                                "tests/curate/test_fuzz.py", "-k", "not known_config_bugs"],
                               cwd=ROOT, env=env, capture_output=True, text=True)
         seconds = time.time() - start
-        cases = ET.parse(report).getroot().iter("testcase")
+        cases = list(ET.parse(report).getroot().iter("testcase"))
         tests = {c.get("name"): {"seconds": round(float(c.get("time", 0)), 1),
                                  "failed": c.find("failure") is not None or c.find("error") is not None}
                  for c in cases}
+        for c in cases:  # each failure with its falsifying example, for an @example regression
+            bad = c.find("failure") if c.find("failure") is not None else c.find("error")
+            if bad is not None:
+                print(f"==== {c.get('name')}\n{(bad.text or '')[-6000:]}", file=sys.stderr)
     failed = [name for name, t in tests.items() if t["failed"]]
-    if failed:
-        print(proc.stdout[-8000:], file=sys.stderr)
+    if proc.returncode not in (0, 1):
+        print(proc.stdout[-4000:], file=sys.stderr)
     emit("fuzz", examples_per_parser=args.examples, tar_examples=max(1, args.examples // 2), seed=args.seed,
          seconds=round(seconds, 1), tests={k: v["seconds"] for k, v in tests.items()}, failed=failed)
     sys.exit(1 if failed else 0)

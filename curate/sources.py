@@ -148,7 +148,8 @@ def _url_column(names: list[str], source: str) -> str:
     for n in names:
         if n.strip().lower() == "url":
             return n
-    raise SourceError(f"{source}: no 'url' column (columns: {', '.join(names)})")
+    shown = ", ".join(repr(n) for n in names[:20])
+    raise SourceError(f"{source}: no 'url' column (columns: {shown[:300]})")
 
 
 def _iter_url_list(source: str, sname: str) -> Iterator[PlanItem]:

@@ -213,6 +213,7 @@ def url_list(draw: st.DrawFn) -> tuple[str, bytes]:
 @given(url_list())
 @example((".csv", b"url\n" + b"a" * 200_000 + b"\n"))  # a field past csv's field size limit
 @example((".parquet", b"PAR1\x00\x00PAR1"))  # a damaged Parquet footer
+@example((".csv", b'"#\r\n'))  # a column name with a line break made the error two lines
 def test_url_lists_parse_or_fail_clearly(case):
     suffix, data = case
     with tempfile.TemporaryDirectory() as tmp:
