@@ -7,6 +7,8 @@ memory stays bounded for millions of inputs.
 
 Redirects are followed by hand (not by requests) so that every hop is size-bounded, every
 target is scheme-checked, and `max_redirects` applies per call even on a caller's session.
+Every URL is bounded in time as a whole (`deadline`: attempts, redirects, waits and body), so a
+server trickling bytes cannot hold a worker; compressed bodies are decoded under `max_bytes`.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import queue
 import re
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import requests
-from urllib3.exceptions import ReadTimeoutError
+import urllib3.exceptions as u3
+
+from curate.deadline import Deadline, DeadlineAdapter
 
 REASONS: tuple[str, ...] = (
     "ok", "bad_scheme", "bad_url", "http_<code>", "http_5xx", "timeout", "connection_error",
@@ -38,6 +43,7 @@ _TOKEN_SPLIT = re.compile(r"[\s,:;]+")
 _CHUNK = 64 * 1024
 _DRAIN_LIMIT = 64 * 1024
 _ACCEPT = "image/avif,image/webp,image/*,*/*;q=0.8"
+_ACCEPT_ENCODING = "identity, gzip;q=0.5, deflate;q=0.5"  # what `_read_body` decodes under max_bytes
 
 _sleep: Callable[[float], object] = time.sleep
 _local = threading.local()
@@ -56,11 +62,12 @@ class DownloadSettings:
     respect_noai: bool = True
     user_agent: str = "dinocurate/0.1 (+image curation)"
     concurrency: int = 32
+    deadline: float = 120.0  # seconds for one URL in all: attempts, redirects, backoff and body
 
     def __post_init__(self) -> None:
         """Reject nonsensical settings early instead of failing every URL later."""
-        if self.timeout <= 0:
-            raise ValueError("timeout must be > 0")
+        if self.timeout <= 0 or self.deadline <= 0:
+            raise ValueError("timeout and deadline must be > 0")
         if self.retries < 0 or self.max_redirects < 0:
             raise ValueError("retries and max_redirects must be >= 0")
         if self.backoff < 0 or self.backoff_max < 0:
@@ -91,7 +98,8 @@ def download(url: str, settings: DownloadSettings, session: requests.Session | N
     """Fetch one URL with retries; never raises for a per-URL problem.
 
     Without `session`, a session private to the calling thread is used (connection reuse). A
-    caller's session works too; one from `new_session` also keeps redirect bodies size-bounded.
+    caller's session works too; one from `new_session` also keeps redirect bodies size-bounded
+    and lets the deadline cut a request mid-read (otherwise it is checked between reads).
     """
     return _download(url, settings, session if session is not None else _thread_session(settings), None)
 
@@ -162,6 +170,8 @@ class _HopByHopSession(requests.Session):
 def new_session(settings: DownloadSettings) -> requests.Session:
     """A session suited to `download` (one per thread: sessions are not shared across threads)."""
     session = _HopByHopSession()
+    for prefix in ("http://", "https://"):
+        session.mount(prefix, DeadlineAdapter())
     session.max_redirects = settings.max_redirects  # mirrors the limit `_attempt` enforces per call
     session.headers["User-Agent"] = settings.user_agent
     return session
@@ -183,32 +193,39 @@ def _download(
     if problem is not None:
         return _result(url, *problem)
     attempts = 0
-    while True:
-        attempts += 1
-        result = _attempt(url, settings, session)
-        result.attempts = attempts
-        if result.status not in RETRYABLE or attempts > settings.retries:
-            return result
-        delay = min(settings.backoff * 2 ** (attempts - 1), settings.backoff_max)
-        if stop is None:
-            _sleep(delay)
-        elif stop.wait(delay):
-            return result
+    with Deadline(settings.deadline) as deadline:
+        while True:
+            attempts += 1
+            result = _attempt(url, settings, session, deadline)
+            result.attempts = attempts
+            if result.status not in RETRYABLE or attempts > settings.retries:
+                return result
+            delay = min(settings.backoff * 2 ** (attempts - 1), settings.backoff_max)
+            if delay >= deadline.remaining():
+                return result
+            if stop is None:
+                _sleep(delay)
+            elif stop.wait(delay):
+                return result
 
 
-def _attempt(url: str, settings: DownloadSettings, session: requests.Session) -> DownloadResult:
+def _attempt(url: str, settings: DownloadSettings, session: requests.Session, deadline: Deadline) -> DownloadResult:
     """One attempt: follow up to max_redirects redirects, then classify and read the final response."""
-    headers = {"User-Agent": settings.user_agent, "Accept": _ACCEPT}
-    timeout = (settings.timeout, settings.timeout)
+    headers = {"User-Agent": settings.user_agent, "Accept": _ACCEPT, "Accept-Encoding": _ACCEPT_ENCODING}
     current = url
     hops = 0
     resp: requests.Response | None = None
     try:
         while True:
+            left = deadline.remaining()
+            if left <= 0:
+                return _past_deadline(url, settings, resp)
+            timeout = (min(settings.timeout, left), min(settings.timeout, left))
             resp = session.get(current, headers=headers, timeout=timeout, stream=True, allow_redirects=False)
             try:
                 if resp.status_code not in _REDIRECT_CODES or "location" not in resp.headers:
-                    return _read_final(url, resp, settings)
+                    result = _read_final(url, resp, settings, deadline)
+                    return _past_deadline(url, settings, resp) if deadline.expired else result
                 if hops == settings.max_redirects:
                     return _result(url, "too_many_redirects", f"more than {settings.max_redirects} redirects", resp)
                 current = _redirect_target(resp)
@@ -221,10 +238,16 @@ def _attempt(url: str, settings: DownloadSettings, session: requests.Session) ->
                 status, error = problem
                 return _result(url, status, f"redirect to {current!r}: {error}", resp)
     except Exception as exc:
+        if deadline.expired or deadline.remaining() <= 0:
+            return _past_deadline(url, settings, resp)
         return _result(url, _classify(exc), _one_line(exc), resp)
 
 
-def _read_final(url: str, resp: requests.Response, settings: DownloadSettings) -> DownloadResult:
+def _past_deadline(url: str, settings: DownloadSettings, resp: requests.Response | None) -> DownloadResult:
+    return _result(url, "timeout", f"deadline of {settings.deadline:g} s for the whole download passed", resp)
+
+
+def _read_final(url: str, resp: requests.Response, settings: DownloadSettings, deadline: Deadline) -> DownloadResult:
     """Turn a non-redirect response into a result, streaming the body under the size cap."""
     code = resp.status_code
     if code >= 500:
@@ -238,14 +261,30 @@ def _read_final(url: str, resp: requests.Response, settings: DownloadSettings) -
     declared = _content_length(resp)
     if declared is not None and declared > settings.max_bytes:
         return _result(url, "too_large", f"Content-Length {declared} > max_bytes {settings.max_bytes}", resp)
+    encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity", "gzip", "x-gzip", "deflate"):
+        return _result(url, "decode_error", f"unsupported Content-Encoding {encoding!r}", resp)
+    # gzip or zlib stream (auto-detected); output bounded by max_bytes, so a gzip bomb stays small
+    decoder = None if encoding in ("", "identity") else zlib.decompressobj(47)
     body = bytearray()
-    for chunk in resp.iter_content(_CHUNK):
-        body += chunk
+    received = 0
+    for chunk in resp.raw.stream(_CHUNK, decode_content=False):
+        received += len(chunk)
+        if decoder is None:
+            body += chunk
+        else:
+            try:
+                body += decoder.decompress(chunk, settings.max_bytes + 1 - len(body))
+            except zlib.error as exc:
+                return _result(url, "decode_error", f"bad {encoding} body: {exc}", resp)
         if len(body) > settings.max_bytes:
             return _result(url, "too_large", f"body exceeded max_bytes {settings.max_bytes}", resp)
-    identity = resp.headers.get("Content-Encoding", "identity").strip().lower() in ("", "identity")
-    if declared is not None and identity and len(body) < declared:
-        return _result(url, "truncated", f"got {len(body)} of {declared} declared bytes", resp)
+        if deadline.remaining() <= 0:
+            return _past_deadline(url, settings, resp)
+    if declared is not None and received < declared:
+        return _result(url, "truncated", f"got {received} of {declared} declared bytes", resp)
+    if decoder is not None and not decoder.eof:
+        return _result(url, "truncated", f"{encoding} stream ends early", resp)
     return DownloadResult(url, "ok", bytes(body), code, 0, None, resp.headers.get("Content-Type"))
 
 
@@ -317,10 +356,14 @@ def _drain(resp: requests.Response) -> None:
 
 def _classify(exc: Exception) -> str:
     """Map a requests/urllib3 exception to a result status."""
-    if isinstance(exc, requests.exceptions.SSLError):
+    if isinstance(exc, (requests.exceptions.SSLError, u3.SSLError)):
         return "ssl_error"
-    if isinstance(exc, requests.Timeout):
+    if isinstance(exc, (requests.Timeout, u3.TimeoutError)):
         return "timeout"
+    if isinstance(exc, u3.DecodeError):
+        return "decode_error"
+    if isinstance(exc, u3.ProtocolError):  # body reads go through urllib3 directly: connection broken
+        return "truncated"
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
         return "truncated"
     if isinstance(exc, requests.exceptions.ContentDecodingError):
@@ -333,7 +376,7 @@ def _classify(exc: Exception) -> str:
         return "bad_url"
     if isinstance(exc, requests.ConnectionError):
         # a read timeout while streaming the body surfaces as ConnectionError(ReadTimeoutError)
-        return "timeout" if exc.args and isinstance(exc.args[0], ReadTimeoutError) else "connection_error"
+        return "timeout" if exc.args and isinstance(exc.args[0], u3.ReadTimeoutError) else "connection_error"
     return "error"
 
 

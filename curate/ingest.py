@@ -2,18 +2,24 @@
 
 Layout under the stage directory:
   _plan/part-XXXXX.parquet   the inputs of each part, fixed before any work starts
-  _cache/part-XXXXX/         finished downloads of an unfinished part (so a rerun never refetches)
+  _cache/part-XXXXX/         finished downloads of an unfinished part (so a rerun never refetches);
+                             an entry missing or damaged is simply downloaded again
   shards/shard-XXXXX.tar     raw webdataset shard of part XXXXX (original bytes of ok images)
   part-XXXXX.parquet         records of part XXXXX; written last, it marks the part done
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
 import tarfile
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,27 +30,28 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.download import DownloadSettings, download_many
+from curate.download import DownloadResult, DownloadSettings, download, download_many
 from curate.images import CheckSettings, ImageCheck, check_image
-from curate.parts import (atomic_path, clean_temporaries, list_parts, part_name, write_bytes_atomic,
-                          write_table_atomic)
-from curate.sources import PlanItem, iter_source
+from curate.parts import (OutputError, atomic_path, clean_temporaries, ensure_dir, list_parts, part_name,
+                          write_bytes_atomic, write_table_atomic)
+from curate.sources import TAR_READ_ERRORS, PlanItem, iter_source, source_names, utf8_text
 from curate.tars import write_samples
 
 PLAN_SCHEMA = pa.schema([
-    ("id", pa.string()), ("uri", pa.string()), ("kind", pa.string()), ("source", pa.string()),
-    ("path", pa.string()), ("member", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
-    ("extra", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("id", pa.string()), ("uri", pa.string()), ("name", pa.string()), ("kind", pa.string()),
+    ("source", pa.string()), ("path", pa.string()), ("member", pa.string()), ("offset", pa.int64()),
+    ("size", pa.int64()), ("extra", pa.string()), ("status", pa.string()), ("error", pa.string()),
 ])
 
 RECORD_FIELDS = [
-    ("id", pa.string()), ("uri", pa.string()), ("source", pa.string()), ("status", pa.string()),
-    ("error", pa.string()), ("sha256", pa.string()), ("phash", pa.uint64()), ("width", pa.int32()),
-    ("height", pa.int32()), ("nbytes", pa.int64()), ("format", pa.string()), ("ext", pa.string()),
-    ("mode", pa.string()), ("n_frames", pa.int32()), ("http_status", pa.int32()),
+    ("id", pa.string()), ("uri", pa.string()), ("name", pa.string()), ("source", pa.string()),
+    ("status", pa.string()), ("error", pa.string()), ("sha256", pa.string()), ("phash", pa.uint64()),
+    ("width", pa.int32()), ("height", pa.int32()), ("nbytes", pa.int64()), ("format", pa.string()),
+    ("ext", pa.string()), ("mode", pa.string()), ("n_frames", pa.int32()), ("http_status", pa.int32()),
     ("raw_shard", pa.string()), ("raw_key", pa.string()), ("raw_offset", pa.int64()),
 ]
 CORE_COLUMNS = {name for name, _ in RECORD_FIELDS}
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -57,9 +64,13 @@ class IngestSettings:
     download: DownloadSettings = field(default_factory=DownloadSettings)
 
 
-def make_id(uri: str) -> str:
-    """Stable record id: 16 hex chars of blake2b of the source URI."""
-    return hashlib.blake2b(uri.encode("utf-8", errors="surrogatepass"), digest_size=8).hexdigest()
+def make_id(name: str) -> str:
+    """Stable record id: 16 hex chars of blake2b of the item's location-independent name.
+
+    The name is the URL for URLs, "<source name>/<relative path>" for folder files and
+    "<source name>::<member>" for tar members (see curate.sources), so moving data keeps ids.
+    """
+    return hashlib.blake2b(name.encode("utf-8", errors="surrogatepass"), digest_size=8).hexdigest()
 
 
 def plan(sources: Iterable[str], stage_dir: str | os.PathLike, part_size: int) -> int:
@@ -68,15 +79,16 @@ def plan(sources: Iterable[str], stage_dir: str | os.PathLike, part_size: int) -
     plan_dir = stage_dir / "_plan"
     if plan_dir.exists():
         return len(list_parts(plan_dir))
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(stage_dir)
     clean_temporaries(stage_dir)
     seen: dict[str, int] = {}
     with atomic_path(plan_dir) as tmp:
         tmp.mkdir()
         rows: list[dict] = []
         n_parts = 0
-        for source in sources:
-            for item in iter_source(source):
+        sources = list(sources)
+        for source, name in zip(sources, source_names(sources)):
+            for item in iter_source(source, name):
                 rows.append(_plan_row(item, seen))
                 if len(rows) == part_size:
                     pq.write_table(pa.Table.from_pylist(rows, schema=PLAN_SCHEMA), tmp / part_name(n_parts))
@@ -89,13 +101,13 @@ def plan(sources: Iterable[str], stage_dir: str | os.PathLike, part_size: int) -
 
 def _plan_row(item: PlanItem, seen: dict[str, int]) -> dict:
     row = asdict(item)
-    base = make_id(item.uri)
+    base = make_id(item.name)
     count = seen.get(base, 0)
     seen[base] = count + 1
     if count:
-        row["id"] = make_id(f"{item.uri}#{count}")
+        row["id"] = make_id(f"{item.name}#{count}")
         if not row["status"]:
-            row["status"], row["error"] = "duplicate_uri", f"same source URI as record {base}"
+            row["status"], row["error"] = "duplicate_uri", f"same source name as record {base}"
     else:
         row["id"] = base
     return row
@@ -110,18 +122,46 @@ def ingest(sources: Iterable[str], stage_dir: str | os.PathLike, settings: Inges
     workers = settings.workers or os.cpu_count() or 1
     if workers > 1 and len(todo) > 1:
         ctx = get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
+                                   initializer=die_with_parent, initargs=(os.getpid(),))
+        try:
             futures = {pool.submit(run_part, stage_dir, i, settings): i for i in todo}
             for fut in as_completed(futures):
                 counts = fut.result()
                 if on_part:
                     on_part(futures[fut], counts)
+        finally:  # on an error, parts not started are not started; running ones finish or fail
+            pool.shutdown(wait=True, cancel_futures=True)
     else:
         for i in todo:
             counts = run_part(stage_dir, i, settings)
             if on_part:
                 on_part(i, counts)
     return status_counts(stage_dir)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: the worker dies with its driver, so a killed run leaves no writer behind.
+
+    On Linux the kernel sends SIGKILL when the parent dies (PR_SET_PDEATHSIG); everywhere, a
+    watcher thread exits the worker within half a second of its parent's death.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent_pid:
+            os._exit(1)
 
 
 def status_counts(stage_dir: str | os.PathLike) -> dict:
@@ -147,12 +187,11 @@ def run_part(stage_dir: str | os.PathLike, index: int, settings: IngestSettings)
     good: list[tuple[int, bytes]] = []
     with _Reader() as reader:
         for row in items:
-            rec, data = _process(row, reader, cache, settings.check)
+            rec, data = _process(row, reader, cache, settings)
             if data is not None:
                 good.append((len(records), data))
             records.append(rec)
-    shard_dir = stage_dir / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    shard_dir = ensure_dir(stage_dir / "shards")
     samples = ({"__key__": records[i]["id"], records[i]["ext"]: data, "json": _raw_meta(records[i])}
                for i, data in good)
     with atomic_path(shard_dir / shard_name) as tmp:
@@ -174,17 +213,46 @@ def _raw_meta(rec: dict) -> str:
 
 def _fill_download_cache(items: list[dict], cache: Path, settings: DownloadSettings) -> None:
     """Download every URL of the part not yet in the cache; each result lands there atomically."""
-    todo = [r for r in items if r["kind"] == "url" and not r["status"] and not (cache / f"{r['id']}.json").exists()]
+    todo = [r for r in items if r["kind"] == "url" and not r["status"] and not _cache_looks_whole(cache, r["id"])]
     if not todo:
         return
-    cache.mkdir(parents=True, exist_ok=True)
+    ensure_dir(cache)
     for idx, res in download_many((r["uri"] for r in todo), settings):
-        rid = todo[idx]["id"]
-        if res.data is not None:
-            write_bytes_atomic(cache / f"{rid}.bin", res.data)
-        meta = {"status": res.status, "http_status": res.http_status, "error": res.error,
-                "attempts": res.attempts}
-        write_bytes_atomic(cache / f"{rid}.json", json.dumps(meta).encode())
+        _cache_put(cache, todo[idx]["id"], res)
+
+
+def _cache_put(cache: Path, rid: str, res: DownloadResult) -> dict:
+    """Store one download result (body first, then its metadata, which marks the entry whole)."""
+    meta = {"status": res.status, "http_status": res.http_status, "error": res.error, "attempts": res.attempts}
+    if res.data is not None:
+        write_bytes_atomic(cache / f"{rid}.bin", res.data)
+        meta["sha256"], meta["nbytes"] = hashlib.sha256(res.data).hexdigest(), len(res.data)
+    write_bytes_atomic(cache / f"{rid}.json", json.dumps(meta).encode())
+    return {**meta, "data": res.data}
+
+
+def _cache_looks_whole(cache: Path, rid: str) -> bool:
+    """Cheap check (no body read) that a cache entry exists and is complete."""
+    try:
+        meta = json.loads((cache / f"{rid}.json").read_bytes())
+        return meta["status"] != "ok" or (cache / f"{rid}.bin").stat().st_size == meta["nbytes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _cache_get(cache: Path, rid: str) -> dict | None:
+    """A finished download from the cache, or None when the entry is missing or damaged."""
+    try:
+        meta = json.loads((cache / f"{rid}.json").read_bytes())
+        meta["data"] = None
+        if meta["status"] == "ok":
+            data = (cache / f"{rid}.bin").read_bytes()
+            if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                return None
+            meta["data"] = data
+        return meta
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class _Reader:
@@ -213,21 +281,23 @@ class _Reader:
             fh.close()
 
 
-def _process(row: dict, reader: _Reader, cache: Path, check: CheckSettings) -> tuple[dict, bytes | None]:
+def _process(row: dict, reader: _Reader, cache: Path, settings: IngestSettings) -> tuple[dict, bytes | None]:
     """One plan row -> (record, original bytes if the image is ok)."""
-    rec = {"id": row["id"], "uri": row["uri"], "source": row["source"], "_extra": row["extra"]}
+    check = settings.check
+    rec = {"id": row["id"], "uri": row["uri"], "name": row["name"], "source": row["source"], "_extra": row["extra"]}
     if row["status"]:
         rec.update(status=row["status"], error=row["error"])
         return rec, None
     data: bytes | None = None
     try:
         if row["kind"] == "url":
-            meta = json.loads((cache / f"{row['id']}.json").read_text())
+            # a cache entry lost or damaged (e.g. by a killed run) is downloaded again, never a status
+            meta = _cache_get(cache, row["id"]) or _cache_put(cache, row["id"], download(row["uri"], settings.download))
             rec["http_status"] = meta["http_status"]
             if meta["status"] != "ok":
                 rec.update(status=meta["status"], error=meta["error"])
                 return rec, None
-            data = (cache / f"{row['id']}.bin").read_bytes()
+            data = meta["data"]
         elif row["size"] is not None and row["size"] > check.max_bytes:
             rec.update(status="too_large", error=f"{row['size']} bytes > {check.max_bytes}", nbytes=row["size"])
             return rec, None
@@ -236,8 +306,10 @@ def _process(row: dict, reader: _Reader, cache: Path, check: CheckSettings) -> t
         else:
             with open(row["path"], "rb") as fh:
                 data = fh.read()
-    except (OSError, tarfile.TarError) as exc:
-        rec.update(status="read_error", error=str(exc)[:200])
+    except OutputError:
+        raise
+    except TAR_READ_ERRORS as exc:
+        rec.update(status="read_error", error=utf8_text(f"{type(exc).__name__}: {exc}")[0][:200])
         return rec, None
     try:
         res: ImageCheck = check_image(data, check)

@@ -2,10 +2,13 @@
 
 A part is written to a temporary name and renamed when complete, so a crash never leaves a half
 part that looks whole. Stages add columns in their own directory, row-aligned with ingest parts.
+A write that fails for want of space or rights raises `OutputError` (one line: path, what to do),
+after removing its temporary file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -21,6 +24,61 @@ import pyarrow.parquet as pq
 PART_RE = re.compile(r"^part-(\d{5,})(\.[a-z]+)$")  # part-00000.parquet, part-00000.npy
 
 
+_FREE = "free space (or use a larger disk) and rerun; finished parts are kept"
+_WRITABLE = "choose a writable location or give this user write access, then rerun; finished parts are kept"
+OUTPUT_ERRNOS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("no space left on the device", _FREE),
+    errno.EDQUOT: ("disk quota exceeded", _FREE),
+    errno.EFBIG: ("file too large for this filesystem", _FREE),
+    errno.EROFS: ("the filesystem is read-only", _WRITABLE),
+    errno.EACCES: ("permission denied", _WRITABLE),
+    errno.EPERM: ("operation not permitted", _WRITABLE),
+}
+"""errno -> (reason, what to do) of the write failures reported as `OutputError`."""
+
+
+class OutputError(OSError):
+    """Output that cannot be written (disk full, read-only, no permission); str() is one clear line."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, what_to_do: str, errno_: int | None = None) -> None:
+        super().__init__(errno_, reason)
+        self.path, self.reason, self.what_to_do = str(path), reason, what_to_do
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.reason}; {self.what_to_do}"
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.path, self.reason, self.what_to_do, self.errno)
+
+
+@contextmanager
+def output_errors(path: str | os.PathLike, *also: str | os.PathLike) -> Iterator[None]:
+    """Turn space and permission failures of writes to `path` (or `also`) into `OutputError`.
+
+    An OSError naming another file (e.g. an input that cannot be read) passes through unchanged.
+    """
+    mine = {str(p) for p in (path, *also)}
+    try:
+        yield
+    except OutputError as exc:
+        if exc.path in mine and exc.path != str(path):
+            raise OutputError(path, exc.reason, exc.what_to_do, exc.errno) from exc
+        raise
+    except OSError as exc:
+        known = OUTPUT_ERRNOS.get(exc.errno)  # type: ignore[arg-type]
+        if known is None or (exc.filename is not None and str(exc.filename) not in mine):
+            raise
+        raise OutputError(path, *known, exc.errno) from exc
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """mkdir -p, with `OutputError` when the location is read-only, full or not ours."""
+    path = Path(path)
+    with output_errors(path, *map(str, path.parents)):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def part_name(index: int) -> str:
     """File name of part `index` (part-00000.parquet)."""
     return f"part-{index:05d}.parquet"
@@ -30,23 +88,27 @@ def part_name(index: int) -> str:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        yield tmp
-        if tmp.is_dir():
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        else:
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+        with output_errors(path, tmp, path.parent):
+            yield tmp
+            if tmp.is_dir():
+                if path.exists():
+                    shutil.rmtree(path)
+                os.replace(tmp, path)
+            else:
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        elif tmp.exists() or tmp.is_symlink():
+            try:
+                tmp.unlink()
+            except OSError:  # left for clean_temporaries on the next run
+                pass
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -74,7 +136,8 @@ def clean_temporaries(directory: str | os.PathLike) -> int:
     removed = 0
     for p in directory.iterdir():
         if p.name.startswith(".") and ".tmp-" in p.name:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            with output_errors(directory, p):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
             removed += 1
     return removed
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.parts import atomic_path, clean_temporaries, write_table_atomic
+from curate.parts import atomic_path, clean_temporaries, ensure_dir, write_table_atomic
 from curate.tars import TarReader, sample_nbytes, tar_file_size, write_samples
 
 INDEX_NAME = "index.parquet"
@@ -45,10 +45,14 @@ def shard_name(i: int) -> str:
 def plan_shards(records: pa.Table, settings: ShardSettings, meta_columns: Sequence[str] = ()) -> pa.Table:
     """Order the records (by key, then a seeded shuffle) and cut them into bounded shards.
 
-    The sample key is the record id, or a `key` column when records repeat (`<id>_r1`, ...)."""
+    The sample key is the record id, or a `key` column when records repeat (`<id>_r1`, ...).
+    Where records have a `name` (ingest's location-independent name), it is the `uri` the shards
+    and their index carry, so the same data gives byte-identical shards wherever it lives."""
     missing = [c for c in NEEDED if c not in records.column_names]
     if missing:
         raise ValueError(f"records lack columns needed for shards: {missing}")
+    if "name" in records.column_names:
+        records = records.set_column(records.column_names.index("uri"), "uri", records.column("name"))
     if "key" not in records.column_names:
         records = records.append_column("key", records.column("id"))
     keep = ["key", *NEEDED] + [c for c in meta_columns if c in records.column_names and c not in (*NEEDED, "key")]
@@ -80,8 +84,7 @@ def write_shards(records: pa.Table, raw_root: str | os.PathLike, out_dir: str | 
                  settings: ShardSettings = ShardSettings(), meta_columns: Sequence[str] = (),
                  on_shard: Callable[[str, int], None] | None = None) -> dict:
     """Write the records' original bytes into shards under `out_dir`; resumes shard by shard."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     clean_temporaries(out)
     plan_path = out / PLAN_NAME
     if not plan_path.exists():

@@ -11,6 +11,8 @@ import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from curate.parts import output_errors
+
 BLOCK = 512
 RECORD = 20 * BLOCK  # tarfile pads the archive to a multiple of this
 
@@ -38,10 +40,11 @@ def write_samples(path: str | os.PathLike, samples: Iterable[dict[str, bytes | s
     Headers come from the stdlib's TarInfo; the archive ends with two zero blocks padded to a
     20-block record, exactly as tarfile closes it. (webdataset's writer is not used: importing
     webdataset imports torch in every worker, and it cannot report member offsets.)
+    A full disk or missing rights raise `curate.parts.OutputError`.
     """
     layout: dict[str, dict[str, tuple[int, int]]] = {}
     pos = 0
-    with open(path, "wb", buffering=1 << 20) as fh:
+    with output_errors(path), open(path, "wb", buffering=1 << 20) as fh:
         for sample in samples:
             key = str(sample["__key__"])
             entry = {}

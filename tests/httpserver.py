@@ -16,6 +16,15 @@ Built-in routes (anything added with `add` takes precedence):
   /big, /big-chunked      `big_bytes` of body, with Content-Length / chunked without it
   /loop -> /loop2 -> /loop  redirect loop; /redirect/<path> -> 302 to /<path>
   /noai, /noimageai       `good_image` with X-Robots-Tag "noai" / "otherbot: noimageai, noindex"
+Hostile routes (they hold a connection until the client leaves or the server closes):
+  /trickle                declares 1 MB, then sends one byte every `trickle_interval` s, forever
+  /trickle-headers        a status line, then one header byte every `trickle_interval` s, forever
+  /stall                  headers, then nothing, forever
+  /drop-chunked           half of `good_image` in chunks, then hangs up without the last chunk
+  /gzip-bomb              Content-Encoding: gzip of `bomb_bytes` zeros (about 1000:1)
+  /html                   an HTML page served as text/html (e.g. behind an image URL)
+  /endless/<n>            302 to /endless/<n+1>: redirects that never repeat and never end
+  /to-ftp, /to-file       302 to ftp://... and file:///etc/passwd
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import functools
 import socket
 import threading
+import zlib
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -31,6 +41,16 @@ from urllib.parse import urlsplit
 from pipelines.synth import encode, make_image
 
 _PIECE = 64 * 1024
+
+
+@functools.lru_cache(maxsize=4)
+def gzip_zeros(n: int) -> bytes:
+    """A gzip stream of n zero bytes (the body of /gzip-bomb)."""
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    block = bytes(1 << 20)
+    parts = [comp.compress(block) for _ in range(n >> 20)]
+    parts.append(comp.compress(bytes(n & ((1 << 20) - 1))))
+    return b"".join(parts) + comp.flush()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -107,9 +127,12 @@ class ImageServer:
     """Context manager running a loopback HTTP server with image and failure routes."""
 
     def __init__(
-        self, slow_seconds: float = 3.0, flaky_failures: int = 2, big_bytes: int = 3 * 2**20, latency: float = 0.0
+        self, slow_seconds: float = 3.0, flaky_failures: int = 2, big_bytes: int = 3 * 2**20, latency: float = 0.0,
+        trickle_interval: float = 0.5, bomb_bytes: int = 256 * 2**20,
     ) -> None:
         self.slow_seconds = slow_seconds
+        self.trickle_interval = trickle_interval
+        self.bomb_bytes = bomb_bytes
         self.latency = latency
         self.flaky_failures = flaky_failures
         self.good_image = image_bytes(0)
@@ -273,12 +296,62 @@ class ImageServer:
             h.reply(302, b"", None, {"Location": "/loop2" if path == "/loop" else "/loop"})
         elif path.startswith("/redirect/"):
             h.reply(302, b"", None, {"Location": path[len("/redirect"):]})
+        elif path in self._HOSTILE or path.startswith("/endless/"):
+            self._hostile(h, path)
         elif path == "/noai":
             h.reply(200, good, headers={"X-Robots-Tag": "noai"})
         elif path == "/noimageai":
             h.reply(200, good, headers={"X-Robots-Tag": "otherbot: noimageai, noindex"})
         else:
             h.reply(404, b"no such route", "text/plain")
+
+    _HOSTILE = frozenset({"/trickle", "/trickle-headers", "/stall", "/drop-chunked", "/gzip-bomb", "/html",
+                          "/to-ftp", "/to-file"})
+
+    def _hostile(self, h: _Handler, path: str) -> None:
+        """The hostile routes listed in the module docstring."""
+        if path.startswith("/endless/"):
+            n = int(path[len("/endless/"):] or 0) if path[len("/endless/"):].isdigit() else 0
+            h.reply(302, b"", None, {"Location": f"/endless/{n + 1}"})
+        elif path == "/to-ftp":
+            h.reply(302, b"", None, {"Location": f"ftp://127.0.0.1:{self.port}/x.jpg"})
+        elif path == "/to-file":
+            h.reply(302, b"", None, {"Location": "file:///etc/passwd"})
+        elif path == "/html":
+            h.reply(200, b"<!doctype html><html><body><h1>Not an image</h1></body></html>\n" * 20, "text/html")
+        elif path == "/gzip-bomb":
+            h.reply(200, gzip_zeros(self.bomb_bytes), "image/jpeg", {"Content-Encoding": "gzip"})
+        elif path == "/drop-chunked":
+            h.send_response(200)
+            h.send_header("Content-Type", "image/jpeg")
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            half = self.good_image[: len(self.good_image) // 2]
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(half), half))
+            h.wfile.flush()
+            h.close_connection = True
+        elif path == "/trickle-headers":
+            h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            self._trickle(h, b"X-Slow: " + b"a" * 10**6)
+        else:
+            h.send_response(200)
+            h.send_header("Content-Type", "image/jpeg")
+            h.send_header("Content-Length", str(10**6))
+            h.end_headers()
+            h.wfile.flush()
+            if path == "/stall":
+                self._stopping.wait(3600)
+            else:
+                self._trickle(h, b"\xff" * 10**6)
+        h.close_connection = True
+
+    def _trickle(self, h: _Handler, data: bytes) -> None:
+        """Send `data` one byte per `trickle_interval` until done, the client leaves or the server stops."""
+        for i in range(len(data)):
+            h.wfile.write(data[i:i + 1])
+            h.wfile.flush()
+            if self._stopping.wait(self.trickle_interval):
+                return
 
     def _send_partial(self, h: _Handler, body: bytes, stall: bool) -> None:
         """Declare the full length, send half; then stall and finish, or hang up (truncation)."""

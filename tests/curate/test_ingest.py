@@ -1,4 +1,5 @@
 import csv
+import shutil
 import io
 import json
 import tarfile
@@ -34,7 +35,10 @@ def test_folder_ingest_counts_statuses_and_raw_bytes(tmp_path):
     t = read_table(tmp_path / "w").to_pylist()
     assert {r["uri"]: r["status"] for r in t} == want
     assert sum(counts.values()) == len(want) and counts["ok"] == list(want.values()).count("ok")
-    assert all(r["id"] == make_id(r["uri"]) for r in t)
+    # ids hash the location-independent name "<folder basename>/<relative path>"
+    for r in t:
+        rel = Path(r["uri"]).relative_to((tmp_path / "raw").resolve()).as_posix()
+        assert r["name"] == f"raw/{rel}" and r["id"] == make_id(r["name"])
     # every ok record's bytes sit in its raw shard at the recorded offset, byte for byte
     for r in t:
         if r["status"] != "ok":
@@ -137,7 +141,8 @@ def test_url_lists_download_check_and_carry_columns(tmp_path, image_server):
     rows = read_table(tmp_path / "w").to_pylist()
     csv_rows = [r for r in rows if r["source"].endswith("list.csv")]
     assert {r["uri"]: r["status"] for r in csv_rows[:-1]} == urls
-    assert csv_rows[-1]["status"] == "duplicate_uri" and csv_rows[-1]["id"] != make_id(csv_rows[-1]["uri"])
+    assert all(r["id"] == make_id(r["uri"]) and r["name"] == r["uri"] for r in csv_rows[:-1])  # URL ids unchanged
+    assert csv_rows[-1]["status"] == "duplicate_uri" and csv_rows[-1]["id"] == make_id(csv_rows[-1]["uri"] + "#1")
     assert [r["caption"] for r in csv_rows[:2]] == ["caption 0", "caption 1"]
     assert csv_rows[2]["http_status"] == 404
     pq_row = next(r for r in rows if r["source"].endswith("more.parquet"))
@@ -153,3 +158,136 @@ def test_missing_url_column_is_a_clear_error(tmp_path):
     (tmp_path / "bad.csv").write_text("link,caption\nhttp://x/y.jpg,z\n")
     with pytest.raises(ValueError, match="no 'url' column"):
         ingest([str(tmp_path / "bad.csv")], tmp_path / "w", FAST)
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _url_list(tmp_path: Path, server, n: int = 6) -> str:
+    for i in range(n):
+        server.add(f"/c/{i}.png", encode(make_image(300 + i, (64, 64)), "PNG"), content_type="image/png")
+    path = tmp_path / "urls.txt"
+    path.write_text("".join(server.url(f"/c/{i}.png") + "\n" for i in range(n)))
+    return str(path)
+
+
+def test_cache_removed_mid_part_is_downloaded_again(tmp_path, image_server, monkeypatch):
+    """Issue 11 item 1, made deterministic: the rerun finds every download cached, then an orphan
+    of the killed run finishes the same part and removes the cache before the rerun reads it."""
+    import curate.ingest as ci
+
+    urls = _url_list(tmp_path, image_server)
+    ingest([urls], tmp_path / "ref", FAST)
+    fill = ci._fill_download_cache
+
+    def fill_then_orphan_removes(items, cache, settings):
+        fill(items, cache, settings)
+        assert len(list(cache.glob("*.json"))) == sum(r["kind"] == "url" for r in items)
+        shutil.rmtree(cache)
+
+    monkeypatch.setattr(ci, "_fill_download_cache", fill_then_orphan_removes)
+    counts = ingest([urls], tmp_path / "w", FAST)
+    assert counts == {"ok": 6}
+    assert _tree(tmp_path / "w") == _tree(tmp_path / "ref")
+
+
+def test_damaged_cache_entries_are_downloaded_again(tmp_path, image_server):
+    from curate.ingest import plan
+
+    urls = _url_list(tmp_path, image_server)
+    ingest([urls], tmp_path / "ref", FAST)
+    plan([urls], tmp_path / "w", FAST.part_size)
+    ids = [r["id"] for r in pq.read_table(tmp_path / "w" / "_plan" / "part-00000.parquet").to_pylist()]
+    cache = tmp_path / "w" / "_cache" / "part-00000"
+    cache.mkdir(parents=True)
+    (cache / f"{ids[0]}.json").write_bytes(b'{"status": "o')  # half-written metadata
+    ok = json.dumps({"status": "ok", "http_status": 200, "error": None, "attempts": 1, "sha256": "0" * 64,
+                     "nbytes": 3})
+    (cache / f"{ids[1]}.json").write_text(ok)  # body does not match its recorded sha256
+    (cache / f"{ids[1]}.bin").write_bytes(b"abc")
+    (cache / f"{ids[2]}.json").write_text("[1, 2]")  # not an object
+    body = encode(make_image(303, (64, 64)), "PNG")  # a whole entry is used as it is
+    (cache / f"{ids[3]}.bin").write_bytes(body)
+    (cache / f"{ids[3]}.json").write_text(json.dumps({"status": "ok", "http_status": 200, "error": None,
+                                                      "attempts": 1, "sha256": sha256_hex(body), "nbytes": len(body)}))
+    image_server.reset_counts()
+    assert ingest([urls], tmp_path / "w", FAST) == {"ok": 6}
+    assert _tree(tmp_path / "w") == _tree(tmp_path / "ref")
+    assert image_server.ok_hits == {f"/c/{i}.png": 1 for i in (0, 1, 2, 4, 5)}
+
+
+_DRIVER = """
+import sys
+from curate.download import DownloadSettings
+from curate.ingest import IngestSettings, ingest
+ingest([sys.argv[1]], sys.argv[2], IngestSettings(part_size=1, workers=2,
+       download=DownloadSettings(timeout=30, retries=0, deadline=60)))
+"""
+
+
+def test_sigkill_of_the_driver_leaves_no_worker(tmp_path):
+    """Workers busy on a slow download must die with their killed driver, before they can write."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.httpserver import ImageServer
+
+    with ImageServer(slow_seconds=20) as server:
+        (tmp_path / "urls.txt").write_text("".join(server.url(f"/slow?{i}") + "\n" for i in range(4)))
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        driver = subprocess.Popen([sys.executable, "-c", _DRIVER, str(tmp_path / "urls.txt"), str(tmp_path / "w")],
+                                  env=env)
+        try:
+            deadline = time.time() + 60
+            workers: list[psutil.Process] = []
+            while time.time() < deadline and (len(workers) < 2 or server.requests_total < 2):
+                time.sleep(0.1)
+                workers = [p for p in psutil.Process(driver.pid).children()
+                           if "spawn_main" in " ".join(p.cmdline())]
+            assert len(workers) == 2 and server.requests_total >= 2, "workers never started downloading"
+            driver.kill()
+            driver.wait()
+            gone, alive = psutil.wait_procs(workers, timeout=5)
+            assert not alive, f"workers outlived their driver: {[p.pid for p in alive]}"
+        finally:
+            driver.kill()
+    assert not list((tmp_path / "w").glob("part-*.parquet"))
+
+
+def _pool(root: Path) -> list[str]:
+    """Two folders sharing a basename, and a tar: the sources of the relocation tests."""
+    for j, sub in enumerate(("a/pool", "b/pool")):
+        for i in range(5):
+            (root / sub / f"x{i % 2}").mkdir(parents=True, exist_ok=True)
+            (root / sub / f"x{i % 2}" / f"{i}.jpg").write_bytes(encode(make_image(400 + 10 * j + i, (64, 64)), "JPEG"))
+    with tarfile.open(root / "more.tar", "w") as tf:
+        for i in range(3):
+            _add(tf, f"s/{i}.png", encode(make_image(450 + i, (64, 64)), "PNG"))
+    return [str(root / "a/pool"), str(root / "b/pool"), str(root / "more.tar")]
+
+
+def test_ids_do_not_depend_on_where_the_data_lives(tmp_path):
+    sources = _pool(tmp_path / "here")
+    ingest(sources, tmp_path / "w1", FAST)
+    shutil.move(tmp_path / "here", tmp_path / "elsewhere" / "deeper")
+    moved = [s.replace(str(tmp_path / "here"), str(tmp_path / "elsewhere" / "deeper")) for s in sources]
+    ingest(moved, tmp_path / "w2", FAST)
+    one, two = read_table(tmp_path / "w1").to_pylist(), read_table(tmp_path / "w2").to_pylist()
+    assert [r["id"] for r in one] == [r["id"] for r in two]
+    assert [r["name"] for r in one] == [r["name"] for r in two]
+    assert [r["uri"] for r in one] != [r["uri"] for r in two]  # uri still says where to read
+    names = [r["name"] for r in one]
+    assert names[:3] == ["pool/x0/0.jpg", "pool/x0/2.jpg", "pool/x0/4.jpg"]
+    assert "pool~2/x1/3.jpg" in names and "more.tar::s/2.png" in names
+    assert all(r["id"] == make_id(r["name"]) and r["status"] == "ok" for r in one)
+    # the same folder given twice is one source name, so its files are duplicates, not new records
+    rows = read_table(tmp_path / "w2").to_pylist()
+    ingest([moved[0], moved[0]], tmp_path / "w3", FAST)
+    twice = read_table(tmp_path / "w3").to_pylist()
+    assert [r["id"] for r in twice[:5]] == [r["id"] for r in rows[:5]]
+    assert [r["status"] for r in twice[5:]] == ["duplicate_uri"] * 5

@@ -99,5 +99,35 @@ def test_webdataset_reads_the_shards(ingested, tmp_path):
     seen = {}
     for sample in wds.WebDataset(urls, shardshuffle=False).decode("pil"):
         seen[sample["__key__"]] = (sample["jpg"].size, sample["json"]["uri"])
-    want = {r["id"]: ((r["width"], r["height"]), r["uri"]) for r in records.to_pylist()}
+    want = {r["id"]: ((r["width"], r["height"]), r["name"]) for r in records.to_pylist()}  # the portable name
     assert seen == want
+
+
+@pytest.mark.slow
+def test_curated_shards_are_byte_identical_from_two_locations(tmp_path, cli_env):
+    """Issue 11 item 4: the same images in another folder give the same curated shards and index."""
+    import shutil
+    import subprocess
+    import sys
+
+    def curate(*args):
+        proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=cli_env, capture_output=True)
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+    raw = tmp_path / "one" / "raw"
+    for i in range(30):
+        (raw / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (raw / f"d{i % 3}" / f"{i:03d}.jpg").write_bytes(encode(make_image(700 + i % 25, (64, 64)), "JPEG"))
+    outs = []
+    for where in ("one", "two"):
+        if where == "two":
+            shutil.move(tmp_path / "one" / "raw", tmp_path / "two" / "deep" / "raw")
+            raw = tmp_path / "two" / "deep" / "raw"
+        work = tmp_path / f"w-{where}"
+        curate("ingest", str(raw), "--workdir", str(work), "--part-size", "7")
+        curate("hashdedup", "--workdir", str(work))
+        curate("shards", "--workdir", str(work), "--out", str(work / "out"), "--max-count", "6")
+        outs.append({p.name: p.read_bytes() for p in sorted((work / "out").iterdir())
+                     if p.name.endswith((".tar", "index.parquet"))})
+    assert len([n for n in outs[0] if n.endswith(".tar")]) == 5  # 25 distinct of 30 after dedup
+    assert outs[0] == outs[1]
