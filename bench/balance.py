@@ -73,7 +73,7 @@ def embed_pixels(images: np.ndarray) -> np.ndarray:
     x = np.pad(images.astype(np.float32) / 255, ((0, 0), (2, 2), (2, 2)))
     x = x.reshape(len(x), 16, 2, 16, 2).mean(axis=(2, 4)).reshape(len(x), 256)
     x -= x.mean(axis=1, keepdims=True)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float16)  # blank: 0
 
 
 def fashion_pool(seed: int, alpha: float = 1.5, largest: int = 6000) -> tuple[np.ndarray, np.ndarray]:
