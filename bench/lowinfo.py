@@ -92,7 +92,7 @@ def real_images(dirs: list[str], limit: int) -> list[tuple[str, Image.Image]]:
                     im.draft("RGB", (256, 256))
                     im.load()
                     rgb = to_rgb(im)
-            except Exception:  # unreadable or odd files on the machine are not what we measure
+            except (OSError, ValueError, SyntaxError):  # unreadable files are not what we measure
                 continue
             if min(rgb.size) >= 32:
                 seen.add(p.name)

@@ -199,7 +199,7 @@ def test_explained_variance_exact_values():
 def _concepts(seed: int, grouped: bool) -> np.ndarray:
     """60 concepts x 30 points (dim 32); grouped: 12 groups of 5 concepts, 3 top groups of 4 groups."""
     rng = np.random.default_rng(seed)
-    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
     centres = unit(rng.standard_normal((60, 32)))
     if grouped:
         g = np.arange(60) % 12
