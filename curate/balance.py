@@ -157,12 +157,16 @@ def explained_variance(points: np.ndarray, labels: np.ndarray) -> float:
     return 1.0 - max(within, 0.0) / total
 
 
-def structured_levels(centroids: Sequence[np.ndarray], assignments: Sequence[np.ndarray],
+def structured_levels(centroids: Sequence[np.ndarray], assignments: Sequence[np.ndarray] | None = None,
                       min_explained: float = 0.45) -> int:
     """Tree levels worth balancing over: level 1, then each next level while its grouping of the level
     below's centroids explains >= min_explained of their variance. Above the concepts, an arbitrary
     grouping splits the quota unevenly and can select less evenly than random (bench/balance.py).
+    assignments[l] maps level-l centroids to level l+1 (TreeResult.assignments); None: nearest centroid.
     """
+    if assignments is None:
+        assignments = [np.zeros(0)] + [assign_chunk(np.asarray(lo, np.float32), np.asarray(up, np.float32))[0]
+                                       for lo, up in zip(centroids[:-1], centroids[1:])]
     depth = 1
     for lower, labels in zip(centroids[:-1], assignments[1:]):
         if explained_variance(lower, labels) < min_explained:

@@ -216,3 +216,4 @@ def test_structured_levels_keeps_real_groups_and_drops_arbitrary_ones(seed):
     assert structured_levels(flat.centroids, flat.assignments) == 1  # random centres: no level above the concepts
     assert structured_levels(grouped.centroids, grouped.assignments) == 3
     assert structured_levels(grouped.centroids, grouped.assignments, min_explained=1.01) == 1
+    assert structured_levels(grouped.centroids) == 3 and structured_levels(flat.centroids) == 1  # from the centroids
