@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--levels", default="10000,1000,100", help="clusters per level, finest first")
     ap.add_argument("--iters", type=int, default=10, help="Lloyd iterations per level (and sklearn epochs)")
-    ap.add_argument("--resampling", type=int, default=1, help="resampling steps per level")
+    ap.add_argument("--resampling", type=int, default=1, help="resampling steps per level, the first fit included (1: none)")
     ap.add_argument("--sample-size", type=int, default=0, help="points per cluster when resampling (0: n/k/2)")
     ap.add_argument("--part-rows", type=int, default=100_000)
     ap.add_argument("--chunk", type=int, default=16_384, help="rows per assignment chunk")

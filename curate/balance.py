@@ -142,6 +142,39 @@ def balanced_sample(
     return BalanceResult(counts, selected_by, report)
 
 
+def explained_variance(points: np.ndarray, labels: np.ndarray) -> float:
+    """1 - within-cluster / total sum of squares of `points` grouped by `labels` (float64): the structure a level finds."""
+    x = np.asarray(points, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    total = float(((x - x.mean(axis=0)) ** 2).sum())
+    if total == 0:
+        return 0.0
+    k = int(labels.max(initial=-1)) + 1
+    sums = np.zeros((k, x.shape[1]))
+    np.add.at(sums, labels, x)
+    counts = np.bincount(labels, minlength=k)
+    within = float((x * x).sum() - ((sums * sums).sum(axis=1) / np.maximum(counts, 1)).sum())
+    return 1.0 - max(within, 0.0) / total
+
+
+def structured_levels(centroids: Sequence[np.ndarray], assignments: Sequence[np.ndarray] | None = None,
+                      min_explained: float = 0.45) -> int:
+    """Tree levels worth balancing over: level 1, then each next level while its grouping of the level
+    below's centroids explains >= min_explained of their variance. Above the concepts, an arbitrary
+    grouping splits the quota unevenly and can select less evenly than random (bench/balance.py).
+    assignments[l] maps level-l centroids to level l+1 (TreeResult.assignments); None: nearest centroid.
+    """
+    if assignments is None:
+        assignments = [np.zeros(0)] + [assign_chunk(np.asarray(lo, np.float32), np.asarray(up, np.float32))[0]
+                                       for lo, up in zip(centroids[:-1], centroids[1:])]
+    depth = 1
+    for lower, labels in zip(centroids[:-1], assignments[1:]):
+        if explained_variance(lower, labels) < min_explained:
+            break
+        depth += 1
+    return depth
+
+
 @dataclass
 class RetrievalResult:
     """Retrieved pool rows (ascending), each with the seed set, seed id and similarity that won it."""

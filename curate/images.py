@@ -31,6 +31,10 @@ class CheckSettings:
     max_pixels: int = 178_956_970  # PIL's own bomb limit (2 x MAX_IMAGE_PIXELS)
     max_bytes: int = 64 * 2**20
     phash: bool = True
+    lowinfo: bool = True  # statuses 'blank' / 'noise' for low-information images (curate/lowinfo.py)
+    lowinfo_min_std: float = 2.0
+    lowinfo_max_flat: float = 0.98
+    lowinfo_min_corr: float = 0.2
 
 
 @dataclass
@@ -101,6 +105,14 @@ def check_image(data: bytes, settings: CheckSettings = CheckSettings()) -> Image
     if min(oriented.size) < settings.min_side:
         res.status, res.error = "too_small", f"{res.width}x{res.height} < {settings.min_side}"
         return res
+    if settings.lowinfo:
+        from curate.lowinfo import REASONS, LowInfoSettings, low_information
+
+        limits = LowInfoSettings(min_std=settings.lowinfo_min_std, max_flat=settings.lowinfo_max_flat,
+                                 min_corr=settings.lowinfo_min_corr)
+        if (kind := low_information(to_rgb(oriented), limits)) is not None:
+            res.status, res.error = kind, REASONS[kind]
+            return res
     if settings.phash:
         from curate.hashing import phash_u64
 

@@ -1,10 +1,13 @@
 """Hierarchical k-means with resampling (Vo et al. 2024), with a split mode and resumable checkpoints.
 
-Level 1 clusters the embeddings, level l clusters the centroids of level l-1. After each level's
-fit, every resampling step draws `sample_size` points per cluster ('c': the closest to the
-centroid, 'r': uniformly at random, seeded), runs ONE Lloyd step on the union of the samples
-starting from the current centroids (assign the samples to the current centroids, move each
-centroid to the float64 mean of its samples), then reassigns all the level's points.
+Level 1 clusters the embeddings, level l clusters the centroids of level l-1. Each level runs
+`resampling_steps` steps as the reference (facebookresearch/ssl-data-curation,
+scripts/run_distributed_kmeans.py) does: step 0 is a k-means on all the level's points; every later
+step draws `sample_size` points per cluster of the previous step ('c': the closest to its centroid,
+'r': uniformly at random, seeded), runs a full k-means (fresh k-means++ init, `n_iters`) on the
+union of the samples, then reassigns all the level's points. The first fit counts as a step, so
+resampling_steps 0 or 1 means no resampling. Sampling a fixed number per cluster moves centroids
+from dense regions to the whole support, which is what makes balanced sampling flatten concepts.
 
 Split mode (a huge level): k-means with `split` clusters, then cluster j of n_j points gets
 k_j sub-clusters, the largest-remainder apportionment of n_clusters proportional to n_j with
@@ -36,7 +39,6 @@ from curate.kmeans import (
     as_vectors,
     kmeans,
     local_step_fn,
-    update_centroids,
 )
 
 
@@ -46,7 +48,7 @@ class LevelSpec:
 
     n_clusters: int
     n_iters: int = 20
-    resampling_steps: int = 0
+    resampling_steps: int = 0  # steps including the first fit (reference n_resampling_steps): 0 or 1 = none
     sample_size: int = 0  # points drawn per cluster at each resampling step
     sampling: str = "c"  # 'c': closest to the centroid, 'r': random
     init: str = "kmeans++"  # or 'random'
@@ -56,8 +58,13 @@ class LevelSpec:
     def __post_init__(self) -> None:
         if self.n_clusters < 1 or self.n_iters < 0 or self.resampling_steps < 0 or self.split < 0:
             raise ValueError(f"invalid level settings: {self}")
-        if self.resampling_steps and (self.sample_size < 1 or self.sampling not in ("c", "r")):
+        if self.resampling_steps > 1 and (self.sample_size < 1 or self.sampling not in ("c", "r")):
             raise ValueError("resampling needs sample_size >= 1 and sampling 'c' or 'r'")
+
+    @property
+    def n_steps(self) -> int:
+        """Steps of the level: the first fit plus resampling_steps - 1 resampling steps."""
+        return max(1, self.resampling_steps)
 
 
 @dataclass
@@ -102,6 +109,10 @@ def apportion(sizes: np.ndarray, total: int) -> np.ndarray:
     return ks
 
 
+def _rng_of(seed: Seed) -> np.random.Generator:
+    return np.random.default_rng(list(seed) if isinstance(seed, (list, tuple)) else seed)
+
+
 def sample_per_cluster(
     labels: np.ndarray, dists: np.ndarray, k: int, size: int, sampling: str, seed: Seed
 ) -> np.ndarray:
@@ -109,7 +120,7 @@ def sample_per_cluster(
     if sampling == "c":
         key = dists
     elif sampling == "r":
-        key = np.random.default_rng(list(seed) if isinstance(seed, (list, tuple)) else seed).random(len(labels))
+        key = _rng_of(seed).random(len(labels))
     else:
         raise ValueError(f"unknown sampling {sampling!r} (c | r)")
     order = np.lexsort((key, labels))
@@ -120,16 +131,24 @@ def sample_per_cluster(
 
 
 def resampling_step(
-    data: Vectors, centroids: np.ndarray, labels: np.ndarray, dists: np.ndarray, spec: LevelSpec,
-    seed: Seed, step: StepFn, chunk_size: int = DEFAULT_CHUNK, gpu: bool | None = None,
+    data: Vectors, labels: np.ndarray, dists: np.ndarray, spec: LevelSpec, seed: Seed, step: StepFn,
+    chunk_size: int = DEFAULT_CHUNK, gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """One resampling-clustering step: sample, one Lloyd step on the samples, reassign all points."""
-    rows = sample_per_cluster(labels, dists, len(centroids), spec.sample_size, spec.sampling, seed)
-    y = data.take(rows)
-    stats, _, _ = local_step_fn(ArrayVectors(y), chunk_size, gpu)(centroids)
-    new, _ = update_centroids(stats, centroids, lambda r: y[r])
-    full, labels, dists = step(new)
-    return new, labels, dists, full.inertia
+    """One resampling step: sample per cluster, a fresh k-means on the union, reassign all points.
+
+    Returns the new centroids, labels, squared distances and the inertia of the reassignment.
+    """
+    k = spec.n_clusters
+    rows = sample_per_cluster(labels, dists, k, spec.sample_size, spec.sampling, [*seed, 0])
+    if len(rows) < k:  # empty clusters left too few samples: top up with random other points
+        rest = np.setdiff1d(np.arange(data.n), rows)
+        extra = _rng_of([*seed, 1]).choice(rest, size=min(len(rest), k - len(rows)), replace=False)
+        rows = np.sort(np.concatenate([rows, extra]))
+    y = ArrayVectors(data.take(rows))
+    fit = kmeans(y, k, spec.n_iters, init=spec.init, seed=[*seed, 2], init_sample_size=spec.init_sample_size,
+                 chunk_size=chunk_size, gpu=gpu)
+    full, labels, dists = step(fit.centroids)
+    return fit.centroids, labels, dists, full.inertia
 
 
 def split_fit(
@@ -215,12 +234,13 @@ def hierarchical_kmeans(
     step_fn: StepFn | None = None,
     on_checkpoint: Callable[[int, int], None] | None = None,
 ) -> TreeResult:
-    """Fit the levels bottom-up with resampling; resumes from checkpoint_dir at the last finished step.
+    """Fit the levels bottom-up, each with its resampling steps; resumes from checkpoint_dir at the last finished step.
 
     step_fn runs level 1's full-data passes (e.g. distributed); on_checkpoint(level, step) follows each step.
     """
     vectors = as_vectors(vectors)
-    run = {"n": vectors.n, "dim": vectors.dim, "seed": seed, "levels": [asdict(s) for s in levels]}
+    run = {"n": vectors.n, "dim": vectors.dim, "seed": seed, "levels": [asdict(s) for s in levels],
+           "resampling": "refit"}
     ckpt = Checkpoints(checkpoint_dir, run)
     centroids: list[np.ndarray] = []
     assignments: list[np.ndarray] = []
@@ -231,7 +251,7 @@ def hierarchical_kmeans(
         step = step_fn if (level == 1 and step_fn is not None) else local_step_fn(data, chunk_size, gpu)
         last = ckpt.done(level)
         if last >= 0:
-            start = min(last, spec.resampling_steps)
+            start = min(last, spec.n_steps - 1)
             c, labels, dists, obj = ckpt.load(level, start)
             start += 1
         else:
@@ -243,15 +263,15 @@ def hierarchical_kmeans(
                 res = kmeans(data, spec.n_clusters, spec.n_iters, init=spec.init, seed=[seed, level, 0],
                              init_sample_size=spec.init_sample_size, chunk_size=chunk_size, gpu=gpu, step_fn=step)
                 c, labels, dists, obj = res.centroids, res.labels, res.sq_dists, res.objective
-            ckpt.save(level, 0, (c, labels, dists), obj, spec.resampling_steps == 0)
+            ckpt.save(level, 0, (c, labels, dists), obj, spec.n_steps == 1)
             if on_checkpoint is not None:
                 on_checkpoint(level, 0)
             start = 1
-        for s in range(start, spec.resampling_steps + 1):
-            c, labels, dists, inertia = resampling_step(data, c, labels, dists, spec, [seed, level, 2, s], step,
+        for s in range(start, spec.n_steps):
+            c, labels, dists, inertia = resampling_step(data, labels, dists, spec, [seed, level, 2, s], step,
                                                         chunk_size, gpu)
             obj = obj + [inertia]
-            ckpt.save(level, s, (c, labels, dists), obj, s == spec.resampling_steps)
+            ckpt.save(level, s, (c, labels, dists), obj, s == spec.n_steps - 1)
             if on_checkpoint is not None:
                 on_checkpoint(level, s)
         centroids.append(c)

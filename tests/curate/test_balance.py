@@ -2,7 +2,15 @@ import faiss
 import numpy as np
 import pytest
 
-from curate.balance import balanced_sample, retrieve, retrieve_by_clusters, retrieve_nearest, water_fill
+from curate.balance import (
+    balanced_sample,
+    explained_variance,
+    retrieve,
+    retrieve_by_clusters,
+    retrieve_nearest,
+    structured_levels,
+    water_fill,
+)
 from curate.kmeans import assign_chunk, kmeans
 from curate.kmeans_tree import LevelSpec, hierarchical_kmeans
 
@@ -178,3 +186,34 @@ def test_retrieve_chooses_mode_by_seed_set_size(pool):
     assert set(res.seed_set) == {"small", "large"} and len(np.unique(res.rows)) == len(res.rows)
     with pytest.raises(ValueError):
         retrieve({"large": large}, pool=x)
+
+
+def test_explained_variance_exact_values():
+    x = np.array([[0.0], [2.0], [10.0], [12.0]])
+    assert explained_variance(x, np.array([0, 0, 1, 1])) == pytest.approx(1 - 4 / 104)
+    assert explained_variance(x, np.array([0, 0, 0, 0])) == pytest.approx(0.0)
+    assert explained_variance(x, np.arange(4)) == pytest.approx(1.0)
+    assert explained_variance(np.ones((3, 2)), np.array([0, 1, 1])) == 0.0
+
+
+def _concepts(seed: int, grouped: bool) -> np.ndarray:
+    """60 concepts x 30 points (dim 32); grouped: 12 groups of 5 concepts, 3 top groups of 4 groups."""
+    rng = np.random.default_rng(seed)
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
+    centres = unit(rng.standard_normal((60, 32)))
+    if grouped:
+        g = np.arange(60) % 12
+        centres = unit(unit(rng.standard_normal((3, 32)))[g % 3] + 0.7 * unit(rng.standard_normal((12, 32)))[g]
+                       + 0.5 * centres)
+    return (np.repeat(centres, 30, axis=0) + 0.03 * rng.standard_normal((1800, 32))).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_structured_levels_keeps_real_groups_and_drops_arbitrary_ones(seed):
+    levels = [LevelSpec(60, 10), LevelSpec(12, 10), LevelSpec(3, 10)]
+    flat = hierarchical_kmeans(_concepts(seed, False), levels, seed=seed)
+    grouped = hierarchical_kmeans(_concepts(seed, True), levels, seed=seed)
+    assert structured_levels(flat.centroids, flat.assignments) == 1  # random centres: no level above the concepts
+    assert structured_levels(grouped.centroids, grouped.assignments) == 3
+    assert structured_levels(grouped.centroids, grouped.assignments, min_explained=1.01) == 1
+    assert structured_levels(grouped.centroids) == 3 and structured_levels(flat.centroids) == 1  # from the centroids

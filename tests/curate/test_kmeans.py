@@ -36,7 +36,7 @@ def blobs(n: int, dim: int, k: int, seed: int, noise: float = 0.05) -> tuple[np.
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16), truth
 
 
-LEVELS = [LevelSpec(40, 8, resampling_steps=2, sample_size=20, sampling="c"), LevelSpec(8, 8, 1, 3, "r")]
+LEVELS = [LevelSpec(40, 8, resampling_steps=3, sample_size=20, sampling="c"), LevelSpec(8, 8, 2, 3, "r")]
 
 
 def test_recovers_separated_gaussians():
@@ -151,28 +151,58 @@ def test_hierarchical_levels_are_consistent():
     assert np.array_equal(paths[:, 1], tree.assignments[1][tree.assignments[0]])
     assert np.array_equal(tree.assignments[1], assign_chunk(tree.centroids[0], tree.centroids[1])[0])
     assert np.array_equal(tree.assignments[0], assign_chunk(x, tree.centroids[0])[0])
-    assert [len(o) for o in tree.objectives] == [8 + 1 + 2, 8 + 1 + 1]
+    assert [len(o) for o in tree.objectives] == [8 + 1 + 2, 8 + 1 + 1]  # fit passes, then one per resampling
 
 
-def test_resampling_changes_centroids_deterministically():
+def zipf_gaussians(seed: int, largest: int = 4000, dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """10 Gaussians (unit-norm centres, sd 0.15) of sizes largest * i**-2 (4000 ... 40), and their centres."""
+    rng = np.random.default_rng(seed)
+    sizes = np.round(largest * np.arange(1, 11) ** -2.0).astype(int)
+    centres = rng.standard_normal((10, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[np.repeat(np.arange(10), sizes)] + 0.15 * rng.standard_normal((sizes.sum(), dim))
+    return x.astype(np.float32), centres.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_resampling_spreads_centroids_over_zipf_components(seed):
+    x, centres = zipf_gaussians(seed)
+    k = 50  # an even split puts 5 centroids in each component
+
+    def per_component(spec: LevelSpec) -> np.ndarray:
+        tree = hierarchical_kmeans(x, [spec], seed=seed)
+        assert np.array_equal(tree.assignments[0], assign_chunk(x, tree.centroids[0])[0])  # all points reassigned
+        return np.bincount(assign_chunk(tree.centroids[0], centres)[0], minlength=10)
+
+    plain = per_component(LevelSpec(k, 10))
+    assert plain[0] >= 4 * k / 10  # k-means follows the density: the largest component takes ~5x its share
+    assert np.array_equal(per_component(LevelSpec(k, 10, resampling_steps=1, sample_size=10)), plain)  # fit = step 1
+    for mode in ("c", "r"):
+        spread = per_component(LevelSpec(k, 10, resampling_steps=10, sample_size=10, sampling=mode))
+        assert spread[0] <= 2 * k / 10 and spread.min() >= 1, (mode, spread)
+
+
+def test_resampling_is_deterministic_and_samples_as_asked():
     x, _ = blobs(2000, 16, 5, seed=8, noise=0.3)
-    plain = hierarchical_kmeans(x, [LevelSpec(30, 6)], seed=0)
     runs = {}
     for mode in ("c", "r"):
-        spec = [LevelSpec(30, 6, resampling_steps=2, sample_size=10, sampling=mode)]
+        spec = [LevelSpec(30, 6, resampling_steps=3, sample_size=10, sampling=mode)]
         runs[mode] = hierarchical_kmeans(x, spec, seed=0)
-        again = hierarchical_kmeans(x, spec, seed=0)
-        assert np.array_equal(runs[mode].centroids[0], again.centroids[0])
-        assert not np.allclose(runs[mode].centroids[0], plain.centroids[0])
-        assert np.array_equal(runs[mode].assignments[0], assign_chunk(x, runs[mode].centroids[0])[0])
+        assert np.array_equal(runs[mode].centroids[0], hierarchical_kmeans(x, spec, seed=0).centroids[0])
     assert not np.allclose(runs["c"].centroids[0], runs["r"].centroids[0])
+    plain = hierarchical_kmeans(x, [LevelSpec(30, 6)], seed=0)
     labels, dists = plain.assignments[0], plain.sq_dists
     rows = sample_per_cluster(labels, dists, 30, 10, "c", 0)
-    assert np.bincount(labels[rows], minlength=30).max() <= 10
+    counts = np.bincount(labels, minlength=30)
+    assert np.array_equal(np.bincount(labels[rows], minlength=30), np.minimum(counts, 10))
     for c in range(30):  # 'c' takes the closest points of each cluster
         mine = np.flatnonzero(labels == c)
         chosen = np.intersect1d(rows, mine)
         assert dists[chosen].max() <= np.sort(dists[mine])[len(chosen) - 1]
+    rand = sample_per_cluster(labels, dists, 30, 10, "r", 0)
+    assert np.array_equal(np.bincount(labels[rand], minlength=30), np.minimum(counts, 10))
+    assert not np.array_equal(rand, rows)
+    assert np.array_equal(rand, sample_per_cluster(labels, dists, 30, 10, "r", 0))
 
 
 def test_checkpoint_resume_gives_identical_results(tmp_path):

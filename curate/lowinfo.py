@@ -1,0 +1,90 @@
+"""Low-information images: blank or single-colour placeholders and pure noise, found on a reduced copy.
+
+Two measures on the image box-reduced to at most `side` pixels a side (cheap, size-independent):
+- blank: the pixel standard deviation (max over R, G, B; 0-255 scale) is below `min_std`, or at
+  least `max_flat` of the pixels lie within `flat_tol` (every channel) of the most common colour
+  (a placeholder, a single colour with a small mark or compression noise);
+- noise: neighbouring pixels are uncorrelated (max of the horizontal and vertical lag-1
+  correlation of the luminance below `min_corr`): i.i.d. noise, whatever its distribution.
+Thresholds are measured in bench/lowinfo.py (bench/RESULTS.md): photos, line drawings, icons and
+Fashion-MNIST items pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+BLANK, NOISE = "blank", "noise"
+REASONS = {BLANK: "low information: (nearly) one colour", NOISE: "low information: neighbouring pixels uncorrelated"}
+
+
+@dataclass(frozen=True)
+class LowInfoSettings:
+    """Thresholds of `low_information` (defaults measured in bench/lowinfo.py)."""
+
+    side: int = 64
+    min_std: float = 2.0
+    max_flat: float = 0.98
+    flat_tol: int = 6
+    min_corr: float = 0.2
+
+
+def reduce(img: Image.Image, side: int = 64) -> np.ndarray:
+    """uint8 RGB array of the image box-reduced so that its longer side is at most `side`."""
+    img = img.convert("RGB") if img.mode != "RGB" else img
+    w, h = img.size
+    factor = max(1, -(-max(w, h) // side))
+    if factor > 1:
+        img = img.reduce(factor)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def measures(rgb: np.ndarray, flat_tol: int = 6) -> dict[str, float]:
+    """std (max over channels), flat (fraction near the modal colour) and corr (lag-1 luminance) of uint8 RGB."""
+    x = rgb.reshape(-1, 3).astype(np.int16)
+    std = float(x.astype(np.float64).std(axis=0).max()) if len(x) else 0.0
+    return {"std": std, "flat": _flat(x, flat_tol), "corr": _corr(rgb)}
+
+
+def _flat(x: np.ndarray, tol: int) -> float:
+    """Fraction of pixels within `tol` (every channel) of the most common colour at 4-bit precision."""
+    if not len(x):
+        return 1.0
+    q = x >> 4
+    codes = (q[:, 0] << 8) | (q[:, 1] << 4) | q[:, 2]
+    mode = int(np.bincount(codes).argmax())
+    centre = np.median(x[codes == mode], axis=0)
+    return float((np.abs(x - centre).max(axis=1) <= tol).mean())
+
+
+def _corr(rgb: np.ndarray) -> float:
+    """Max of the horizontal and vertical lag-1 correlation of the luminance (1.0 when undefined)."""
+    g = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    best = -1.0
+    for a, b in ((g[:, :-1], g[:, 1:]), (g[:-1, :], g[1:, :])):
+        a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+        den = np.sqrt((a * a).sum() * (b * b).sum())
+        if a.size < 2 or den == 0:
+            return 1.0
+        best = max(best, float((a * b).sum() / den))
+    return best
+
+
+def low_information(img: Image.Image | np.ndarray, settings: LowInfoSettings = LowInfoSettings()) -> str | None:
+    """'blank', 'noise', or None for an image that carries content; img is a PIL image or uint8 HxWx3/HxW."""
+    if isinstance(img, Image.Image):
+        rgb = reduce(img, settings.side)
+    else:
+        rgb = np.asarray(img, dtype=np.uint8)
+        rgb = np.repeat(rgb[..., None], 3, axis=2) if rgb.ndim == 2 else rgb
+    x = rgb.reshape(-1, 3).astype(np.int16)
+    if len(x) == 0 or x.astype(np.float64).std(axis=0).max() < settings.min_std:
+        return BLANK
+    if _flat(x, settings.flat_tol) >= settings.max_flat:
+        return BLANK
+    if min(rgb.shape[:2]) >= 4 and _corr(rgb) < settings.min_corr:
+        return NOISE
+    return None
