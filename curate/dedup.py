@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from curate.copy_safety import CopyDedupRefused, SafetyLimits, check_safety  # noqa: F401 (re-exported)
 from curate.groups import id_ranks, pick_keepers
 from curate.index import EmbeddingParts, IndexSpec, VectorIndex, build_index
 
@@ -241,13 +242,16 @@ def copy_dedup(
     method: str = "scipy",
     index: VectorIndex | None = None,
     edges: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    limits: SafetyLimits | None = SafetyLimits(),
 ) -> CopyDedupResult:
     """Group embedding copies (k-NN graph, cosine > threshold, components) and keep one per group.
 
     The keeper has the most pixels, then the smallest id (string order); groups are numbered by
     their smallest id, so the result does not depend on the input order. Warns (and records it)
     when the largest component exceeds max_component: transitive chains of a too-low threshold.
-    `edges` (from knn_edges runs merged with merge_edges, e.g. on several workers) skips the search.
+    `edges` (from knn_edges runs merged with merge_edges, e.g. on several workers, or verified
+    pairs from curate.verify) skips the search. Raises CopyDedupRefused when the result passes
+    `limits` (check_safety); limits=None allows any result.
     """
     parts = as_parts(vectors)
     n = parts.n
@@ -300,6 +304,8 @@ def copy_dedup(
         warning = (f"largest duplicate component has {largest} records (> max_component={max_component}): "
                    f"threshold {threshold} probably chains distinct images; calibrate it (curate.calibrate)")
         warnings.warn(warning, LargeComponentWarning, stacklevel=2)
+    if limits is not None:
+        check_safety(stats, limits)
     return CopyDedupResult(id_arr, keep, dup_of.tolist(), group, max_sim, ok, (i, j, sim), groups, stats, warning)
 
 
