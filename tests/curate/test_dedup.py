@@ -14,6 +14,9 @@ from PIL import Image
 
 from curate.dedup import (
     DECONTAM_THRESHOLD,
+    CopyDedupRefused,
+    SafetyLimits,
+    check_safety,
     LargeComponentWarning,
     components,
     copy_dedup,
@@ -345,3 +348,40 @@ def test_decontaminate_eval_folder_of_images(pool):
     assert set(res.removed["folder"].column("pool_id").to_pylist()) == expected
     assert set(res.pairs["folder"].column("eval_id").to_pylist()) == {f"e{r}" for r in range(len(planted))}
     assert (~res.keep).sum() == len(expected)
+
+
+def test_refuses_a_chaining_result_and_names_the_settings():
+    rng = np.random.default_rng(1)
+    x = np.concatenate([chain(40), unit(rng.standard_normal((200, 128)))])
+    ids = [f"{r:04d}" for r in range(len(x))]
+    with pytest.raises(CopyDedupRefused) as err:
+        copy_dedup(x, ids, max_component=1000)
+    msg = str(err.value)
+    assert "\n" not in msg and "largest component 40 of 240 records (16.7% > max_component_share 0.01)" in msg
+    assert "max_component_share >= 0.167" in msg and "max_removed_share" not in msg
+    assert err.value.stats["largest_component"] == 40 and err.value.stats["dropped"] == 39
+    res = copy_dedup(x, ids, limits=SafetyLimits(max_component_share=0.17))
+    assert res.stats["largest_component"] == 40
+
+
+def test_refusal_limits_exact():
+    base = {"n": 1000, "largest_component": 16, "dropped": 300, "threshold": 0.5}
+    check_safety(base)  # 16 <= max(1% of 1000, 16) and 300 <= 30%
+    with pytest.raises(CopyDedupRefused, match=r"largest component 17 of 1,000 records \(1.7% > "):
+        check_safety({**base, "largest_component": 17})
+    with pytest.raises(CopyDedupRefused, match=r"301 of 1,000 records removed \(30.1% > max_removed_share 0.3\)"):
+        check_safety({**base, "dropped": 301})
+    check_safety({**base, "dropped": 301}, SafetyLimits(max_removed_share=0.5))
+    check_safety({**base, "largest_component": 1000, "n": 100_000})  # 1% of a big pool
+    with pytest.raises(CopyDedupRefused, match="largest component 1,001 of 100,000"):
+        check_safety({**base, "largest_component": 1001, "n": 100_000})
+
+
+def test_many_pairs_refused_by_removed_share():
+    rng = np.random.default_rng(2)
+    x = unit(rng.standard_normal((300, 64)))
+    x[200:300] = unit(x[:100] + 0.01 * rng.standard_normal((100, 64)))  # 100 copies: a third of the pool
+    ids = [f"{r:04d}" for r in range(300)]
+    with pytest.raises(CopyDedupRefused, match=r"100 of 300 records removed \(33.3% > max_removed_share 0.3\)"):
+        copy_dedup(x, ids, threshold=0.9)
+    assert copy_dedup(x, ids, threshold=0.9, limits=None).stats["dropped"] == 100
