@@ -70,7 +70,7 @@ class RawImages(torch.utils.data.Dataset):
             return torch.zeros(self.shape), f"{type(exc).__name__}: {exc}"[:200]
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str):
     if device.type == "cuda" and precision in ("auto", "bf16", "fp16"):
         dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         return torch.autocast("cuda", dtype=dtype)
@@ -105,7 +105,7 @@ def _batches(rows: Sequence[dict], raw_root: str | os.PathLike, model: torch.nn.
     dataset = RawImages(raw_root, rows, transform, tuple(probe.shape))
     loader = _loader(dataset, settings, device, part_sizes if part_sizes is not None else [len(rows)])
     channels_last = device.type == "cuda" and probe.dim() == 3
-    with torch.inference_mode(), _autocast(device, settings.precision):
+    with torch.inference_mode(), autocast(device, settings.precision):
         for x, errs in loader:
             x = x.to(device, non_blocking=True)
             if channels_last:

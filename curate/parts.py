@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+PART_RE = re.compile(r"^part-(\d{5,})(\.[a-z]+)$")  # part-00000.parquet, part-00000.npy
 
 
 def part_name(index: int) -> str:
@@ -79,12 +79,12 @@ def clean_temporaries(directory: str | os.PathLike) -> int:
     return removed
 
 
-def list_parts(directory: str | os.PathLike) -> list[Path]:
-    """Complete parts in `directory`, ordered by part number."""
+def list_parts(directory: str | os.PathLike, suffix: str = ".parquet") -> list[Path]:
+    """Complete parts in `directory` (`part-XXXXX<suffix>`), ordered by part number."""
     directory = Path(directory)
     if not directory.exists():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := PART_RE.match(p.name))]
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := PART_RE.match(p.name)) and m.group(2) == suffix]
     return [p for _, p in sorted(found)]
 
 

@@ -15,9 +15,8 @@ from typing import Any
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
-from curate.parts import PART_RE
+from curate.parts import PART_RE, list_parts, read_aligned
 
 FLOW = ["ingest", "hashdedup", "dedup", "decontaminate", "cluster", "balance", "shards"]
 SHORT_SIDE_EDGES = [0, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 8192]
@@ -25,36 +24,28 @@ ASPECT_EDGES = [round(float(x), 4) for x in np.exp2(np.linspace(-2, 2, 17))]
 LOC_COLUMNS = ["id", "raw_shard", "raw_offset", "nbytes"]
 
 
-def parts(stage_dir: str | os.PathLike) -> list[Path]:
-    """The `part-XXXXX.parquet` files of a stage directory, in part order."""
-    d = Path(stage_dir)
-    if not d.is_dir():
-        return []
-    return sorted(p for p in d.iterdir() if PART_RE.match(p.name))
-
-
 def read_stage(work: Path, stage: str, columns: list[str]) -> dd.DataFrame | None:
     """A lazy dask frame over one stage's parts (only `columns`), or None when the stage did not run."""
-    files = parts(work / stage)
+    files = list_parts(work / stage)
     if not files:
         return None
     return dd.read_parquet([str(f) for f in files], columns=columns, split_row_groups=False)
 
 
-def _read_aligned(index: int, sources: tuple[tuple[str, tuple[str, ...]], ...]) -> pd.DataFrame:
+def _aligned_part(index: int, sources: tuple[tuple[str, tuple[str, ...]], ...]) -> pd.DataFrame:
     """Row-aligned columns of part `index` from several stage directories, side by side."""
-    name = f"part-{index:05d}.parquet"
-    frames = [pq.read_table(Path(d) / name, columns=list(cols)).to_pandas() for d, cols in sources]
-    return pd.concat([f.reset_index(drop=True) for f in frames], axis=1)
+    table = read_aligned([d for d, _ in sources], index, {d: list(c) for d, c in sources})
+    wanted = [c for _, cols in sources for c in cols]
+    return table.select(list(dict.fromkeys(wanted))).to_pandas()
 
 
-def read_aligned(work: Path, spec: dict[str, list[str]]) -> dd.DataFrame | None:
+def aligned_frame(work: Path, spec: dict[str, list[str]]) -> dd.DataFrame | None:
     """A lazy dask frame joining row-aligned parts of several stages ({stage: columns}), or None."""
-    if any(not parts(work / s) for s in spec):
+    if any(not list_parts(work / s) for s in spec):
         return None
-    indices = [int(PART_RE.match(p.name).group(1)) for p in parts(work / "ingest")]
+    indices = [int(PART_RE.match(p.name).group(1)) for p in list_parts(work / "ingest")]
     sources = tuple((str(work / s), tuple(c)) for s, c in spec.items())
-    return dd.from_map(_read_aligned, indices, sources=sources)
+    return dd.from_map(_aligned_part, indices, sources=sources)
 
 
 def load_manifest(stage_dir: Path) -> dict | None:
@@ -179,7 +170,7 @@ def clusters(work: Path) -> dict[str, Any] | None:
     out: dict[str, Any] = {"clustered": int(before.sum()), "n_clusters": int(len(before)),
                            "before": {"sizes": {str(k): int(v) for k, v in before.items()},
                                       **balance_stats(before.to_numpy())}}
-    j = read_aligned(work, {"cluster": ["cluster_l1"], "balance": ["selected", "seed_set"]})
+    j = aligned_frame(work, {"cluster": ["cluster_l1"], "balance": ["selected", "seed_set"]})
     if j is not None:
         sel = j[(j["selected"] == True) & j["cluster_l1"].notnull()]  # noqa: E712  (nullable column)
         after = sel["cluster_l1"].astype("int64").value_counts().compute()
@@ -215,7 +206,7 @@ def samples(work: Path, report_clusters: dict | None, n_clusters: int = 2, per_c
         sizes = sorted(report_clusters["before"]["sizes"].items(), key=lambda kv: (kv[1], int(kv[0])))
         picks = [("largest", kv) for kv in sizes[::-1][:n_clusters]] + [("smallest", kv) for kv in sizes[:n_clusters]]
         chosen = sorted({int(k) for _, (k, _) in picks})
-        j = read_aligned(work, {"ingest": LOC_COLUMNS, "cluster": ["cluster_l1"]})
+        j = aligned_frame(work, {"ingest": LOC_COLUMNS, "cluster": ["cluster_l1"]})
         meta = pd.DataFrame({"id": pd.Series(dtype=object), "cluster_l1": pd.Series(dtype=np.float64)})
         rows = j[["id", "cluster_l1"]].map_partitions(_head_per_cluster, chosen, per_cluster, meta=meta).compute()
         for kind, (k, size) in picks:

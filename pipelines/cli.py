@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from pipelines.config import Config, load_config
-from pipelines.manifest import StageConflict, StageResult
+from pipelines.ui import print_summary
 
 
 def _common(p: argparse.ArgumentParser, workdir_required: bool = True) -> None:
@@ -140,30 +140,71 @@ def _config(args: argparse.Namespace, flags: dict[str, str]) -> Config:
     return load_config(args.config, overrides)
 
 
-def print_summary(results: list[StageResult], started: float, out=None) -> None:
-    """One screen: per stage, in -> out, drops by reason, time, where the outputs are."""
-    out = out or sys.stdout
-    for r in results:
-        c = r.counts
-        head = f"[{r.stage}] " + ("already done, nothing to do" if r.skipped else f"done in {r.seconds:.1f}s")
-        print(head, file=out)
-        if "in" in c:
-            print(f"  in {c['in']:,}  ->  out {c.get('out', 0):,}", file=out)
-        for reason, n in sorted(c.get("dropped", {}).items(), key=lambda kv: -kv[1]):
-            print(f"    dropped {n:>8,}  {reason}", file=out)
-        extras = {k: v for k, v in c.items() if k not in ("in", "out", "dropped")}
-        if extras:
-            print("  " + "  ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in extras.items()), file=out)
-        for name, path in r.outputs.items():
-            print(f"  {name}: {path}", file=out)
-    print(f"total {time.time() - started:.1f}s", file=out)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `curate` console script."""
+    """Entry point of the `curate` console script: a user's mistake is one line and exit code 2;
+    `--debug` (anywhere on the line) shows the traceback instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    command = argv[0] if argv else "curate"
+    try:
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        print(f"curate {command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 (every error ends as one line unless --debug)
+        if debug:
+            raise
+        print(f"curate {command}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def one_line(exc: BaseException) -> str:
+    """A one-line message for any error; config key errors name the key and the closest valid one."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(exc, OmegaConfBaseException):
+        msg = str(getattr(exc, "msg", "") or exc).splitlines()[0]
+        key = getattr(exc, "full_key", None)
+        hint = _did_you_mean(key) if key and "did you mean" not in msg.lower() else ""
+        return f"config: {msg}" + (f" (key {key})" if key and key not in msg else "") + hint
+    if isinstance(exc, OSError) and exc.errno is not None and not isinstance(exc, FileNotFoundError):
+        import errno
+
+        what = {errno.ENOSPC: "the disk is full: free space (or choose another --workdir) and rerun the same command",
+                errno.EROFS: "the file system is read-only: choose a writable --workdir",
+                errno.EACCES: "permission denied: choose a --workdir you can write to",
+                errno.EDQUOT: "disk quota exceeded: free space and rerun the same command"}.get(exc.errno)
+        if what:
+            return f"{exc.filename or ''}: {what}".lstrip(": ")
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    known = (ValueError, RuntimeError, OSError, KeyError)
+    return text if isinstance(exc, known) else f"{type(exc).__name__}: {text} (run again with --debug for the traceback)"
+
+
+def _did_you_mean(full_key: str) -> str:
+    """"; did you mean 'ingest.part_size'?" for a misspelt config key."""
+    import dataclasses
+    import difflib
+
+    from pipelines.config import Config
+
+    node, parts = Config, full_key.split(".")
+    for part in parts[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields or not isinstance(fields[part].type, type):
+            node = None
+            break
+        node = fields[part].type
+    if node is None or not dataclasses.is_dataclass(node):
+        return ""
+    close = difflib.get_close_matches(parts[-1], [f.name for f in dataclasses.fields(node)], n=1)
+    return f"; did you mean '{'.'.join([*parts[:-1], close[0]])}'?" if close else ""
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in ("train", "eval"):
-        from pipelines.train_stage import is_pipeline_config
+        from pipelines.config import is_pipeline_config
         from train import cli as train_cli
 
         if argv[0] == "train" and len(argv) > 1 and is_pipeline_config(argv[1]):
@@ -171,103 +212,98 @@ def main(argv: list[str] | None = None) -> int:
         return (train_cli.main if argv[0] == "train" else train_cli.eval_main)(argv[1:])
     args = build_parser().parse_args(argv)
     started = time.time()
-    from pipelines import stages
+    from pipelines.run import run_stage
 
-    try:
-        if args.command == "ingest":
-            cfg = _config(args, {"part_size": "ingest.part_size", "workers": "ingest.workers",
-                                 "min_side": "ingest.min_side", "concurrency": "download.concurrency",
-                                 "timeout": "download.timeout", "retries": "download.retries",
-                                 "max_bytes": "download.max_bytes"})
-            cfg.ingest.sources = [str(Path(s).resolve()) for s in args.sources]
-            if args.ignore_noai:
-                cfg.download.respect_noai = False
-            results = [stages.run_ingest(cfg, force=args.force)]
-        elif args.command == "hashdedup":
-            cfg = _config(args, {"max_distance": "hashdedup.phash_max_distance"})
-            results = [stages.run_hashdedup(cfg, force=args.force)]
-        elif args.command == "embed":
-            from pipelines.embed_stage import run_embed
+    if args.command == "ingest":
+        cfg = _config(args, {"part_size": "ingest.part_size", "workers": "ingest.workers",
+                             "min_side": "ingest.min_side", "concurrency": "download.concurrency",
+                             "timeout": "download.timeout", "retries": "download.retries",
+                             "max_bytes": "download.max_bytes"})
+        cfg.ingest.sources = [str(Path(s).resolve()) for s in args.sources]
+        if args.ignore_noai:
+            cfg.download.respect_noai = False
+        results = run_stage("ingest", cfg, args.force)
+    elif args.command == "hashdedup":
+        cfg = _config(args, {"max_distance": "hashdedup.phash_max_distance"})
+        results = run_stage("hashdedup", cfg, args.force)
+    elif args.command == "embed":
+        from pipelines.framework import stage_lock
+        from pipelines.stages import embed
 
-            cfg = _config(args, {"model": "embed.model", "name": "embed.name", "batch_size": "embed.batch_size",
-                                 "num_workers": "embed.num_workers", "device": "embed.device",
-                                 "executor": "executor", "ray_address": "ray_address",
-                                 "ray_actors": "embed.ray_actors"})
-            results = [run_embed(cfg, force=args.force)]
-        elif args.command == "dedup":
-            from pipelines.copy_stage import run_calibration, run_dedup
+        cfg = _config(args, {"model": "embed.model", "name": "embed.name", "batch_size": "embed.batch_size",
+                             "num_workers": "embed.num_workers", "device": "embed.device",
+                             "executor": "executor", "ray_address": "ray_address",
+                             "ray_actors": "embed.ray_actors"})
+        with stage_lock(cfg.workdir, "embed"):
+            results = [embed.run_one(cfg, force=args.force)]
+    elif args.command == "dedup":
+        cfg = _config(args, {"embedding": "dedup.embedding", "k": "dedup.k", "threshold": "dedup.threshold",
+                             "executor": "executor", "ray_address": "ray_address"})
+        if args.calibrate:
+            from pipelines.stages import calibrate
 
-            cfg = _config(args, {"embedding": "dedup.embedding", "k": "dedup.k", "threshold": "dedup.threshold",
-                                 "executor": "executor", "ray_address": "ray_address"})
-            if args.calibrate:
-                return _print_calibration(run_calibration(cfg))
-            results = [run_dedup(cfg, force=args.force)]
-        elif args.command == "decontaminate":
-            from pipelines.config import EvalSetConfig
-            from pipelines.copy_stage import run_decontaminate
+            return _print_calibration(calibrate.run(cfg))
+        results = run_stage("dedup", cfg, args.force)
+    elif args.command == "decontaminate":
+        from pipelines.config import EvalSetConfig
 
-            cfg = _config(args, {"threshold": "decontaminate.threshold"})
-            for name, source in _named_sources(args.eval_sets or [], "--eval-set"):
-                cfg.decontaminate.eval_sets.append(EvalSetConfig(name=name, source=source))
-            results = [run_decontaminate(cfg, force=args.force)]
-        elif args.command == "cluster":
-            from pipelines.cluster_stage import run_cluster
-            from pipelines.config import LevelConfig
+        cfg = _config(args, {"threshold": "decontaminate.threshold"})
+        for name, source in _named_sources(args.eval_sets or [], "--eval-set"):
+            cfg.decontaminate.eval_sets.append(EvalSetConfig(name=name, source=source))
+        results = run_stage("decontaminate", cfg, args.force)
+    elif args.command == "cluster":
+        from pipelines.config import LevelConfig
 
-            cfg = _config(args, {"embedding": "cluster.embedding", "executor": "executor", "ray_address": "ray_address"})
-            if args.levels:
-                cfg.cluster.levels = [LevelConfig(int(k)) for k in args.levels.split(",")]
-            for lv in cfg.cluster.levels:
-                for attr, flag in (("n_iters", "iters"), ("resampling_steps", "resampling_steps"),
-                                   ("sample_size", "sample_size"), ("sampling", "sampling")):
-                    if getattr(args, flag) is not None:
-                        setattr(lv, attr, getattr(args, flag))
-            results = [run_cluster(cfg, force=args.force)]
-        elif args.command == "balance":
-            from pipelines.cluster_stage import run_balance
-            from pipelines.config import SeedSetConfig
+        cfg = _config(args, {"embedding": "cluster.embedding", "executor": "executor", "ray_address": "ray_address"})
+        if args.levels:
+            cfg.cluster.levels = [LevelConfig(int(k)) for k in args.levels.split(",")]
+        for lv in cfg.cluster.levels:
+            for attr, flag in (("n_iters", "iters"), ("resampling_steps", "resampling_steps"),
+                               ("sample_size", "sample_size"), ("sampling", "sampling")):
+                if getattr(args, flag) is not None:
+                    setattr(lv, attr, getattr(args, flag))
+        results = run_stage("cluster", cfg, args.force)
+    elif args.command == "balance":
+        from pipelines.config import SeedSetConfig
 
-            cfg = _config(args, {"target": "balance.target", "strategy": "balance.strategy",
-                                 "multiplier": "balance.multiplier"})
-            for name, source in _named_sources(args.seeds or [], "--seeds"):
-                cfg.balance.seeds.append(SeedSetConfig(name=name, source=source))
-            if args.n_per_seed:
-                for s in cfg.balance.seeds:
-                    s.n_per_seed = args.n_per_seed
-            results = [run_balance(cfg, force=args.force)]
-        elif args.command == "shards":
-            if args.verify:
-                return _verify(args.verify)
-            if not args.workdir:
-                print("curate shards: --workdir is required (or --verify DIR)", file=sys.stderr)
-                return 2
-            seed = args.shuffle_seed
-            if seed is not None:
-                args.shuffle_seed = "null" if seed.lower() == "none" else seed
-            cfg = _config(args, {"out": "shards.out", "max_size": "shards.max_size", "max_count": "shards.max_count",
-                                 "shuffle_seed": "shards.shuffle_seed", "select": "shards.select"})
-            results = [stages.run_shards(cfg, force=args.force)]
-        elif args.command == "report":
-            from pipelines.report_stage import write_report
+        cfg = _config(args, {"target": "balance.target", "strategy": "balance.strategy",
+                             "multiplier": "balance.multiplier"})
+        for name, source in _named_sources(args.seeds or [], "--seeds"):
+            cfg.balance.seeds.append(SeedSetConfig(name=name, source=source))
+        if args.n_per_seed:
+            for s in cfg.balance.seeds:
+                s.n_per_seed = args.n_per_seed
+        results = run_stage("balance", cfg, args.force)
+    elif args.command == "shards":
+        if args.verify:
+            return _verify(args.verify)
+        if not args.workdir:
+            print("curate shards: --workdir is required (or --verify DIR)", file=sys.stderr)
+            return 2
+        seed = args.shuffle_seed
+        if seed is not None:
+            args.shuffle_seed = "null" if seed.lower() == "none" else seed
+        cfg = _config(args, {"out": "shards.out", "max_size": "shards.max_size", "max_count": "shards.max_count",
+                             "shuffle_seed": "shards.shuffle_seed", "select": "shards.select"})
+        results = run_stage("shards", cfg, args.force)
+    elif args.command == "report":
+        from pipelines.stages.report import write_report
 
-            paths = write_report(args.workdir, args.out)
-            print(f"[report] {paths['html']}\n  figures: {paths['json']}")
-            return 0
-        elif args.command == "run":
-            from pipelines.run import run_pipeline
+        paths = write_report(args.workdir, args.out)
+        print(f"[report] {paths['html']}\n  figures: {paths['json']}")
+        return 0
+    elif args.command == "run":
+        from pipelines.run import run_pipeline
 
-            args.config, args.overrides = args.config_file, list(args.overrides_pos)
-            cfg = _config(args, {"executor": "executor", "ray_address": "ray_address"})
-            results = run_pipeline(cfg, args.start, args.until, force=args.force)
-        elif args.command == "demo":
-            from pipelines.demo import run_demo
+        args.config, args.overrides = args.config_file, list(args.overrides_pos)
+        cfg = _config(args, {"executor": "executor", "ray_address": "ray_address"})
+        results = run_pipeline(cfg, args.start, args.until, force=args.force)
+    elif args.command == "demo":
+        from pipelines.demo import run_demo
 
-            return run_demo(args.workdir, args.pool_size, args.seed, args.train_iters)
-        else:
-            raise AssertionError(args.command)
-    except (StageConflict, ValueError, RuntimeError, FileNotFoundError) as exc:
-        print(f"curate {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return run_demo(args.workdir, args.pool_size, args.seed, args.train_iters)
+    else:
+        raise AssertionError(args.command)
     print_summary(results, started)
     return 0
 
@@ -281,12 +317,7 @@ def _curate_then_train(config: str, overrides: list[str]) -> int:
     if not cfg.train.config:
         print("curate train: the pipeline config has no train.config (e.g. train: {config: tiny})", file=sys.stderr)
         return 2
-    try:
-        results = run_pipeline(cfg)
-    except (StageConflict, ValueError, RuntimeError, FileNotFoundError) as exc:
-        print(f"curate train: error: {exc}", file=sys.stderr)
-        return 2
-    print_summary(results, started)
+    print_summary(run_pipeline(cfg), started)
     return 0
 
 

@@ -50,7 +50,7 @@ class HashDedupConfig:
 class EmbedConfig:
     """Embedding with a vision model (see curate/embedders.py for the spec forms)."""
 
-    model: str = "pixels:16"         # pixels[:side] | timm:<name>[:file] | open_clip:<arch>[:tag|file] | torchscript:<file>[:side] | checkpoint:<file>
+    model: str = "pixels:16"         # pixels[:side] | timm:<name>[:file] | open_clip:<arch>[:tag|file] | torchscript:<file>[:side] | checkpoint:<file> | bootstrap[:<trainer config>]
     name: Optional[str] = None       # embedding name under <workdir>/embed/; default: a slug of the model spec
     batch_size: int = 64
     num_workers: int = 1             # DataLoader processes decoding and preprocessing
@@ -59,6 +59,9 @@ class EmbedConfig:
     threads: int = 0                 # torch threads on CPU; 0 = all cores
     ray_actors: int = 0              # with executor=ray: 0 = one actor per GPU, or one per CPU without GPUs
     ray_gpus_per_actor: Optional[float] = None  # null = 1 when the cluster has GPUs, else 0
+    # model `bootstrap[:<trainer config>]`: train our own small DINOv2 ViT on a sample of the pool
+    bootstrap_sample: int = 20000    # images drawn (seeded) from the ok, non-duplicate records to train on
+    bootstrap_overrides: list = field(default_factory=list)  # trainer key=value overrides, e.g. optim.iterations=500
 
 
 @dataclass
@@ -202,3 +205,15 @@ def fingerprint(obj: Any) -> str:
     if hasattr(obj, "__dataclass_fields__"):
         obj = asdict(obj)
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def is_pipeline_config(path: str) -> bool:
+    """A pipeline config (curate, then train) rather than a trainer config."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    if not os.path.isfile(path):
+        return False
+    keys = set(OmegaConf.load(path).keys())
+    return bool(keys & {"workdir", "ingest", "embed", "balance", "shards"})

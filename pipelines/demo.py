@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines.synth_pool import write_labelled_pool
-from pipelines.cli import print_summary
 from pipelines.config import EvalSetConfig, load_config
 from pipelines.run import run_pipeline
+from pipelines.synth_pool import write_labelled_pool
+from pipelines.ui import print_summary
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

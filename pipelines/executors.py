@@ -39,12 +39,14 @@ class _EmbedWorker:
 def ray_embed(spec: str, settings_kwargs: dict, jobs: Sequence[tuple[int, list[dict]]], raw_root: str,
               actors: int = 0, gpus_per_actor: float | None = None,
               address: str | None = None) -> Iterator[tuple[int, object, list[str]]]:
-    """Embed parts over an actor pool: one actor per GPU (num_gpus=1), or `actors` CPU actors.
+    """Embed parts over a pool of actors: one per GPU (num_gpus=1), or `actors` CPU actors.
 
-    Yields (part index, float16 vectors, errors) as parts finish, in any order.
+    Yields (part index, float16 vectors, errors) as parts finish, in any order. A part whose actor
+    dies (its node lost) goes back to the queue for the live actors; only when every actor is gone
+    does the stage fail, with a clear error (a rerun resumes from the parts already written).
     """
     import ray
-    from ray.util import ActorPool
+    from ray.exceptions import RayActorError
 
     init_ray(address)
     resources = ray.cluster_resources()
@@ -57,8 +59,24 @@ def ray_embed(spec: str, settings_kwargs: dict, jobs: Sequence[tuple[int, list[d
     if not gpus_per_actor:
         kwargs.update(device="cpu", num_workers=0, threads=1)
     remote = ray.remote(_EmbedWorker).options(num_cpus=1, num_gpus=gpus_per_actor)
-    pool = ActorPool([remote.remote(spec, kwargs) for _ in range(actors)])
-    yield from pool.map_unordered(lambda a, job: a.run.remote(job[0], job[1], raw_root), list(jobs))
+    idle = [remote.remote(spec, kwargs) for _ in range(actors)]
+    queue = list(jobs)
+    running: dict = {}  # object ref -> (actor, job)
+    while queue or running:
+        while queue and idle:
+            actor, job = idle.pop(), queue.pop(0)
+            running[actor.run.remote(job[0], job[1], raw_root)] = (actor, job)
+        if not running:
+            raise RuntimeError(f"every embedding actor died with {len(queue)} part(s) left; rerun to resume")
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        actor, job = running.pop(ref)
+        try:
+            result = ray.get(ref)
+        except RayActorError:  # the actor (or its node) is gone: its part goes back to the queue
+            queue.insert(0, job)
+            continue
+        idle.append(actor)
+        yield result
 
 
 def on_ray(fn: Callable, items: Sequence, address: str | None = None, num_cpus: float = 1) -> list:

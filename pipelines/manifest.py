@@ -35,6 +35,7 @@ class StageResult:
     counts: dict = field(default_factory=dict)
     seconds: float = 0.0
     outputs: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # lines the summary shows (warnings, hints)
 
 
 def read_manifest(stage_dir: str | Path) -> dict | None:

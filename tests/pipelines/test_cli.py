@@ -1,6 +1,7 @@
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from curate.parts import read_table
 from pipelines.synth import encode, make_image, reencode, resized
@@ -63,12 +64,13 @@ def test_rerun_is_a_no_op_and_conflicts_are_refused(tmp_path, capsys):
 
 def test_typo_in_a_setting_is_an_error(tmp_path, capsys):
     _pool(tmp_path / "raw")
-    try:
-        main(["ingest", str(tmp_path / "raw"), "--workdir", str(tmp_path / "w"), "--set", "ingest.part_sise=3"])
-    except Exception as exc:  # OmegaConf refuses keys that the schema does not have
-        assert "part_sise" in str(exc)
-    else:
-        raise AssertionError("a misspelt key was accepted")
+    # OmegaConf refuses keys that the schema does not have: one line, exit 2, nothing written
+    assert main(["ingest", str(tmp_path / "raw"), "--workdir", str(tmp_path / "w"), "--set", "ingest.part_sise=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "part_sise" in err and "part_size" in err and "Traceback" not in err
+    assert not (tmp_path / "w" / "ingest").exists()
+    with pytest.raises(Exception, match="part_sise"):  # --debug shows the real exception
+        main(["ingest", str(tmp_path / "raw"), "--workdir", str(tmp_path / "w"), "--set", "ingest.part_sise=3", "--debug"])
 
 
 def test_config_defaults_match_the_library_and_the_demo_config_loads():

@@ -56,6 +56,8 @@ def test_decontamination_removes_the_copies_of_an_eval_set_and_their_components(
     assert sum(results["decontaminate"].counts["dropped"].values()) == 3
     matches = pq.read_table(tmp_path / "w" / "decontaminate" / "matches-bench.parquet").to_pylist()
     assert all(m["sim"] > 0.9 for m in matches) and len({m["eval_id"] for m in matches}) == 3
+    # the summary names the real file of each set, not a placeholder
+    assert results["decontaminate"].outputs["matches[bench]"] == str(tmp_path / "w" / "decontaminate" / "matches-bench.parquet")
     assert results["shards"].counts["out"] == 50 - 3  # groups: 002's whole component, 030 and 041
 
 

@@ -7,8 +7,11 @@ import pytest
 from curate.parts import read_table
 from pipelines.synth import encode, make_image
 from pipelines.config import load_config
-from pipelines.embed_stage import embed_jobs, embedding_dir, run_embed
-from pipelines.stages import run_hashdedup, run_ingest
+from pipelines.embedding import embedding_dir
+from pipelines.stages.embed import embed_jobs
+from pipelines.stages.embed import run_one as run_embed
+from pipelines.stages.hashdedup import run as run_hashdedup
+from pipelines.stages.ingest import run as run_ingest
 
 
 @pytest.fixture

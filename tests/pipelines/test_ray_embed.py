@@ -7,8 +7,10 @@ import pytest
 
 from pipelines.synth import encode, make_image
 from pipelines.config import load_config
-from pipelines.embed_stage import embedding_dir, run_embed
-from pipelines.stages import run_hashdedup, run_ingest
+from pipelines.embedding import embedding_dir
+from pipelines.stages.embed import run_one as run_embed
+from pipelines.stages.hashdedup import run as run_hashdedup
+from pipelines.stages.ingest import run as run_ingest
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +74,7 @@ def test_kmeans_lloyd_passes_on_ray_give_the_local_clusters(workdir):
     import ray
 
     from curate.parts import read_table
-    from pipelines.cluster_stage import run_cluster
+    from pipelines.stages.cluster import run as run_cluster
     from pipelines.config import LevelConfig
 
     workdir.cluster.embedding = "local"
@@ -94,7 +96,7 @@ def test_kmeans_lloyd_passes_on_ray_give_the_local_clusters(workdir):
 def test_copy_dedup_queries_on_ray_give_the_local_groups(workdir):
     import ray
 
-    from pipelines.copy_stage import run_dedup
+    from pipelines.stages.dedup import run as run_dedup
 
     workdir.dedup.embedding, workdir.dedup.threshold, workdir.dedup.k = "local", 0.5, 8
     run_dedup(workdir)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipelines.demo import run_demo
-from pipelines.report_stage import write_report
+from pipelines.stages.report import write_report
 
 
 @pytest.fixture(scope="module")

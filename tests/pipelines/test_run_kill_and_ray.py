@@ -94,3 +94,38 @@ def test_ray_local_and_two_node_cluster_give_the_local_shards(setup):
         ray.shutdown()
         cluster.shutdown()
     assert _shards(root / "ray2" / "shards") == reference
+
+
+def test_embedding_survives_losing_a_worker_node_mid_stage(setup):
+    """Three simulated nodes; once the first part is back, the node of a busy actor is removed: its
+    part goes back to the queue and the embeddings equal the local run's, byte for byte."""
+    import numpy as np
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from curate.embed import EmbedSettings
+    from pipelines.executors import ray_embed
+    from pipelines.stages.embed import embed_jobs
+
+    root, _, _ = setup
+    cfg = load_config(root / "c.yaml", [f"workdir={root / 'ref'}"])
+    jobs = embed_jobs(cfg)
+    settings = {**EmbedSettings(batch_size=16, num_workers=0).__dict__}
+    ref = {int(p.stem.split("-")[1]): np.load(p) for p in (root / "ref" / "embed" / "pixels-12").glob("part-*.npy")}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    try:
+        got = {}
+        removed = False
+        for k, vecs, errs in ray_embed("pixels:12", settings, jobs, str(root / "ref" / "ingest"), actors=3,
+                                       address=cluster.address):
+            got[k] = vecs
+            if not removed:
+                cluster.remove_node(workers[0])
+                removed = True
+        assert removed and sorted(got) == sorted(ref)
+        for k in ref:
+            assert np.array_equal(got[k], ref[k]), k
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -1,4 +1,4 @@
-"""`curate report`: write report.json (the figures) and one self-contained report.html for a workdir.
+"""report: write report.json (the figures) and one self-contained report.html for a workdir.
 
 Plots (matplotlib, Agg) and image thumbnails (read from the raw shards) are inlined as base64 data
 URIs, so the HTML references nothing outside itself. Sections of stages that did not run are skipped.
@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from PIL import Image  # noqa: E402
 from curate.parts import write_bytes_atomic, write_json_atomic  # noqa: E402
 from curate.report import compute_report  # noqa: E402
 from curate.tars import TarReader  # noqa: E402
+from pipelines.config import Config  # noqa: E402
+from pipelines.manifest import StageResult  # noqa: E402
 
 THUMB = 128
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}
@@ -188,3 +191,10 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
     write_json_atomic(out / "report.json", rep)
     write_bytes_atomic(out / "report.html", render_html(rep, work).encode())
     return {"json": str(out / "report.json"), "html": str(out / "report.html")}
+
+
+def run(cfg: Config, force: bool = False) -> StageResult:
+    """The stats report is cheap and always reflects the workdir as it is now, so it is rewritten."""
+    t0 = time.time()
+    paths = write_report(cfg.workdir)
+    return StageResult("report", str(Path(paths["html"]).parent), "", seconds=time.time() - t0, outputs=paths)

@@ -1,0 +1,98 @@
+"""balance: select `target` records balanced over the cluster tree (top-down), plus DINOv2-style
+retrieval for seed sets; `selected`, `repeats`, `selected_by` and `seed_*` per record."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate.parts import list_parts
+from pipelines.aligned import RowMap
+from pipelines.config import Config, fingerprint
+from pipelines.embedding import embed_reference_set, resolve_embedding
+from pipelines.framework import stage_dir, upstream
+from pipelines.manifest import StageResult, begin, finish
+
+
+def retrieve_seeds(cfg: Config, pool_rows: np.ndarray, pool_l1: np.ndarray):
+    """Retrieved pool images (indexes into pool_rows, global ingest rows of the clustered records) with
+    their seed set, seed id and similarity; each seed set is embedded with the pool's model."""
+    from curate.balance import retrieve
+    from curate.index import build_index
+    from curate.vectors import EmbeddingParts
+
+    bc = cfg.balance
+    emb_dir = resolve_embedding(cfg, cfg.cluster.embedding)
+    rows = RowMap(stage_dir(cfg, "ingest"), emb_dir)
+    emb_row = np.full(rows.n, -1, dtype=np.int64)
+    emb_row[rows.emb_rows] = np.arange(len(rows.emb_rows))
+    pool = EmbeddingParts(emb_dir).take(emb_row[pool_rows])
+    index = build_index(pool, log=lambda m: None)
+    sets, ids = {}, {}
+    for s in bc.seeds:
+        sets[s.name], ids[s.name] = embed_reference_set(cfg, emb_dir, s.name, s.source,
+                                                        stage_dir(cfg, "balance") / "seeds" / s.name)
+    res = retrieve(sets, knn=index.knn, pool=pool, pool_labels=pool_l1,
+                   pool_centroids=np.load(stage_dir(cfg, "cluster") / "centroids_l1.npy"),
+                   cluster_max_seeds=bc.seed_cluster_max, n_per_seed={s.name: s.n_per_seed for s in bc.seeds},
+                   min_seeds=bc.seed_min_per_cluster, per_cluster=bc.seed_per_cluster,
+                   max_per_set={s.name: s.max_images for s in bc.seeds}, seed=bc.seed, seed_ids=ids)
+    return res.rows, res.seed_set, res.seed_id, res.sim, res.report
+
+
+def run(cfg: Config, force: bool = False) -> StageResult:
+    """Select `target` records balanced over the cluster tree, plus seed-set retrievals."""
+    from curate.balance import balanced_sample
+
+    bc = cfg.balance
+    inputs = upstream(cfg, "ingest", "cluster")
+    key = fingerprint({"config": asdict(bc), "inputs": inputs})
+    d = stage_dir(cfg, "balance")
+    prev = begin("balance", d, key, force)
+    if prev:
+        return prev
+    t0 = time.time()
+    rows = RowMap(stage_dir(cfg, "ingest"))
+    cluster = stage_dir(cfg, "cluster")
+    n_levels = sum(1 for c in pq.read_schema(list_parts(cluster)[0]).names if c.startswith("cluster_l"))
+    level1 = rows.column(cluster, "cluster_l1")
+    clustered = np.flatnonzero(pc.is_valid(level1).to_numpy(zero_copy_only=False))
+    paths = np.stack([rows.column(cluster, f"cluster_l{lv}").to_numpy(zero_copy_only=False)[clustered]
+                      for lv in range(1, n_levels + 1)], axis=1).astype(np.int32)
+    n = len(clustered)
+    counts = np.zeros(n, dtype=np.int32)
+    selected_by = np.array([""] * n, dtype=object)
+    report: dict = {"pool": n}
+    if bc.target:
+        sq = rows.column(cluster, "cluster_sq_dist").to_numpy(zero_copy_only=False)[clustered]
+        res = balanced_sample(paths, bc.target, strategy=bc.strategy, multiplier=bc.multiplier, seed=bc.seed,
+                              sq_dists=sq)
+        counts, selected_by = res.counts.astype(np.int32), res.selected_by.astype(object)
+        report.update({k: v for k, v in res.report.items() if isinstance(v, (int, float, str))})
+    seed_set = np.full(n, None, dtype=object)
+    seed_id = np.full(n, None, dtype=object)
+    seed_sim = np.full(n, None, dtype=object)
+    if bc.seeds:
+        got, sets, sids, sims, seed_report = retrieve_seeds(cfg, clustered, paths[:, 0])
+        seed_set[got], seed_id[got], seed_sim[got] = sets, sids, [float(x) for x in sims]
+        fresh = got[counts[got] == 0]
+        counts[fresh] = 1
+        selected_by[fresh] = [f"seed:{s}" for s in seed_set[fresh]]
+        report["retrieval"] = seed_report
+    selected = counts > 0
+    rows.write(d, clustered, {
+        "selected": (selected, pa.bool_()), "repeats": (counts, pa.int32()),
+        "selected_by": ([s or None for s in selected_by], pa.string()),
+        "seed_set": (seed_set.tolist(), pa.string()), "seed_id": (seed_id.tolist(), pa.string()),
+        "seed_sim": (seed_sim.tolist(), pa.float32())})
+    shortfall = max(0, bc.target - int(counts.sum())) if bc.target else 0
+    result = StageResult("balance", str(d), key, counts={
+        "in": n, "out": int(selected.sum()), "dropped": {"not_selected": int((~selected).sum())},
+        "target": bc.target, "shortfall": shortfall}, seconds=time.time() - t0, outputs={"selection": str(d)})
+    finish(result, {**asdict(bc), "report": report}, inputs)
+    return result

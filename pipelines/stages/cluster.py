@@ -1,0 +1,104 @@
+"""cluster: hierarchical k-means over an embedding (local, or Lloyd passes spread over Ray):
+`cluster_l1..lN` and `cluster_sq_dist` per record, `centroids_lK.npy` per level."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.aligned import RowMap, embedding_status
+from pipelines.config import Config, fingerprint
+from pipelines.embedding import resolve_embedding
+from pipelines.framework import DROP_FILTERS, finished_filters, stage_dir, upstream
+from pipelines.manifest import StageResult, begin, finish, read_manifest
+
+
+def _valid(cfg: Config, emb_dir: Path, rows: RowMap) -> np.ndarray:
+    """Rows of the embedding to cluster: embedded fine, and not dropped by copy dedup or
+    decontamination (when those ran), so balancing picks only images that reach the shards."""
+    keep = embedding_status(emb_dir)
+    for stage in finished_filters(cfg):
+        col, rule = DROP_FILTERS[stage]
+        values = rows.column(stage_dir(cfg, stage), col)
+        dropped = pc.is_valid(values) if rule == "not_null" else pc.fill_null(values, False)
+        keep &= ~dropped.to_numpy(zero_copy_only=False).astype(bool)[rows.emb_rows]
+    return np.flatnonzero(keep)
+
+
+def _ray_step_fn(emb_dir: Path, valid: np.ndarray, chunk: int, address: str | None):
+    """A Lloyd pass as Ray tasks, one per embedding part; the driver reduces (same sums as local)."""
+    import ray
+
+    from curate.index import EmbeddingParts
+    from curate.kmeans import reduce_stats
+    from pipelines.executors import init_ray
+
+    init_ray(address)
+    parts = EmbeddingParts(emb_dir)  # parts in numeric order, with their row offsets
+    paths, offsets = [str(p) for p in parts.paths], np.asarray(parts.offsets)
+    jobs = []
+    for p, lo, hi in zip(paths, offsets[:-1], offsets[1:]):
+        rows = valid[(valid >= lo) & (valid < hi)] - lo
+        jobs.append((p, rows, int(np.searchsorted(valid, lo))))
+
+    @ray.remote(num_cpus=1)
+    def part_pass(path, rows, offset, centroids):
+        from curate.kmeans import part_step
+
+        x = np.load(path, mmap_mode="r")[rows]
+        return part_step(x, centroids, offset, chunk)
+
+    def step(centroids: np.ndarray):
+        ref = ray.put(centroids)
+        out = ray.get([part_pass.remote(p, r, o, ref) for p, r, o in jobs if len(r)])
+        stats = reduce_stats(o[0] for o in out)
+        return stats, np.concatenate([o[1] for o in out]), np.concatenate([o[2] for o in out])
+
+    return step
+
+
+def run(cfg: Config, force: bool = False) -> StageResult:
+    """Hierarchical k-means: cluster_l1..lN of every embedded record, centroids per level."""
+    from curate.kmeans_tree import LevelSpec, hierarchical_kmeans
+    from curate.vectors import EmbeddingParts
+
+    cc = cfg.cluster
+    emb_dir = resolve_embedding(cfg, cc.embedding)
+    inputs = {**upstream(cfg, "ingest", *finished_filters(cfg)), "embedding": read_manifest(emb_dir)["key"]}
+    config = {k: v for k, v in asdict(cc).items() if k != "chunk_size"}  # chunking does not change results
+    key = fingerprint({"config": config, "inputs": inputs})
+    d = stage_dir(cfg, "cluster")
+    prev = begin("cluster", d, key, force)
+    if prev:
+        return prev
+    t0 = time.time()
+    rows = RowMap(stage_dir(cfg, "ingest"), emb_dir)
+    valid = _valid(cfg, emb_dir, rows)
+    base = EmbeddingParts(emb_dir)
+    vectors = base if len(valid) == base.n else base.subset(valid)
+    levels = [LevelSpec(**asdict(lv)) for lv in cc.levels]
+    if len(valid) < levels[0].n_clusters:
+        raise ValueError(f"{len(valid)} embedded images cannot make {levels[0].n_clusters} level-1 clusters; "
+                         "lower cluster.levels")
+    step_fn = _ray_step_fn(emb_dir, valid, cc.chunk_size, cfg.ray_address) if cfg.executor == "ray" else None
+    tree = hierarchical_kmeans(vectors, levels, seed=cc.seed, checkpoint_dir=d / "_ckpt",
+                               chunk_size=cc.chunk_size, step_fn=step_fn)
+    for level, c in enumerate(tree.centroids, start=1):
+        np.save(d / f"centroids_l{level}.npy", c)
+    paths = tree.paths()
+    columns = {f"cluster_l{level}": (paths[:, level - 1], pa.int32()) for level in range(1, paths.shape[1] + 1)}
+    columns["cluster_sq_dist"] = (tree.sq_dists.astype(np.float32), pa.float32())
+    rows.write(d, rows.emb_rows[valid], columns)
+    sizes = np.bincount(paths[:, 0], minlength=levels[0].n_clusters)
+    result = StageResult("cluster", str(d), key, counts={
+        "in": int(len(valid)), "out": int(len(valid)), "dropped": {},
+        "levels": "/".join(str(lv.n_clusters) for lv in levels),
+        "l1_sizes": f"min {int(sizes.min())} median {int(np.median(sizes))} max {int(sizes.max())}"},
+        seconds=time.time() - t0, outputs={"clusters": str(d)})
+    finish(result, asdict(cc), inputs)
+    return result

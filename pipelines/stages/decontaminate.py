@@ -1,0 +1,70 @@
+"""decontaminate: drop pool images that copy an evaluation image (cosine > threshold) and their whole
+copy component; `contaminated`, `contam_reason`, `contam_set` and `matches-<set>.parquet` per set."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.parts import write_table_atomic
+from pipelines.aligned import RowMap, embedding_ids
+from pipelines.config import Config, fingerprint
+from pipelines.embedding import embed_reference_set, resolve_embedding
+from pipelines.framework import finished_filters, stage_dir, upstream
+from pipelines.manifest import StageResult, begin, finish, read_manifest
+
+
+def run(cfg: Config, force: bool = False) -> StageResult:
+    """Drop pool images that copy an evaluation image (cosine > threshold) and their component."""
+    from curate.dedup import decontaminate
+    from curate.index import IndexSpec
+
+    xc = cfg.decontaminate
+    if not xc.eval_sets:
+        raise ValueError("no evaluation sets: give --eval-set NAME=SOURCE (or decontaminate.eval_sets)")
+    emb_dir = resolve_embedding(cfg, cfg.dedup.embedding)
+    with_groups = "dedup" in finished_filters(cfg)  # copy dedup enabled and done
+    inputs = {**upstream(cfg, "ingest", *(["dedup"] if with_groups else [])), "embedding": read_manifest(emb_dir)["key"]}
+    key = fingerprint({"config": asdict(xc), "inputs": inputs})
+    d = stage_dir(cfg, "decontaminate")
+    prev = begin("decontaminate", d, key, force)
+    if prev:
+        return prev
+    t0 = time.time()
+    ids = embedding_ids(emb_dir)
+    rows = RowMap(stage_dir(cfg, "ingest"), emb_dir)
+    pool_groups = None  # without copy dedup every image is its own component
+    alive = np.ones(len(ids), dtype=bool)  # survived copy dedup, so the funnel chains stage to stage
+    if with_groups:
+        group = rows.column(stage_dir(cfg, "dedup"), "copy_group")
+        pool_groups = pc.fill_null(group, -1).to_numpy().astype(np.int64)[rows.emb_rows]
+        alive = pc.is_null(rows.column(stage_dir(cfg, "dedup"), "copy_of")).to_numpy(zero_copy_only=False)[rows.emb_rows]
+    eval_sets = {s.name: embed_reference_set(cfg, emb_dir, s.name, s.source, d / "eval_sets" / s.name)
+                 for s in xc.eval_sets}
+    res = decontaminate(str(emb_dir), ids, pool_groups, eval_sets, threshold=xc.threshold,
+                        index_spec=IndexSpec(kind=cfg.dedup.index, nprobe=cfg.dedup.nprobe))
+    contam_set = np.full(len(ids), None, dtype=object)
+    id_array = pa.array(ids, type=pa.string())
+    matches = {}
+    for name, table in res.removed.items():  # a record removed by several sets is credited to the first
+        at = pc.index_in(table.column("pool_id"), value_set=id_array).to_numpy().astype(np.int64)
+        first = at[contam_set[at] == None]  # noqa: E711 (elementwise on an object array)
+        contam_set[first] = name
+        path = d / f"matches-{name}.parquet"
+        write_table_atomic(res.pairs[name], path)
+        matches[f"matches[{name}]"] = str(path)
+    rows.write(d, rows.emb_rows, {
+        "contaminated": (~res.keep, pa.bool_()), "contam_reason": (res.reason, pa.string()),
+        "contam_set": (contam_set.tolist(), pa.string())})
+    removed = alive & ~res.keep
+    reason = np.array(res.reason, dtype=object)
+    dropped = {f"contaminated_{r}": int((removed & (reason == r)).sum()) for r in ("direct", "component")}
+    result = StageResult("decontaminate", str(d), key, counts={
+        "in": int(alive.sum()), "out": int(alive.sum() - removed.sum()), "dropped": {k: v for k, v in dropped.items() if v}},
+        seconds=time.time() - t0, outputs={"records": str(d), **matches})
+    finish(result, {**asdict(xc), "stats": res.stats}, inputs)
+    return result

@@ -1,0 +1,69 @@
+"""ingest: check every input (folders, URL lists, tars), write records parts and raw shards."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from dataclasses import asdict
+
+from curate.download import DownloadSettings
+from curate.images import CheckSettings
+from curate.parts import list_parts
+from pipelines.config import Config, fingerprint
+from pipelines.framework import progress, source_fingerprint, stage_dir
+from pipelines.manifest import StageResult, begin, finish
+
+
+def run(cfg: Config, force: bool = False) -> StageResult:
+    """Ingest every source of cfg.ingest.sources into records parts and raw shards."""
+    from curate.ingest import IngestSettings, ingest, plan
+
+    ic = cfg.ingest
+    if not ic.sources:
+        raise ValueError("no sources given (folders, URL lists or tars)")
+    inputs = {"sources": [source_fingerprint(s) for s in ic.sources]}
+    settings = IngestSettings(
+        part_size=ic.part_size, workers=ic.workers,
+        check=CheckSettings(min_side=ic.min_side, max_pixels=ic.max_pixels, max_bytes=ic.max_file_bytes),
+        download=DownloadSettings(**asdict(cfg.download)))
+    config = {"ingest": asdict(ic), "download": asdict(cfg.download)}
+    config["ingest"].pop("workers")  # parallelism settings do not change the records
+    config["download"].pop("concurrency")
+    key = fingerprint({"config": config, "inputs": inputs})
+    d = stage_dir(cfg, "ingest")
+    prev = begin("ingest", d, key, force)
+    if prev:
+        return prev
+    t0 = time.time()
+    print(f"ingest: planning {len(ic.sources)} source(s) ...", file=sys.stderr)
+    n_parts = plan(ic.sources, d, ic.part_size)
+    done = len(list_parts(d))
+    with progress(n_parts, "ingest", "part") as bar:
+        bar.update(done)
+        counts = ingest(ic.sources, d, settings, on_part=lambda i, c: bar.update(1))
+    n_in = sum(counts.values())
+    dropped = {k: v for k, v in counts.items() if k != "ok"}
+    result = StageResult("ingest", str(d), key, counts={
+        "in": n_in, "out": counts.get("ok", 0), "dropped": dropped, "parts": n_parts}, seconds=time.time() - t0,
+        outputs={"records": str(d), "raw_shards": str(d / "shards")})
+    if n_in and not counts.get("ok"):
+        result.notes.append(_all_dropped_hint(cfg, n_in, dropped))
+    finish(result, config, inputs)
+    return result
+
+
+# The setting that decides each drop reason a user can change.
+_SETTING_OF = {"too_small": "ingest.min_side", "too_many_pixels": "ingest.max_pixels",
+               "too_large": "ingest.max_file_bytes", "noai": "download.respect_noai", "timeout": "download.timeout"}
+
+
+def _all_dropped_hint(cfg: Config, n_in: int, dropped: dict) -> str:
+    """One line naming the main reason and the setting that would keep the inputs."""
+    reason, n = max(dropped.items(), key=lambda kv: kv[1])
+    line = f"all {n_in:,} inputs dropped; {n:,} as {reason}"
+    if reason in _SETTING_OF:
+        key = _SETTING_OF[reason]
+        value = functools.reduce(getattr, key.split("."), cfg)
+        line += f"; {key} is {value}"
+    return line

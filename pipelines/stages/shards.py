@@ -1,0 +1,104 @@
+"""shards: the surviving records as curated webdataset shards with a Parquet index."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.parts import list_parts, read_aligned
+from pipelines.config import Config, fingerprint
+from pipelines.framework import DROP_FILTERS, finished_filters, progress, stage_dir, upstream
+from pipelines.manifest import StageResult, begin, finish
+
+
+def _find_select(cfg: Config, select: str) -> tuple[Path, str]:
+    stage, _, column = select.rpartition(":")
+    candidates = [stage_dir(cfg, stage)] if stage else sorted(p for p in Path(cfg.workdir).iterdir() if p.is_dir())
+    for d in candidates:
+        parts = list_parts(d)
+        if parts and column in pq.read_schema(parts[0]).names:
+            return d, column
+    raise ValueError(f"no stage in {cfg.workdir} has a column '{column}' to select on")
+
+
+
+def selected_records(cfg: Config, select: str | None = None) -> pa.Table:
+    """Records that survived: ok, not a hash or copy duplicate, not contaminated, `select` true."""
+    import pyarrow.compute as pc
+
+    dirs = [stage_dir(cfg, "ingest"), stage_dir(cfg, "hashdedup")]
+    dirs += [stage_dir(cfg, s) for s in finished_filters(cfg)]
+    if select and list_parts(stage_dir(cfg, "cluster")):
+        dirs.append(stage_dir(cfg, "cluster"))  # the cluster path travels into the sample metadata
+    column = None
+    if select:
+        sel_dir, column = _find_select(cfg, select)
+        if sel_dir not in dirs:
+            dirs.append(sel_dir)
+    out = []
+    for k in range(len(list_parts(dirs[0]))):
+        t = read_aligned(dirs, k)
+        mask = pc.and_(pc.equal(t.column("status"), "ok"), pc.is_null(t.column("dup_of")))
+        for stage in finished_filters(cfg):
+            col, rule = DROP_FILTERS[stage]
+            drop = pc.is_valid(t.column(col)) if rule == "not_null" else pc.fill_null(t.column(col), False)
+            mask = pc.and_(mask, pc.invert(drop))
+        if column:
+            mask = pc.and_(mask, pc.fill_null(t.column(column), False))
+        out.append(t.filter(mask))
+    return pa.concat_tables(out, promote_options="permissive")
+
+
+
+def _expand_repeats(records: pa.Table) -> pa.Table:
+    """A record selected n > 1 times (balance multiplier) becomes n samples: <id>, <id>_r1, ..."""
+    import numpy as np
+
+    if "repeats" not in records.column_names:
+        return records
+    reps = np.maximum(records.column("repeats").fill_null(1).to_numpy(zero_copy_only=False), 1)
+    if (reps == 1).all():
+        return records
+    take = np.repeat(np.arange(records.num_rows), reps)
+    nth = np.arange(len(take)) - np.repeat(np.cumsum(reps) - reps, reps)
+    ids = records.column("id").to_pylist()
+    keys = [ids[i] if k == 0 else f"{ids[i]}_r{k}" for i, k in zip(take.tolist(), nth.tolist())]
+    return records.take(pa.array(take)).append_column("key", pa.array(keys, type=pa.string()))
+
+
+
+def run(cfg: Config, force: bool = False) -> StageResult:
+    """Write the surviving records as curated webdataset shards with a Parquet index."""
+    from curate.ingest import CORE_COLUMNS
+    from curate.shards import ShardSettings, write_shards
+
+    sc = cfg.shards
+    stages = ["ingest", "hashdedup", *finished_filters(cfg)]
+    if sc.select:
+        stages.append(_find_select(cfg, sc.select)[0].name)
+    inputs = upstream(cfg, *stages)
+    out = Path(sc.out) if sc.out else stage_dir(cfg, "shards")
+    key = fingerprint({"config": asdict(sc), "inputs": inputs})
+    prev = begin("shards", out, key, force)
+    if prev:
+        return prev
+    t0 = time.time()
+    records = _expand_repeats(selected_records(cfg, sc.select))
+    dup_cols = {"dup_of", "dup_reason", "dup_group", "dup_distance", "raw_key", "error", "status", "selected",
+                "repeats", "cluster_sq_dist", "copy_of", "copy_group", "copy_max_sim", "contaminated",
+                "contam_reason", "contam_set"}
+    meta = [c for c in records.column_names if c not in CORE_COLUMNS and c not in dup_cols]
+    settings = ShardSettings(max_size=sc.max_size, max_count=sc.max_count, shuffle_seed=sc.shuffle_seed)
+    with progress(None, "shards", "shard") as bar:
+        info = write_shards(records, stage_dir(cfg, "ingest"), out, settings, meta_columns=meta,
+                            on_shard=lambda name, n: bar.update(1))
+    result = StageResult("shards", str(out), key, counts={
+        "in": records.num_rows, "out": info["samples"], "dropped": {}, "shards": info["shards"],
+        "bytes": info["bytes"]}, seconds=time.time() - t0,
+        outputs={"shards": str(out), "index": str(out / "index.parquet")})
+    finish(result, asdict(sc), inputs)
+    return result

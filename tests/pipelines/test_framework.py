@@ -1,0 +1,109 @@
+"""The stage framework as a user meets it: one owner per stage, one-line errors, hints when a
+stage drops everything."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+
+from pipelines.cli import main
+from pipelines.synth import encode, make_image
+
+
+def _pool(root, n=6, size=(64, 48)):
+    root.mkdir(parents=True)
+    for i in range(n):
+        (root / f"img{i:02d}.png").write_bytes(encode(make_image(i, size), "PNG"))
+
+
+HOLD = """
+import sys, time
+from pipelines.framework import stage_lock
+with stage_lock(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _holder(workdir, stage):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(workdir), stage], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_owner_of_a_stage_fails_at_once_naming_the_holder(tmp_path, capsys):
+    _pool(tmp_path / "raw")
+    w = tmp_path / "w"
+    holder = _holder(w, "ingest")
+    try:
+        t0 = time.time()
+        assert main(["ingest", str(tmp_path / "raw"), "--workdir", str(w)]) == 2
+        assert time.time() - t0 < 10
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f"pid {holder.pid}" in err and socket.gethostname() in err
+        assert not (w / "ingest").exists()  # nothing written before the lock
+        # a whole run refuses too, at its first locked stage
+        assert main(["run", "/dev/null", f"workdir={w}", f"ingest.sources=[{tmp_path / 'raw'}]"]) == 2
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # the kernel released the dead holder's lock: the same command now runs
+    assert main(["ingest", str(tmp_path / "raw"), "--workdir", str(w)]) == 0
+    assert (w / "ingest" / "_MANIFEST.json").exists()
+
+
+def test_stage_lock_is_per_stage_and_released_after_the_block(tmp_path):
+    from pipelines.framework import StageBusy, stage_lock
+
+    holder = _holder(tmp_path, "ingest")
+    try:
+        with stage_lock(tmp_path, "hashdedup"):  # another stage of the same workdir is free
+            pass
+        try:
+            with stage_lock(tmp_path, "ingest"):
+                raise AssertionError("two owners of one stage")
+        except StageBusy as exc:
+            assert str(holder.pid) in str(exc)
+    finally:
+        holder.kill()
+        holder.wait()
+    with stage_lock(tmp_path, "ingest"):
+        with_lock = True
+    assert with_lock
+
+
+def test_a_stage_that_drops_everything_names_the_setting(tmp_path, capsys):
+    _pool(tmp_path / "raw", n=4, size=(28, 28))
+    assert main(["ingest", str(tmp_path / "raw"), "--workdir", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    assert "note: all 4 inputs dropped; 4 as too_small; ingest.min_side is 32" in out
+
+
+def test_disk_full_is_one_line_and_leaves_no_finished_stage(tmp_path, capsys, monkeypatch):
+    _pool(tmp_path / "raw")
+    w = tmp_path / "w"
+    assert main(["ingest", str(tmp_path / "raw"), "--workdir", str(w)]) == 0
+    capsys.readouterr()
+    real = pq.write_table
+
+    def full(table, where, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
+
+    monkeypatch.setattr(pq, "write_table", full)
+    assert main(["hashdedup", "--workdir", str(w)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "disk is full" in err and str(w / "hashdedup") in err
+    assert not (w / "hashdedup" / "_MANIFEST.json").exists()
+    assert not [p for p in (w / "hashdedup").iterdir() if p.name.startswith("part-")]
+    monkeypatch.setattr(pq, "write_table", real)  # space freed: the rerun completes
+    assert main(["hashdedup", "--workdir", str(w)]) == 0
+    assert (w / "hashdedup" / "_MANIFEST.json").exists()
