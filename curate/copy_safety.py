@@ -45,6 +45,7 @@ def check_safety(stats: dict, limits: SafetyLimits | None = None) -> None:
         allow.append(f"max_removed_share >= {dropped / max(n, 1):.3g}")
     if problems:
         raise CopyDedupRefused(
-            f"copy dedup refused at threshold {stats.get('threshold')}: {'; '.join(problems)}; the threshold "
-            f"probably chains distinct images: raise it (or verify pairs locally), or allow this with "
+            f"copy dedup refused ({stats.get('decision') or 'cosine > ' + str(stats.get('threshold'))}): "
+            f"{'; '.join(problems)}; a low threshold chains distinct images: raise it (or verify pairs "
+            f"locally), or allow this with "
             f"{' and '.join(allow)}", stats)

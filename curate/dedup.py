@@ -243,6 +243,7 @@ def copy_dedup(
     index: VectorIndex | None = None,
     edges: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     limits: SafetyLimits | None = SafetyLimits(),
+    decision: str | None = None,
 ) -> CopyDedupResult:
     """Group embedding copies (k-NN graph, cosine > threshold, components) and keep one per group.
 
@@ -251,7 +252,8 @@ def copy_dedup(
     when the largest component exceeds max_component: transitive chains of a too-low threshold.
     `edges` (from knn_edges runs merged with merge_edges, e.g. on several workers, or verified
     pairs from curate.verify) skips the search. Raises CopyDedupRefused when the result passes
-    `limits` (check_safety); limits=None allows any result.
+    `limits` (check_safety); limits=None allows any result. `decision` names what made the given
+    edges (e.g. "local verification") in stats and messages; by default the cosine threshold.
     """
     parts = as_parts(vectors)
     n = parts.n
@@ -296,6 +298,7 @@ def copy_dedup(
         "n": n, "valid": int(ok.sum()), "invalid": int(n - ok.sum()), "pairs": int(len(i)),
         "groups": int(len(multi)), "in_groups": int(len(members)), "dropped": int(n - keep.sum()),
         "kept": int(keep.sum()), "largest_component": largest, "k": k, "threshold": threshold,
+        "decision": decision or f"cosine > {threshold}",
         "index_kind": index.kind if index is not None else "given edges",
         "component_sizes": {int(s): int(c) for s, c in zip(hist_sizes, hist_counts)},
     }

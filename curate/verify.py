@@ -42,6 +42,7 @@ class VerifySettings:
     min_overlap: float = 0.3  # the overlap must cover this much of at least one image
     max_scale: float = 6.0  # similarity scale must lie in [1/max_scale, max_scale]
     mirror: bool = True  # also match against the mirrored image
+    min_judge_keypoints: int = 40  # with fewer keypoints in either image a pair is too flat to judge (abstain)
     cache_images: int = 2048  # feature sets kept in memory (about 80 KB each)
     seed: int = 0  # RANSAC seed (cv2.setRNGSeed before each pair)
     threads: int = 1  # cv2.setNumThreads while verifying (1: safe inside worker processes)
@@ -71,6 +72,7 @@ class PairScore:
     overlap: float = 0.0
     mirrored: bool = False
     reason: str | None = None  # why not verified when no geometry was found
+    keypoints: int = -1  # keypoints of the image with fewer (-1: not loaded)
 
 
 def border_box(img: Image.Image | np.ndarray, tol: int = 6) -> tuple[int, int, int, int]:
@@ -216,6 +218,8 @@ class VerifyResult:
     share: np.ndarray
     mirrored: np.ndarray
     reason: list[str | None]
+    keypoints: np.ndarray  # keypoints of the pair's image with fewer
+    abstained: np.ndarray  # not verified and too flat to judge (< min_judge_keypoints): another method decides
     stats: dict = field(default_factory=dict)
 
     def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -288,10 +292,14 @@ def verify_pairs(
              "feature_seconds": round(cache.seconds, 3), "match_seconds": round(total - cache.seconds, 3),
              "ms_per_pair": round(1000 * total / max(n, 1), 2),
              "reasons": {r: sum(sc.reason == r for sc in out) for r in sorted({sc.reason for sc in out if sc.reason})}}
-    return VerifyResult(a, b, np.array([sc.verified for sc in out], dtype=bool),
-                        np.array([sc.inliers for sc in out], dtype=np.int32),
+    verified = np.array([sc.verified for sc in out], dtype=bool)
+    keypoints = np.array([sc.keypoints for sc in out], dtype=np.int32)
+    abstained = ~verified & (keypoints >= 0) & (keypoints < s.min_judge_keypoints)
+    stats["abstained"] = int(abstained.sum())
+    return VerifyResult(a, b, verified, np.array([sc.inliers for sc in out], dtype=np.int32),
                         np.array([sc.share for sc in out], dtype=np.float32),
-                        np.array([sc.mirrored for sc in out], dtype=bool), [sc.reason for sc in out], stats)
+                        np.array([sc.mirrored for sc in out], dtype=bool), [sc.reason for sc in out],
+                        keypoints, abstained, stats)
 
 
 def _verify_one(a: int, b: int, cache: FeatureCache, s: VerifySettings) -> PairScore:
@@ -300,13 +308,16 @@ def _verify_one(a: int, b: int, cache: FeatureCache, s: VerifySettings) -> PairS
     for f in (fa, fb):
         if isinstance(f, str):
             return PairScore(False, reason=f)
+    keypoints = min(len(fa.xy), len(fb.xy))
     best = match(fa, fb, s)
+    best.keypoints = keypoints
     if best.verified or not s.mirror:
         return best
     fm = cache.get(b, mirror=True)
     if isinstance(fm, str):
         return best
     flipped = match(fa, fm, s, mirrored=True)
+    flipped.keypoints = keypoints
     return flipped if flipped.verified or flipped.share > best.share else best
 
 
@@ -338,11 +349,12 @@ def phash_candidates(
 
 def embedding_candidates(
     vectors, k: int = DEFAULT_CANDIDATE_K, threshold: float = DEFAULT_CANDIDATE_COSINE, valid: np.ndarray | None = None,
+    index_spec=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs among each row's k nearest neighbours with cosine > threshold: (i, j, 1 - cosine)."""
     from curate.dedup import knn_edges
 
-    i, j, sim = knn_edges(vectors, k=k, threshold=threshold, valid=valid)
+    i, j, sim = knn_edges(vectors, k=k, threshold=threshold, valid=valid, index_spec=index_spec)
     return i, j, 1.0 - sim.astype(np.float64)
 
 
