@@ -323,10 +323,11 @@ class DecontamResult:
     stats: dict = field(default_factory=dict)
 
 
-def _matches(
+def eval_matches(
     index: VectorIndex, pool_ok: np.ndarray, ev: EmbeddingParts, threshold: float, k: int | None, chunk: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Unique candidate (pool row, eval row) pairs: range search (k None) or k-NN, at threshold - SLACK."""
+    """Unique candidate (pool row, eval row) pairs: range search (k None) or k-NN, at threshold - SLACK
+    (decide them with pair_sims; used as candidates for local verification too)."""
     ev_ok, keys = valid_rows(ev), [np.zeros(0, dtype=np.int64)]
     for start, rows in ev.chunks(chunk):
         keep = np.flatnonzero(ev_ok[start : start + len(rows)])
@@ -357,11 +358,13 @@ def decontaminate(
     index: VectorIndex | None = None,
     valid: np.ndarray | None = None,
     chunk: int = QUERY_CHUNK,
+    direct: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
 ) -> DecontamResult:
     """Drop pool images with cosine > threshold to any evaluation image, and their whole component.
 
     Searches the pool index with each set's images: range search when k is None (exact with a
     flat index), else the k nearest. pool_groups is CopyDedupResult.group (-1: no component).
+    `direct` gives each set's matching (pool row, eval row, score) pairs instead (e.g. verified ones).
     """
     pool = as_parts(pool_vectors)
     id_arr, _ = _id_rank(pool_ids, pool.n)
@@ -369,7 +372,7 @@ def decontaminate(
     if groups.shape != (pool.n,):
         raise ValueError(f"pool_groups must have shape ({pool.n},), got {groups.shape}")
     ok = valid_rows(pool, valid)
-    index = index or pool_index(pool, index_spec)
+    index = index or (pool_index(pool, index_spec) if direct is None else None)
     direct_all = np.zeros(pool.n, dtype=bool)
     removed_all = np.zeros(pool.n, dtype=bool)
     pairs, removed, stats = {}, {}, {}
@@ -377,10 +380,14 @@ def decontaminate(
         vecs, eval_ids = eval_sets[name]
         ev = as_parts(vecs)
         ev_id, _ = _id_rank(eval_ids, ev.n)
-        p, e = _matches(index, ok, ev, threshold, k, chunk)
-        sim = pair_sims(pool, p, ev, e)
-        hit = sim > threshold
-        p, e, sim = p[hit], e[hit], sim[hit].astype(np.float32)
+        if direct is not None:
+            p, e, sim = (np.asarray(a) for a in direct[name])
+            sim = sim.astype(np.float32)
+        else:
+            p, e = eval_matches(index, ok, ev, threshold, k, chunk)
+            sim = pair_sims(pool, p, ev, e)
+            hit = sim > threshold
+            p, e, sim = p[hit], e[hit], sim[hit].astype(np.float32)
         direct = np.zeros(pool.n, dtype=bool)
         direct[p] = True
         hit_groups = np.unique(groups[direct])
@@ -400,5 +407,5 @@ def decontaminate(
         removed_all |= direct | component
     reason = np.where(direct_all, "direct", np.where(removed_all, "component", None)).tolist()
     stats["total"] = {"pool": pool.n, "removed": int(removed_all.sum()), "direct": int(direct_all.sum()),
-                      "threshold": threshold, "index_kind": index.kind}
+                      "threshold": threshold, "index_kind": index.kind if index is not None else "given pairs"}
     return DecontamResult(~removed_all, reason, pairs, removed, stats)

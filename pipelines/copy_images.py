@@ -70,6 +70,21 @@ class ShardImages:
         return ph, mirror, ok, time.perf_counter() - t0
 
 
+def verify_mode(cfg: Config) -> str:
+    """"local" or "none": dedup.verify, where auto is local unless the embedding is a copy descriptor."""
+    mode = cfg.dedup.verify
+    if mode not in ("auto", "local", "none"):
+        raise ValueError(f"dedup.verify must be auto, local or none, got {mode!r}")
+    return ("none" if cfg.dedup.copy_descriptor else "local") if mode == "auto" else mode
+
+
+def verify_settings(cfg: Config):
+    """curate.verify settings from the dedup config."""
+    from curate.verify import VerifySettings
+
+    return VerifySettings(max_side=cfg.dedup.verify_max_side, max_features=cfg.dedup.verify_max_features)
+
+
 def pool_images(cfg: Config, emb_dir: Path) -> ShardImages:
     """The pool images behind the rows of the embedding in emb_dir."""
     return ShardImages(stage_dir(cfg, "ingest"), RowMap(stage_dir(cfg, "ingest"), emb_dir).emb_rows)

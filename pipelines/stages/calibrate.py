@@ -19,8 +19,7 @@ def run(cfg: Config) -> dict:
     """Calibration of the dedup embedding on the pool: summary, PR table and method comparison."""
     from curate.calibrate import compare_methods, comparison_markdown, evaluate_embedder
     from curate.dedup import as_parts, valid_rows
-    from pipelines.copy_images import calibration_sample, embedder_fn
-    from pipelines.stages.dedup import verify_settings
+    from pipelines.copy_images import calibration_sample, embedder_fn, verify_settings
 
     dc = cfg.dedup
     emb_dir = resolve_embedding(cfg, dc.embedding)

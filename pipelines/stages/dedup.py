@@ -34,21 +34,6 @@ def index_spec(cfg: Config):
     return IndexSpec(kind=cfg.dedup.index, nprobe=cfg.dedup.nprobe)
 
 
-def verify_mode(cfg: Config) -> str:
-    """"local" or "none": dedup.verify, where auto is local unless the embedding is a copy descriptor."""
-    mode = cfg.dedup.verify
-    if mode not in ("auto", "local", "none"):
-        raise ValueError(f"dedup.verify must be auto, local or none, got {mode!r}")
-    return ("none" if cfg.dedup.copy_descriptor else "local") if mode == "auto" else mode
-
-
-def verify_settings(cfg: Config):
-    """curate.verify settings from the dedup config."""
-    from curate.verify import VerifySettings
-
-    return VerifySettings(max_side=cfg.dedup.verify_max_side, max_features=cfg.dedup.verify_max_features)
-
-
 def _ray_edges(emb_dir: Path, index, dc, threshold: float, work: Path, address: str | None):
     """k-NN graph queries spread over Ray tasks (each loads the saved index); edges merged."""
     import ray
@@ -96,7 +81,7 @@ def _verified_edges(cfg: Config, emb_dir: Path, valid: np.ndarray, threshold: fl
     a pair too flat to judge (few keypoints) is linked when its cosine is > threshold."""
     from curate.dedup import as_parts, pair_sims
     from curate.verify import candidate_pairs, embedding_candidates, phash_candidates, verify_pairs
-    from pipelines.copy_images import pool_images
+    from pipelines.copy_images import pool_images, verify_settings
 
     dc = cfg.dedup
     n = len(valid)
@@ -124,6 +109,7 @@ def _verified_edges(cfg: Config, emb_dir: Path, valid: np.ndarray, threshold: fl
 def run(cfg: Config, force: bool = False) -> StageResult:
     """Copy groups: `copy_of` (keeper id), `copy_group`, `copy_max_sim`; refuses a wiping result."""
     from curate.dedup import CopyDedupRefused, SafetyLimits, as_parts, copy_dedup, pool_index, valid_rows
+    from pipelines.copy_images import verify_mode
     from pipelines.manifest import STARTED
 
     dc = cfg.dedup

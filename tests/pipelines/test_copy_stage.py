@@ -134,7 +134,13 @@ def test_local_verification_is_the_default_and_finds_flips_and_crops(tmp_path):
     cfg = load_config(None, [f"workdir={tmp_path / 'w'}", "ingest.workers=1", "embed.num_workers=0",
                              "embed.model=pixels:16", "hashdedup.phash_max_distance=-1", "dedup.threshold=0.95"])
     cfg.ingest.sources = [str(raw)]
+    ev = tmp_path / "eval"
+    ev.mkdir()  # a flipped and a cropped copy of two pool images: decontamination uses the same verifier
+    (ev / "e10.png").write_bytes(encode(ImageOps.mirror(make_image(6010, (256, 192), n_shapes=30)), "PNG"))
+    (ev / "e11.jpg").write_bytes(reencode(make_image(6011, (256, 192), n_shapes=30).crop((16, 8, 240, 184)), 85))
+    cfg.decontaminate.eval_sets = [EvalSetConfig(name="bench", source=str(ev))]
     results = {r.stage: r for r in run_pipeline(cfg)}
+    assert _names(tmp_path, "decontaminate", lambda r: r["contaminated"]) == {"010.png", "011.png"}
     uri = {r["id"]: r["uri"].rsplit("/", 1)[1] for r in read_table(tmp_path / "w" / "ingest").to_pylist()}
     groups = pq.read_table(tmp_path / "w" / "dedup" / "groups.parquet").to_pylist()
     assert sorted(sorted(uri[m] for m in g["members"]) for g in groups) == [
