@@ -250,3 +250,126 @@ def evaluate_embedder(
     table = precision_recall(pos, np.concatenate([hard, rand]), thresholds)
     return CalibrationReport(table, recommend_threshold(table, target_precision), target_precision,
                              pos, hard, rand, [name for _, _, name in copies])
+
+
+COPY_DESCRIPTOR_THRESHOLD = 0.6  # DINOv2's cosine for its SSCD copy descriptor: only for declared ones
+# Cosines measured for a spec, by spec prefix. Empty: no weights-free embedder has one threshold that
+# holds across pools (pixels:16 at precision 0.95: 0.90 on generated images, 0.988 on wallpaper tiles,
+# 0.954 on the issue's wallpaper folder), so those are calibrated on the pool itself.
+KNOWN_THRESHOLDS: dict[str, float] = {}
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """A copy threshold and how it was chosen: "given", "copy descriptor", "known", "calibrated on pool"."""
+
+    threshold: float
+    how: str
+    detail: dict
+
+    def manifest(self) -> dict:
+        """The choice as manifest fields."""
+        return {"threshold": self.threshold, "threshold_how": self.how, **self.detail}
+
+
+def choose_threshold(
+    spec: str,
+    threshold: float | str = "auto",
+    copy_descriptor: bool = False,
+    calibrate: Callable[[], CalibrationReport] | None = None,
+    known: dict[str, float] | None = None,
+) -> ThresholdChoice:
+    """The copy-dedup cosine for an embedder spec: a given number; DINOv2's 0.6 for a declared copy
+    descriptor (SSCD-style); a known value for the spec; else calibrate() on the pool's own images."""
+    if threshold != "auto":
+        return ThresholdChoice(float(threshold), "given", {"spec": spec})
+    if copy_descriptor:
+        return ThresholdChoice(COPY_DESCRIPTOR_THRESHOLD, "copy descriptor", {"spec": spec})
+    table = KNOWN_THRESHOLDS if known is None else known
+    for prefix in sorted(table, key=len, reverse=True):
+        if spec == prefix or spec.startswith(prefix + ":"):
+            return ThresholdChoice(float(table[prefix]), "known", {"spec": spec, "known_as": prefix})
+    if calibrate is None:
+        raise ValueError(f"no known copy threshold for {spec!r}: give a threshold, declare a copy descriptor, "
+                         f"or let dedup calibrate on the pool")
+    report = calibrate()
+    if report.recommended is None:
+        raise ValueError(f"calibration on the pool found no cosine of {spec!r} with precision >= "
+                         f"{report.target_precision}: use local verification or give a threshold")
+    summary = report.summary()
+    return ThresholdChoice(report.recommended, "calibrated on pool", {
+        "spec": spec, "target_precision": report.target_precision, "calibration_precision": summary["precision"],
+        "calibration_recall": summary["recall"], "calibration_positives": summary["positives"],
+        "calibration_negatives": summary["negatives"]})
+
+
+def _pr(pred: np.ndarray, label: np.ndarray) -> dict:
+    """Precision, recall and F1 of boolean decisions on labelled pairs."""
+    tp, fp, fn = int((pred & label).sum()), int((pred & ~label).sum()), int((~pred & label).sum())
+    p, r = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(2 * p * r / max(p + r, 1e-12), 4),
+            "tp": tp, "fp": fp, "fn": fn}
+
+
+def compare_methods(
+    embed: Embed,
+    originals: Sequence[Image.Image],
+    copies: CalibrationSet,
+    threshold: float,
+    phash_distance: int = 4,
+    verify_settings=None,
+    k_hard: int = 5,
+    n_random: int = 5,
+    seed: int = 0,
+) -> dict:
+    """Precision and recall per edit of the hash (pHash <= phash_distance), embedding (cosine >
+    threshold), verified (curate.verify) and hash-or-verified decisions on the same labelled pairs
+    (each copy with its original, its k_hard most similar and n_random other originals), and the
+    recommended settings: local verification when hash-or-verified has the better F1."""
+    from curate.hashing import hamming_u64, phash_u64
+    from curate.verify import verify_pairs
+
+    orig = np.asarray(embed(list(originals)), dtype=np.float64)
+    emb = np.asarray(embed([img for _, img, _ in copies]), dtype=np.float64)
+    copy_of = np.array([i for i, _, _ in copies], dtype=np.int64)
+    sims = emb @ orig.T
+    rng = np.random.default_rng(seed)
+    rows, cols = [], []
+    for r in range(len(copies)):
+        others = np.argsort(-sims[r], kind="stable")
+        others = others[others != copy_of[r]]
+        rest = others[k_hard:]
+        pick = rng.choice(rest, size=min(n_random, len(rest)), replace=False) if len(rest) else rest
+        for c in [copy_of[r], *others[:k_hard], *pick]:
+            rows.append(r)
+            cols.append(int(c))
+    rows, cols = np.array(rows), np.array(cols)
+    label = cols == copy_of[rows]
+    images = list(originals) + [img for _, img, _ in copies]
+    hashes = np.array([phash_u64(im) for im in images], dtype=np.uint64)
+    n = len(originals)
+    decisions = {"hash": hamming_u64(hashes[n + rows], hashes[cols]) <= phash_distance,
+                 "embedding": sims[rows, cols] > threshold}
+    res = verify_pairs(cols, n + rows, lambda k: images[k], verify_settings)
+    decisions["verified"] = res.verified
+    decisions["hash or verified"] = decisions["hash"] | res.verified
+    decisions["hash or embedding"] = decisions["hash"] | decisions["embedding"]
+    edits = np.array([e for _, _, e in copies])[rows]
+    table = {m: {"all": _pr(d, label), **{e: _pr(d[edits == e], label[edits == e]) for e in sorted(set(edits))}}
+             for m, d in decisions.items()}
+    local = table["hash or verified"]["all"]["f1"] > table["hash or embedding"]["all"]["f1"]
+    return {"threshold": threshold, "phash_distance": phash_distance, "pairs": int(len(label)),
+            "positives": int(label.sum()), "verify_stats": res.stats, "by_method": table,
+            "recommended": {"verify": "local" if local else "none", "threshold": threshold,
+                            "phash_distance": phash_distance}}
+
+
+def comparison_markdown(comparison: dict) -> str:
+    """Recall per edit and overall precision/recall/F1 of each method, one row per method."""
+    methods = comparison["by_method"]
+    edits = [e for e in next(iter(methods.values())) if e != "all"]
+    lines = ["| method | precision | recall | F1 | " + " | ".join(edits) + " |", "|---|---|---|---|" + "---|" * len(edits)]
+    for m, t in methods.items():
+        lines.append(f"| {m} | {t['all']['precision']:.3f} | {t['all']['recall']:.3f} | {t['all']['f1']:.3f} | "
+                     + " | ".join(f"{t[e]['recall']:.2f}" for e in edits) + " |")
+    return "\n".join(lines)

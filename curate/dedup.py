@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from curate.copy_safety import CopyDedupRefused, SafetyLimits, check_safety  # noqa: F401 (re-exported)
 from curate.groups import id_ranks, pick_keepers
 from curate.index import EmbeddingParts, IndexSpec, VectorIndex, build_index
 
@@ -241,13 +242,18 @@ def copy_dedup(
     method: str = "scipy",
     index: VectorIndex | None = None,
     edges: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    limits: SafetyLimits | None = SafetyLimits(),
+    decision: str | None = None,
 ) -> CopyDedupResult:
     """Group embedding copies (k-NN graph, cosine > threshold, components) and keep one per group.
 
     The keeper has the most pixels, then the smallest id (string order); groups are numbered by
     their smallest id, so the result does not depend on the input order. Warns (and records it)
     when the largest component exceeds max_component: transitive chains of a too-low threshold.
-    `edges` (from knn_edges runs merged with merge_edges, e.g. on several workers) skips the search.
+    `edges` (from knn_edges runs merged with merge_edges, e.g. on several workers, or verified
+    pairs from curate.verify) skips the search. Raises CopyDedupRefused when the result passes
+    `limits` (check_safety); limits=None allows any result. `decision` names what made the given
+    edges (e.g. "local verification") in stats and messages; by default the cosine threshold.
     """
     parts = as_parts(vectors)
     n = parts.n
@@ -292,6 +298,7 @@ def copy_dedup(
         "n": n, "valid": int(ok.sum()), "invalid": int(n - ok.sum()), "pairs": int(len(i)),
         "groups": int(len(multi)), "in_groups": int(len(members)), "dropped": int(n - keep.sum()),
         "kept": int(keep.sum()), "largest_component": largest, "k": k, "threshold": threshold,
+        "decision": decision or f"cosine > {threshold}",
         "index_kind": index.kind if index is not None else "given edges",
         "component_sizes": {int(s): int(c) for s, c in zip(hist_sizes, hist_counts)},
     }
@@ -300,6 +307,8 @@ def copy_dedup(
         warning = (f"largest duplicate component has {largest} records (> max_component={max_component}): "
                    f"threshold {threshold} probably chains distinct images; calibrate it (curate.calibrate)")
         warnings.warn(warning, LargeComponentWarning, stacklevel=2)
+    if limits is not None:
+        check_safety(stats, limits)
     return CopyDedupResult(id_arr, keep, dup_of.tolist(), group, max_sim, ok, (i, j, sim), groups, stats, warning)
 
 
@@ -314,10 +323,11 @@ class DecontamResult:
     stats: dict = field(default_factory=dict)
 
 
-def _matches(
+def eval_matches(
     index: VectorIndex, pool_ok: np.ndarray, ev: EmbeddingParts, threshold: float, k: int | None, chunk: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Unique candidate (pool row, eval row) pairs: range search (k None) or k-NN, at threshold - SLACK."""
+    """Unique candidate (pool row, eval row) pairs: range search (k None) or k-NN, at threshold - SLACK
+    (decide them with pair_sims; used as candidates for local verification too)."""
     ev_ok, keys = valid_rows(ev), [np.zeros(0, dtype=np.int64)]
     for start, rows in ev.chunks(chunk):
         keep = np.flatnonzero(ev_ok[start : start + len(rows)])
@@ -348,11 +358,13 @@ def decontaminate(
     index: VectorIndex | None = None,
     valid: np.ndarray | None = None,
     chunk: int = QUERY_CHUNK,
+    direct: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
 ) -> DecontamResult:
     """Drop pool images with cosine > threshold to any evaluation image, and their whole component.
 
     Searches the pool index with each set's images: range search when k is None (exact with a
     flat index), else the k nearest. pool_groups is CopyDedupResult.group (-1: no component).
+    `direct` gives each set's matching (pool row, eval row, score) pairs instead (e.g. verified ones).
     """
     pool = as_parts(pool_vectors)
     id_arr, _ = _id_rank(pool_ids, pool.n)
@@ -360,7 +372,7 @@ def decontaminate(
     if groups.shape != (pool.n,):
         raise ValueError(f"pool_groups must have shape ({pool.n},), got {groups.shape}")
     ok = valid_rows(pool, valid)
-    index = index or pool_index(pool, index_spec)
+    index = index or (pool_index(pool, index_spec) if direct is None else None)
     direct_all = np.zeros(pool.n, dtype=bool)
     removed_all = np.zeros(pool.n, dtype=bool)
     pairs, removed, stats = {}, {}, {}
@@ -368,10 +380,14 @@ def decontaminate(
         vecs, eval_ids = eval_sets[name]
         ev = as_parts(vecs)
         ev_id, _ = _id_rank(eval_ids, ev.n)
-        p, e = _matches(index, ok, ev, threshold, k, chunk)
-        sim = pair_sims(pool, p, ev, e)
-        hit = sim > threshold
-        p, e, sim = p[hit], e[hit], sim[hit].astype(np.float32)
+        if direct is not None:
+            p, e, sim = (np.asarray(a) for a in direct[name])
+            sim = sim.astype(np.float32)
+        else:
+            p, e = eval_matches(index, ok, ev, threshold, k, chunk)
+            sim = pair_sims(pool, p, ev, e)
+            hit = sim > threshold
+            p, e, sim = p[hit], e[hit], sim[hit].astype(np.float32)
         direct = np.zeros(pool.n, dtype=bool)
         direct[p] = True
         hit_groups = np.unique(groups[direct])
@@ -391,5 +407,5 @@ def decontaminate(
         removed_all |= direct | component
     reason = np.where(direct_all, "direct", np.where(removed_all, "component", None)).tolist()
     stats["total"] = {"pool": pool.n, "removed": int(removed_all.sum()), "direct": int(direct_all.sum()),
-                      "threshold": threshold, "index_kind": index.kind}
+                      "threshold": threshold, "index_kind": index.kind if index is not None else "given pairs"}
     return DecontamResult(~removed_all, reason, pairs, removed, stats)

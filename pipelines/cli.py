@@ -60,9 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--embedding", help="embedding name under <workdir>/embed/")
     p.add_argument("--k", type=int, help="neighbours per image (default 64)")
-    p.add_argument("--threshold", type=float, help="cosine above which images are copies (default 0.6)")
+    p.add_argument("--threshold", type=_threshold_arg,
+                   help="cosine above which images are copies with --verify none; auto (default): 0.6 for a "
+                        "declared copy descriptor, else calibrated on the pool")
+    p.add_argument("--verify", choices=["local", "none"],
+                   help="local (default unless --copy-descriptor): verify candidate pairs by local features; "
+                        "none: the embedding's cosine decides")
+    p.add_argument("--copy-descriptor", action="store_true", default=None,
+                   help="the embedding is a trained copy descriptor (e.g. SSCD via torchscript:)")
     p.add_argument("--calibrate", action="store_true",
-                   help="edit a pool sample, report precision/recall per threshold and recommend one")
+                   help="edit a pool sample, report precision/recall per edit for hash, embedding and "
+                        "verified decisions, and recommend settings")
     p.add_argument("--executor", choices=["local", "ray"])
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
 
@@ -127,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-iters", type=int, default=300, help="tiny-ViT training iterations (0 = curate only)")
     p.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _threshold_arg(text: str) -> str:
+    """--threshold: a cosine or auto (null in the config)."""
+    if text == "auto":
+        return "null"
+    try:
+        return str(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a cosine or auto, got {text!r}") from None
 
 
 def _config(args: argparse.Namespace, flags: dict[str, str]) -> Config:
@@ -238,6 +256,7 @@ def _dispatch(argv: list[str]) -> int:
             results = [embed.run_one(cfg, force=args.force)]
     elif args.command == "dedup":
         cfg = _config(args, {"embedding": "dedup.embedding", "k": "dedup.k", "threshold": "dedup.threshold",
+                             "verify": "dedup.verify", "copy_descriptor": "dedup.copy_descriptor",
                              "executor": "executor", "ray_address": "ray_address"})
         if args.calibrate:
             from pipelines.stages import calibrate
@@ -341,6 +360,12 @@ def _print_calibration(summary: dict) -> int:
               f"recall {summary['recall']:.3f} (target precision {summary['target_precision']})")
         for edit, r in summary.get("recall_by_edit", {}).items():
             print(f"    recall {r:.2f}  {edit}")
+    if "methods" in summary:
+        from pipelines.stages.calibrate import comparison_rows
+
+        print(f"  per edit, on {summary['methods']['pairs']} labelled pairs (recall per edit):")
+        for line in comparison_rows(summary):
+            print(f"    {line}")
     print(f"  table and summary: {summary['path']}")
     return 0
 

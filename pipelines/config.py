@@ -66,15 +66,27 @@ class EmbedConfig:
 
 @dataclass
 class DedupConfig:
-    """Embedding copy detection (DINOv2: k-NN graph, k = 64, cosine > 0.6, components)."""
+    """Copy detection: local verification of candidate pairs (no weights needed) or, for a declared
+    copy descriptor, DINOv2's k-NN graph (k = 64, cosine > threshold); then components, one keeper."""
 
     embedding: Optional[str] = None  # embedding name (default: the only/configured one); a copy descriptor is best
     k: int = 64                      # neighbours per image in the k-NN graph
-    threshold: float = 0.6           # cosine above which two images are copies (calibrate per model!)
+    threshold: Optional[float] = None  # cosine for copies; null (`--threshold auto`): 0.6 for a declared copy
+                                     # descriptor, else calibrated on the pool (recorded in the manifest)
+    copy_descriptor: bool = False    # the embedding is a trained copy descriptor (SSCD-style): its cosine decides
+    verify: str = "auto"             # local | none | auto (local unless copy_descriptor): local features + RANSAC
+    candidate_k: int = 10            # embedding neighbours per image that local verification looks at
+    candidate_cosine: float = 0.5    # ... above this cosine
+    candidate_phash: int = 16        # and pHash neighbours (content and mirrored) within this Hamming distance
+    max_pairs_per_image: int = 20    # candidates verified per image (the best ranked): bounds the cost
+    verify_max_side: int = 512       # longer side of the images local features are computed on
+    verify_max_features: int = 600   # SIFT keypoints kept per image
+    max_component_share: float = 0.01  # refuse (nothing committed) when the largest component holds more of the pool
+    max_removed_share: float = 0.3   # ... or when more of the pool would be removed
     max_component: int = 1000        # warn when a component grows larger (a threshold that chains)
     index: str = "auto"              # auto | flat | ivf_flat | ivf_pq | hnsw
     nprobe: Optional[int] = None     # IVF lists searched (null = the index module's conservative default)
-    calibrate_sample: int = 300      # pool images edited for `curate dedup --calibrate`
+    calibrate_sample: int = 300      # pool images edited for `curate dedup --calibrate` and --threshold auto
     target_precision: float = 0.95   # precision the calibration recommends a threshold for
 
 
@@ -88,9 +100,11 @@ class EvalSetConfig:
 
 @dataclass
 class DecontamConfig:
-    """Evaluation-set decontamination (DINOv2: cosine > 0.45, whole duplicate component)."""
+    """Evaluation-set decontamination (DINOv2: cosine > 0.45, whole duplicate component); with
+    dedup.verify local, pool/evaluation pairs above candidate_cosine are verified by local features."""
 
     threshold: float = 0.45
+    candidate_cosine: float = 0.3    # embedding candidates for local verification (looser than dedup's)
     eval_sets: list[EvalSetConfig] = field(default_factory=list)
 
 

@@ -75,7 +75,7 @@ def enabled(cfg: Config, stage: str) -> bool:
     if stage == "decontaminate":
         return bool(cfg.decontaminate.eval_sets)
     if stage == "dedup":
-        return cfg.dedup.threshold < 1
+        return cfg.dedup.threshold is None or cfg.dedup.threshold < 1
     if stage == "train":
         return bool(cfg.train.config)
     if stage == "evaluate":

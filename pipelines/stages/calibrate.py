@@ -1,61 +1,51 @@
 """dedup --calibrate: edited copies of a pool sample -> precision/recall per threshold of the copy
-embedding, and the threshold recommended for a target precision (`dedup_calibration/<embedding>.*`)."""
+embedding, the threshold recommended for a target precision, and precision/recall per edit of the
+hash, embedding and verified decisions side by side with the recommended settings
+(`dedup_calibration/<embedding>.*`)."""
 
 from __future__ import annotations
 
-import io
 
-import numpy as np
-import pyarrow as pa
-
-from curate.parts import read_table, write_json_atomic, write_table_atomic
-from pipelines.aligned import RowMap
+from curate.parts import write_json_atomic, write_table_atomic
 from pipelines.config import Config
-from pipelines.embedding import load_embedder, resolve_embedding
+from pipelines.embedding import resolve_embedding
 from pipelines.framework import stage_dir
 from pipelines.manifest import read_manifest
 
+FALLBACK_THRESHOLD = 0.6  # compared when no cosine reaches the target precision (DINOv2's value)
+
 
 def run(cfg: Config) -> dict:
-    """Edited copies of a pool sample -> precision/recall per threshold and a recommended threshold."""
-    import torch
-    from PIL import Image, ImageOps
-
-    from curate.calibrate import evaluate_embedder, make_calibration_set
+    """Calibration of the dedup embedding on the pool: summary, PR table and method comparison."""
+    from curate.calibrate import compare_methods, comparison_markdown, evaluate_embedder
     from curate.dedup import as_parts, valid_rows
-    from curate.embed import autocast, resolve_device
-    from curate.images import to_rgb
-    from curate.tars import TarReader
+    from pipelines.copy_images import calibration_sample, embedder_fn, verify_settings
 
     dc = cfg.dedup
     emb_dir = resolve_embedding(cfg, dc.embedding)
     model = read_manifest(emb_dir)["config"]["model"]
-    rows = RowMap(stage_dir(cfg, "ingest"), emb_dir)
-    ok = rows.emb_rows[np.flatnonzero(valid_rows(as_parts(str(emb_dir))))]
-    rng = np.random.default_rng(0)
-    chosen = np.sort(ok[rng.choice(len(ok), min(dc.calibrate_sample, len(ok)), replace=False)])
-    table = read_table(stage_dir(cfg, "ingest"), ["raw_shard", "raw_offset", "nbytes"]).take(pa.array(chosen))
-    with TarReader(stage_dir(cfg, "ingest")) as reader:
-        originals = []
-        for r in table.to_pylist():
-            with Image.open(io.BytesIO(reader.read(r["raw_shard"], r["raw_offset"], r["nbytes"]))) as img:
-                originals.append(to_rgb(ImageOps.exif_transpose(img)).copy())
-    copies = make_calibration_set(originals, seed=0)
-    device = resolve_device(cfg.embed.device)
-    emb = load_embedder(model, device)
-
-    def embed(images: list) -> np.ndarray:
-        out = []
-        with torch.inference_mode(), autocast(device, cfg.embed.precision):
-            for s in range(0, len(images), cfg.embed.batch_size):
-                x = torch.stack([emb.transform(im) for im in images[s:s + cfg.embed.batch_size]]).to(device)
-                out.append(torch.nn.functional.normalize(emb.model(x).float(), dim=-1).cpu().numpy())
-        return np.concatenate(out)
-
+    originals, copies = calibration_sample(cfg, emb_dir, valid_rows(as_parts(str(emb_dir))))
+    embed = embedder_fn(cfg, model)
     report = evaluate_embedder(embed, originals, copies, target_precision=dc.target_precision)
     summary = report.summary()
+    threshold = report.recommended if report.recommended is not None else FALLBACK_THRESHOLD
+    comparison = compare_methods(embed, originals, copies, threshold, cfg.hashdedup.phash_max_distance,
+                                 verify_settings(cfg))
+    summary["methods"] = comparison
+    summary["methods_table"] = comparison_markdown(comparison)
     out = stage_dir(cfg, "dedup_calibration")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / f"{emb_dir.name}.json", summary)
     write_table_atomic(report.table.to_arrow(), out / f"{emb_dir.name}.parquet")
     return {"model": model, "path": str(out / f"{emb_dir.name}.json"), **summary}
+
+
+def comparison_rows(summary: dict) -> list[str]:
+    """Printable lines: the per-edit table and the recommended settings."""
+    rec = summary["methods"]["recommended"]
+    return [*summary["methods_table"].splitlines(),
+            f"recommended: --verify {rec['verify']}" + (f" (or --verify none --threshold {rec['threshold']:.3f})"
+                                                         if rec["verify"] == "local" else f" --threshold {rec['threshold']:.3f}"),
+            f"local verification: {summary['methods']['verify_stats']['ms_per_pair']} ms per candidate pair"]
+
+

@@ -1,5 +1,8 @@
-"""decontaminate: drop pool images that copy an evaluation image (cosine > threshold) and their whole
-copy component; `contaminated`, `contam_reason`, `contam_set` and `matches-<set>.parquet` per set."""
+"""decontaminate: drop pool images that copy an evaluation image and their whole copy component;
+`contaminated`, `contam_reason`, `contam_set` and `matches-<set>.parquet` per set. A pool image copies
+an evaluation image when local verification says so (dedup.verify local: candidates above
+decontaminate.candidate_cosine; the cosine decides pairs too flat to judge), else when its cosine is
+> decontaminate.threshold."""
 
 from __future__ import annotations
 
@@ -12,10 +15,41 @@ import pyarrow.compute as pc
 
 from curate.parts import write_table_atomic
 from pipelines.aligned import RowMap, embedding_ids
+from pipelines.copy_images import verify_mode
 from pipelines.config import Config, fingerprint
 from pipelines.embedding import embed_reference_set, resolve_embedding
 from pipelines.framework import finished_filters, stage_dir, upstream
 from pipelines.manifest import StageResult, begin, finish, read_manifest
+
+
+def _verified_matches(cfg: Config, emb_dir, eval_sets: dict, d, spec) -> tuple[dict, dict]:
+    """Per set, (pool row, eval row, score) pairs that local verification links: candidates are each
+    evaluation image's candidate_k nearest pool images above decontaminate.candidate_cosine."""
+    from curate.dedup import as_parts, eval_matches, pair_sims, pool_index, valid_rows
+    from curate.parts import read_table
+    from curate.verify import verify_pairs
+    from pipelines.copy_images import ShardImages, pool_images, verify_settings
+
+    pool = as_parts(str(emb_dir))
+    index, ok = pool_index(pool, spec), valid_rows(pool)
+    direct, stats = {}, {}
+    with pool_images(cfg, emb_dir) as pool_imgs:
+        for name, (vecs, _) in eval_sets.items():
+            ev = as_parts(vecs)
+            p, e = eval_matches(index, ok, ev, cfg.decontaminate.candidate_cosine, cfg.dedup.candidate_k, 8192)
+            ingest_dir = d / "eval_sets" / name / "ingest"
+            status = read_table(ingest_dir, ["status"]).column("status").to_pylist()
+            ok_rows = [r for r, st in enumerate(status) if st == "ok"]
+            with ShardImages(ingest_dir, ok_rows) as ev_imgs:
+                n = pool.n
+                res = verify_pairs(p, n + e, lambda r: pool_imgs.load(r) if r < n else ev_imgs.load(r - n),
+                                   verify_settings(cfg))
+            sims = pair_sims(pool, res.i, ev, res.j - n)
+            take = res.verified | (res.abstained & (sims > cfg.decontaminate.threshold))
+            score = np.where(res.verified, res.share, sims)
+            direct[name] = (res.i[take], res.j[take] - n, score[take])
+            stats[name] = {**res.stats, "linked_too_flat_cosine": int((take & ~res.verified).sum())}
+    return direct, stats
 
 
 def run(cfg: Config, force: bool = False) -> StageResult:
@@ -29,7 +63,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     emb_dir = resolve_embedding(cfg, cfg.dedup.embedding)
     with_groups = "dedup" in finished_filters(cfg)  # copy dedup enabled and done
     inputs = {**upstream(cfg, "ingest", *(["dedup"] if with_groups else [])), "embedding": read_manifest(emb_dir)["key"]}
-    key = fingerprint({"config": asdict(xc), "inputs": inputs})
+    key = fingerprint({"config": {**asdict(xc), "verify": verify_mode(cfg)}, "inputs": inputs})
     d = stage_dir(cfg, "decontaminate")
     prev = begin("decontaminate", d, key, force)
     if prev:
@@ -45,8 +79,12 @@ def run(cfg: Config, force: bool = False) -> StageResult:
         alive = pc.is_null(rows.column(stage_dir(cfg, "dedup"), "copy_of")).to_numpy(zero_copy_only=False)[rows.emb_rows]
     eval_sets = {s.name: embed_reference_set(cfg, emb_dir, s.name, s.source, d / "eval_sets" / s.name)
                  for s in xc.eval_sets}
-    res = decontaminate(str(emb_dir), ids, pool_groups, eval_sets, threshold=xc.threshold,
-                        index_spec=IndexSpec(kind=cfg.dedup.index, nprobe=cfg.dedup.nprobe))
+    spec = IndexSpec(kind=cfg.dedup.index, nprobe=cfg.dedup.nprobe)
+    direct, verify_stats = None, {}
+    if verify_mode(cfg) == "local":
+        direct, verify_stats = _verified_matches(cfg, emb_dir, eval_sets, d, spec)
+    res = decontaminate(str(emb_dir), ids, pool_groups, eval_sets, threshold=xc.threshold, index_spec=spec,
+                        direct=direct)
     contam_set = np.full(len(ids), None, dtype=object)
     id_array = pa.array(ids, type=pa.string())
     matches = {}
@@ -66,5 +104,5 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     result = StageResult("decontaminate", str(d), key, counts={
         "in": int(alive.sum()), "out": int(alive.sum() - removed.sum()), "dropped": {k: v for k, v in dropped.items() if v}},
         seconds=time.time() - t0, outputs={"records": str(d), **matches})
-    finish(result, {**asdict(xc), "stats": res.stats}, inputs)
+    finish(result, {**asdict(xc), "verify": verify_mode(cfg), "stats": res.stats, "verify_stats": verify_stats}, inputs)
     return result

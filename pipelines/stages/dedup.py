@@ -1,5 +1,13 @@
-"""dedup: copy detection over an embedding (k-NN graph, cosine > threshold, connected components);
-writes `copy_of` (keeper id), `copy_group`, `copy_max_sim` and `groups.parquet`."""
+"""dedup: copy detection over an embedding, then connected components and one keeper per component;
+writes `copy_of` (keeper id), `copy_group`, `copy_max_sim` and `groups.parquet`.
+
+Pairs are decided by local verification (`dedup.verify local`, the default unless the embedding is a
+declared copy descriptor: candidates from content/mirrored pHash and the embedding's k-NN, verified by
+local features, the cosine deciding only pairs too flat to judge; `copy_max_sim` is then the verified
+overlap share, or the cosine of such a pair) or by the embedding's cosine
+(`verify none`; threshold given, 0.6 for a copy descriptor, else calibrated on the pool). A result
+whose largest component or removed share passes its limits is refused: nothing is committed.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ def index_spec(cfg: Config):
     return IndexSpec(kind=cfg.dedup.index, nprobe=cfg.dedup.nprobe)
 
 
-def _ray_edges(emb_dir: Path, index, dc, work: Path, address: str | None):
+def _ray_edges(emb_dir: Path, index, dc, threshold: float, work: Path, address: str | None):
     """k-NN graph queries spread over Ray tasks (each loads the saved index); edges merged."""
     import ray
 
@@ -46,7 +54,7 @@ def _ray_edges(emb_dir: Path, index, dc, work: Path, address: str | None):
         from curate.dedup import knn_edges
         from curate.index import VectorIndex
 
-        return knn_edges(str(emb_dir), dc.k, dc.threshold, index=VectorIndex.load(path), query_rows=(lo, hi))
+        return knn_edges(str(emb_dir), dc.k, threshold, index=VectorIndex.load(path), query_rows=(lo, hi))
 
     out = ray.get([edges.remote(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo])
     path.unlink(missing_ok=True)
@@ -54,14 +62,63 @@ def _ray_edges(emb_dir: Path, index, dc, work: Path, address: str | None):
     return merge_edges(*out)
 
 
+def _threshold(cfg: Config, emb_dir: Path, model: str, valid: np.ndarray):
+    """The cosine threshold and how it was chosen (given, copy descriptor, or calibrated on the pool)."""
+    from curate.calibrate import choose_threshold, evaluate_embedder
+    from pipelines.copy_images import calibration_sample, embedder_fn
+
+    dc = cfg.dedup
+
+    def calibrate():
+        originals, copies = calibration_sample(cfg, emb_dir, valid)
+        return evaluate_embedder(embedder_fn(cfg, model), originals, copies, target_precision=dc.target_precision)
+
+    return choose_threshold(model, "auto" if dc.threshold is None else dc.threshold, dc.copy_descriptor, calibrate)
+
+
+def _verified_edges(cfg: Config, emb_dir: Path, valid: np.ndarray, threshold: float) -> tuple[tuple, dict]:
+    """Candidates (content and mirrored pHash neighbours, embedding k-NN) verified by local features;
+    a pair too flat to judge (few keypoints) is linked when its cosine is > threshold."""
+    from curate.dedup import as_parts, pair_sims
+    from curate.verify import candidate_pairs, embedding_candidates, phash_candidates, verify_pairs
+    from pipelines.copy_images import pool_images, verify_settings
+
+    dc = cfg.dedup
+    n = len(valid)
+    sources = [embedding_candidates(str(emb_dir), dc.candidate_k, dc.candidate_cosine, valid=valid,
+                                    index_spec=index_spec(cfg))]
+    with pool_images(cfg, emb_dir) as images:
+        ph, mirror, decoded, hash_seconds = images.content_hashes()
+        i, j, cost = phash_candidates(ph, dc.candidate_phash, mirror)
+        usable = decoded & valid
+        take = usable[i] & usable[j]
+        sources.append((i[take], j[take], cost[take]))
+        ci, cj, cstats = candidate_pairs(n, *sources, max_pairs_per_image=dc.max_pairs_per_image)
+        res = verify_pairs(ci, cj, images.load, verify_settings(cfg))
+    parts = as_parts(str(emb_dir))
+    sims = pair_sims(parts, res.i, parts, res.j)
+    flat = res.abstained & (sims > threshold)
+    take = res.verified | flat
+    edges = (res.i[take], res.j[take], np.where(res.verified, res.share, sims)[take].astype(np.float32))
+    info = {"candidates": cstats, "content_hash_seconds": round(hash_seconds, 2), "verify_stats": res.stats,
+            "verify_settings": verify_settings(cfg).to_dict(),
+            "linked": {"verified": int(res.verified.sum()), "too_flat_cosine": int(flat.sum())}}
+    return edges, info
+
+
 def run(cfg: Config, force: bool = False) -> StageResult:
-    """Copy groups over an embedding: `copy_of` (keeper id), `copy_group`, `copy_max_sim`."""
-    from curate.dedup import as_parts, copy_dedup, pool_index
+    """Copy groups: `copy_of` (keeper id), `copy_group`, `copy_max_sim`; refuses a wiping result."""
+    from curate.dedup import CopyDedupRefused, SafetyLimits, as_parts, copy_dedup, pool_index, valid_rows
+    from pipelines.copy_images import verify_mode
+    from pipelines.manifest import STARTED
 
     dc = cfg.dedup
     emb_dir = resolve_embedding(cfg, dc.embedding)
+    model = read_manifest(emb_dir)["config"]["model"]
+    mode = verify_mode(cfg)
     inputs = {**upstream(cfg, "ingest"), "embedding": read_manifest(emb_dir)["key"]}
-    config = {k: v for k, v in asdict(dc).items() if k not in ("calibrate_sample", "target_precision", "max_component")}
+    unkeyed = ("max_component", "max_component_share", "max_removed_share")  # they refuse, never change output
+    config = {**{k: v for k, v in asdict(dc).items() if k not in unkeyed}, "verify": mode}
     key = fingerprint({"config": config, "inputs": inputs})
     d = stage_dir(cfg, "dedup")
     prev = begin("dedup", d, key, force)
@@ -73,21 +130,38 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     ingest = stage_dir(cfg, "ingest")
     width, height = (pc.fill_null(rows.column(ingest, c), 0).to_numpy().astype(np.int64) for c in ("width", "height"))
     pixels = (width * height)[rows.emb_rows]
-    edges = None
-    if cfg.executor == "ray":
-        edges = _ray_edges(emb_dir, pool_index(as_parts(str(emb_dir)), index_spec(cfg)), dc, d, cfg.ray_address)
-    res = copy_dedup(str(emb_dir), ids, pixels, k=dc.k, threshold=dc.threshold,
-                     max_component=dc.max_component, index_spec=index_spec(cfg), edges=edges)
+    valid = valid_rows(as_parts(str(emb_dir)))
+    limits = SafetyLimits(max_component_share=dc.max_component_share, max_removed_share=dc.max_removed_share)
+    try:
+        choice = _threshold(cfg, emb_dir, model, valid)
+        if mode == "local":
+            edges, extra = _verified_edges(cfg, emb_dir, valid, choice.threshold)
+            extra["threshold_choice"] = choice.manifest()
+            res = copy_dedup(str(emb_dir), ids, pixels, k=dc.k, threshold=choice.threshold, max_component=dc.max_component,
+                             edges=edges, limits=limits,
+                             decision=f"local verification (cosine > {choice.threshold:.4g} where too flat)")
+        else:
+            extra = {"threshold_choice": choice.manifest()}
+            edges = None
+            if cfg.executor == "ray":
+                edges = _ray_edges(emb_dir, pool_index(as_parts(str(emb_dir)), index_spec(cfg)), dc,
+                                   choice.threshold, d, cfg.ray_address)
+            res = copy_dedup(str(emb_dir), ids, pixels, k=dc.k, threshold=choice.threshold,
+                             max_component=dc.max_component, index_spec=index_spec(cfg), edges=edges, limits=limits)
+    except CopyDedupRefused:
+        (d / STARTED).unlink(missing_ok=True)  # nothing committed: other settings may run here next
+        raise
     rows.write(d, rows.emb_rows, {
         "copy_of": (res.dup_of, pa.string()), "copy_group": (res.group, pa.int64()),
         "copy_max_sim": (res.max_sim, pa.float32())})
     write_table_atomic(res.groups, d / "groups.parquet")
     st = res.stats
     counts = {"in": st["n"], "out": st["kept"], "dropped": {"copy_duplicate": st["dropped"]} if st["dropped"] else {},
-              "groups": st["groups"], "pairs": st["pairs"], "largest_component": st["largest_component"]}
+              "groups": st["groups"], "pairs": st["pairs"], "largest_component": st["largest_component"],
+              "decision": st["decision"]}
     if res.warning:
         counts["warning"] = res.warning
     result = StageResult("dedup", str(d), key, counts=counts, seconds=time.time() - t0,
                          outputs={"records": str(d), "groups": str(d / "groups.parquet")})
-    finish(result, {**config, "stats": st}, inputs)
+    finish(result, {**config, "stats": st, **extra}, inputs)
     return result

@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 
 from curate.calibrate import (
+    COPY_DESCRIPTOR_THRESHOLD,
     EDITS,
+    ThresholdChoice,
     apply_edit,
     calibration_pairs,
+    choose_threshold,
+    comparison_markdown,
+    compare_methods,
     evaluate_embedder,
     make_calibration_set,
     precision_recall,
@@ -108,3 +113,55 @@ def test_recommended_threshold_reaches_target(which):
     assert summary["recall_by_edit"]["jpeg"] == 1.0 and summary["recall_by_edit"]["resize"] == 1.0
     strict = evaluate_embedder(embed, originals, copies, target_precision=1.0)
     assert strict.recommended is None or strict.recommended >= report.recommended
+
+
+def test_choose_threshold_sources():
+    assert choose_threshold("pixels:16", 0.9) == ThresholdChoice(0.9, "given", {"spec": "pixels:16"})
+    sscd = choose_threshold("torchscript:/m/sscd.pt", copy_descriptor=True)
+    assert (sscd.threshold, sscd.how) == (COPY_DESCRIPTOR_THRESHOLD, "copy descriptor") and sscd.threshold == 0.6
+    known = {"timm:foo": 0.7}
+    for spec in ("timm:foo", "timm:foo:/w/foo.safetensors"):
+        assert choose_threshold(spec, known=known).manifest() == {
+            "threshold": 0.7, "threshold_how": "known", "spec": spec, "known_as": "timm:foo"}
+    with pytest.raises(ValueError, match="no known copy threshold for 'timm:foobar'"):
+        choose_threshold("timm:foobar", known=known)
+    with pytest.raises(ValueError, match="no known copy threshold for 'pixels:16'"):
+        choose_threshold("pixels:16")  # weights-free embedders are calibrated on the pool
+
+
+def test_choose_threshold_calibrates_on_the_pool():
+    originals = [make_image(300 + s, (128, 96)) for s in range(30)]
+    copies = make_calibration_set(originals, seed=2)
+    embed = pixels_embed()
+    calls = []
+
+    def calibrate(target: float = 0.95):
+        calls.append(target)
+        return evaluate_embedder(embed, originals, copies, target_precision=target)
+
+    choice = choose_threshold("pixels:16", calibrate=calibrate)
+    report = calibrate()
+    assert choice.how == "calibrated on pool" and choice.threshold == report.recommended
+    m = choice.manifest()
+    assert m["threshold_how"] == "calibrated on pool" and m["calibration_precision"] >= 0.95
+    assert m["calibration_positives"] == 30 and m["calibration_negatives"] == 300
+    with pytest.raises(ValueError, match="found no cosine of 'pixels:16' with precision >= 1.01"):
+        choose_threshold("pixels:16", calibrate=lambda: calibrate(1.01))
+
+
+def test_compare_methods_per_edit():
+    originals = [make_image(700 + s, (256, 192), n_shapes=30) for s in range(8)]
+    copies = make_calibration_set(originals, seed=4, copies_per_image=2)
+    cmp = compare_methods(pixels_embed(), originals, copies, threshold=0.9, k_hard=3, n_random=2)
+    assert cmp["pairs"] == 16 * 6 and cmp["positives"] == 16
+    by = cmp["by_method"]
+    assert set(by) == {"hash", "embedding", "verified", "hash or verified", "hash or embedding"}
+    assert set(by["hash"]) == {"all", *EDITS}
+    assert by["verified"]["all"]["recall"] == 1.0 and by["verified"]["all"]["fp"] == 0
+    for edit in ("crop", "flip", "pad"):  # what a global hash misses and verification finds
+        assert by["hash"][edit]["recall"] < 1.0 == by["verified"][edit]["recall"]
+    a = by["hash or verified"]["all"]
+    assert a["tp"] == 16 and a["f1"] > by["hash"]["all"]["f1"]
+    assert cmp["recommended"]["verify"] == "local" and cmp["verify_stats"]["pairs"] == 96
+    table = comparison_markdown(cmp)
+    assert table.count("\n") == 6 and "| verified | 1.000 | 1.000 | 1.000 |" in table

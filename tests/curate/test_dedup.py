@@ -14,6 +14,9 @@ from PIL import Image
 
 from curate.dedup import (
     DECONTAM_THRESHOLD,
+    CopyDedupRefused,
+    SafetyLimits,
+    check_safety,
     LargeComponentWarning,
     components,
     copy_dedup,
@@ -120,7 +123,8 @@ def same_group_pairs(labels: np.ndarray) -> set[tuple[int, int]]:
 
 @pytest.mark.parametrize("embedder,threshold", [("pixels_vec", PIXELS_THRESHOLD), ("vit_vec", VIT_THRESHOLD)])
 def test_planted_copies_found(pool, embedder, threshold):
-    res = copy_dedup(pool[embedder], pool["ids"], pool["pixels"], threshold=threshold)
+    # this pool plants copies of half its originals: 44% of it is removed, past the default refusal
+    res = copy_dedup(pool[embedder], pool["ids"], pool["pixels"], threshold=threshold, limits=None)
     found, truth = same_group_pairs(res.group), same_group_pairs(pool["truth"])
     hits = len(found & truth)
     assert hits / len(truth) >= 0.95, (embedder, hits, len(truth), len(found))
@@ -137,7 +141,7 @@ def test_planted_copies_found(pool, embedder, threshold):
 
 def test_default_threshold_pixels_recall(pool):
     """At DINOv2's 0.6 the pixel baseline still finds every planted copy (its precision is lower)."""
-    res = copy_dedup(pool["pixels_vec"], pool["ids"], pool["pixels"])
+    res = copy_dedup(pool["pixels_vec"], pool["ids"], pool["pixels"], limits=None)
     truth = same_group_pairs(pool["truth"])
     assert truth <= same_group_pairs(res.group)
 
@@ -279,12 +283,12 @@ def test_large_component_warning_on_a_chain():
     x = np.concatenate([chain(40), unit(rng.standard_normal((200, 128)))])
     ids = [f"{r:04d}" for r in range(len(x))]
     with pytest.warns(LargeComponentWarning, match="40 records"):
-        res = copy_dedup(x, ids, max_component=10)
+        res = copy_dedup(x, ids, max_component=10, limits=None)
     assert res.warning and res.stats["largest_component"] == 40
     assert res.groups.num_rows == 1 and res.groups["size"][0].as_py() == 40
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert copy_dedup(x, ids, max_component=40).warning is None
+        assert copy_dedup(x, ids, max_component=40, limits=None).warning is None
 
 
 def test_decontaminate_planted_vectors():
@@ -333,7 +337,7 @@ def test_decontaminate_eval_folder_of_images(pool):
     """An evaluation folder holding mild copies of 5 pool originals plus unrelated images (pixels)."""
     rng = np.random.default_rng(11)
     embed = pixels_embed()
-    dedup = copy_dedup(pool["pixels_vec"], pool["ids"], pool["pixels"], threshold=PIXELS_THRESHOLD)
+    dedup = copy_dedup(pool["pixels_vec"], pool["ids"], pool["pixels"], threshold=PIXELS_THRESHOLD, limits=None)
     planted = [0, 3, 30, 31, 40]  # truth labels: 0 and 3 have copies in the pool, the rest not
     eval_images = [mild_copy(pool["originals"][g], g % 4, rng) for g in planted]
     eval_images += [make_image(9000 + s) for s in range(10)]
@@ -344,3 +348,40 @@ def test_decontaminate_eval_folder_of_images(pool):
     assert set(res.removed["folder"].column("pool_id").to_pylist()) == expected
     assert set(res.pairs["folder"].column("eval_id").to_pylist()) == {f"e{r}" for r in range(len(planted))}
     assert (~res.keep).sum() == len(expected)
+
+
+def test_refuses_a_chaining_result_and_names_the_settings():
+    rng = np.random.default_rng(1)
+    x = np.concatenate([chain(40), unit(rng.standard_normal((200, 128)))])
+    ids = [f"{r:04d}" for r in range(len(x))]
+    with pytest.raises(CopyDedupRefused) as err:
+        copy_dedup(x, ids, max_component=1000)
+    msg = str(err.value)
+    assert "\n" not in msg and "largest component 40 of 240 records (16.7% > max_component_share 0.01)" in msg
+    assert "max_component_share >= 0.167" in msg and "max_removed_share" not in msg
+    assert err.value.stats["largest_component"] == 40 and err.value.stats["dropped"] == 39
+    res = copy_dedup(x, ids, limits=SafetyLimits(max_component_share=0.17))
+    assert res.stats["largest_component"] == 40
+
+
+def test_refusal_limits_exact():
+    base = {"n": 1000, "largest_component": 16, "dropped": 300, "threshold": 0.5}
+    check_safety(base)  # 16 <= max(1% of 1000, 16) and 300 <= 30%
+    with pytest.raises(CopyDedupRefused, match=r"largest component 17 of 1,000 records \(1.7% > "):
+        check_safety({**base, "largest_component": 17})
+    with pytest.raises(CopyDedupRefused, match=r"301 of 1,000 records removed \(30.1% > max_removed_share 0.3\)"):
+        check_safety({**base, "dropped": 301})
+    check_safety({**base, "dropped": 301}, SafetyLimits(max_removed_share=0.5))
+    check_safety({**base, "largest_component": 1000, "n": 100_000})  # 1% of a big pool
+    with pytest.raises(CopyDedupRefused, match="largest component 1,001 of 100,000"):
+        check_safety({**base, "largest_component": 1001, "n": 100_000})
+
+
+def test_many_pairs_refused_by_removed_share():
+    rng = np.random.default_rng(2)
+    x = unit(rng.standard_normal((300, 64)))
+    x[200:300] = unit(x[:100] + 0.01 * rng.standard_normal((100, 64)))  # 100 copies: a third of the pool
+    ids = [f"{r:04d}" for r in range(300)]
+    with pytest.raises(CopyDedupRefused, match=r"100 of 300 records removed \(33.3% > max_removed_share 0.3\)"):
+        copy_dedup(x, ids, threshold=0.9)
+    assert copy_dedup(x, ids, threshold=0.9, limits=None).stats["dropped"] == 100

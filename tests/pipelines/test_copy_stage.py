@@ -68,8 +68,12 @@ def test_calibrate_recommends_a_threshold(cfg, tmp_path, capsys):
     assert main(cfg_args) == 0
     out = capsys.readouterr().out
     assert "recommended threshold" in out or "no threshold reaches" in out
+    assert "| hash or verified |" in out and "recommended: --verify" in out and "ms per candidate pair" in out
     summary = json.loads((tmp_path / "w" / "dedup_calibration" / "pixels-16.json").read_text())
     assert summary["positives"] == 30 and summary["target_precision"] == 0.95
+    methods = summary["methods"]["by_method"]
+    assert set(methods) == {"hash", "embedding", "verified", "hash or verified", "hash or embedding"}
+    assert methods["hash"]["jpeg"]["fn"] + methods["hash"]["jpeg"]["tp"] == 30 // 8 + (30 % 8 > 2)
 
 
 def test_decontamination_without_copy_dedup(cfg, tmp_path):
@@ -83,3 +87,67 @@ def test_decontamination_without_copy_dedup(cfg, tmp_path):
     assert "dedup" not in results
     assert _names(tmp_path, "decontaminate", lambda r: r["contaminated"]) == {"007.png"}
     assert results["shards"].counts["out"] == 56 - 1
+
+
+def test_refusal_commits_nothing_and_names_the_settings(cfg, tmp_path, capsys):
+    run_pipeline(cfg, until="embed")
+    w = tmp_path / "w"
+    args = ["dedup", "--workdir", str(w), "--set", "embed.model=pixels:16", "--set", "hashdedup.phash_max_distance=-1",
+            "--verify", "none"]
+    assert main([*args, "--threshold", "0.2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("curate dedup: error: copy dedup refused (cosine > 0.2): largest component ")
+    assert "max_component_share >= 0.982 and max_removed_share >= 0.964" in err
+    assert sorted(p.name for p in (w / "dedup").iterdir()) == []  # no parts, no manifest, no start marker
+    assert main([*args, "--threshold", "0.2", "--set", "dedup.max_component_share=1",
+                 "--set", "dedup.max_removed_share=1"]) == 0  # the named settings allow it
+    manifest = json.loads((w / "dedup" / "_MANIFEST.json").read_text())
+    assert manifest["counts"]["largest_component"] > 28
+
+
+def test_auto_threshold_is_calibrated_on_the_pool_and_recorded(cfg, tmp_path):
+    run_pipeline(cfg, until="embed")
+    w = tmp_path / "w"
+    assert main(["dedup", "--workdir", str(w), "--set", "embed.model=pixels:16", "--set", "hashdedup.phash_max_distance=-1",
+                 "--set", "dedup.calibrate_sample=30", "--verify", "none", "--threshold", "auto"]) == 0
+    manifest = json.loads((w / "dedup" / "_MANIFEST.json").read_text())
+    choice = manifest["config"]["threshold_choice"]
+    assert choice["threshold_how"] == "calibrated on pool" and choice["calibration_positives"] == 30
+    assert manifest["config"]["threshold"] is None
+    assert manifest["config"]["stats"]["threshold"] == choice["threshold"] < 0.9  # not DINOv2's 0.6
+    assert _names(tmp_path, "dedup", lambda r: r["copy_of"] is not None) == {f"{i:03d}.png" for i in range(6)}
+    assert manifest["counts"]["decision"] == f"cosine > {choice['threshold']}"
+
+
+def test_local_verification_is_the_default_and_finds_flips_and_crops(tmp_path):
+    from PIL import ImageOps
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(24):
+        img = make_image(6000 + i, (256, 192), n_shapes=30)
+        (raw / f"{i:03d}.png").write_bytes(encode(img, "PNG"))
+        if i < 3:
+            (raw / f"{i:03d}-flip.png").write_bytes(encode(ImageOps.mirror(img), "PNG"))
+        elif i < 6:
+            (raw / f"{i:03d}-crop.png").write_bytes(encode(img.crop((30, 20, 230, 170)), "PNG"))
+    cfg = load_config(None, [f"workdir={tmp_path / 'w'}", "ingest.workers=1", "embed.num_workers=0",
+                             "embed.model=pixels:16", "hashdedup.phash_max_distance=-1", "dedup.threshold=0.95"])
+    cfg.ingest.sources = [str(raw)]
+    ev = tmp_path / "eval"
+    ev.mkdir()  # a flipped and a cropped copy of two pool images: decontamination uses the same verifier
+    (ev / "e10.png").write_bytes(encode(ImageOps.mirror(make_image(6010, (256, 192), n_shapes=30)), "PNG"))
+    (ev / "e11.jpg").write_bytes(reencode(make_image(6011, (256, 192), n_shapes=30).crop((16, 8, 240, 184)), 85))
+    cfg.decontaminate.eval_sets = [EvalSetConfig(name="bench", source=str(ev))]
+    results = {r.stage: r for r in run_pipeline(cfg)}
+    assert _names(tmp_path, "decontaminate", lambda r: r["contaminated"]) == {"010.png", "011.png"}
+    uri = {r["id"]: r["uri"].rsplit("/", 1)[1] for r in read_table(tmp_path / "w" / "ingest").to_pylist()}
+    groups = pq.read_table(tmp_path / "w" / "dedup" / "groups.parquet").to_pylist()
+    assert sorted(sorted(uri[m] for m in g["members"]) for g in groups) == [
+        [f"{i:03d}-{'flip' if i < 3 else 'crop'}.png", f"{i:03d}.png"] for i in range(6)]
+    assert results["dedup"].counts["decision"].startswith("local verification")
+    manifest = json.loads((tmp_path / "w" / "dedup" / "_MANIFEST.json").read_text())
+    assert manifest["config"]["verify"] == "local" and manifest["config"]["linked"]["verified"] == 6
+    assert manifest["config"]["verify_stats"]["ms_per_pair"] > 0
+    assert manifest["config"]["threshold_choice"]["threshold_how"] == "given"
+    assert manifest["config"]["verify_settings"]["max_side"] == 512
