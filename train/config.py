@@ -31,6 +31,7 @@ class HeadConfig:
     nlayers: int = 3
     ibot_separate_head: bool = False
     ibot_prototypes: int = 65536
+    ibot_bottleneck_dim: int = 256
     freeze_last_layer_iters: int = 1250
 
 
@@ -39,11 +40,13 @@ class CropsConfig:
     """Multi-crop augmentation and the optional high-resolution phase."""
 
     global_size: int = 224
-    local_size: int = 96
+    local_size: int = 98
     n_local: int = 8
     global_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
-    blur_probs: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])
+    # The official code's effective values (its GaussianBlur applies with 1 - p); the paper's
+    # intended [1.0, 0.1, 0.5] is the documented alternative.
+    blur_probs: list[float] = field(default_factory=lambda: [0.0, 0.9, 0.5])
     solarize_prob: float = 0.2
     high_res_global_size: int = 0
     high_res_local_size: int = 0
@@ -68,7 +71,7 @@ class LossConfig:
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
-    centering: str = "sinkhorn_knopp"
+    centering: str = "centering"
     center_momentum: float = 0.9
     sinkhorn_iterations: int = 3
     student_temp: float = 0.1
@@ -114,6 +117,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     seed: int = 0
     device: str = "auto"
+    eval_size: int = 224  # resolution stored in teacher_backbone.pt for k-NN/linear eval and embedding (0 = global crop size)
     checkpoint_every: int = 1000
     log_every: int = 10
     resume: bool = True
@@ -152,12 +156,17 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("data.source must be 'shards' or 'folder'")
     if len(cfg.crops.blur_probs) != 3:
         raise ValueError("crops.blur_probs needs 3 values: global1, global2, local")
-    if cfg.crops.global_size % cfg.model.patch_size:
-        raise ValueError(f"crops.global_size must be a multiple of the patch size {cfg.model.patch_size}")
-    if min(cfg.crops.local_size, cfg.crops.global_size) < cfg.model.patch_size:
-        raise ValueError("crop sizes must be at least one patch")
-    if cfg.crops.high_res_iters and cfg.crops.high_res_global_size % cfg.model.patch_size:
-        raise ValueError("crops.high_res_global_size must be a multiple of the patch size")
+    p = cfg.model.patch_size
+    sizes = {"crops.global_size": cfg.crops.global_size, "crops.local_size": cfg.crops.local_size,
+             "eval_size": cfg.eval_size}
+    if cfg.crops.high_res_iters:
+        sizes["crops.high_res_global_size"] = cfg.crops.high_res_global_size
+        sizes["crops.high_res_local_size"] = cfg.crops.high_res_local_size
+    for key, size in sizes.items():
+        if size < 0 or size % p or (size == 0 and key not in ("eval_size", "crops.high_res_local_size")):
+            raise ValueError(f"{key}={size} must be a positive multiple of the patch size {p} "
+                             f"(the backbone would silently drop {size % p} px); e.g. {max(size // p, 1) * p} "
+                             f"or {(size // p + 1) * p}")
     if cfg.optim.iterations <= 0 or cfg.optim.batch_size <= 0:
         raise ValueError("optim.iterations and optim.batch_size must be positive")
 

@@ -52,7 +52,7 @@ def build_model(cfg: TrainConfig) -> SSLMetaArch:
                         m.drop_path_rate, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
                         mlp_ratio=m.mlp_ratio, ffn=m.ffn)
     return SSLMetaArch(arch, h.prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers, h.ibot_separate_head,
-                       h.ibot_prototypes, lo.centering, lo.center_momentum, lo.sinkhorn_iterations,
+                       h.ibot_prototypes, h.ibot_bottleneck_dim, lo.centering, lo.center_momentum, lo.sinkhorn_iterations,
                        lo.student_temp, lo.dino_weight, lo.ibot_weight, lo.koleo_weight)
 
 
@@ -85,6 +85,8 @@ def _step(model: SSLMetaArch, optimizer, batch: dict, sched: dict[str, float], c
           device: torch.device) -> dict[str, float]:
     """One optimisation step; raises TrainingDiverged on a non-finite loss or gradient."""
     it = batch["iteration"]
+    # As the official schedule: during the freeze the prototype layers get lr 0 (their gradients
+    # still enter the clip norm and AdamW's moments), so they do not move.
     for g in optimizer.param_groups:
         frozen = g["is_last_layer"] and sched["last_layer_frozen"]
         g["lr"] = 0.0 if frozen else sched["lr"] * g["lr_mult"]
@@ -99,9 +101,6 @@ def _step(model: SSLMetaArch, optimizer, batch: dict, sched: dict[str, float], c
         for p in model.student.parameters():
             if p.grad is not None:
                 dist.all_reduce_sum_(p.grad).div_(dist.world_size())
-    if sched["last_layer_frozen"]:
-        for p in model.last_layer_parameters():
-            p.grad = None
     norms = {}
     for name, module in model.student.items():
         params = [p for p in module.parameters() if p.grad is not None]
@@ -125,10 +124,11 @@ def _checkpoint(cfg: TrainConfig, model: SSLMetaArch, optimizer, next_iter: int,
         "data": {"seed": cfg.seed, "next_iteration": next_iter, "decode_errors": decode_errors},
         "config": to_yaml(cfg),
         "arch": model.arch,
+        "eval_size": cfg.eval_size or global_size,
     }
     save_checkpoint(cfg.output_dir, state)
     save_backbone(os.path.join(cfg.output_dir, TEACHER_BACKBONE), model.teacher["backbone"], model.arch,
-                  global_size)
+                  cfg.eval_size or global_size)
 
 
 def train(cfg: TrainConfig, stop_at: int | None = None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ class SSLMetaArch(nn.Module):
 
     def __init__(self, arch: dict[str, Any], prototypes: int = 65536, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, nlayers: int = 3, ibot_separate_head: bool = False,
-                 ibot_prototypes: int = 65536, centering: str = "sinkhorn_knopp", center_momentum: float = 0.9,
+                 ibot_prototypes: int = 65536, ibot_bottleneck_dim: int = 256, centering: str = "sinkhorn_knopp", center_momentum: float = 0.9,
                  sinkhorn_iterations: int = 3, student_temp: float = 0.1, dino_weight: float = 1.0,
                  ibot_weight: float = 1.0, koleo_weight: float = 0.1) -> None:
         super().__init__()
@@ -32,7 +32,7 @@ class SSLMetaArch(nn.Module):
             "dino_head": DINOHead(dim, prototypes, hidden_dim, bottleneck_dim, nlayers),
         })
         if ibot_separate_head:
-            student["ibot_head"] = DINOHead(dim, ibot_prototypes, hidden_dim, bottleneck_dim, nlayers)
+            student["ibot_head"] = DINOHead(dim, ibot_prototypes, hidden_dim, ibot_bottleneck_dim, nlayers)
         self.student = student
         self.teacher = copy.deepcopy(student)
         for p in self.teacher.parameters():
@@ -99,7 +99,7 @@ class SSLMetaArch(nn.Module):
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
     def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(teacher, student) parameter lists updated by EMA (the frozen weight-norm g is excluded)."""
+        """(teacher, student) parameter lists updated by EMA (all student parameters, weight-norm g included)."""
         t_params, s_params = [], []
         for (name, s), (tname, t) in zip(self.student.named_parameters(), self.teacher.named_parameters()):
             assert name == tname, (name, tname)
