@@ -98,6 +98,7 @@ class OptimConfig:
     clip_grad: float = 3.0
     beta1: float = 0.9
     beta2: float = 0.999
+    global_batch_size: int = 0  # 0 = batch_size x world size (or the resumed checkpoint's global batch)
 
 
 @dataclass
@@ -108,6 +109,25 @@ class DataConfig:
     path: str = ""
     num_workers: int = 4
     max_decode_retries: int = 16
+
+
+@dataclass
+class DistConfig:
+    """Multi-process training: strategy, precision of sharded params, non-finite policy."""
+
+    strategy: str = "ddp"  # ddp (replicated student) or fsdp (FSDP2 fully_shard, for large backbones)
+    activation_checkpointing: bool = False  # recompute block activations in backward (less memory)
+    backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+    nonfinite: str = "stop"  # a NaN/Inf loss or gradient on any rank: stop (every rank) or skip the step
+    max_skips: int = 5  # with nonfinite=skip, stop after this many consecutive skipped steps
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from a frozen teacher (empty teacher = ordinary self-distillation with an EMA teacher)."""
+
+    teacher: str = ""  # our training checkpoint (backbone + heads), teacher_backbone.pt, or a timm/dinov2 state dict
+    ema_momentum: float = 0.999  # momentum of the student EMA kept as the exported model
 
 
 @dataclass
@@ -129,6 +149,9 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    init_weights: str = ""  # start the backbone from a timm / dinov2 / teacher_backbone.pt / checkpoint file
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -167,6 +190,10 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{key}={size} must be a positive multiple of the patch size {p} "
                              f"(the backbone would silently drop {size % p} px); e.g. {max(size // p, 1) * p} "
                              f"or {(size // p + 1) * p}")
+    if cfg.dist.strategy not in ("ddp", "fsdp") or cfg.dist.nonfinite not in ("stop", "skip"):
+        raise ValueError("dist.strategy must be ddp|fsdp and dist.nonfinite stop|skip")
+    if cfg.optim.global_batch_size < 0:
+        raise ValueError("optim.global_batch_size must be >= 0")
     if cfg.optim.iterations <= 0 or cfg.optim.batch_size <= 0:
         raise ValueError("optim.iterations and optim.batch_size must be positive")
 

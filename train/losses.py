@@ -31,6 +31,8 @@ class TeacherTargets(nn.Module):
         t = teacher_logits.float().reshape(-1, teacher_logits.shape[-1])
         total = dist.all_reduce_sum_(t.sum(dim=0, keepdim=True))
         count = dist.all_reduce_sum_(torch.tensor(float(t.shape[0]), device=t.device))
+        if float(count) == 0:
+            return
         batch_center = total / count
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
@@ -43,7 +45,7 @@ class TeacherTargets(nn.Module):
         """
         t = teacher_logits.float()
         # Subtracting the global max cancels in the normalisations and avoids exp overflow.
-        gmax = t.max().reshape(1)
+        gmax = (t.max() if t.numel() else t.new_tensor(float("-inf"))).reshape(1)  # a rank may hold no rows
         if dist.is_enabled():
             import torch.distributed as tdist
 
