@@ -148,8 +148,8 @@ def _fully_shard_tree(tree: nn.ModuleDict, mp_policy: Any) -> None:
     for name, module in tree.items():
         if name == "backbone":
             for blk in module.vit.blocks:
-                fully_shard(blk, mp_policy=mp_policy)
-        fully_shard(module, mp_policy=mp_policy)
+                fully_shard(blk, mp_policy=mp_policy, reshard_after_forward=True)
+        fully_shard(module, mp_policy=mp_policy, reshard_after_forward=True)
 
 
 def wrap_model(model: nn.Module, strategy: str, device: torch.device, activation_checkpointing: bool = False) -> None:
@@ -171,7 +171,7 @@ def wrap_model(model: nn.Module, strategy: str, device: torch.device, activation
               if device.type == "cuda" else MixedPrecisionPolicy())
         _fully_shard_tree(model.student, mp)
         _fully_shard_tree(model.teacher, mp)
-        fully_shard(runner, mp_policy=mp)
+        fully_shard(runner, mp_policy=mp, reshard_after_forward=True)
         model.set_student_runner(runner)
     elif is_enabled():
         from torch.nn.parallel import DistributedDataParallel

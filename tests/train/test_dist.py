@@ -112,3 +112,9 @@ def test_nan_on_one_rank_stops_every_rank(shard_dir, tmp_path):
     ranks = _run(2, shard_dir, out, "log_every=1", "checkpoint_every=1", poison_rank=1)
     assert all("non-finite loss at iteration 1" in r.get("diverged", "") for r in ranks)
     assert load_checkpoint(os.path.join(out, "last.pt"))["iteration"] == 1
+
+
+def test_fsdp_matches_ddp_two_ranks(single, shard_dir, tmp_path):
+    out = str(tmp_path / "fsdp")
+    ranks = _run(2, shard_dir, out, "dist.strategy=fsdp", "dist.activation_checkpointing=true")
+    _assert_close_runs(single[0], single[1], out, _losses(ranks[0]))
