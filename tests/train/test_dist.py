@@ -118,3 +118,23 @@ def test_fsdp_matches_ddp_two_ranks(single, shard_dir, tmp_path):
     out = str(tmp_path / "fsdp")
     ranks = _run(2, shard_dir, out, "dist.strategy=fsdp", "dist.activation_checkpointing=true")
     _assert_close_runs(single[0], single[1], out, _losses(ranks[0]))
+
+
+def test_cli_nproc_and_torchrun(shard_dir, tmp_path):
+    import subprocess
+    import sys
+
+    base = [f"{o}" for o in _overrides(shard_dir, str(tmp_path / "cli"))] + ["optim.iterations=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "train", "tiny", *base, "--nproc", "2"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 8 and summary["iterations"] == 2
+    # torchrun resumes the same run (same global batch) and continues to 4 iterations.
+    base[-1] = "optim.iterations=4"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "train", "tiny", *base], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1])["iterations"] == 4
+    assert load_checkpoint(os.path.join(str(tmp_path / "cli"), "last.pt"))["iteration"] == 4
