@@ -127,7 +127,6 @@ class DistillConfig:
     """Distillation from a frozen teacher (empty teacher = ordinary self-distillation with an EMA teacher)."""
 
     teacher: str = ""  # our training checkpoint (backbone + heads), teacher_backbone.pt, or a timm/dinov2 state dict
-    ema_momentum: float = 0.999  # momentum of the student EMA kept as the exported model
 
 
 @dataclass

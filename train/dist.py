@@ -171,6 +171,8 @@ def wrap_model(model: nn.Module, strategy: str, device: torch.device, activation
               if device.type == "cuda" else MixedPrecisionPolicy())
         _fully_shard_tree(model.student, mp)
         _fully_shard_tree(model.teacher, mp)
+        if hasattr(model, "student_ema"):  # distillation: the EMA must be sharded like the student
+            _fully_shard_tree(model.student_ema, mp)
         fully_shard(runner, mp_policy=mp, reshard_after_forward=True)
         model.set_student_runner(runner)
     elif is_enabled():

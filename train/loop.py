@@ -44,14 +44,14 @@ def build_model(cfg: TrainConfig) -> SSLMetaArch:
     return model
 
 
-def _build_ssl(cfg: TrainConfig) -> SSLMetaArch:
+def _build_ssl(cfg: TrainConfig, cls: type = SSLMetaArch, **extra: Any) -> SSLMetaArch:
     m, h, lo = cfg.model, cfg.head, cfg.loss
     arch = resolve_arch(m.arch, m.patch_size, cfg.crops.global_size, m.reg_tokens, m.init_values,
                         m.drop_path_rate, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
                         mlp_ratio=m.mlp_ratio, ffn=m.ffn)
-    return SSLMetaArch(arch, h.prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers, h.ibot_separate_head,
+    return cls(arch, h.prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers, h.ibot_separate_head,
                        h.ibot_prototypes, h.ibot_bottleneck_dim, lo.centering, lo.center_momentum, lo.sinkhorn_iterations,
-                       lo.student_temp, lo.dino_weight, lo.ibot_weight, lo.koleo_weight)
+                       lo.student_temp, lo.dino_weight, lo.ibot_weight, lo.koleo_weight, **extra)
 
 
 def build_schedules(cfg: TrainConfig, global_batch: int = 0) -> Schedules:

@@ -79,16 +79,17 @@ class SSLMetaArch(nn.Module):
         """Total weighted loss of a batch and the float value of each term."""
         g = batch["global"]
         masks = batch["masks"].to(device=g.device, dtype=torch.bool)
-        teacher_cls, teacher_patch = self.teacher_targets(g, masks, teacher_temp)
+        loss_masks = batch.get("loss_masks", masks)  # patches iBOT scores (distillation: all, unmasked)
+        teacher_cls, teacher_patch = self.teacher_targets(g, loss_masks, teacher_temp)
         runner = self.__dict__.get("student_runner") or StudentRunner(self.student, self.ibot_key)
-        cls_g, cls_logits, patch_logits = runner(g, masks, batch.get("local"))
+        cls_g, cls_logits, patch_logits = runner(g, masks, batch.get("local"), loss_masks)
         n_views = cls_logits.shape[0] // (g.shape[0] // 2)
         student_views = list(cls_logits.chunk(n_views))
         dino = self.dino_loss(student_views, teacher_cls, self.student_temp)
 
         terms = {"dino": dino}
-        if masks.any():
-            terms["ibot"] = self.ibot_loss(patch_logits, teacher_patch, masks, self.student_temp)
+        if loss_masks.any():
+            terms["ibot"] = self.ibot_loss(patch_logits, teacher_patch, loss_masks, self.student_temp)
         else:  # keeps the iBOT head in the graph (DDP expects every parameter to get a gradient)
             terms["ibot"] = patch_logits.float().sum() * 0.0
         terms["koleo"] = sum(self.koleo_loss(c) for c in cls_g.chunk(2))
@@ -136,13 +137,14 @@ class StudentRunner(nn.Module):
         self.student = student
         self.ibot_key = ibot_key
 
-    def forward(self, g: torch.Tensor, masks: torch.Tensor,
-                local: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Student pass over global crops (with iBOT masks) and local crops."""
+    def forward(self, g: torch.Tensor, masks: torch.Tensor, local: torch.Tensor | None = None,
+                loss_masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Student pass over global crops (with iBOT masks) and local crops; iBOT logits of the
+        `loss_masks` patches (default: the masked ones)."""
         out_g = self.student["backbone"](g, masks=masks)
         cls_all = [out_g["cls"]]
         if local is not None and local.numel():
             cls_all.append(self.student["backbone"](local)["cls"])
         cls_logits = self.student["dino_head"](torch.cat(cls_all))
-        patch_logits = self.student[self.ibot_key](out_g["patch"][masks])
+        patch_logits = self.student[self.ibot_key](out_g["patch"][masks if loss_masks is None else loss_masks])
         return out_g["cls"], cls_logits, patch_logits
