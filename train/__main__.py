@@ -1,6 +1,7 @@
-"""`python -m train CONFIG [key=value ...]`."""
+"""`python -m train CONFIG [key=value ...] [--nproc N]` and `python -m train export ...`."""
 import sys
 
 from train.cli import main
 
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # spawned ranks re-import this module; only the launcher runs main
+    sys.exit(main(sys.argv[1:]))

@@ -1,9 +1,9 @@
 """DINOv2 multi-crop augmentation, driven by an explicit numpy Generator (reproducible per sample).
 
-Blur probabilities default to the *intended* DINOv2 values (global1 1.0, global2 0.1, local 0.5,
-as in the DINO/BYOL papers). The official DINOv2 code inverts them by a bug (its GaussianBlur
-applies with 1 - p), giving effectively 0.0 / 0.9 / 0.5; set `crops.blur_probs` to
-[0.0, 0.9, 0.5] to reproduce the released models' behaviour.
+Blur probabilities default to the official code's *effective* values (global1 0.0, global2 0.9,
+local 0.5), with which the released models were trained: its GaussianBlur applies with 1 - p.
+The papers' intended values (1.0 / 0.1 / 0.5, as in DINO/BYOL) are `INTENDED_BLUR_PROBS`
+(`crops.blur_probs: [1.0, 0.1, 0.5]`).
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ class ViewParams:
 class MultiCropAugment:
     """Two global crops and `n_local` local crops per image, each a normalised float tensor."""
 
-    def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 8,
+    def __init__(self, global_size: int = 224, local_size: int = 98, n_local: int = 8,
                  global_scale: tuple[float, float] = (0.32, 1.0), local_scale: tuple[float, float] = (0.05, 0.32),
-                 blur_probs: tuple[float, float, float] = INTENDED_BLUR_PROBS, solarize_prob: float = 0.2,
+                 blur_probs: tuple[float, float, float] = OFFICIAL_EFFECTIVE_BLUR_PROBS, solarize_prob: float = 0.2,
                  jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1), jitter_prob: float = 0.8,
                  grayscale_prob: float = 0.2) -> None:
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local

@@ -3,6 +3,8 @@
 `last.pt` is the newest checkpoint. When a new one is written, the previous `last.pt` becomes
 `last_good.pt`: training has run `checkpoint_every` finite iterations past it, so it is known good.
 Only all-finite states are ever written; the NaN guard stops before saving.
+Checkpoints hold only tensors and plain data (dicts, lists, str, numbers) and are read with
+`torch.load(weights_only=True)`: a file holding any other pickled object is refused, never run.
 """
 from __future__ import annotations
 
@@ -17,12 +19,20 @@ LAST = "last.pt"
 LAST_GOOD = "last_good.pt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that is not ours: unreadable, or holding objects other than tensors and plain data."""
+
+
 def rng_state() -> dict[str, Any]:
-    """Current torch (CPU and CUDA), numpy and python global RNG states."""
+    """Current torch (CPU and CUDA), numpy and python global RNG states, as tensors and plain data."""
+    np_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -32,8 +42,12 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` captured."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    py = state["python"]
+    random.setstate((py[-2], tuple(py[:-2]), py[-1]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -82,6 +96,21 @@ def find_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+def safe_load(path: str) -> Any:
+    """torch.load without arbitrary unpickling (tensors and plain data only); a clear error otherwise."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a dinocurate checkpoint (only tensors and plain data are accepted; "
+                              f"pickled objects are refused, not executed): {first}") from None
+
+
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """Load a training checkpoint on CPU."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Load a training checkpoint on CPU (weights only); CheckpointError for foreign or old files."""
+    state = safe_load(path)
+    if not isinstance(state, dict) or not {"model", "optimizer", "iteration", "rng"} <= set(state):
+        raise CheckpointError(f"{path}: not a dinocurate training checkpoint (missing model/optimizer/rng)")
+    return state

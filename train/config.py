@@ -31,6 +31,7 @@ class HeadConfig:
     nlayers: int = 3
     ibot_separate_head: bool = False
     ibot_prototypes: int = 65536
+    ibot_bottleneck_dim: int = 256
     freeze_last_layer_iters: int = 1250
 
 
@@ -39,11 +40,13 @@ class CropsConfig:
     """Multi-crop augmentation and the optional high-resolution phase."""
 
     global_size: int = 224
-    local_size: int = 96
+    local_size: int = 98
     n_local: int = 8
     global_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
-    blur_probs: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])
+    # The official code's effective values (its GaussianBlur applies with 1 - p); the paper's
+    # intended [1.0, 0.1, 0.5] is the documented alternative.
+    blur_probs: list[float] = field(default_factory=lambda: [0.0, 0.9, 0.5])
     solarize_prob: float = 0.2
     high_res_global_size: int = 0
     high_res_local_size: int = 0
@@ -68,7 +71,7 @@ class LossConfig:
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
-    centering: str = "sinkhorn_knopp"
+    centering: str = "centering"
     center_momentum: float = 0.9
     sinkhorn_iterations: int = 3
     student_temp: float = 0.1
@@ -95,6 +98,7 @@ class OptimConfig:
     clip_grad: float = 3.0
     beta1: float = 0.9
     beta2: float = 0.999
+    global_batch_size: int = 0  # 0 = batch_size x world size (or the resumed checkpoint's global batch)
 
 
 @dataclass
@@ -108,12 +112,31 @@ class DataConfig:
 
 
 @dataclass
+class DistConfig:
+    """Multi-process training: strategy, precision of sharded params, non-finite policy."""
+
+    strategy: str = "ddp"  # ddp (replicated student) or fsdp (FSDP2 fully_shard, for large backbones)
+    activation_checkpointing: bool = False  # recompute block activations in backward (less memory)
+    backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+    nonfinite: str = "stop"  # a NaN/Inf loss or gradient on any rank: stop (every rank) or skip the step
+    max_skips: int = 5  # with nonfinite=skip, stop after this many consecutive skipped steps
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from a frozen teacher (empty teacher = ordinary self-distillation with an EMA teacher)."""
+
+    teacher: str = ""  # our training checkpoint (backbone + heads), teacher_backbone.pt, or a timm/dinov2 state dict
+
+
+@dataclass
 class TrainConfig:
     """Top-level training config."""
 
     output_dir: str = "runs/train"
     seed: int = 0
     device: str = "auto"
+    eval_size: int = 224  # resolution stored in teacher_backbone.pt for k-NN/linear eval and embedding (0 = global crop size)
     checkpoint_every: int = 1000
     log_every: int = 10
     resume: bool = True
@@ -125,6 +148,9 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    init_weights: str = ""  # start the backbone from a timm / dinov2 / teacher_backbone.pt / checkpoint file
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -152,12 +178,21 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("data.source must be 'shards' or 'folder'")
     if len(cfg.crops.blur_probs) != 3:
         raise ValueError("crops.blur_probs needs 3 values: global1, global2, local")
-    if cfg.crops.global_size % cfg.model.patch_size:
-        raise ValueError(f"crops.global_size must be a multiple of the patch size {cfg.model.patch_size}")
-    if min(cfg.crops.local_size, cfg.crops.global_size) < cfg.model.patch_size:
-        raise ValueError("crop sizes must be at least one patch")
-    if cfg.crops.high_res_iters and cfg.crops.high_res_global_size % cfg.model.patch_size:
-        raise ValueError("crops.high_res_global_size must be a multiple of the patch size")
+    p = cfg.model.patch_size
+    sizes = {"crops.global_size": cfg.crops.global_size, "crops.local_size": cfg.crops.local_size,
+             "eval_size": cfg.eval_size}
+    if cfg.crops.high_res_iters:
+        sizes["crops.high_res_global_size"] = cfg.crops.high_res_global_size
+        sizes["crops.high_res_local_size"] = cfg.crops.high_res_local_size
+    for key, size in sizes.items():
+        if size < 0 or size % p or (size == 0 and key not in ("eval_size", "crops.high_res_local_size")):
+            raise ValueError(f"{key}={size} must be a positive multiple of the patch size {p} "
+                             f"(the backbone would silently drop {size % p} px); e.g. {max(size // p, 1) * p} "
+                             f"or {(size // p + 1) * p}")
+    if cfg.dist.strategy not in ("ddp", "fsdp") or cfg.dist.nonfinite not in ("stop", "skip"):
+        raise ValueError("dist.strategy must be ddp|fsdp and dist.nonfinite stop|skip")
+    if cfg.optim.global_batch_size < 0:
+        raise ValueError("optim.global_batch_size must be >= 0")
     if cfg.optim.iterations <= 0 or cfg.optim.batch_size <= 0:
         raise ValueError("optim.iterations and optim.batch_size must be positive")
 

@@ -2,8 +2,10 @@
 
 Resume design: sample slot p = iteration * global_batch + rank * batch + j is mapped to a record by a
 seeded permutation of the whole sample index for epoch p // N (N = dataset size), and every random
-choice (crops, colours, masks, replacement of undecodable samples) comes from a generator seeded by
-(seed, iteration, rank, j). Batch i is thus a pure function of (seed, i, rank): resuming at
+choice (crops, colours, replacement of undecodable samples) comes from a generator seeded by
+(seed, iteration, position in the global batch); the masks of the whole global batch are drawn by
+(seed, iteration) and each rank takes its rows. The global batch of iteration i is thus the same
+images, crops and masks for any world size, and rank r's part is a pure function of (seed, i, r): resuming at
 iteration i needs only i, and no stream state. Shards are indexed once by reading their tar
 headers (no index.parquet needed) and samples are read by offset; the stream is infinite
 (epochs are reshuffled), split by rank (slots) and by DataLoader worker (iteration i -> worker
@@ -178,6 +180,17 @@ class BatchBuilder:
                 idx = int(np.random.default_rng([s.seed, _TAG_RETRY, slot, attempt]).integers(n))
         raise RuntimeError(f"{errors} consecutive undecodable samples near slot {slot}; is the data corrupt?")
 
+    def _masks(self, it: int, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's rows of the global batch's masks (drawn by (seed, it) for all 2 x global crops)."""
+        s = self.spec
+        n_global = s.batch_size * s.world_size
+        mrng = np.random.default_rng([s.seed, _TAG_MASK, it])
+        masks, ratios = sample_masks(2 * n_global, grid, mrng, s.mask_probability, s.mask_ratio_min,
+                                     s.mask_ratio_max, s.mask_min_block, s.mask_min_aspect)
+        lo = s.rank * s.batch_size
+        rows = np.r_[lo:lo + s.batch_size, n_global + lo:n_global + lo + s.batch_size]
+        return masks[rows], ratios[rows]
+
     def __call__(self, it: int) -> dict:
         """Batch dict: global [2B,3,S,S] (crop-major), local [nB,3,s,s], masks [2B,h*w], counters."""
         s = self.spec
@@ -190,16 +203,14 @@ class BatchBuilder:
             img, key, err = self._load(base + j)
             errors += err
             keys.append(key)
-            rng = np.random.default_rng([s.seed, _TAG_AUG, it, s.rank, j])
+            rng = np.random.default_rng([s.seed, _TAG_AUG, it, s.rank * s.batch_size + j])
             crops = self.augment(img, rng, gsize, lsize)
             for v, t in enumerate(crops["global"]):
                 views_g[v].append(t)
             for v, t in enumerate(crops["local"]):
                 views_l[v].append(t)
         grid = (gsize // s.patch_size, gsize // s.patch_size)
-        mrng = np.random.default_rng([s.seed, _TAG_MASK, it, s.rank])
-        masks, ratios = sample_masks(2 * s.batch_size, grid, mrng, s.mask_probability, s.mask_ratio_min,
-                                     s.mask_ratio_max, s.mask_min_block, s.mask_min_aspect)
+        masks, ratios = self._masks(it, grid)
         batch = {
             "iteration": it,
             "global": torch.cat([torch.stack(v) for v in views_g]),

@@ -31,7 +31,9 @@ def load_eval_model(path: str) -> BackboneEmbedder:
     """Teacher backbone from a `teacher_backbone.pt`, a training checkpoint, or an output dir."""
     if os.path.isdir(path):
         path = os.path.join(path, "teacher_backbone.pt")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    from train.checkpoint import safe_load
+
+    payload = safe_load(path)
     if isinstance(payload, dict) and "model" in payload and "arch" in payload:
         arch = dict(payload["arch"], drop_path_rate=0.0)
         backbone = build_backbone(arch)
@@ -39,7 +41,8 @@ def load_eval_model(path: str) -> BackboneEmbedder:
         backbone.load_state_dict({k[len(prefix):]: v for k, v in payload["model"].items() if k.startswith(prefix)})
         from train.models import IMAGENET_MEAN, IMAGENET_STD
 
-        return BackboneEmbedder(backbone, arch["img_size"], IMAGENET_MEAN, IMAGENET_STD).eval()
+        size = int(payload.get("eval_size", arch["img_size"]))
+        return BackboneEmbedder(backbone, size, IMAGENET_MEAN, IMAGENET_STD).eval()
     return load_backbone(path)
 
 

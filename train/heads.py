@@ -9,8 +9,8 @@ from torch import nn
 class DINOHead(nn.Module):
     """MLP (in -> hidden -> hidden -> bottleneck), L2 norm, then K prototypes with unit-norm rows.
 
-    The prototype layer uses `parametrizations.weight_norm` with its magnitude g fixed at 1
-    (frozen), so logits are cosine similarities between the bottleneck and the prototypes.
+    The prototype layer uses `parametrizations.weight_norm` with its magnitude g initialised to 1
+    and trained (lr, weight decay, EMA, last-layer freeze) like the official head's `weight_g`.
     """
 
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048,
@@ -27,10 +27,8 @@ class DINOHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
         self.apply(self._init)
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        g = self.last_layer.parametrizations.weight.original0
         with torch.no_grad():
-            g.fill_(1.0)
-        g.requires_grad_(False)
+            self.last_layer.parametrizations.weight.original0.fill_(1.0)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -47,5 +45,5 @@ class DINOHead(nn.Module):
         return self.last_layer(x)
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
-        """Parameters frozen during the first `freeze_last_layer_iters` iterations."""
-        return [p for p in self.last_layer.parameters() if p.requires_grad]
+        """Prototype-layer parameters (g and v), frozen during the first `freeze_last_layer_iters` iterations."""
+        return list(self.last_layer.parameters())

@@ -31,6 +31,8 @@ class TeacherTargets(nn.Module):
         t = teacher_logits.float().reshape(-1, teacher_logits.shape[-1])
         total = dist.all_reduce_sum_(t.sum(dim=0, keepdim=True))
         count = dist.all_reduce_sum_(torch.tensor(float(t.shape[0]), device=t.device))
+        if float(count) == 0:
+            return
         batch_center = total / count
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
@@ -43,7 +45,7 @@ class TeacherTargets(nn.Module):
         """
         t = teacher_logits.float()
         # Subtracting the global max cancels in the normalisations and avoids exp overflow.
-        gmax = t.max().reshape(1)
+        gmax = (t.max() if t.numel() else t.new_tensor(float("-inf"))).reshape(1)  # a rank may hold no rows
         if dist.is_enabled():
             import torch.distributed as tdist
 
@@ -83,30 +85,31 @@ class DINOLoss(TeacherTargets):
 
 
 class IBOTPatchLoss(TeacherTargets):
-    """Masked-patch cross-entropy, each image weighted equally regardless of its number of masks."""
+    """Masked-patch cross-entropy, each masked image weighted equally regardless of its number of masks.
+
+    As the official code (`ibot_patch_loss.py` forward_masked, `ssl_meta_arch.py`): the per-image mean
+    is summed over images and divided by the number of *all* global crops of the batch.
+    """
 
     def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor,
                 student_temp: float = 0.1) -> torch.Tensor:
         """student_logits / teacher_probs: [M, K] for the M masked patches of `masks` ([B, N], row-major).
 
-        Each masked patch of image b is weighted 1 / n_masked(b); the sum is divided by the number
-        of images with at least one masked patch, i.e. the mean of the per-image mean CE.
+        Each masked patch of image b is weighted 1 / n_masked(b); the sum is divided by B, the number
+        of global crops (masked or not), so unmasked crops count as zero-loss images.
         """
         masks = masks.to(torch.bool)
         n_per_image = masks.sum(dim=1)
-        n_images = int((n_per_image > 0).sum())
-        if n_images == 0:
-            return student_logits.sum() * 0.0
         weights = (1.0 / n_per_image.clamp(min=1).float()).unsqueeze(1).expand_as(masks)[masks]
         ce = -(teacher_probs * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(dim=-1)
-        return (ce * weights).sum() / n_images
+        return (ce * weights).sum() / masks.shape[0]
 
 
 class KoLeoLoss(nn.Module):
     """Kozachenko-Leonenko entropy regulariser: -mean log(distance to nearest neighbour).
 
-    Computed in float32 on L2-normalised rows; distance = sqrt(|x - y|^2 + eps) so exact
-    duplicates give a finite loss and finite gradients.
+    Computed in float32 on L2-normalised rows; the distance is |x - y + eps|_2 as the official
+    code's `nn.PairwiseDistance(2, eps=1e-8)`, so exact duplicates give a finite loss and gradients.
     """
 
     def __init__(self, eps: float = 1e-8) -> None:
@@ -121,6 +124,5 @@ class KoLeoLoss(nn.Module):
                 sims = x @ x.t()
                 sims.fill_diagonal_(-2.0)
                 nn_idx = sims.argmax(dim=1)
-            sq = ((x - x[nn_idx]) ** 2).sum(dim=-1)
-            d = torch.sqrt(sq + self.eps)
+            d = F.pairwise_distance(x, x[nn_idx], p=2, eps=self.eps)
             return -torch.log(d + self.eps).mean()

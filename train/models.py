@@ -112,8 +112,8 @@ class DinoVisionTransformer(nn.Module):
         vit = self.vit
         p = self.patch_size
         h_in, w_in = images.shape[-2:]
-        if h_in % p or w_in % p:  # like a plain strided conv (DINOv2): drop the remainder pixels
-            images = images[..., : h_in // p * p, : w_in // p * p]
+        if h_in % p or w_in % p:  # as the official PatchEmbed: never drop pixels silently
+            raise ValueError(f"image size {h_in}x{w_in} is not a multiple of the patch size {p}")
         x = vit.patch_embed(images)  # [B, H, W, D] (dynamic size)
         if masks is not None:
             b, h, w, d = x.shape
@@ -174,10 +174,12 @@ def save_backbone(path: str, backbone: DinoVisionTransformer, arch: dict[str, An
 
 def load_backbone(path: str, map_location: str | torch.device = "cpu") -> BackboneEmbedder:
     """Load a `teacher_backbone.pt` file into an eval-mode module mapping images to CLS embeddings."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    from train.checkpoint import safe_load
+
+    payload = safe_load(path)
     if not isinstance(payload, dict) or payload.get("format") != BACKBONE_FORMAT:
         raise ValueError(f"{path}: not a {BACKBONE_FORMAT} file")
     backbone = build_backbone(copy.deepcopy(payload["arch"]))
     backbone.load_state_dict(payload["state_dict"])
     model = BackboneEmbedder(backbone, payload["image_size"], tuple(payload["mean"]), tuple(payload["std"]))
-    return model.eval()
+    return model.to(map_location).eval()

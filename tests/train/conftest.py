@@ -61,7 +61,7 @@ TINY_OVERRIDES = [
     "model.drop_path_rate=0.1", "crops.global_size=24", "crops.local_size=12", "crops.n_local=2",
     "head.prototypes=128", "head.hidden_dim=64", "head.bottleneck_dim=32", "head.freeze_last_layer_iters=1",
     "optim.batch_size=6", "optim.warmup_iters=2", "optim.base_lr=0.02", "loss.warmup_teacher_temp_iters=3",
-    "data.num_workers=0", "checkpoint_every=2", "progress=false",
+    "data.num_workers=0", "checkpoint_every=2", "progress=false", "eval_size=24",
 ]
 
 

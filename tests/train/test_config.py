@@ -13,7 +13,7 @@ NAMES = ("tiny", "vits14", "vitb14", "vitl14", "vitg14")
 @pytest.mark.parametrize("name", NAMES)
 def test_bundled_configs_load_and_are_documented(name):
     cfg = load_config(resolve_config_path(name))
-    assert cfg.crops.blur_probs == [1.0, 0.1, 0.5] and cfg.loss.koleo_weight == 0.1
+    assert cfg.crops.blur_probs == [0.0, 0.9, 0.5] and cfg.loss.koleo_weight == 0.1
     lines = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()
     settings = [ln for ln in lines if ":" in ln and not ln.lstrip().startswith("#")]
     leafs = [ln for ln in settings if not ln.rstrip().endswith(":")]
@@ -23,7 +23,7 @@ def test_bundled_configs_load_and_are_documented(name):
 
 def test_arch_choices():
     assert load_config(resolve_config_path("vitg14")).model.arch == "vit_giant"
-    assert load_config(resolve_config_path("vitl14")).crops.high_res_global_size == 518
+    assert load_config(resolve_config_path("vitl14")).model.ffn == "swiglu"  # official train/vitl14.yaml
     tiny = load_config(resolve_config_path("tiny"))
     assert tiny.model.patch_size in (4, 8) and 64 <= tiny.model.embed_dim <= 192 and 32 <= tiny.crops.global_size <= 64
 
@@ -37,3 +37,10 @@ def test_overrides_and_errors():
         load_config(resolve_config_path("tiny"), ["optim.batch_size=lots"])
     with pytest.raises(ValueError, match="multiple of the patch size"):
         load_config(resolve_config_path("vits14"), ["crops.global_size=200"])
+    with pytest.raises(ValueError, match=r"crops.local_size=96 must be a positive multiple of the patch size 14"):
+        load_config(resolve_config_path("vits14"), ["crops.local_size=96"])
+    with pytest.raises(ValueError, match="crops.high_res_local_size=100"):
+        load_config(resolve_config_path("vits14"), ["crops.high_res_global_size=518", "crops.high_res_iters=5",
+                                                     "crops.high_res_local_size=100"])
+    with pytest.raises(ValueError, match="eval_size=230"):
+        load_config(resolve_config_path("vits14"), ["eval_size=230"])

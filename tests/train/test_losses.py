@@ -76,8 +76,9 @@ def test_ibot_per_image_weighting():
     t = F.softmax(torch.randn(m, 6), -1)
     loss = IBOTPatchLoss(6)(s, t, masks, student_temp=0.1)
     ce = -(t * F.log_softmax(s / 0.1, -1)).sum(-1)
-    # image 0 has patch 0; image 1 has patches 1..3; image 2 is unmasked and not counted
-    expected = (ce[0] + ce[1:4].mean()) / 2
+    # image 0 has patch 0; image 1 has patches 1..3; image 2 is unmasked but still counts in the
+    # denominator: the official loss divides by all global crops of the batch (3), not the masked ones
+    expected = (ce[0] + ce[1:4].mean()) / 3
     assert torch.allclose(loss, expected)
     uniform = ce.mean()
     assert not torch.allclose(loss, uniform)

@@ -33,7 +33,9 @@ def test_layerscale_and_presets():
     n_params = sum(p.numel() for p in s.parameters())
     assert 21.5e6 < n_params < 22.3e6  # ViT-S/14 at 224: ~22.06M incl. pos-embed and mask token
     assert s.vit.patch_embed.proj.kernel_size == (14, 14)
-    assert s(torch.randn(1, 3, 96, 96))["patch"].shape == (1, 36, 384)  # 96 px local crop: floor like a conv
+    assert s(torch.randn(1, 3, 98, 98))["patch"].shape == (1, 49, 384)  # official 98 px local crop
+    with pytest.raises(ValueError, match="not a multiple of the patch size 14"):
+        s(torch.randn(1, 3, 96, 96))  # never drop pixels silently
 
 
 def test_swiglu_hidden_width_matches_dinov2():
@@ -63,16 +65,18 @@ def test_mask_token_replaces_patches_before_pos_embed():
     assert torch.allclose(a["cls"], ref[:, 0], atol=1e-6)
 
 
-def test_dino_head_weight_norm_fixed():
+def test_dino_head_weight_norm_g_starts_at_one_and_trains():
     torch.manual_seed(0)
     h = DINOHead(24, out_dim=50, hidden_dim=32, bottleneck_dim=16)
     g = h.last_layer.parametrizations.weight.original0
-    assert not g.requires_grad and torch.all(g == 1)
+    assert g.requires_grad and torch.all(g == 1)  # the official head trains weight_g
     w = h.last_layer.weight
     assert torch.allclose(w.norm(dim=1), torch.ones(50), atol=1e-5)
     out = h(torch.randn(7, 24))
     assert out.shape == (7, 50) and out.abs().max() <= 1.0 + 1e-5  # cosine logits
-    assert len(h.last_layer_parameters()) == 1
+    assert len(h.last_layer_parameters()) == 2  # g and v
+    h(torch.randn(7, 24)).pow(2).sum().backward()
+    assert g.grad is not None and g.grad.abs().sum() > 0
 
 
 def test_param_groups_layer_decay_and_no_wd():

@@ -83,7 +83,12 @@ def test_high_res_phase_runs(tiny_cfg):
                    "crops.high_res_iters=1")
     out = train(cfg)
     assert len(out["history"]) == 3
-    assert load_backbone(os.path.join(cfg.output_dir, "teacher_backbone.pt")).image_size == 40
+    # the saved backbone evaluates at eval_size (24 here), not at the 40 px high-res training size
+    assert load_backbone(os.path.join(cfg.output_dir, "teacher_backbone.pt")).image_size == 24
+    cfg0 = tiny_cfg("hr0", "optim.iterations=3", "crops.high_res_global_size=40", "crops.high_res_iters=1",
+                    "eval_size=0")
+    train(cfg0)
+    assert load_backbone(os.path.join(cfg0.output_dir, "teacher_backbone.pt")).image_size == 40
 
 
 def test_cli_main_and_config_errors(tiny_cfg, capsys):
