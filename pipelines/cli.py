@@ -186,6 +186,10 @@ def one_line(exc: BaseException) -> str:
         key = getattr(exc, "full_key", None)
         hint = _did_you_mean(key) if key and "did you mean" not in msg.lower() else ""
         return f"config: {msg}" + (f" (key {key})" if key and key not in msg else "") + hint
+    from curate.parts import OutputError
+
+    if isinstance(exc, OutputError):  # already one line: the path, the reason, what to do
+        return str(exc)
     if isinstance(exc, OSError) and exc.errno is not None and not isinstance(exc, FileNotFoundError):
         import errno
 
