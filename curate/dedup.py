@@ -358,13 +358,13 @@ def decontaminate(
     index: VectorIndex | None = None,
     valid: np.ndarray | None = None,
     chunk: int = QUERY_CHUNK,
-    direct: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+    given_pairs: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
 ) -> DecontamResult:
     """Drop pool images with cosine > threshold to any evaluation image, and their whole component.
 
     Searches the pool index with each set's images: range search when k is None (exact with a
     flat index), else the k nearest. pool_groups is CopyDedupResult.group (-1: no component).
-    `direct` gives each set's matching (pool row, eval row, score) pairs instead (e.g. verified ones).
+    `given_pairs` gives each set's matching (pool row, eval row, score) pairs instead (e.g. verified).
     """
     pool = as_parts(pool_vectors)
     id_arr, _ = _id_rank(pool_ids, pool.n)
@@ -372,7 +372,7 @@ def decontaminate(
     if groups.shape != (pool.n,):
         raise ValueError(f"pool_groups must have shape ({pool.n},), got {groups.shape}")
     ok = valid_rows(pool, valid)
-    index = index or (pool_index(pool, index_spec) if direct is None else None)
+    index = index or (pool_index(pool, index_spec) if given_pairs is None else None)
     direct_all = np.zeros(pool.n, dtype=bool)
     removed_all = np.zeros(pool.n, dtype=bool)
     pairs, removed, stats = {}, {}, {}
@@ -380,8 +380,8 @@ def decontaminate(
         vecs, eval_ids = eval_sets[name]
         ev = as_parts(vecs)
         ev_id, _ = _id_rank(eval_ids, ev.n)
-        if direct is not None:
-            p, e, sim = (np.asarray(a) for a in direct[name])
+        if given_pairs is not None:
+            p, e, sim = (np.asarray(a) for a in given_pairs[name])
             sim = sim.astype(np.float32)
         else:
             p, e = eval_matches(index, ok, ev, threshold, k, chunk)

@@ -84,7 +84,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     if verify_mode(cfg) == "local":
         direct, verify_stats = _verified_matches(cfg, emb_dir, eval_sets, d, spec)
     res = decontaminate(str(emb_dir), ids, pool_groups, eval_sets, threshold=xc.threshold, index_spec=spec,
-                        direct=direct)
+                        given_pairs=direct)
     contam_set = np.full(len(ids), None, dtype=object)
     id_array = pa.array(ids, type=pa.string())
     matches = {}
