@@ -117,11 +117,6 @@ class EmbeddingParts:
         return out[inverse.reshape(-1)]
 
 
-def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of a .npy file, read from its header only."""
-    arr = np.load(path, mmap_mode="r")
-    return arr.shape, arr.dtype
-
     @classmethod
     def from_dir(cls, directory: str | os.PathLike) -> EmbeddingParts:
         """Every part-XXXXX.npy of a directory, in part-number order."""
