@@ -1,13 +1,13 @@
 """Copy detection on real photographs: pHash, embedding (pool-calibrated) and local verification.
 
-Data (Debian packages, installed with apt-get; never used by tests): mate-backgrounds,
-gnome-backgrounds' sibling files in /usr/share/backgrounds (ukui-wallpapers, lomiri-wallpapers-20.04,
-sway-backgrounds) and plasma-workspace-wallpapers (/usr/share/wallpapers). Distinct images are disjoint
+Data (Debian packages, `apt-get install mate-backgrounds lomiri-wallpapers-20.04 sway-backgrounds
+plasma-workspace-wallpapers ukui-wallpapers gnome-backgrounds`; never used by tests): files under
+/usr/share/backgrounds and /usr/share/wallpapers. Distinct images are disjoint
 3x3 tiles of the single-size wallpapers (near-flat tiles dropped), each with one planted edit
 (curate.calibrate edits, cycled); natural re-scales are the shipped resolutions of one wallpaper (sway,
 Elephants, each plasma wallpaper). Pairwise precision/recall over all pairs of the pool, per seed.
 
-Run: python bench/copy_real.py [--seeds 0 1 2] [--tile-side 640]
+Run: cd bench && python copy_real.py [--seeds 0 1 2] [--sources photos|all] [--grid 4] [--tile-side 640]
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 A pair is an edited copy when RootSIFT matches (ratio test) between the two images, or between one
 and the mirror of the other, admit one similarity transform (RANSAC) whose inliers spread over the
-overlap of the two images: the overlap is cut into a grid and most cells that hold keypoints must
-hold inliers too. Crops, padding, rescaling, JPEG, jitter and small overlays keep that share high;
-distinct images that share a logo or a background keep it low (their other cells do not match).
+overlap of the two images: the overlap is cut into a grid, and most cells holding keypoints of both
+images, and most cells holding keypoints of at least one image, must hold an inlier. Crops,
+padding (flat borders are trimmed first), rescaling, JPEG, jitter and small overlays keep that share
+high; distinct images that share a logo or half a background keep it low. A pair whose images have
+too few keypoints to judge is marked `abstained`, for another method to decide.
 
 Candidates come from pHash neighbours (a loose Hamming radius, mirrored hashes included) and from
 the global embedding's k-NN at a loose cosine, capped per image. Features are computed once per

@@ -51,7 +51,9 @@ def test_balance_meets_the_target_and_shards_carry_the_tree_path(cfg, tmp_path):
 
 
 def test_balance_only_picks_images_that_survive_copy_dedup(cfg, tmp_path):
-    cfg.dedup.threshold = 0.75  # pixel features: this merges many distinct images, on purpose
+    cfg.dedup.threshold = 0.75  # pixel features: this merges many distinct images, on purpose,
+    cfg.dedup.verify = "none"  # by the cosine alone,
+    cfg.dedup.max_component_share = cfg.dedup.max_removed_share = 1.0  # past the refusal limits
     results = {r.stage: r for r in run_pipeline(cfg)}
     dropped = results["dedup"].counts["dropped"]["copy_duplicate"]
     assert dropped > 0 and results["cluster"].counts["in"] == 90 - dropped
