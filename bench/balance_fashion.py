@@ -11,7 +11,7 @@ ratio, junk and exact copies kept, and the top-1 of a weighted raw-pixel k-NN (k
 Fashion-MNIST test split trained on the curated subset and on a random subset of the same size
 drawn from the raw pool; mean and sd over seeds. Prints one JSON line.
 
-Run: python bench/balance_fashion.py [--seeds 0,1,2] [--levels 1000,100,10] [--sampling r]
+Run: python bench/balance_fashion.py [--seeds 0,1,2] [--levels 100,10] [--sampling r]
 """
 
 from __future__ import annotations
@@ -108,9 +108,9 @@ def class_stats(y: np.ndarray) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--levels", default="1000,100,10")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=10, help="resampling steps per level, the first fit included")
+    ap.add_argument("--levels", default="100,10")
+    ap.add_argument("--iters", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=4, help="resampling steps per level, the first fit included")
     ap.add_argument("--sampling", default="r", choices=["r", "c"])
     ap.add_argument("--min-explained", type=float, default=0.45)
     args = ap.parse_args()
