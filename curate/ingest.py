@@ -118,6 +118,8 @@ def ingest(sources: Iterable[str], stage_dir: str | os.PathLike, settings: Inges
     """Plan, then run every unfinished part (in parallel processes); returns counts by status."""
     stage_dir = Path(stage_dir)
     n_parts = plan(sources, stage_dir, settings.part_size)
+    for d in (stage_dir, stage_dir / "shards", *sorted((stage_dir / "_cache").glob("part-*"))):
+        clean_temporaries(d)  # a killed run's half-written files (its workers died with it)
     todo = [i for i in range(n_parts) if not (stage_dir / part_name(i)).exists()]
     workers = settings.workers or os.cpu_count() or 1
     if workers > 1 and len(todo) > 1:
