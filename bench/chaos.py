@@ -4,10 +4,10 @@ Drives the CLI only by subprocess (`python -m pipelines.cli run CONFIG workdir=.
 what a user gets. A small labelled pool and a config modelled on configs/demo.yaml (local
 executor, ingest in 2 worker processes) are written under --root. After an uninterrupted
 reference run, each of --points kill times is drawn uniformly over the reference duration; a
-fresh workdir is killed there (SIGKILL of the driver alone: its workers must die with it; any
-process of the run still alive a second later counts as an orphan), rerun to the end and
-compared: curated shards, shard index, every stage's record parts and embeddings byte for byte,
-and counts that reconcile. One JSON line reports the figures.
+fresh workdir is killed there (SIGKILL of the driver alone: its workers must die with it; a
+process of the run still alive, not a zombie, a second later is an orphan), rerun to the end
+and compared: curated shards, shard index, every stage's record parts and embeddings byte for
+byte, and counts that reconcile. One JSON line reports the figures.
 
     python bench/chaos.py [--points 50] [--pool 300] [--seed 0] [--root /tmp/chaos]
 """
@@ -93,11 +93,16 @@ def reconcile(work: Path, n_inputs: int) -> list[str]:
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+    """True when a live (not zombie) process of the killed run's process group remains."""
+    import psutil
+
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, PermissionError):
+            continue
+    return False
 
 
 def run(config: Path, work: Path, env: dict, kill_after: float | None = None) -> tuple[int, float]:

@@ -118,6 +118,8 @@ def ingest(sources: Iterable[str], stage_dir: str | os.PathLike, settings: Inges
     """Plan, then run every unfinished part (in parallel processes); returns counts by status."""
     stage_dir = Path(stage_dir)
     n_parts = plan(sources, stage_dir, settings.part_size)
+    for d in (stage_dir, stage_dir / "shards", *sorted((stage_dir / "_cache").glob("part-*"))):
+        clean_temporaries(d)  # a killed run's half-written files (its workers died with it)
     todo = [i for i in range(n_parts) if not (stage_dir / part_name(i)).exists()]
     workers = settings.workers or os.cpu_count() or 1
     if workers > 1 and len(todo) > 1:
@@ -260,6 +262,7 @@ class _Reader:
 
     def __init__(self) -> None:
         self._files: dict[str, object] = {}
+        self._members: dict[str, dict[str, tarfile.TarInfo]] = {}
 
     def tar_member(self, row: dict) -> bytes:
         path = row["path"]
@@ -267,11 +270,25 @@ class _Reader:
             fh = self._files.get(path) or self._files.setdefault(path, open(path, "rb"))
             fh.seek(row["offset"])
             return fh.read(row["size"])
-        tf = self._files.get(path) or self._files.setdefault(path, tarfile.open(path, "r:*"))
-        member = tf.extractfile(row["member"])
-        if member is None:
-            raise OSError(f"{row['member']} is not a regular file")
-        return member.read()
+        if path not in self._members:
+            self._members[path] = self._index(path)
+        info = self._members[path].get(row["member"])
+        if info is None:
+            raise OSError(f"member {row['member']!r} not found")
+        if not info.isfile():  # never follow a link: its target may be anything
+            raise OSError(f"member {row['member']!r} is not a regular file")
+        return self._files[path].extractfile(info).read()
+
+    def _index(self, path: str) -> dict[str, tarfile.TarInfo]:
+        """First member of each name in a compressed tar (the plan reads the first; later ones are duplicates)."""
+        tf = self._files[path] = tarfile.open(path, "r:*")
+        first: dict[str, tarfile.TarInfo] = {}
+        try:
+            for info in tf:
+                first.setdefault(info.name, info)
+        except TAR_READ_ERRORS:  # members before the damage stay readable
+            pass
+        return first
 
     def __enter__(self) -> _Reader:
         return self

@@ -29,7 +29,7 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 META_EXTS = {"json": "json", "txt": "caption", "caption": "caption", "cls": "cls", "id": "source_id"}
 
 
-TAR_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
+TAR_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, KeyError)
 """What reading a damaged (possibly compressed) tar can raise."""
 
 

@@ -310,18 +310,21 @@ class ImageServer:
 
     def _hostile(self, h: _Handler, path: str) -> None:
         """The hostile routes listed in the module docstring."""
-        if path.startswith("/endless/"):
+        if path.startswith("/endless/"):  # complete answers on a kept-alive connection
             n = int(path[len("/endless/"):] or 0) if path[len("/endless/"):].isdigit() else 0
             h.reply(302, b"", None, {"Location": f"/endless/{n + 1}"})
-        elif path == "/to-ftp":
-            h.reply(302, b"", None, {"Location": f"ftp://127.0.0.1:{self.port}/x.jpg"})
-        elif path == "/to-file":
-            h.reply(302, b"", None, {"Location": "file:///etc/passwd"})
-        elif path == "/html":
+            return
+        if path in ("/to-ftp", "/to-file"):
+            target = f"ftp://127.0.0.1:{self.port}/x.jpg" if path == "/to-ftp" else "file:///etc/passwd"
+            h.reply(302, b"", None, {"Location": target})
+            return
+        if path == "/html":
             h.reply(200, b"<!doctype html><html><body><h1>Not an image</h1></body></html>\n" * 20, "text/html")
-        elif path == "/gzip-bomb":
+            return
+        if path == "/gzip-bomb":
             h.reply(200, gzip_zeros(self.bomb_bytes), "image/jpeg", {"Content-Encoding": "gzip"})
-        elif path == "/drop-chunked":
+            return
+        if path == "/drop-chunked":
             h.send_response(200)
             h.send_header("Content-Type", "image/jpeg")
             h.send_header("Transfer-Encoding", "chunked")
@@ -343,7 +346,7 @@ class ImageServer:
                 self._stopping.wait(3600)
             else:
                 self._trickle(h, b"\xff" * 10**6)
-        h.close_connection = True
+        h.close_connection = True  # the answer above is incomplete: hang up
 
     def _trickle(self, h: _Handler, data: bytes) -> None:
         """Send `data` one byte per `trickle_interval` until done, the client leaves or the server stops."""

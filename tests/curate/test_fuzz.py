@@ -167,6 +167,9 @@ def ingest_one(source: str, workdir: Path) -> list[dict]:
          latin1=False, damage=(2, True))  # gzip cut inside its header: EOFError escaped tarfile.open
 @example(members=[{"name": "a.json", "type": tarfile.REGTYPE, "link": "", "data": b"{}" * 3000}], mode="bz2",
          latin1=False, damage=(200, False))  # damaged compressed metadata member
+@example(members=[{"name": "./x.jpg", "type": tarfile.REGTYPE, "link": "", "data": b"x"},
+                  {"name": "./x.jpg", "type": tarfile.SYMTYPE, "link": "/etc/passwd", "data": b""}], mode="gz",
+         latin1=False, damage=None)  # reading by name found the later symlink and followed it: KeyError
 def test_tar_sources_give_a_record_per_member(members, mode, latin1, damage):
     data = build_tar(members, mode, latin1)
     if damage is not None:
