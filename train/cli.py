@@ -99,13 +99,16 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--probe-steps", type=int, default=300)
+    parser.add_argument("--probe-steps", type=int, default=1000, help="SGD iterations of the linear classifiers")
+    parser.add_argument("--probe-aug", type=int, default=4, help="augmented views per training image for the probe")
+    parser.add_argument("--image-size", type=int, default=0, help="evaluation resolution (0 = checkpoint's eval size)")
     parser.add_argument("--output", default="", help="also write the JSON result here")
     args = parser.parse_args(argv)
     from train.eval import evaluate
 
     result = evaluate(args.checkpoint, args.train, args.test, [int(k) for k in args.ks.split(",")],
-                      args.temperature, args.batch_size, args.device, args.probe_steps)
+                      args.temperature, args.batch_size, args.device, args.probe_steps, args.image_size or None,
+                      args.probe_aug)
     text = json.dumps(result)
     print(text)
     if args.output:

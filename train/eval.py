@@ -1,4 +1,4 @@
-"""Frozen-feature evaluation: weighted k-NN and a linear probe tuned on a held-out part of train."""
+"""Frozen-feature evaluation: weighted k-NN and the official linear protocol (train/linear.py)."""
 from __future__ import annotations
 
 import os
@@ -97,53 +97,30 @@ def knn_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
     return {k: correct[k] / test_f.shape[0] for k in ks_eff}
 
 
-def _fit_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, lr: float, wd: float, steps: int,
-                seed: int) -> torch.nn.Linear:
-    g = torch.Generator().manual_seed(seed)
-    clf = torch.nn.Linear(x.shape[1], n_classes)
-    with torch.no_grad():
-        clf.weight.normal_(0, 0.01, generator=g)
-        clf.bias.zero_()
-    opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=wd)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(clf(x), y).backward()
-        opt.step()
-    return clf
-
-
-def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
-                 lrs: Sequence[float] = (1e-3, 1e-2, 1e-1), wds: Sequence[float] = (0.0, 1e-4, 1e-2),
-                 val_fraction: float = 0.2, steps: int = 300, seed: int = 0) -> dict[str, Any]:
-    """Full-batch AdamW logistic regression; (lr, wd) picked on a held-out split of train, then refit.
-
-    The final model is retrained on the whole train split with the chosen (lr, wd) and scored on test.
-    """
-    n_classes = int(max(train_y.max(), test_y.max())) + 1
-    perm = torch.randperm(train_f.shape[0], generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(val_fraction * train_f.shape[0])))
-    val_idx, fit_idx = perm[:n_val], perm[n_val:]
-    mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
-    norm = lambda t: (t - mean) / std  # noqa: E731
-    xf, yf, xv, yv = norm(train_f[fit_idx]), train_y[fit_idx], norm(train_f[val_idx]), train_y[val_idx]
-    grid = []
-    for lr in lrs:
-        for wd in wds:
-            clf = _fit_linear(xf, yf, n_classes, lr, wd, steps, seed)
-            with torch.no_grad():
-                grid.append(((clf(xv).argmax(1) == yv).float().mean().item(), lr, wd))
-    best_val, best_lr, best_wd = max(grid, key=lambda r: (r[0], -r[1], -r[2]))
-    clf = _fit_linear(norm(train_f), train_y, n_classes, best_lr, best_wd, steps, seed)
-    with torch.no_grad():
-        acc = (clf(norm(test_f)).argmax(1) == test_y).float().mean().item()
-    return {"accuracy": acc, "lr": best_lr, "weight_decay": best_wd, "val_accuracy": best_val}
+def _decode_all(paths: Sequence[str]) -> list:
+    out = []
+    for p in paths:
+        with open(p, "rb") as f:
+            out.append(decode_image(f.read()))
+    return out
 
 
 def evaluate(checkpoint: str, train_dir: str, test_dir: str, ks: Sequence[int] = (10, 20, 100, 200),
              temperature: float = 0.07, batch_size: int = 128, device: str = "cpu",
-             probe_steps: int = 300) -> dict[str, Any]:
-    """k-NN and linear-probe accuracies of a checkpoint's teacher on labelled train/test folders."""
+             probe_steps: int = 1000, image_size: int | None = None, probe_n_aug: int = 4,
+             probe_lrs: Sequence[float] | None = None) -> dict[str, Any]:
+    """k-NN and official-protocol linear accuracies of a checkpoint's teacher on labelled train/test folders.
+
+    Images are evaluated at `image_size`, else the checkpoint's eval size (224 for the ViT recipes),
+    whatever resolution training ended at.
+    """
+    from train.linear import OFFICIAL_LRS, linear_eval
+
     model = load_eval_model(checkpoint)
+    if image_size:
+        if image_size % model.patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of the patch size {model.patch_size}")
+        model.image_size = int(image_size)
     tr_paths, tr_y, classes = labelled_folder(train_dir)
     te_paths, te_y, te_classes = labelled_folder(test_dir)
     if te_classes != classes:
@@ -152,6 +129,7 @@ def evaluate(checkpoint: str, train_dir: str, test_dir: str, ks: Sequence[int] =
     te_f = extract_features(model, te_paths, batch_size, device)
     tr_t, te_t = torch.from_numpy(tr_y), torch.from_numpy(te_y)
     knn = knn_accuracy(tr_f, tr_t, te_f, te_t, ks, temperature)
-    probe = linear_probe(tr_f, tr_t, te_f, te_t, steps=probe_steps)
+    probe = linear_eval(model, _decode_all(tr_paths), tr_y, _decode_all(te_paths), te_y,
+                        lrs=tuple(probe_lrs or OFFICIAL_LRS), steps=probe_steps, n_aug=probe_n_aug, device=device)
     return {"knn": {str(k): v for k, v in knn.items()}, "linear": probe, "n_train": len(tr_paths),
-            "n_test": len(te_paths), "classes": len(classes)}
+            "n_test": len(te_paths), "classes": len(classes), "image_size": model.image_size}

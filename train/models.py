@@ -107,8 +107,7 @@ class DinoVisionTransformer(nn.Module):
         self.patch_size = patch_size
         self.num_reg_tokens = reg_tokens
 
-    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Embed images (optionally with iBOT masks) and return CLS, patch and register tokens."""
+    def _tokens(self, images: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
         vit = self.vit
         p = self.patch_size
         h_in, w_in = images.shape[-2:]
@@ -119,12 +118,27 @@ class DinoVisionTransformer(nn.Module):
             b, h, w, d = x.shape
             m = masks.reshape(b, h, w, 1).to(torch.bool)
             x = torch.where(m, self.mask_token.to(x.dtype).view(1, 1, 1, d), x)
-        x = vit._pos_embed(x)
-        x = vit.norm_pre(x)
-        x = vit.blocks(x)
-        x = vit.norm(x)
-        n_prefix = vit.num_prefix_tokens
+        return vit.norm_pre(vit._pos_embed(x))
+
+    def _split(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        n_prefix = self.vit.num_prefix_tokens
         return {"cls": x[:, 0], "reg": x[:, 1:n_prefix], "patch": x[:, n_prefix:]}
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Embed images (optionally with iBOT masks) and return CLS, patch and register tokens."""
+        x = self.vit.blocks(self._tokens(images, masks))
+        return self._split(self.vit.norm(x))
+
+    def last_blocks(self, images: torch.Tensor, n: int) -> list[dict[str, torch.Tensor]]:
+        """Outputs of the last `n` blocks (oldest first), each through the final norm, as the official
+        `get_intermediate_layers(norm=True)` used by the linear evaluation."""
+        x = self._tokens(images, None)
+        outs = []
+        for i, blk in enumerate(self.vit.blocks):
+            x = blk(x)
+            if i >= len(self.vit.blocks) - n:
+                outs.append(self._split(self.vit.norm(x)))
+        return outs
 
 
 def build_backbone(arch: dict[str, Any]) -> DinoVisionTransformer:

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from train import cli
-from train.eval import knn_accuracy, labelled_folder, linear_probe
+from train.eval import extract_features, knn_accuracy, labelled_folder, load_eval_model
+from train.linear import OFFICIAL_LRS, accuracy, linear_input, train_classifiers
 from train.models import build_backbone, resolve_arch, save_backbone
 
 from .conftest import make_images
@@ -33,16 +34,28 @@ def test_knn_is_softmax_weighted_not_majority():
     assert set(knn_accuracy(train_f, train_y, test_f, test_y, ks=(10, 20, 100, 200))) == {4}
 
 
-def test_linear_probe_selects_on_heldout_and_scores_test():
+def test_linear_input_is_the_official_concatenation():
+    cls = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)  # [N, 4 blocks (oldest first), D]
+    pm = -torch.ones(2, 3)
+    assert torch.equal(linear_input(cls, pm, 1, False), cls[:, 3])
+    assert torch.equal(linear_input(cls, pm, 4, False), torch.cat([cls[:, 0], cls[:, 1], cls[:, 2], cls[:, 3]], 1))
+    assert torch.equal(linear_input(cls, pm, 1, True), torch.cat([cls[:, 3], pm], 1))
+
+
+def test_linear_grid_picks_the_informative_input_on_heldout():
+    # class information only in the oldest of the last 4 blocks: only 4-block classifiers can use it
     g = torch.Generator().manual_seed(0)
-    centers = torch.randn(3, 16, generator=g) * 3
-    y = torch.arange(300) % 3
-    x = centers[y] + torch.randn(300, 16, generator=g)
-    out = linear_probe(x[:240], y[:240], x[240:], y[240:], lrs=(1e-3, 1e-1), wds=(0.0,), steps=100)
-    assert out["accuracy"] > 0.95 and out["lr"] in (1e-3, 1e-1) and 0 <= out["val_accuracy"] <= 1
-    shuffled = linear_probe(x[:240], y[:240][torch.randperm(240, generator=g)], x[240:], y[240:],
-                            lrs=(1e-2,), wds=(0.0,), steps=100)
-    assert shuffled["accuracy"] < 0.7
+    y = torch.arange(600) % 3
+    cls = torch.randn(600, 4, 8, generator=g)
+    cls[:, 0] += 4 * torch.eye(3, 8)[y]
+    pm = torch.randn(600, 8, generator=g)
+    heads = train_classifiers((cls[:400], pm[:400], y[:400]), 3, lrs=(1e-3, 1e-1), steps=150, batch_size=64)
+    assert len(heads) == 2 * 2 * 2 and {k[0] for k in heads} == {1, 4}
+    val = {k: accuracy(h, k, (cls[400:500], pm[400:500]), y[400:500]) for k, h in heads.items()}
+    best = max(val, key=val.get)
+    assert best[0] == 4 and val[best] > 0.95
+    assert accuracy(heads[best], best, (cls[500:], pm[500:]), y[500:]) > 0.95
+    assert max(v for k, v in val.items() if k[0] == 1) < 0.6  # the last block alone knows nothing
 
 
 def _write_split(root, n_per_class: int, seed: int) -> None:
@@ -64,12 +77,28 @@ def test_eval_main_end_to_end(tmp_path, capsys):
     save_backbone(str(ckpt), build_backbone(arch), arch, image_size=16)
     out_json = tmp_path / "eval.json"
     rc = cli.eval_main([str(ckpt), str(tmp_path / "train"), str(tmp_path / "test"), "--probe-steps", "30",
-                        "--output", str(out_json)])
+                        "--probe-aug", "1", "--output", str(out_json)])
     assert rc == 0
     res = json.loads(out_json.read_text())
     assert set(res["knn"]) == {"10", "20", "24"} and res["n_train"] == 24 and res["n_test"] == 12
-    assert all(0.0 <= v <= 1.0 for v in res["knn"].values())
     assert json.loads(capsys.readouterr().out.strip()) == res
+    # the k-NN figures are exactly those of the checkpoint's features at its eval size (16)
+    model = load_eval_model(str(ckpt))
+    te_paths, te_y, _ = labelled_folder(str(tmp_path / "test"))
+    tr_f, te_f = extract_features(model, paths), extract_features(model, te_paths)
+    expected = knn_accuracy(tr_f, torch.from_numpy(labels), te_f, torch.from_numpy(te_y), ks=(10, 20, 100, 200))
+    assert res["image_size"] == 16 and res["knn"] == {str(k): v for k, v in expected.items()}
+    lin = res["linear"]
+    assert lin["grid"] == 1 * 2 * 13 and lin["n_blocks"] == 1 and lin["lr"] in OFFICIAL_LRS  # depth 1: n = 1 only
+    # scored on all 12 test images; selected on the 5 held-out train images (20% of 24)
+    assert abs(lin["accuracy"] * 12 - round(lin["accuracy"] * 12)) < 1e-5
+    assert abs(lin["val_accuracy"] * 5 - round(lin["val_accuracy"] * 5)) < 1e-5
+    # another evaluation resolution gives other features (the size really is applied)
+    rc = cli.eval_main([str(ckpt), str(tmp_path / "train"), str(tmp_path / "test"), "--probe-steps", "1",
+                        "--probe-aug", "1", "--image-size", "24", "--output", str(out_json)])
+    assert rc == 0 and json.loads(out_json.read_text())["image_size"] == 24
+    model.image_size = 24
+    assert not torch.allclose(extract_features(model, paths[:2]), tr_f[:2])
 
 
 def test_eval_accepts_training_output_dir(tiny_cfg, tmp_path):
@@ -83,5 +112,6 @@ def test_eval_accepts_training_output_dir(tiny_cfg, tmp_path):
     x = torch.randn(2, 3, 24, 24)
     with torch.no_grad():
         assert torch.equal(m_dir(x), m_ckpt(x))
-    with pytest.raises(FileNotFoundError):
-        labelled_folder(str(tmp_path / "nothing_here")) if (tmp_path / "nothing_here").mkdir() is None else None
+    (tmp_path / "nothing_here").mkdir()
+    with pytest.raises(FileNotFoundError, match="no labelled images"):
+        labelled_folder(str(tmp_path / "nothing_here"))
