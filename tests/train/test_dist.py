@@ -98,13 +98,13 @@ def test_resume_across_world_sizes(single, shard_dir, tmp_path, first, second):
     assert b[0]["global_batch_size"] == 8 and b[0]["world_size"] == second
     assert [h["iteration"] for h in b[0]["history"]] == [2, 3]
     assert [h["lr"] for h in a["history"] + b[0]["history"]] == pytest.approx(
-        [h["lr"] for h in train_history_cache(single)], rel=1e-12)
+        [h["lr"] for h in _logged_history(single)], rel=1e-12)
     _assert_close_runs(single[0], single[1], out, _losses(a) + _losses(b[0]))
 
 
-def train_history_cache(single) -> list[dict]:
+def _logged_history(single) -> list[dict]:
     """The reference run's metrics history as logged (schedule values per iteration)."""
-    return [json.loads(x) for x in open(os.path.join(single[0], "metrics.jsonl"))] or []
+    return [json.loads(x) for x in open(os.path.join(single[0], "metrics.jsonl"))]
 
 
 def test_nan_on_one_rank_stops_every_rank(shard_dir, tmp_path):
