@@ -98,7 +98,6 @@ class OptimConfig:
     clip_grad: float = 3.0
     beta1: float = 0.9
     beta2: float = 0.999
-    global_batch_size: int = 0  # 0 = batch_size x world size (or the resumed checkpoint's global batch)
 
 
 @dataclass
@@ -120,6 +119,7 @@ class DistConfig:
     backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
     nonfinite: str = "stop"  # a NaN/Inf loss or gradient on any rank: stop (every rank) or skip the step
     max_skips: int = 5  # with nonfinite=skip, stop after this many consecutive skipped steps
+    global_batch_size: int = 0  # 0 = optim.batch_size x world size (or the resumed checkpoint's global batch)
 
 
 @dataclass
@@ -191,8 +191,8 @@ def validate(cfg: TrainConfig) -> None:
                              f"or {(size // p + 1) * p}")
     if cfg.dist.strategy not in ("ddp", "fsdp") or cfg.dist.nonfinite not in ("stop", "skip"):
         raise ValueError("dist.strategy must be ddp|fsdp and dist.nonfinite stop|skip")
-    if cfg.optim.global_batch_size < 0:
-        raise ValueError("optim.global_batch_size must be >= 0")
+    if cfg.dist.global_batch_size < 0:
+        raise ValueError("dist.global_batch_size must be >= 0")
     if cfg.optim.iterations <= 0 or cfg.optim.batch_size <= 0:
         raise ValueError("optim.iterations and optim.batch_size must be positive")
 

@@ -179,7 +179,7 @@ def wrap_model(model: nn.Module, strategy: str, device: torch.device, activation
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        model.set_student_runner(DistributedDataParallel(runner, device_ids=ids, broadcast_buffers=False))
+        model.set_student_runner(DistributedDataParallel(runner, device_ids=ids))
     else:
         model.set_student_runner(runner)
 

@@ -32,12 +32,12 @@ def build_frozen_teacher(path: str, cfg: TrainConfig) -> nn.ModuleDict:
     from train.export import infer_arch, load_into_backbone, read_backbone
     from train.models import build_backbone
 
-    timm_sd, arch, _ = read_backbone(path)
+    obj = safe_load(path)
+    timm_sd, arch, _ = read_backbone(path, obj)
     backbone = build_backbone(dict(arch or infer_arch(timm_sd), drop_path_rate=0.0))
-    load_into_backbone(backbone, path)
+    load_into_backbone(backbone, path, obj)
     h = cfg.head
     teacher = nn.ModuleDict({"backbone": backbone})
-    obj = safe_load(path)
     if isinstance(obj, dict) and "model" in obj and "iteration" in obj:  # our checkpoint: its own heads
         hc = _head_config(obj)
         if hc["prototypes"] != h.prototypes or bool(hc["ibot_separate_head"]) != h.ibot_separate_head:
@@ -96,7 +96,11 @@ def build_distill_model(cfg: TrainConfig) -> DistillMetaArch:
     """The distillation model of a config with `distill.teacher` set (student = the `model` settings)."""
     from train.loop import _build_ssl
 
-    model = _build_ssl(cfg, DistillMetaArch, teacher=build_frozen_teacher(cfg.distill.teacher, cfg))
+    teacher = build_frozen_teacher(cfg.distill.teacher, cfg)
+    if teacher["backbone"].patch_size != cfg.model.patch_size:
+        raise ValueError(f"teacher patch size {teacher['backbone'].patch_size} != model.patch_size "
+                         f"{cfg.model.patch_size}: the iBOT loss pairs teacher and student patches")
+    model = _build_ssl(cfg, DistillMetaArch, teacher=teacher)
     if cfg.init_weights:
         from train.export import load_into_backbone
 

@@ -112,13 +112,15 @@ def infer_arch(timm_sd: dict[str, torch.Tensor]) -> dict[str, Any]:
                         depth=depth, num_heads=max(dim // 64, 1), mlp_ratio=4.0, ffn="swiglu" if swiglu else "mlp")
 
 
-def read_backbone(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, torch.Tensor | None]:
+def read_backbone(path: str, obj: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None,
+                                                      torch.Tensor | None]:
     """(timm-layout state dict, our arch if the file says, mask token) of any supported file:
-    our teacher_backbone.pt, our training checkpoint (teacher), a timm or an official DINOv2 state dict."""
+    our teacher_backbone.pt, our training checkpoint (teacher), a timm or an official DINOv2 state dict.
+    `obj` is the file's content when the caller has already loaded it."""
     from train.checkpoint import safe_load
     from train.models import BACKBONE_FORMAT
 
-    obj = safe_load(path)
+    obj = safe_load(path) if obj is None else obj
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: not a state dict")
     if obj.get("format") == BACKBONE_FORMAT:
@@ -138,9 +140,9 @@ def read_backbone(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
     return timm_sd, dict(arch), sd.get("mask_token")
 
 
-def load_into_backbone(backbone: nn.Module, path: str) -> None:
+def load_into_backbone(backbone: nn.Module, path: str, obj: Any = None) -> None:
     """Load any supported file into one of our backbones (strict keys; position grid resampled)."""
-    timm_sd, _, mask = read_backbone(path)
+    timm_sd, _, mask = read_backbone(path, obj)
     sd = dict(timm_sd)
     target = backbone.vit.pos_embed
     prefix = 0 if backbone.num_reg_tokens else 1

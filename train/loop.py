@@ -156,10 +156,10 @@ def _checkpoint(cfg: TrainConfig, model: SSLMetaArch, optimizer, next_iter: int,
 def resolve_global_batch(cfg: TrainConfig, world: int, ckpt: dict | None) -> int:
     """Images per iteration over all ranks: the setting, else the resumed checkpoint's, else batch x world."""
     saved = int(ckpt.get("global_batch_size", 0)) if ckpt else 0
-    g = cfg.optim.global_batch_size or saved or cfg.optim.batch_size * world
+    g = cfg.dist.global_batch_size or saved or cfg.optim.batch_size * world
     if saved and g != saved:
         raise ValueError(f"{cfg.output_dir} was trained with a global batch of {saved}, the config asks for {g}; "
-                         f"set optim.global_batch_size={saved} or use a new output_dir")
+                         f"set dist.global_batch_size={saved} or use a new output_dir")
     if g % world:
         raise ValueError(f"global batch {g} does not split over {world} processes")
     return g

@@ -24,7 +24,7 @@ from .conftest import TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow
 ITERS = 4
-EQUIV = ["model.drop_path_rate=0.0", "loss.koleo_weight=0.0", "optim.global_batch_size=8", "optim.batch_size=4",
+EQUIV = ["model.drop_path_rate=0.0", "loss.koleo_weight=0.0", "dist.global_batch_size=8", "optim.batch_size=4",
          f"optim.iterations={ITERS}", "checkpoint_every=2", "mask.sample_probability=0.5", "log_every=1"]
 
 
@@ -81,7 +81,7 @@ def test_two_ranks_match_one_process(single, shard_dir, tmp_path):
     assert _losses(ranks[0]) == _losses(ranks[1])  # the logged loss is the global-batch mean on every rank
     _assert_close_runs(single[0], single[1], out, _losses(ranks[0]))
     # A different global batch really is a different run (the comparison above can fail).
-    other = _run(1, shard_dir, str(tmp_path / "b4"), "optim.global_batch_size=4")[0]
+    other = _run(1, shard_dir, str(tmp_path / "b4"), "dist.global_batch_size=4")[0]
     assert abs(_losses(other)[1] - single[1][1]) > 1e-3
     ckpt = load_checkpoint(os.path.join(out, "last.pt"))
     assert ckpt["world_size"] == 2 and len(ckpt["rng_per_rank"]) == 2
@@ -94,17 +94,17 @@ def test_resume_across_world_sizes(single, shard_dir, tmp_path, first, second):
     a = _run(first, shard_dir, out, stop_at=2)[0]
     assert len(a["history"]) == 2
     # The second leg leaves the global batch to the checkpoint (and a per-rank batch that alone would differ).
-    b = _run(second, shard_dir, out, "optim.global_batch_size=0", f"optim.batch_size={3 if second == 1 else 5}")
+    b = _run(second, shard_dir, out, "dist.global_batch_size=0", f"optim.batch_size={3 if second == 1 else 5}")
     assert b[0]["global_batch_size"] == 8 and b[0]["world_size"] == second
     assert [h["iteration"] for h in b[0]["history"]] == [2, 3]
     assert [h["lr"] for h in a["history"] + b[0]["history"]] == pytest.approx(
-        [h["lr"] for h in train_history_cache(single)], rel=1e-12)
+        [h["lr"] for h in _logged_history(single)], rel=1e-12)
     _assert_close_runs(single[0], single[1], out, _losses(a) + _losses(b[0]))
 
 
-def train_history_cache(single) -> list[dict]:
+def _logged_history(single) -> list[dict]:
     """The reference run's metrics history as logged (schedule values per iteration)."""
-    return [json.loads(x) for x in open(os.path.join(single[0], "metrics.jsonl"))] or []
+    return [json.loads(x) for x in open(os.path.join(single[0], "metrics.jsonl"))]
 
 
 def test_nan_on_one_rank_stops_every_rank(shard_dir, tmp_path):
