@@ -123,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", add_help=False,
                        help="train a DINOv2 ViT: curate train CONFIG [key.sub=value ...]; CONFIG is a trainer config "
-                            "(tiny, vits14, ... or its YAML) or a pipeline config with a train section (curate, then train)")
+                            "(tiny, vits14, ... or its YAML) or a pipeline config with a train section (curate, then train); "
+                            "--nproc N for N local DDP/FSDP ranks")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("export", add_help=False,
+                       help="write a teacher backbone for timm or the official DINOv2 hub: "
+                            "curate export CHECKPOINT --format timm|dinov2 --out FILE")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p = sub.add_parser("eval", add_help=False,
                        help="k-NN and linear-probe evaluation: curate eval CHECKPOINT TRAIN_DIR TEST_DIR [--ks 10,20]")
@@ -225,13 +230,14 @@ def _did_you_mean(full_key: str) -> str:
 
 
 def _dispatch(argv: list[str]) -> int:
-    if argv and argv[0] in ("train", "eval"):
+    if argv and argv[0] in ("train", "eval", "export"):
         from pipelines.config import is_pipeline_config
         from train import cli as train_cli
 
         if argv[0] == "train" and len(argv) > 1 and is_pipeline_config(argv[1]):
             return _curate_then_train(argv[1], argv[2:])
-        return (train_cli.main if argv[0] == "train" else train_cli.eval_main)(argv[1:])
+        entry = {"train": train_cli.main, "eval": train_cli.eval_main, "export": train_cli.export_main}[argv[0]]
+        return entry(argv[1:])
     args = build_parser().parse_args(argv)
     started = time.time()
     from pipelines.run import run_stage
@@ -336,6 +342,11 @@ def _curate_then_train(config: str, overrides: list[str]) -> int:
     from pipelines.run import run_pipeline
 
     started = time.time()
+    nproc = [a for a in overrides if a.startswith("--nproc")]
+    if nproc:  # `--nproc N` / `--nproc=N` as for a trainer config: the train stage's ranks
+        i = overrides.index(nproc[0])
+        value = nproc[0].partition("=")[2] or (overrides[i + 1] if i + 1 < len(overrides) else "")
+        overrides = overrides[:i] + overrides[i + (1 if "=" in nproc[0] else 2):] + [f"train.nproc={value}"]
     cfg = load_config(config, overrides)
     if not cfg.train.config:
         print("curate train: the pipeline config has no train.config (e.g. train: {config: tiny})", file=sys.stderr)

@@ -24,6 +24,7 @@ class DownloadConfig:
     respect_noai: bool = True        # honour X-Robots-Tag: noai / noimageai
     concurrency: int = 32            # download threads per worker process
     user_agent: str = "dinocurate/0.1 (+image curation)"
+    deadline: float = 120.0          # seconds for one URL in all: attempts, redirects, backoff and body
 
 
 @dataclass
@@ -36,6 +37,10 @@ class IngestConfig:
     min_side: int = 32               # shorter side below this -> too_small
     max_pixels: int = 178_956_970    # width x height above this -> too_many_pixels (bomb guard)
     max_file_bytes: int = 64 * 2**20  # files above this -> too_large
+    lowinfo: bool = True             # statuses blank / noise for low-information images (curate/lowinfo.py)
+    lowinfo_min_std: float = 2.0     # pixel std (max over R, G, B; 0-255) below this -> blank
+    lowinfo_max_flat: float = 0.98   # share of pixels near the most common colour at or above this -> blank
+    lowinfo_min_corr: float = 0.2    # lag-1 luminance correlation of neighbours below this -> noise
 
 
 @dataclass
@@ -148,6 +153,8 @@ class BalanceConfig:
     target: int = 0                  # images to select; 0 = no balanced sampling (retrieval only)
     strategy: str = "r"              # r: random inside a leaf | c: closest to the centroid first
     multiplier: int = 1              # > 1 allows repeats (target may exceed the pool)
+    levels: str = "auto"             # tree levels balanced over: auto (structured ones) | all | N (levels 1..N)
+    min_explained: float = 0.45      # auto: keep a level while it explains >= this of the variance below
     seed: int = 0
     seeds: list[SeedSetConfig] = field(default_factory=list)
     seed_cluster_max: int = 10000    # seed sets up to this size use cluster-based retrieval
@@ -177,6 +184,7 @@ class TrainStageConfig:
     eval_test: Optional[str] = None   # labelled folder with the same classes: the k-NN queries
     ks: list[int] = field(default_factory=lambda: [10, 20])
     probe_steps: int = 100           # linear-probe optimisation steps
+    nproc: int = 1                   # local training processes (DDP/FSDP ranks, gloo on CPU, NCCL on GPUs)
 
 
 @dataclass
@@ -203,10 +211,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then a YAML file, then `key.sub=value` overrides; unknown keys raise."""
     merged = OmegaConf.structured(Config)
     if path:
-        merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        loaded = _load_mapping(path)
+        try:
+            merged = OmegaConf.merge(merged, loaded)
+        except TypeError as exc:  # OmegaConf names no key when a list meets a mapping
+            where = _shape_mismatch(OmegaConf.to_container(merged), OmegaConf.to_container(loaded))
+            raise ValueError(f"config {path}: {where or f'a list where a mapping is expected, or the reverse ({exc})'}") from None
     if overrides:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     return OmegaConf.to_object(merged)
+
+
+def _load_mapping(path: str | Path) -> Any:
+    """A YAML config file as an OmegaConf mapping; ValueError when its document is not a mapping."""
+    try:
+        loaded = OmegaConf.load(path)
+    except OSError as exc:
+        if Path(path).is_file():  # OmegaConf's error for a scalar document
+            raise ValueError(f"config {path}: expected a mapping of sections (key: value), got a scalar") from None
+        raise FileNotFoundError(f"config file not found: {path}") from exc
+    if not OmegaConf.is_dict(loaded):
+        raise ValueError(f"config {path}: expected a mapping of sections (key: value), got a list")
+    return loaded
+
+
+def _shape_mismatch(schema: Any, given: Any, prefix: str = "") -> str | None:
+    """'<dotted key> must be a list, not a mapping' (or the reverse) for the first such place in `given`."""
+    if not isinstance(schema, dict) or not isinstance(given, dict):
+        return None
+    for key, value in given.items():
+        if key not in schema:
+            continue
+        want, name = schema[key], f"{prefix}{key}"
+        for a, b in ((want, value), (value, want)):
+            if isinstance(a, dict) and isinstance(b, list):
+                return f"{name} must be a {'mapping' if a is want else 'list'}, not a {'list' if a is want else 'mapping'}"
+        found = _shape_mismatch(want, value, f"{name}.")
+        if found:
+            return found
+    return None
 
 
 def to_yaml(cfg: Config) -> str:
@@ -229,5 +272,8 @@ def is_pipeline_config(path: str) -> bool:
 
     if not os.path.isfile(path):
         return False
-    keys = set(OmegaConf.load(path).keys())
+    try:
+        keys = set(_load_mapping(path).keys())
+    except (ValueError, OSError):
+        return False
     return bool(keys & {"workdir", "ingest", "embed", "balance", "shards"})

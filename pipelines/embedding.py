@@ -9,12 +9,13 @@ with the model of a pool embedding.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from pipelines.config import Config
-from pipelines.framework import source_fingerprint, stage_dir
+from pipelines.framework import check_settings, source_fingerprint, stage_dir
 from pipelines.manifest import read_manifest
 
 
@@ -64,12 +65,12 @@ def embed_reference_set(cfg: Config, emb_dir: Path, name: str, source: str, out:
     import shutil
 
     from curate.embed import EmbedSettings, embed_rows, resolve_device
-    from curate.images import CheckSettings
     from curate.ingest import IngestSettings, ingest
     from curate.parts import atomic_path, read_table, write_json_atomic
 
     model = read_manifest(emb_dir)["config"]["model"]
-    stamp = {"model": model, "source": source_fingerprint(source)}
+    check = check_settings(cfg)
+    stamp = {"model": model, "source": source_fingerprint(source), "check": asdict(check)}
     vec_path, ids_path = out / "vectors.npy", out / "ids.json"
     if vec_path.exists() and ids_path.exists():
         cached = json.loads(ids_path.read_text())
@@ -77,9 +78,7 @@ def embed_reference_set(cfg: Config, emb_dir: Path, name: str, source: str, out:
             return np.load(vec_path), cached["ids"]
     if out.exists():
         shutil.rmtree(out)
-    ic = cfg.ingest
-    settings = IngestSettings(workers=1, check=CheckSettings(min_side=ic.min_side, max_pixels=ic.max_pixels,
-                                                              max_bytes=ic.max_file_bytes))
+    settings = IngestSettings(workers=1, check=check)
     ingest([source], out / "ingest", settings)
     rows = [r for r in read_table(out / "ingest").to_pylist() if r["status"] == "ok"]
     if not rows:

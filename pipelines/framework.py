@@ -121,6 +121,16 @@ def stage_lock(workdir: str | Path, stage: str) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def check_settings(cfg: Config):
+    """The per-image checks of cfg.ingest as curate.images.CheckSettings (pool and reference sets)."""
+    from curate.images import CheckSettings
+
+    ic = cfg.ingest
+    return CheckSettings(min_side=ic.min_side, max_pixels=ic.max_pixels, max_bytes=ic.max_file_bytes,
+                         lowinfo=ic.lowinfo, lowinfo_min_std=ic.lowinfo_min_std,
+                         lowinfo_max_flat=ic.lowinfo_max_flat, lowinfo_min_corr=ic.lowinfo_min_corr)
+
+
 def train_output(cfg: Config) -> Path:
     """Where the trainer writes (checkpoints, teacher_backbone.pt, metrics.jsonl)."""
     return Path(cfg.train.output_dir) if cfg.train.output_dir else stage_dir(cfg, "train")

@@ -45,6 +45,27 @@ def retrieve_seeds(cfg: Config, pool_rows: np.ndarray, pool_l1: np.ndarray):
     return res.rows, res.seed_set, res.seed_id, res.sim, res.report
 
 
+def balanced_depth(cfg: Config, n_levels: int) -> int:
+    """How many tree levels (from level 1 up) balanced sampling goes over, by balance.levels: all of
+    them, a given number, or (auto) level 1 plus each next level while it groups the level below's
+    centroids with >= balance.min_explained of their variance explained. Above the concepts, an
+    arbitrary grouping splits the quota unevenly and selects less evenly than random (bench/balance.py)."""
+    from curate.balance import structured_levels
+
+    choice = str(cfg.balance.levels).strip().lower()
+    if choice == "all":
+        return n_levels
+    if choice.isdigit():
+        if not 1 <= int(choice) <= n_levels:
+            raise ValueError(f"balance.levels={choice}: the cluster tree has levels 1..{n_levels}")
+        return int(choice)
+    if choice != "auto":
+        raise ValueError(f"balance.levels must be auto, all or a level count, got {cfg.balance.levels!r}")
+    cluster = stage_dir(cfg, "cluster")
+    centroids = [np.load(cluster / f"centroids_l{lv}.npy") for lv in range(1, n_levels + 1)]
+    return structured_levels(centroids, min_explained=cfg.balance.min_explained)
+
+
 def run(cfg: Config, force: bool = False) -> StageResult:
     """Select `target` records balanced over the cluster tree, plus seed-set retrievals."""
     from curate.balance import balanced_sample
@@ -69,6 +90,9 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     selected_by = np.array([""] * n, dtype=object)
     report: dict = {"pool": n}
     if bc.target:
+        depth = balanced_depth(cfg, n_levels)
+        paths = paths[:, :depth]
+        report.update({"levels_balanced": depth, "levels": n_levels})
         sq = rows.column(cluster, "cluster_sq_dist").to_numpy(zero_copy_only=False)[clustered]
         res = balanced_sample(paths, bc.target, strategy=bc.strategy, multiplier=bc.multiplier, seed=bc.seed,
                               sq_dists=sq)
@@ -94,5 +118,9 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     result = StageResult("balance", str(d), key, counts={
         "in": n, "out": int(selected.sum()), "dropped": {"not_selected": int((~selected).sum())},
         "target": bc.target, "shortfall": shortfall}, seconds=time.time() - t0, outputs={"selection": str(d)})
+    if bc.target and report["levels_balanced"] < n_levels:
+        result.notes.append(f"balanced over cluster levels 1..{report['levels_balanced']} of {n_levels}: the levels "
+                            f"above explain < {bc.min_explained:.0%} of the variance below them (balance.levels=all "
+                            f"balances over every level)")
     finish(result, {**asdict(bc), "report": report}, inputs)
     return result

@@ -8,10 +8,9 @@ import time
 from dataclasses import asdict
 
 from curate.download import DownloadSettings
-from curate.images import CheckSettings
 from curate.parts import list_parts
 from pipelines.config import Config, fingerprint
-from pipelines.framework import progress, source_fingerprint, stage_dir
+from pipelines.framework import check_settings, progress, source_fingerprint, stage_dir
 from pipelines.manifest import StageResult, begin, finish
 
 
@@ -25,7 +24,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     inputs = {"sources": [source_fingerprint(s) for s in ic.sources]}
     settings = IngestSettings(
         part_size=ic.part_size, workers=ic.workers,
-        check=CheckSettings(min_side=ic.min_side, max_pixels=ic.max_pixels, max_bytes=ic.max_file_bytes),
+        check=check_settings(cfg),
         download=DownloadSettings(**asdict(cfg.download)))
     config = {"ingest": asdict(ic), "download": asdict(cfg.download)}
     config["ingest"].pop("workers")  # parallelism settings do not change the records

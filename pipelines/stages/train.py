@@ -24,14 +24,56 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     if force and out.exists():
         shutil.rmtree(out)
     shards = Path(cfg.shards.out) if cfg.shards.out else stage_dir(cfg, "shards")
-    tcfg = load_train_config(resolve_config_path(tc.config),
-                             [f"data.path={shards}", f"output_dir={out}", *tc.overrides])
+    overrides = [f"data.path={shards}", f"output_dir={out}", *tc.overrides]
+    tcfg = load_train_config(resolve_config_path(tc.config), overrides)  # a bad config fails here, in one line
     t0 = time.time()
-    summary = train(tcfg)
+    if tc.nproc > 1:
+        from train.dist import launch
+
+        before = _checkpoint_iteration(out)
+        code = launch("train.cli:main", tc.nproc, [tc.config, *overrides])
+        if code:
+            raise RuntimeError(f"training with {tc.nproc} processes failed (exit code {code}); see {out}")
+        last = _logged(out)
+        summary = {"iterations": last.get("iteration", -1) + 1, "start_iteration": before,
+                   "decode_errors": last.get("decode_errors", 0), "history": [last] if last else []}
+    else:
+        summary = train(tcfg)
     trained = summary["iterations"] - summary["start_iteration"]
     counts: dict = {"iterations": summary["iterations"], "trained_now": trained,
-                    "decode_errors": summary["decode_errors"]}
+                    "decode_errors": summary["decode_errors"], "processes": tc.nproc}
     if summary["history"]:
         counts["final_loss"] = round(float(summary["history"][-1]["loss"]), 4)
     return StageResult("train", str(out), "", skipped=trained == 0, counts=counts, seconds=time.time() - t0,
                        outputs={"teacher": str(out / "teacher_backbone.pt"), "metrics": str(out / "metrics.jsonl")})
+
+
+def _checkpoint_iteration(out: Path) -> int:
+    """The iteration a run in `out` resumes from (0 without a checkpoint), read without loading weights."""
+    import torch
+
+    from train.checkpoint import find_checkpoint
+
+    path = find_checkpoint(str(out))
+    if not path:
+        return 0
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iteration"])
+    except Exception:  # noqa: BLE001 - a damaged file: the trainer itself says what is wrong with it
+        return 0
+
+
+def _logged(out: Path) -> dict:
+    """The last record of the run's metrics.jsonl (the ranks log there at the last iteration), or {}."""
+    import json
+
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except ValueError:  # a line cut by a kill
+            continue
+    return {}

@@ -19,11 +19,13 @@ from PIL import Image
 
 import curate.parts
 import curate.tars
+from curate.images import CheckSettings
 from curate.ingest import IngestSettings, ingest
 from curate.parts import OutputError, output_errors, read_table, write_bytes_atomic
 from curate.shards import ShardSettings, write_shards
 
-SETTINGS = IngestSettings(part_size=4, workers=1)
+CHECK = CheckSettings(lowinfo=False)  # the pool is noise, incompressible on purpose: keep it
+SETTINGS = IngestSettings(part_size=4, workers=1, check=CHECK)
 
 
 def _noise_png(seed: int, side: int = 260) -> bytes:
@@ -45,9 +47,9 @@ def big_pool(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(big_pool, tmp_path_factory) -> Path:
-    """An uninterrupted ingest of big_pool."""
+    """An uninterrupted ingest of big_pool (every image kept)."""
     out = tmp_path_factory.mktemp("ref") / "w"
-    ingest([str(big_pool)], out, SETTINGS)
+    assert ingest([str(big_pool)], out, SETTINGS) == {"ok": 22}
     return out
 
 
@@ -82,7 +84,7 @@ def _remount(mnt: Path, options: str) -> None:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_full_tmpfs_gives_one_clear_error_then_rerun_matches(big_pool, reference, small_fs, workers):
     out = small_fs / "w"
-    settings = IngestSettings(part_size=4, workers=workers)
+    settings = IngestSettings(part_size=4, workers=workers, check=CHECK)
     with pytest.raises(OutputError) as info:
         ingest([str(big_pool)], out, settings)
     msg = str(info.value)

@@ -30,6 +30,7 @@ def cfg(tmp_path):
 
 
 def test_balance_meets_the_target_and_shards_carry_the_tree_path(cfg, tmp_path):
+    cfg.balance.levels = "all"  # the whole tree, whatever its structure
     results = {r.stage: r for r in run_pipeline(cfg)}
     assert results["balance"].counts["out"] == 30 and results["balance"].counts["shortfall"] == 0
     bal = read_table(tmp_path / "w" / "balance").to_pylist()
@@ -96,3 +97,29 @@ def test_multiplier_repeats_reach_the_shards(cfg, tmp_path):
     assert len(index) == 150 and len({r["key"] for r in index}) == 150
     assert all(r["key"] == r["id"] or r["key"].startswith(r["id"] + "_r") for r in index)
     assert max(sum(1 for r in index if r["id"] == x["id"]) for x in index) == 2
+
+
+def test_balance_levels_auto_goes_over_the_structured_levels_only(cfg, tmp_path):
+    from curate.balance import structured_levels
+    from pipelines.run import run_stage
+
+    cfg.cluster.levels = [LevelConfig(12, n_iters=5), LevelConfig(4, n_iters=5), LevelConfig(2, n_iters=5)]
+    results = {r.stage: r for r in run_pipeline(cfg, until="balance")}
+    cluster = tmp_path / "w" / "cluster"
+    want = structured_levels([np.load(cluster / f"centroids_l{lv}.npy") for lv in (1, 2, 3)])
+    manifest = json.loads((tmp_path / "w" / "balance" / "_MANIFEST.json").read_text())
+    assert manifest["config"]["report"]["levels_balanced"] == want
+    assert any(n.startswith(f"balanced over cluster levels 1..{want} of 3") for n in results["balance"].notes) == (want < 3)
+
+    def top_levels() -> set[str]:
+        return {r["selected_by"].split(":")[0] for r in read_table(tmp_path / "w" / "balance").to_pylist()
+                if r["selected"]}
+
+    assert top_levels() == {f"l{want}"}  # the sampling starts at the top kept level
+    for levels, top in (("all", "l3"), ("1", "l1"), ("2", "l2")):
+        cfg.balance.levels = levels
+        (res,) = run_stage("balance", cfg, force=True)
+        assert res.counts["out"] == 30 and top_levels() == {top}, levels
+    cfg.balance.levels = "4"
+    with pytest.raises(ValueError, match="levels 1..3"):
+        run_stage("balance", cfg, force=True)

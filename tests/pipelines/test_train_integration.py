@@ -65,3 +65,37 @@ def test_curate_train_with_a_pipeline_config_curates_trains_and_evaluates(tmp_pa
     assert main(["train", str(tmp_path / "p.yaml")]) == 0  # resumable as a whole: nothing left to do
     out = capsys.readouterr().out
     assert "[ingest] already done" in out and "[train] already done" in out
+
+
+def test_pipeline_train_stage_on_two_processes_resumes_and_exports(tmp_path, capsys):
+    """`curate train PIPELINE --nproc 2` continues a 1-process run on 2 ranks (the global batch of
+    the checkpoint), then `curate export` writes the teacher for timm (a one-block ViT-S/14)."""
+    import torch
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(16):
+        make_image(9000 + i, (64, 64)).save(raw / f"{i:02d}.png")
+    common = ("optim.batch_size=4, crops.n_local=1, progress=false, data.num_workers=0, checkpoint_every=2, "
+              "model.embed_dim=384, model.num_heads=6, model.depth=1, model.patch_size=14, head.prototypes=256, "
+              "crops.global_size=28, crops.local_size=14, eval_size=28")
+    text = (f"workdir: {tmp_path / 'w'}\ningest:\n  sources: [{raw}]\n  workers: 1\nembed:\n  num_workers: 0\n"
+            f"  model: 'pixels:8'\ndedup:\n  threshold: 1.0\ntrain:\n  config: tiny\n"
+            f"  overrides: [optim.iterations=ITERS, {common}]\n")
+    (tmp_path / "p.yaml").write_text(text.replace("ITERS", "2"))
+    assert main(["train", str(tmp_path / "p.yaml")]) == 0
+    (tmp_path / "p.yaml").write_text(text.replace("ITERS", "4"))
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "p.yaml"), "--nproc", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[train] done" in out and "iterations 4" in out and "trained_now 2" in out and "processes 2" in out
+    metrics = [json.loads(line) for line in (tmp_path / "w" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics][-1] == 3 and all(np.isfinite(m["loss"]) for m in metrics)
+    dest = tmp_path / "vit.pth"
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "w" / "train"), "--format", "timm", "--out", str(dest)]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["timm_model"] == "vit_small_patch14_dinov2"
+    state = torch.load(dest, weights_only=True)
+    assert state["cls_token"].shape[-1] == 384 and "blocks.0.attn.qkv.weight" in state
+    assert main(["export", str(tmp_path / "nowhere"), "--out", str(dest)]) == 2
