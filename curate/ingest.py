@@ -77,16 +77,19 @@ def plan(sources: Iterable[str], stage_dir: str | os.PathLike, part_size: int) -
     """Enumerate all sources into plan parts (once); returns the number of parts."""
     stage_dir = Path(stage_dir)
     plan_dir = stage_dir / "_plan"
+    sources = list(sources)
+    where = [str(Path(s).resolve()) if "://" not in s else s for s in sources]
     if plan_dir.exists():
+        _check_planned_sources(plan_dir, where)
         return len(list_parts(plan_dir))
     ensure_dir(stage_dir)
     clean_temporaries(stage_dir)
     seen: dict[str, int] = {}
     with atomic_path(plan_dir) as tmp:
         tmp.mkdir()
+        (tmp / "sources.json").write_text(json.dumps(where))
         rows: list[dict] = []
         n_parts = 0
-        sources = list(sources)
         for source, name in zip(sources, source_names(sources)):
             for item in iter_source(source, name):
                 rows.append(_plan_row(item, seen))
@@ -97,6 +100,17 @@ def plan(sources: Iterable[str], stage_dir: str | os.PathLike, part_size: int) -
             pq.write_table(pa.Table.from_pylist(rows, schema=PLAN_SCHEMA), tmp / part_name(n_parts))
             n_parts += 1
     return n_parts
+
+
+def _check_planned_sources(plan_dir: Path, where: list[str]) -> None:
+    """An unfinished ingest reads its inputs where they were planned: refuse when they moved."""
+    try:
+        planned = json.loads((plan_dir / "sources.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return  # a plan written before sources were recorded
+    if planned != where:
+        raise ValueError(f"this unfinished ingest planned its inputs at {planned}, now given {where}: finish it with "
+                         f"the planned paths, or redo it with --force")
 
 
 def _plan_row(item: PlanItem, seen: dict[str, int]) -> dict:

@@ -49,12 +49,13 @@ def upstream(cfg: Config, *stages: str) -> dict:
 
 
 def source_fingerprint(source: str) -> dict:
-    """Path plus size and mtime; for a folder, a stat walk (files, bytes, newest mtime), so adding or
-    changing images makes the stage redo instead of reporting 'already done'."""
+    """Name plus size and mtime; for a folder, a stat walk (files, bytes, newest mtime), so adding or
+    changing images makes the stage redo instead of reporting 'already done'. The basename, not the
+    path, as record ids are location-independent: moving the inputs (mv keeps mtimes) redoes nothing."""
     p = Path(source).resolve()
     if p.is_file():
         st = p.stat()
-        return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return {"name": p.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     files = size = newest = 0
     for dirpath, _, names in os.walk(p):
         for name in names:
@@ -63,7 +64,7 @@ def source_fingerprint(source: str) -> dict:
             except OSError:
                 continue
             files, size, newest = files + 1, size + st.st_size, max(newest, st.st_mtime_ns)
-    return {"path": str(p), "files": files, "bytes": size, "newest_mtime_ns": newest}
+    return {"name": p.name, "files": files, "bytes": size, "newest_mtime_ns": newest}
 
 
 def enabled(cfg: Config, stage: str) -> bool:

@@ -28,6 +28,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
         download=DownloadSettings(**asdict(cfg.download)))
     config = {"ingest": asdict(ic), "download": asdict(cfg.download)}
     config["ingest"].pop("workers")  # parallelism settings do not change the records
+    config["ingest"].pop("sources")  # where the inputs are is not what they are: `inputs` holds that
     config["download"].pop("concurrency")
     key = fingerprint({"config": config, "inputs": inputs})
     d = stage_dir(cfg, "ingest")

@@ -108,3 +108,43 @@ def test_disk_full_is_one_line_and_leaves_no_finished_stage(tmp_path, capsys, mo
     monkeypatch.setattr(pq, "write_table", real)  # space freed: the rerun completes
     assert main(["hashdedup", "--workdir", str(w)]) == 0
     assert (w / "hashdedup" / "_MANIFEST.json").exists()
+
+
+def test_moving_the_inputs_redoes_nothing_and_keeps_the_ids(tmp_path, capsys):
+    """Ids come from location-independent names and the ingest key from the source's basename and
+    stats, so a moved folder (mv keeps mtimes) is the same input; a changed one is not."""
+    _pool(tmp_path / "a" / "raw")
+    w = str(tmp_path / "w")
+    assert main(["ingest", str(tmp_path / "a" / "raw"), "--workdir", w, "--workers", "1"]) == 0
+    before = pq.read_table(tmp_path / "w" / "ingest" / "part-00000.parquet").column("id").to_pylist()
+    (tmp_path / "b").mkdir()
+    os.rename(tmp_path / "a" / "raw", tmp_path / "b" / "raw")
+    capsys.readouterr()
+    assert main(["ingest", str(tmp_path / "b" / "raw"), "--workdir", w, "--workers", "1"]) == 0
+    assert "already done" in capsys.readouterr().out
+    (tmp_path / "b" / "raw" / "new.png").write_bytes(encode(make_image(99, (64, 48)), "PNG"))
+    assert main(["ingest", str(tmp_path / "b" / "raw"), "--workdir", w, "--workers", "1"]) == 2  # refused: changed
+    assert "--force" in capsys.readouterr().err
+    assert main(["ingest", str(tmp_path / "b" / "raw"), "--workdir", w, "--workers", "1", "--force"]) == 0
+    after = pq.read_table(tmp_path / "w" / "ingest" / "part-00000.parquet").column("id").to_pylist()
+    assert set(before) < set(after) and len(after) == len(before) + 1
+
+
+def test_an_unfinished_ingest_whose_inputs_moved_is_refused_not_misread(tmp_path, capsys):
+    from curate.ingest import plan
+
+    _pool(tmp_path / "a" / "raw")
+    w = tmp_path / "w"
+    assert main(["ingest", str(tmp_path / "a" / "raw"), "--workdir", str(w), "--workers", "1"]) == 0
+    for p in (w / "ingest").glob("part-*.parquet"):  # as if killed before its parts were written
+        p.unlink()
+    (w / "ingest" / "_MANIFEST.json").unlink()
+    assert plan([str(tmp_path / "a" / "raw")], w / "ingest", 1000) == 1
+    (tmp_path / "b").mkdir()
+    os.rename(tmp_path / "a" / "raw", tmp_path / "b" / "raw")
+    capsys.readouterr()
+    assert main(["ingest", str(tmp_path / "b" / "raw"), "--workdir", str(w), "--workers", "1"]) == 2
+    assert "planned its inputs at" in capsys.readouterr().err
+    assert not list((w / "ingest").glob("part-*.parquet"))
+    assert main(["ingest", str(tmp_path / "b" / "raw"), "--workdir", str(w), "--workers", "1", "--force"]) == 0
+    assert pq.read_table(next((w / "ingest").glob("part-*.parquet"))).column("status").to_pylist() == ["ok"] * 6
