@@ -119,7 +119,8 @@ class LevelConfig:
 
     n_clusters: int = 100
     n_iters: int = 20
-    resampling_steps: int = 0        # after the fit: draw sample_size points per cluster, refit, reassign
+    resampling_steps: int = 0        # fits in all, the first one included (reference n_resampling_steps): each next
+                                     # refits on sample_size points drawn per cluster; 0 or 1 = no resampling
     sample_size: int = 0
     sampling: str = "c"              # c: closest to the centroid | r: random
     init: str = "kmeans++"           # kmeans++ | random
