@@ -21,12 +21,14 @@ from pipelines.ui import print_summary
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def class_balance(labels: list[int]) -> dict:
-    """Normalised class entropy (1 = uniform) and max/min class ratio."""
+def class_balance(labels: list[int], n_classes: int) -> dict:
+    """Class entropy normalised by ln(n_classes) (1 = uniform; an absent class counts), max/min
+    class ratio over the classes present, and how many classes are absent."""
     counts = np.array(sorted(Counter(labels).values()), dtype=float)
     p = counts / counts.sum()
-    entropy = float(-(p * np.log(p)).sum() / np.log(len(p))) if len(p) > 1 else 1.0
-    return {"images": int(counts.sum()), "entropy": round(entropy, 3), "max_min": round(counts[-1] / counts[0], 1)}
+    entropy = float(-(p * np.log(p)).sum() / np.log(n_classes)) if n_classes > 1 else 1.0
+    return {"images": int(counts.sum()), "entropy": round(entropy, 3), "max_min": round(counts[-1] / counts[0], 1),
+            "absent": n_classes - len(counts)}
 
 
 def _balance_summary(root: Path, work: Path) -> str:
@@ -36,10 +38,12 @@ def _balance_summary(root: Path, work: Path) -> str:
     pool = list(labels.values())
     rng = np.random.default_rng(0)
     random = [pool[i] for i in rng.choice(len(pool), min(len(curated), len(pool)), replace=False)]
-    rows = {"pool": class_balance(pool), "random subset": class_balance(random), "curated": class_balance(curated)}
-    lines = ["[balance] classes (labels never shown to the pipeline)"]
+    n = len(set(pool))
+    rows = {"pool": class_balance(pool, n), "random subset": class_balance(random, n),
+            "curated": class_balance(curated, n)}
+    lines = [f"[balance] {n} classes (labels never shown to the pipeline; entropy / ln {n})"]
     lines += [f"  {k:<14} {v['images']:>6,} images  entropy {v['entropy']:.3f}  max/min {v['max_min']:>5}"
-              for k, v in rows.items()]
+              + (f"  ({v['absent']} classes absent)" if v["absent"] else "") for k, v in rows.items()]
     return "\n".join(lines)
 
 
