@@ -16,7 +16,7 @@ def test_demo_curates_trains_and_evaluates(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[verify]" in out and ": OK" in out
     assert "[eval] k-NN accuracy on the labelled evaluation set: k=10:" in out
-    assert "[balance] classes" in out and "curated" in out
+    assert "classes (labels never shown to the pipeline; entropy / ln" in out and "curated" in out
     decontam = json.loads((tmp_path / "d" / "work" / "decontaminate" / "_MANIFEST.json").read_text())
     assert decontam["counts"]["dropped"]["contaminated_direct"] >= 10  # one leaked copy per class
     report = json.loads((tmp_path / "d" / "work" / "report" / "report.json").read_text())
