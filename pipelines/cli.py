@@ -322,11 +322,16 @@ def _dispatch(argv: list[str]) -> int:
         print(f"[report] {paths['html']}\n  figures: {paths['json']}")
         return 0
     elif args.command == "run":
-        from pipelines.run import run_pipeline
+        from pipelines.run import run_pipeline, stopped_early
 
         args.config, args.overrides = args.config_file, list(args.overrides_pos)
         cfg = _config(args, {"executor": "executor", "ray_address": "ray_address"})
         results = run_pipeline(cfg, args.start, args.until, force=args.force)
+        if stopped_early(results):
+            print_summary(results, started)
+            print(f"curate run: error: nothing left to curate after {results[-1].stage} (see the note above)",
+                  file=sys.stderr)
+            return 2
     elif args.command == "demo":
         from pipelines.demo import run_demo
 
@@ -351,7 +356,14 @@ def _curate_then_train(config: str, overrides: list[str]) -> int:
     if not cfg.train.config:
         print("curate train: the pipeline config has no train.config (e.g. train: {config: tiny})", file=sys.stderr)
         return 2
-    print_summary(run_pipeline(cfg), started)
+    from pipelines.run import stopped_early
+
+    results = run_pipeline(cfg)
+    print_summary(results, started)
+    if stopped_early(results):
+        print(f"curate train: error: nothing left to curate after {results[-1].stage}; nothing to train on",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipelines.config import EvalSetConfig, load_config
-from pipelines.run import run_pipeline
+from pipelines.run import run_pipeline, stopped_early
 from pipelines.synth_pool import write_labelled_pool
 from pipelines.ui import print_summary
 
@@ -74,6 +74,9 @@ def run_demo(workdir: str | None, pool_size: int, seed: int = 0, train_iters: in
             f"head.freeze_last_layer_iters={max(0, train_iters // 10)}"]
         print(f"demo: the tiny ViT trains for {train_iters} iterations on the curated shards at the end", file=sys.stderr)
     results = run_pipeline(cfg)
+    if stopped_early(results):
+        print_summary(results, started)
+        return 2
     print(f"demo pool: {root}  (planted: {', '.join(f'{k} {v}' for k, v in planted.items())})")
     print_summary(results, started)
     from curate.shards import verify_shards

@@ -55,7 +55,8 @@ def resolve_embedding(cfg: Config, name: str | None) -> Path:
         return done[0]
     names = ", ".join(p.name for p in done) or "none"
     raise RuntimeError(f"no embedding chosen in {cfg.workdir} (finished: {names}); "
-                       "pass --embedding NAME or run `curate embed` first")
+                       "name one (dedup and cluster: --embedding NAME; in a config or with --set: dedup.embedding, "
+                       "cluster.embedding) or run `curate embed` first")
 
 
 def embed_reference_set(cfg: Config, emb_dir: Path, name: str, source: str, out: Path) -> tuple[np.ndarray, list[str]]:

@@ -18,6 +18,9 @@ STAGES = ["ingest", "hashdedup", "embed", "dedup", "decontaminate", "cluster", "
           "train", "evaluate"]
 # Stages that only read the workdir and rewrite their own output need no lock.
 UNLOCKED = {"report"}
+# A stage of these that leaves nothing stops the run (with a note): the next would fail on an empty pool.
+CURATION = {"ingest", "hashdedup", "embed", "dedup", "decontaminate", "cluster", "balance"}
+STOPPED = "nothing left to curate"
 
 
 def run_stage(name: str, cfg: Config, force: bool = False) -> list[StageResult]:
@@ -48,4 +51,13 @@ def run_pipeline(cfg: Config, start: str | None = None, until: str | None = None
         for name in STAGES[i0:i1 + 1]:
             if enabled(cfg, name):
                 results.extend(run_stage(name, cfg, force))
+                last = results[-1]
+                if name in CURATION and last.counts.get("out", 1) == 0 and name != STAGES[i1]:
+                    last.notes.append(f"{STOPPED}: the stages after {name} were not run")
+                    break
     return results
+
+
+def stopped_early(results: list[StageResult]) -> bool:
+    """True when run_pipeline stopped because a curation stage left nothing."""
+    return bool(results) and any(n.startswith(STOPPED) for n in results[-1].notes)

@@ -15,8 +15,17 @@ from curate.parts import list_parts
 from pipelines.aligned import RowMap
 from pipelines.config import Config, fingerprint
 from pipelines.embedding import embed_reference_set, resolve_embedding
-from pipelines.framework import stage_dir, upstream
-from pipelines.manifest import StageResult, begin, finish
+from pipelines.framework import source_fingerprint, stage_dir, upstream
+from pipelines.manifest import StageResult, begin, finish, read_manifest
+
+
+def cluster_embedding(cfg: Config):
+    """The embedding the cluster stage ran on (as its manifest says), which seed sets must be matched in."""
+    manifest = read_manifest(stage_dir(cfg, "cluster"))
+    emb_dir = resolve_embedding(cfg, manifest["config"].get("embedding"))
+    if read_manifest(emb_dir)["key"] != manifest["inputs"]["embedding"]:
+        raise ValueError(f"the cluster stage ran on another embedding than {emb_dir.name}: redo cluster (--force)")
+    return emb_dir
 
 
 def retrieve_seeds(cfg: Config, pool_rows: np.ndarray, pool_l1: np.ndarray):
@@ -27,7 +36,7 @@ def retrieve_seeds(cfg: Config, pool_rows: np.ndarray, pool_l1: np.ndarray):
     from curate.vectors import EmbeddingParts
 
     bc = cfg.balance
-    emb_dir = resolve_embedding(cfg, cfg.cluster.embedding)
+    emb_dir = cluster_embedding(cfg)
     rows = RowMap(stage_dir(cfg, "ingest"), emb_dir)
     emb_row = np.full(rows.n, -1, dtype=np.int64)
     emb_row[rows.emb_rows] = np.arange(len(rows.emb_rows))
@@ -72,7 +81,12 @@ def run(cfg: Config, force: bool = False) -> StageResult:
 
     bc = cfg.balance
     inputs = upstream(cfg, "ingest", "cluster")
-    key = fingerprint({"config": asdict(bc), "inputs": inputs})
+    config = asdict(bc)
+    if bc.seeds:  # seed sets by content, embedded with the model the tree was clustered on
+        inputs["seeds"] = {s.name: source_fingerprint(s.source) for s in bc.seeds}
+        inputs["seed_embedding"] = read_manifest(cluster_embedding(cfg))["key"]
+        config["seeds"] = [{k: v for k, v in asdict(s).items() if k != "source"} for s in bc.seeds]
+    key = fingerprint({"config": config, "inputs": inputs})
     d = stage_dir(cfg, "balance")
     prev = begin("balance", d, key, force)
     if prev:

@@ -18,16 +18,17 @@ from pipelines.framework import DROP_FILTERS, finished_filters, stage_dir, upstr
 from pipelines.manifest import StageResult, begin, finish, read_manifest
 
 
-def _valid(cfg: Config, emb_dir: Path, rows: RowMap) -> np.ndarray:
+def _valid(cfg: Config, emb_dir: Path, rows: RowMap) -> tuple[np.ndarray, int]:
     """Rows of the embedding to cluster: embedded fine, and not dropped by copy dedup or
-    decontamination (when those ran), so balancing picks only images that reach the shards."""
-    keep = embedding_status(emb_dir)
+    decontamination (when those ran), so balancing picks only images that reach the shards; and how
+    many rows the filters let through (the stage's "in": those that failed to embed drop here)."""
+    keep = np.ones(len(rows.emb_rows), dtype=bool)
     for stage in finished_filters(cfg):
         col, rule = DROP_FILTERS[stage]
         values = rows.column(stage_dir(cfg, stage), col)
         dropped = pc.is_valid(values) if rule == "not_null" else pc.fill_null(values, False)
         keep &= ~dropped.to_numpy(zero_copy_only=False).astype(bool)[rows.emb_rows]
-    return np.flatnonzero(keep)
+    return np.flatnonzero(keep & embedding_status(emb_dir)), int(keep.sum())
 
 
 def _ray_step_fn(emb_dir: Path, valid: np.ndarray, chunk: int, address: str | None):
@@ -78,7 +79,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
         return prev
     t0 = time.time()
     rows = RowMap(stage_dir(cfg, "ingest"), emb_dir)
-    valid = _valid(cfg, emb_dir, rows)
+    valid, n_in = _valid(cfg, emb_dir, rows)
     base = EmbeddingParts(emb_dir)
     vectors = base if len(valid) == base.n else base.subset(valid)
     levels = [LevelSpec(**asdict(lv)) for lv in cc.levels]
@@ -96,7 +97,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     rows.write(d, rows.emb_rows[valid], columns)
     sizes = np.bincount(paths[:, 0], minlength=levels[0].n_clusters)
     result = StageResult("cluster", str(d), key, counts={
-        "in": int(len(valid)), "out": int(len(valid)), "dropped": {},
+        "in": n_in, "out": int(len(valid)), "dropped": {"embed_error": n_in - len(valid)} if n_in > len(valid) else {},
         "levels": "/".join(str(lv.n_clusters) for lv in levels),
         "l1_sizes": f"min {int(sizes.min())} median {int(np.median(sizes))} max {int(sizes.max())}"},
         seconds=time.time() - t0, outputs={"clusters": str(d)})

@@ -18,7 +18,7 @@ from pipelines.aligned import RowMap, embedding_ids
 from pipelines.copy_images import verify_mode
 from pipelines.config import Config, fingerprint
 from pipelines.embedding import embed_reference_set, resolve_embedding
-from pipelines.framework import finished_filters, stage_dir, upstream
+from pipelines.framework import finished_filters, source_fingerprint, stage_dir, upstream
 from pipelines.manifest import StageResult, begin, finish, read_manifest
 
 
@@ -34,13 +34,13 @@ def _verified_matches(cfg: Config, emb_dir, eval_sets: dict, d, spec) -> tuple[d
     index, ok = pool_index(pool, spec), valid_rows(pool)
     direct, stats = {}, {}
     with pool_images(cfg, emb_dir) as pool_imgs:
-        for name, (vecs, _) in eval_sets.items():
+        for name, (vecs, ev_ids) in eval_sets.items():
             ev = as_parts(vecs)
             p, e = eval_matches(index, ok, ev, cfg.decontaminate.candidate_cosine, cfg.dedup.candidate_k, 8192)
             ingest_dir = d / "eval_sets" / name / "ingest"
-            status = read_table(ingest_dir, ["status"]).column("status").to_pylist()
-            ok_rows = [r for r, st in enumerate(status) if st == "ok"]
-            with ShardImages(ingest_dir, ok_rows) as ev_imgs:
+            # eval vector i is the image of id ev_ids[i] (images that failed to embed have no vector)
+            ev_rows = pc.index_in(pa.array(ev_ids, pa.string()), value_set=read_table(ingest_dir, ["id"]).column("id"))
+            with ShardImages(ingest_dir, ev_rows.to_numpy(zero_copy_only=False)) as ev_imgs:
                 n = pool.n
                 res = verify_pairs(p, n + e, lambda r: pool_imgs.load(r) if r < n else ev_imgs.load(r - n),
                                    verify_settings(cfg))
@@ -63,7 +63,14 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     emb_dir = resolve_embedding(cfg, cfg.dedup.embedding)
     with_groups = "dedup" in finished_filters(cfg)  # copy dedup enabled and done
     inputs = {**upstream(cfg, "ingest", *(["dedup"] if with_groups else [])), "embedding": read_manifest(emb_dir)["key"]}
-    key = fingerprint({"config": {**asdict(xc), "verify": verify_mode(cfg)}, "inputs": inputs})
+    # the evaluation sets by content (added images redo the stage; a moved folder does not), and the
+    # copy settings this stage uses
+    inputs["eval_sets"] = {s.name: source_fingerprint(s.source) for s in xc.eval_sets}
+    used = ("candidate_k", "candidate_phash", "max_pairs_per_image", "verify_max_side", "verify_max_features",
+            "index", "nprobe")
+    config = {**{k: v for k, v in asdict(xc).items() if k != "eval_sets"}, "eval_set_names": [s.name for s in xc.eval_sets],
+              "verify": verify_mode(cfg), "dedup": {k: getattr(cfg.dedup, k) for k in used}}
+    key = fingerprint({"config": config, "inputs": inputs})
     d = stage_dir(cfg, "decontaminate")
     prev = begin("decontaminate", d, key, force)
     if prev:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from curate.parts import list_parts, read_aligned
 from pipelines.config import Config, fingerprint
 from pipelines.framework import DROP_FILTERS, finished_filters, progress, stage_dir, upstream
-from pipelines.manifest import StageResult, begin, finish
+from pipelines.manifest import StageResult, begin, finish, read_manifest
 
 
 def _find_select(cfg: Config, select: str) -> tuple[Path, str]:
@@ -24,6 +24,27 @@ def _find_select(cfg: Config, select: str) -> tuple[Path, str]:
             return d, column
     raise ValueError(f"no stage in {cfg.workdir} has a column '{column}' to select on")
 
+
+
+def _embed_failed_ids(cfg: Config) -> pa.Array:
+    """Ids whose image failed to embed (embed_error) in an embedding that copy dedup, decontamination
+    or clustering used: no copy or evaluation check saw them, so they are not curated (rare: the raw
+    bytes passed ingest's decode)."""
+    import pyarrow.compute as pc
+
+    used = set()
+    for stage in (*finished_filters(cfg), "cluster"):
+        manifest = read_manifest(stage_dir(cfg, stage))
+        if manifest and "embedding" in manifest.get("inputs", {}):
+            used.add(manifest["inputs"]["embedding"])
+    failed = []
+    for d in sorted(stage_dir(cfg, "embed").glob("*")):
+        manifest = read_manifest(d)
+        if manifest and manifest["key"] in used:
+            for part in list_parts(d):
+                t = pq.read_table(part, columns=["id", "status"])
+                failed.append(t.filter(pc.not_equal(t.column("status"), "ok")).column("id").combine_chunks())
+    return pa.concat_arrays(failed) if failed else pa.array([], pa.string())
 
 
 def selected_records(cfg: Config, select: str | None = None) -> pa.Table:
@@ -39,10 +60,13 @@ def selected_records(cfg: Config, select: str | None = None) -> pa.Table:
         sel_dir, column = _find_select(cfg, select)
         if sel_dir not in dirs:
             dirs.append(sel_dir)
+    failed = _embed_failed_ids(cfg)
     out = []
     for k in range(len(list_parts(dirs[0]))):
         t = read_aligned(dirs, k)
         mask = pc.and_(pc.equal(t.column("status"), "ok"), pc.is_null(t.column("dup_of")))
+        if len(failed):
+            mask = pc.and_(mask, pc.invert(pc.is_in(t.column("id"), value_set=failed)))
         for stage in finished_filters(cfg):
             col, rule = DROP_FILTERS[stage]
             drop = pc.is_valid(t.column(col)) if rule == "not_null" else pc.fill_null(t.column(col), False)

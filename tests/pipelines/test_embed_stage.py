@@ -105,3 +105,23 @@ def test_resume_recomputes_only_missing_parts_and_stays_aligned(workdir):
     assert changed == ["part-00002.npy", "part-00002.parquet"]
     ids, _, vecs = _load(d)
     assert ids == [r["id"] for _, rows in embed_jobs(cfg) for r in rows] and len(vecs) == len(ids)
+
+
+def test_a_sample_that_failed_to_embed_is_dropped_downstream_with_its_reason(workdir):
+    """No copy or evaluation check saw it: it is dropped at cluster (embed_error, counts reconcile)
+    and never reaches the curated shards, with or without a balanced selection."""
+    from pipelines.config import LevelConfig
+    from pipelines.run import run_stage
+
+    cfg, bad_id = workdir
+    cfg.embed.model, cfg.embed.num_workers = "pixels:8", 0
+    cfg.dedup.verify, cfg.dedup.threshold = "none", 0.999
+    cfg.cluster.levels = [LevelConfig(3, n_iters=3)]
+    run_embed(cfg)
+    (dedup,) = run_stage("dedup", cfg)
+    (cluster,) = run_stage("cluster", cfg)
+    assert cluster.counts["dropped"] == {"embed_error": 1}
+    assert cluster.counts["in"] == dedup.counts["out"] and cluster.counts["out"] == cluster.counts["in"] - 1
+    (shards,) = run_stage("shards", cfg)
+    index = pq.read_table(cfg.workdir + "/shards/index.parquet").column("id").to_pylist()
+    assert bad_id not in index and shards.counts["out"] == dedup.counts["out"] - 1

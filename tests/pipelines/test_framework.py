@@ -88,6 +88,17 @@ def test_a_stage_that_drops_everything_names_the_setting(tmp_path, capsys):
     assert "note: all 4 inputs dropped; 4 as too_small; ingest.min_side is 32" in out
 
 
+def test_curate_run_stops_when_nothing_is_left_and_says_why(tmp_path, capsys):
+    _pool(tmp_path / "raw", n=4, size=(28, 28))
+    (tmp_path / "c.yaml").write_text(f"ingest:\n  sources: [{tmp_path / 'raw'}]\n  workers: 1\n"
+                                     "balance:\n  target: 2\n")
+    assert main(["run", str(tmp_path / "c.yaml"), f"workdir={tmp_path / 'w'}"]) == 2
+    captured = capsys.readouterr()
+    assert "ingest.min_side is 32" in captured.out and "nothing left to curate: the stages after ingest" in captured.out
+    assert captured.err.strip().splitlines()[-1] == "curate run: error: nothing left to curate after ingest (see the note above)"
+    assert not (tmp_path / "w" / "hashdedup").exists()
+
+
 def test_disk_full_is_one_line_and_leaves_no_finished_stage(tmp_path, capsys, monkeypatch):
     _pool(tmp_path / "raw")
     w = tmp_path / "w"
