@@ -269,8 +269,6 @@ def is_pipeline_config(path: str) -> bool:
     """A pipeline config (curate, then train) rather than a trainer config."""
     import os
 
-    from omegaconf import OmegaConf
-
     if not os.path.isfile(path):
         return False
     try:

@@ -85,8 +85,20 @@ def enabled(cfg: Config, stage: str) -> bool:
 
 
 def finished_filters(cfg: Config) -> list[str]:
-    """The optional dropping stages that are enabled by the config and have finished."""
-    return [s for s in DROP_FILTERS if enabled(cfg, s) and read_manifest(stage_dir(cfg, s)) is not None]
+    """The optional dropping stages that are enabled by the config and have finished, for the stages
+    after them. Decontamination configured but not run (or run on another copy dedup than the one
+    now finished) is an error: its drops must not be skipped silently."""
+    done = {s: read_manifest(stage_dir(cfg, s)) for s in DROP_FILTERS if enabled(cfg, s)}
+    if "decontaminate" in done:
+        xc = done["decontaminate"]
+        if xc is None:
+            raise RuntimeError(f"decontaminate is configured (evaluation sets) but has not finished in {cfg.workdir}: "
+                               "run `curate decontaminate` (or `curate run`) first")
+        dedup = done.get("dedup")
+        if dedup is not None and xc["inputs"].get("dedup") != dedup["key"]:
+            raise RuntimeError("decontaminate ran before (or with another) copy dedup than the one now finished: "
+                               "redo it (`curate decontaminate --force`)")
+    return [s for s, m in done.items() if m is not None]
 
 
 def progress(total: int | None, desc: str, unit: str) -> tqdm:

@@ -18,7 +18,7 @@ from pipelines.aligned import RowMap, embedding_ids
 from pipelines.copy_images import verify_mode
 from pipelines.config import Config, fingerprint
 from pipelines.embedding import embed_reference_set, resolve_embedding
-from pipelines.framework import finished_filters, source_fingerprint, stage_dir, upstream
+from pipelines.framework import enabled, source_fingerprint, stage_dir, upstream
 from pipelines.manifest import StageResult, begin, finish, read_manifest
 
 
@@ -61,7 +61,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     if not xc.eval_sets:
         raise ValueError("no evaluation sets: give --eval-set NAME=SOURCE (or decontaminate.eval_sets)")
     emb_dir = resolve_embedding(cfg, cfg.dedup.embedding)
-    with_groups = "dedup" in finished_filters(cfg)  # copy dedup enabled and done
+    with_groups = enabled(cfg, "dedup") and read_manifest(stage_dir(cfg, "dedup")) is not None  # copy dedup done
     inputs = {**upstream(cfg, "ingest", *(["dedup"] if with_groups else [])), "embedding": read_manifest(emb_dir)["key"]}
     # the evaluation sets by content (added images redo the stage; a moved folder does not), and the
     # copy settings this stage uses

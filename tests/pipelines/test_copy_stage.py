@@ -151,3 +151,32 @@ def test_local_verification_is_the_default_and_finds_flips_and_crops(tmp_path):
     assert manifest["config"]["verify_stats"]["ms_per_pair"] > 0
     assert manifest["config"]["threshold_choice"]["threshold_how"] == "given"
     assert manifest["config"]["verify_settings"]["max_side"] == 512
+
+
+def test_eval_set_changes_and_unrun_or_stale_decontamination_are_never_silent(cfg, tmp_path):
+    """Images added to an evaluation set redo decontamination; a configured decontamination that has
+    not run, or that ran before the copy dedup now finished, stops the stages after it."""
+    from pipelines.run import run_stage
+
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    (ev / "e30.jpg").write_bytes(reencode(resized(make_image(4030, (72, 72)), 0.9), 85))
+    cfg.decontaminate.eval_sets = [EvalSetConfig(name="bench", source=str(ev))]
+    cfg.decontaminate.threshold = 0.9
+    for stage in ("ingest", "hashdedup", "embed"):
+        run_stage(stage, cfg)
+    with pytest.raises(RuntimeError, match="decontaminate is configured"):
+        run_stage("shards", cfg)  # would ship 030.png, the copy of an evaluation image
+    run_stage("decontaminate", cfg)  # before copy dedup
+    run_stage("dedup", cfg)
+    with pytest.raises(RuntimeError, match="redo it"):
+        run_stage("shards", cfg)
+    (res,) = run_stage("decontaminate", cfg, force=True)
+    assert _names(tmp_path, "decontaminate", lambda r: r["contaminated"]) == {"030.png"}
+    (ev / "e41.jpg").write_bytes(reencode(resized(make_image(4041, (72, 72)), 0.9), 85))
+    with pytest.raises(Exception, match="other settings or inputs"):
+        run_stage("decontaminate", cfg)  # the set changed: not "already done"
+    run_stage("decontaminate", cfg, force=True)
+    assert _names(tmp_path, "decontaminate", lambda r: r["contaminated"]) == {"030.png", "041.png"}
+    (shards,) = run_stage("shards", cfg)
+    assert shards.counts["out"] == 50 - 2
