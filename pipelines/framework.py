@@ -50,7 +50,8 @@ def upstream(cfg: Config, *stages: str) -> dict:
 
 def source_fingerprint(source: str) -> dict:
     """Name plus size and mtime; for a folder, a stat walk (files, bytes, newest mtime), so adding or
-    changing images makes the stage redo instead of reporting 'already done'. The basename, not the
+    changing images changes the stage's key (a rerun is refused until --force) instead of reporting
+    'already done'. The basename, not the
     path, as record ids are location-independent: moving the inputs (mv keeps mtimes) redoes nothing."""
     p = Path(source).resolve()
     if p.is_file():

@@ -53,7 +53,8 @@ def _verified_matches(cfg: Config, emb_dir, eval_sets: dict, d, spec) -> tuple[d
 
 
 def run(cfg: Config, force: bool = False) -> StageResult:
-    """Drop pool images that copy an evaluation image (cosine > threshold) and their component."""
+    """Drop pool images that copy an evaluation image (verified locally, or cosine > threshold with
+    verify none) and their copy component."""
     from curate.dedup import decontaminate
     from curate.index import IndexSpec
 

@@ -132,8 +132,22 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     pixels = (width * height)[rows.emb_rows]
     valid = valid_rows(as_parts(str(emb_dir)))
     limits = SafetyLimits(max_component_share=dc.max_component_share, max_removed_share=dc.max_removed_share)
+    notes = []
     try:
-        choice = _threshold(cfg, emb_dir, model, valid)
+        try:
+            choice = _threshold(cfg, emb_dir, model, valid)
+            if not 0 <= choice.threshold < 1:  # e.g. calibrated on a pool of one image
+                raise ValueError(f"calibration gave no usable cosine ({choice.threshold}) on {int(valid.sum())} images")
+        except ValueError as exc:
+            if mode != "local" or dc.threshold is not None:
+                raise
+            # local verification decides every pair it can judge; with no cosine to trust for the rest,
+            # pairs too flat to judge are not linked
+            from curate.calibrate import ThresholdChoice
+
+            choice = ThresholdChoice(1.0, "none (calibration found none)", {"spec": model, "reason": str(exc)})
+            notes.append(f"no cosine of {model} reached precision {dc.target_precision} on the pool: pairs too flat "
+                         "to verify are not linked (give dedup.threshold to link them)")
         if mode == "local":
             edges, extra = _verified_edges(cfg, emb_dir, valid, choice.threshold)
             extra["threshold_choice"] = choice.manifest()
@@ -162,6 +176,6 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     if res.warning:
         counts["warning"] = res.warning
     result = StageResult("dedup", str(d), key, counts=counts, seconds=time.time() - t0,
-                         outputs={"records": str(d), "groups": str(d / "groups.parquet")})
+                         outputs={"records": str(d), "groups": str(d / "groups.parquet")}, notes=notes)
     finish(result, {**config, "stats": st, **extra}, inputs)
     return result

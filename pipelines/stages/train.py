@@ -3,12 +3,16 @@ does nothing when the run is complete)."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
+from curate.parts import write_json_atomic
 from pipelines.config import Config
 from pipelines.framework import stage_dir, train_output
-from pipelines.manifest import StageResult
+from pipelines.manifest import StageResult, read_manifest
+
+STAMP = "_curated_from.json"  # which curated shards and trainer config this output was trained on
 
 
 def run(cfg: Config, force: bool = False) -> StageResult:
@@ -21,11 +25,28 @@ def run(cfg: Config, force: bool = False) -> StageResult:
 
     tc = cfg.train
     out = train_output(cfg)
-    if force and out.exists():
-        shutil.rmtree(out)
     shards = Path(cfg.shards.out) if cfg.shards.out else stage_dir(cfg, "shards")
     overrides = [f"data.path={shards}", f"output_dir={out}", *tc.overrides]
     tcfg = load_train_config(resolve_config_path(tc.config), overrides)  # a bad config fails here, in one line
+    # the trainer's own resume handles changed overrides (e.g. more iterations); other shards or another
+    # trainer config make another run
+    stamp = {"shards": (read_manifest(shards) or {}).get("key"), "config": tc.config}
+    marker = out / STAMP
+    made_here = marker.exists()
+    if out.exists() and any(out.iterdir()):
+        if made_here and json.loads(marker.read_text()) == stamp:
+            pass  # the same training: resume
+        elif not force:
+            raise ValueError(f"{out} holds a training run of other shards or another trainer config (or one not "
+                             "made by this stage): "
+                             "use --force to restart it, or another train.output_dir")
+        elif not made_here:
+            raise ValueError(f"refusing to delete {out}: it was not made by the train stage; choose another "
+                             "train.output_dir")
+        else:
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, stamp)
     t0 = time.time()
     if tc.nproc > 1:
         from train.dist import launch

@@ -180,3 +180,20 @@ def test_eval_set_changes_and_unrun_or_stale_decontamination_are_never_silent(cf
     assert _names(tmp_path, "decontaminate", lambda r: r["contaminated"]) == {"030.png", "041.png"}
     (shards,) = run_stage("shards", cfg)
     assert shards.counts["out"] == 50 - 2
+
+
+def test_local_dedup_goes_on_when_calibration_finds_no_cosine(tmp_path):
+    """A pool too small (or too uniform) to calibrate a cosine on: local verification still decides
+    what it can judge, pairs too flat to judge are not linked, and the summary says so."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "only.png").write_bytes(encode(make_image(1, (72, 72)), "PNG"))
+    c = load_config(None, [f"workdir={tmp_path / 'w'}", "ingest.workers=1", "embed.num_workers=0",
+                           "embed.model=pixels:16"])
+    c.ingest.sources = [str(raw)]
+    results = {r.stage: r for r in run_pipeline(c, until="dedup")}
+    dedup = results["dedup"]
+    assert dedup.counts["in"] == dedup.counts["out"] == 1
+    assert any("pairs too flat to verify are not linked" in n for n in dedup.notes)
+    manifest = json.loads((tmp_path / "w" / "dedup" / "_MANIFEST.json").read_text())
+    assert manifest["config"]["threshold_choice"]["threshold_how"] == "none (calibration found none)"

@@ -99,3 +99,20 @@ def test_pipeline_train_stage_on_two_processes_resumes_and_exports(tmp_path, cap
     state = torch.load(dest, weights_only=True)
     assert state["cls_token"].shape[-1] == 384 and "blocks.0.attn.qkv.weight" in state
     assert main(["export", str(tmp_path / "nowhere"), "--out", str(dest)]) == 2
+
+
+def test_train_stage_never_resumes_or_deletes_a_run_it_did_not_make(tmp_path):
+    import pytest
+
+    from pipelines.config import load_config
+    from pipelines.stages import train as train_stage
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    cfg = load_config(None, [f"workdir={tmp_path / 'w'}", "train.config=tiny", f"train.output_dir={foreign}"])
+    with pytest.raises(ValueError, match="use --force to restart it"):
+        train_stage.run(cfg)
+    with pytest.raises(ValueError, match="refusing to delete"):
+        train_stage.run(cfg, force=True)
+    assert (foreign / "notes.txt").read_text() == "keep me"
