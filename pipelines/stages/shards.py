@@ -111,7 +111,8 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     if prev:
         return prev
     t0 = time.time()
-    records = _expand_repeats(selected_records(cfg, sc.select))
+    selected = selected_records(cfg, sc.select)
+    records = _expand_repeats(selected)  # a record chosen n times (balance.multiplier) is n samples
     dup_cols = {"dup_of", "dup_reason", "dup_group", "dup_distance", "raw_key", "error", "status", "selected",
                 "repeats", "cluster_sq_dist", "copy_of", "copy_group", "copy_max_sim", "contaminated",
                 "contam_reason", "contam_set"}
@@ -121,7 +122,8 @@ def run(cfg: Config, force: bool = False) -> StageResult:
         info = write_shards(records, stage_dir(cfg, "ingest"), out, settings, meta_columns=meta,
                             on_shard=lambda name, n: bar.update(1))
     result = StageResult("shards", str(out), key, counts={
-        "in": records.num_rows, "out": info["samples"], "dropped": {}, "shards": info["shards"],
+        "in": selected.num_rows, "out": info["samples"] - (records.num_rows - selected.num_rows), "dropped": {},
+        "samples": info["samples"], "shards": info["shards"],
         "bytes": info["bytes"]}, seconds=time.time() - t0,
         outputs={"shards": str(out), "index": str(out / "index.parquet")})
     finish(result, asdict(sc), inputs)

@@ -93,6 +93,11 @@ def test_multiplier_repeats_reach_the_shards(cfg, tmp_path):
     cfg.balance.target, cfg.balance.multiplier = 150, 2  # more than the 90 images: some repeat
     results = {r.stage: r for r in run_pipeline(cfg)}
     assert results["balance"].counts["shortfall"] == 0
+    # records in and out of the shards stage reconcile with balance; the repeats are samples
+    shards = results["shards"].counts
+    assert shards["in"] == shards["out"] == results["balance"].counts["out"] and shards["samples"] == 150
+    report = json.loads((tmp_path / "w" / "report" / "report.json").read_text())
+    assert report["funnel"]["reconcile"]["ok"], report["funnel"]
     index = pq.read_table(tmp_path / "w" / "shards" / "index.parquet").to_pylist()
     assert len(index) == 150 and len({r["key"] for r in index}) == 150
     assert all(r["key"] == r["id"] or r["key"].startswith(r["id"] + "_r") for r in index)
