@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import faiss
 import numpy as np
 
-PART_RE = re.compile(r"^part-(\d{5,})\.npy$")
+from curate.parts import list_parts
+
 DEFAULT_CHUNK = 65_536
 Seed = int | Sequence[int]
 
@@ -66,10 +65,10 @@ class ArrayVectors:
     @classmethod
     def from_dir(cls, directory: str | os.PathLike) -> ArrayVectors:
         """Memory-map every part-XXXXX.npy of a directory, in part-number order."""
-        named = sorted((int(m.group(1)), p) for p in Path(directory).iterdir() if (m := PART_RE.match(p.name)))
-        if not named:
+        paths = list_parts(directory, ".npy")
+        if not paths:
             raise FileNotFoundError(f"no part-XXXXX.npy files in {directory}")
-        return cls([np.load(p, mmap_mode="r") for _, p in named])
+        return cls([np.load(p, mmap_mode="r") for p in paths])
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Global rows [start, stop) as a new float32 array (may span parts)."""

@@ -117,11 +117,6 @@ class EmbeddingParts:
         return out[inverse.reshape(-1)]
 
 
-    @classmethod
-    def from_dir(cls, directory: str | os.PathLike) -> EmbeddingParts:
-        """Every part-XXXXX.npy of a directory, in part-number order."""
-        return cls(directory)
-
     def subset(self, rows: np.ndarray) -> RowSubset:
         """The given global rows (sorted, unique) seen as a matrix of their own, read lazily."""
         return RowSubset(self, rows)

@@ -5,7 +5,7 @@ outputs, so the files are the same whichever executor ran.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 
 def init_ray(address: str | None = None) -> None:
@@ -77,12 +77,3 @@ def ray_embed(spec: str, settings_kwargs: dict, jobs: Sequence[tuple[int, list[d
             continue
         idle.append(actor)
         yield result
-
-
-def on_ray(fn: Callable, items: Sequence, address: str | None = None, num_cpus: float = 1) -> list:
-    """Run fn(item) as Ray tasks and return the results in input order."""
-    import ray
-
-    init_ray(address)
-    task = ray.remote(num_cpus=num_cpus)(fn)
-    return ray.get([task.remote(x) for x in items])

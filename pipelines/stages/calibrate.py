@@ -5,14 +5,14 @@ hash, embedding and verified decisions side by side with the recommended setting
 
 from __future__ import annotations
 
-
+from curate.calibrate import COPY_DESCRIPTOR_THRESHOLD
 from curate.parts import write_json_atomic, write_table_atomic
 from pipelines.config import Config
 from pipelines.embedding import resolve_embedding
 from pipelines.framework import stage_dir
 from pipelines.manifest import read_manifest
 
-FALLBACK_THRESHOLD = 0.6  # compared when no cosine reaches the target precision (DINOv2's value)
+FALLBACK_THRESHOLD = COPY_DESCRIPTOR_THRESHOLD  # compared when no cosine reaches the target precision (DINOv2's)
 
 
 def run(cfg: Config) -> dict:
