@@ -53,7 +53,7 @@ def run_one(cfg: Config, force: bool = False) -> StageResult:
     ec = cfg.embed
     inputs = upstream(cfg, "ingest", "hashdedup")
     precision = ec.precision
-    if precision == "auto":  # resolved, so a run resumed on another kind of device cannot mix parts
+    if precision == "auto":  # resolved on the driver, so a run resumed on another kind of device cannot mix parts
         precision = "bf16" if resolve_device(ec.device).type == "cuda" else "fp32"
     bootstrap = ec.model.split(":")[0] == "bootstrap"
     model = {"bootstrap": [ec.model, ec.bootstrap_sample, list(ec.bootstrap_overrides)]} if bootstrap else \
@@ -71,8 +71,10 @@ def run_one(cfg: Config, force: bool = False) -> StageResult:
         notes.append(note)
     jobs = embed_jobs(cfg)
     todo = [(k, rows) for k, rows in jobs if not part_done(d, k)]
+    # the precision of the key, so Ray actors on other hardware than the driver cannot write parts of
+    # another precision under it (with GPU actors and a CPU driver, set embed.precision=bf16)
     settings = EmbedSettings(batch_size=ec.batch_size, num_workers=ec.num_workers, device=ec.device,
-                             precision=ec.precision, threads=ec.threads)
+                             precision=precision, threads=ec.threads)
     raw_root = str(stage_dir(cfg, "ingest"))
     with progress(sum(len(r) for _, r in jobs), f"embed {d.name}", "img") as bar:
         bar.update(sum(len(r) for _, r in jobs) - sum(len(r) for _, r in todo))
