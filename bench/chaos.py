@@ -13,8 +13,11 @@ workdir path (the reference is moved aside), so paths stored in checkpoints matc
 
 Orphans: every run carries CHAOS_RUN=<tag> in its environment, inherited by its workers and by
 the Ray processes it starts (raylet, gcs_server, workers); a live process (not a zombie) with the
-tag after the kill is the run's. Non-Ray ones alive 1 s after the kill are `orphans`; Ray ones
-still alive --ray-grace s after it are `ray_orphans` (then killed). One JSON line reports it.
+tag after the kill is the run's. Non-Ray ones alive 1 s after the kill are `orphans` (a failure).
+Ray ones are followed until gone (`ray_gone_seconds`); those alive --ray-grace s after the kill
+are `ray_late_processes`, a failure for the raylet, GCS or workers (`ray_late_core`), reported
+for Ray's node agents, which outlive the raylet ~60 s; any alive --ray-wait s after the last
+run are killed and counted (`ray_never_gone`, a failure). One JSON line reports it.
 
     python bench/chaos.py [--points 50] [--pool 300] [--seed 0] [--root /tmp/chaos]
                           [--executor local|ray] [--train-iters 0]
@@ -31,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -78,8 +82,6 @@ train:
 CHECKPOINTS = ("last.pt", "last_good.pt", "teacher_backbone.pt")
 SKIP = {"_MANIFEST.json", "_STARTED.json"}  # hold timestamps
 ORPHANS: list[int] = []  # killed runs that left a non-Ray process alive 1 s after the kill
-RAY_ORPHANS: list[int] = []  # killed runs that left a Ray process alive --ray-grace s after the kill
-RAY_GONE: list[float] = []  # seconds until the last Ray process of a killed run was gone
 LEFT_AFTER_EXIT: list[int] = []  # completed runs that left a process of theirs alive
 
 
@@ -218,24 +220,37 @@ def stage_at(work: Path, stages: list[str]) -> str:
     return "done"
 
 
-def tagged(tag: str) -> list[tuple[int, bool]]:
-    """(pid, is_ray) of live, non-zombie processes whose environment holds CHAOS_RUN=tag."""
+def tagged() -> dict[str, list[tuple[int, str]]]:
+    """{tag: [(pid, name)]} of live, non-zombie processes whose environment holds CHAOS_RUN=tag."""
     import psutil
 
-    needle = f"CHAOS_RUN={tag}".encode()
-    found = []
-    for proc in psutil.process_iter(["status", "cmdline"]):
+    found: dict[str, list[tuple[int, str]]] = {}
+    for proc in psutil.process_iter(["status", "name", "cmdline"]):
         try:
             if proc.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
             with open(f"/proc/{proc.pid}/environ", "rb") as f:
-                if needle not in f.read().split(b"\0"):
-                    continue
+                env = f.read().split(b"\0")
         except (OSError, psutil.Error):
             continue
-        cmd = " ".join(proc.info["cmdline"] or [])
-        found.append((proc.pid, "ray" in cmd or "raylet" in cmd or "gcs_server" in cmd))
+        for item in env:
+            if item.startswith(b"CHAOS_RUN="):
+                cmd = " ".join(proc.info["cmdline"] or [])
+                name = (cmd.split()[0].rsplit("/", 1)[-1] if cmd.startswith("ray::") or "ray/" not in cmd
+                        else next((w.rsplit("/", 1)[-1] for w in cmd.split() if "ray/" in w), proc.info["name"]))
+                found.setdefault(item[10:].decode(), []).append((proc.pid, name))
     return found
+
+
+def is_ray(name: str) -> bool:
+    return name.startswith("ray::") or name in RAY_NAMES
+
+
+# Ray's node agents: they notice the raylet's death at once but then hang ~60 s reporting it to the
+# dead GCS (Ray's gcs_rpc_server_reconnect_timeout_s); reported apart from the raylet, GCS and workers.
+RAY_AGENTS = {"ray::DashboardAgent", "ray::RuntimeEnvAgent", "agent.py", "main.py"}
+RAY_NAMES = {"raylet", "gcs_server", "monitor.py", "dashboard.py", "log_monitor.py", "agent.py", "main.py",
+             "default_worker.py", "setup_worker.py"}
 
 
 def _kill(pids: list[int]) -> None:
@@ -246,8 +261,52 @@ def _kill(pids: list[int]) -> None:
             pass
 
 
+class RayWatch(threading.Thread):
+    """Follows the Ray processes of killed runs until they are gone: how long each run's outlive
+    their driver, and which are still alive `grace` s after the kill."""
+
+    def __init__(self, grace: float) -> None:
+        super().__init__(daemon=True)
+        self.grace, self.pending, self.lock = grace, {}, threading.Lock()
+        self.gone: list[float] = []  # seconds from the kill until the run's last Ray process was gone
+        self.late: list[str] = []  # tags with a Ray process alive `grace` s after the kill
+        self.late_names: Counter = Counter()  # those processes, by name
+
+    def add(self, tag: str, killed_at: float) -> None:
+        with self.lock:
+            self.pending[tag] = killed_at
+
+    def run(self) -> None:
+        while True:
+            time.sleep(0.25)
+            with self.lock:
+                if self.pending:
+                    self.poll()
+
+    def poll(self) -> None:
+        alive, now = tagged(), time.time()
+        for tag, killed_at in list(self.pending.items()):
+            left = [(pid, name) for pid, name in alive.get(tag, []) if is_ray(name)]
+            if not left:
+                self.gone.append(now - killed_at)
+                del self.pending[tag]
+            elif now - killed_at >= self.grace and tag not in self.late:
+                self.late.append(tag)
+                self.late_names.update(name for _, name in left)
+
+    def finish(self, wait: float) -> int:
+        """Wait up to `wait` s for the rest to go; kill what is left; returns how many runs that was."""
+        deadline = time.time() + wait
+        while time.time() < deadline and self.pending:
+            time.sleep(0.5)
+        with self.lock:
+            alive = tagged()
+            _kill([pid for tag in self.pending for pid, _ in alive.get(tag, [])])
+            return len(self.pending)
+
+
 def run(config: Path, work: Path, env: dict, kill_after: float | None = None,
-        ray_grace: float = 10.0) -> tuple[int, float]:
+        watch: RayWatch | None = None) -> tuple[int, float]:
     """Run `curate run`; SIGKILL the driver after `kill_after` s. Returns (rc or -9, seconds)."""
     tag = uuid.uuid4().hex
     start = time.time()
@@ -258,28 +317,25 @@ def run(config: Path, work: Path, env: dict, kill_after: float | None = None,
         _, err = proc.communicate(timeout=kill_after if kill_after is not None else 3600)
     except subprocess.TimeoutExpired:
         proc.kill()  # the driver only: its workers must die with it
+        killed_at = time.time()
         proc.communicate()
-        seconds = time.time() - start
+        if watch is not None:
+            watch.add(tag, killed_at)
         time.sleep(1.0)
-        left = tagged(tag)
-        if any(not is_ray for _, is_ray in left):
+        left = [pid for pid, name in tagged().get(tag, []) if not is_ray(name)]
+        if left:
             ORPHANS.append(proc.pid)
-        if any(is_ray for _, is_ray in left):
-            while left and time.time() - start - seconds < ray_grace:
-                time.sleep(0.25)
-                left = tagged(tag)
-            if left:
-                RAY_ORPHANS.append(proc.pid)
-            else:
-                RAY_GONE.append(time.time() - start - seconds)
-        _kill([pid for pid, _ in left])
-        return -9, seconds
+            _kill(left)
+        return -9, killed_at - start
     if proc.returncode != 0:
         sys.stderr.write(err.decode()[-3000:])
     seconds = time.time() - start
-    time.sleep(1.0)  # a clean exit must not leave anything behind either
-    left = tagged(tag)
-    if left:
+    for _ in range(20):  # a clean exit must not leave anything behind either (5 s to shut down)
+        time.sleep(0.25)
+        left = tagged().get(tag, [])
+        if not left:
+            break
+    else:
         LEFT_AFTER_EXIT.append(proc.pid)
         _kill([pid for pid, _ in left])
     return proc.returncode, seconds
@@ -293,7 +349,8 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/chaos")
     ap.add_argument("--executor", choices=["local", "ray"], default="local")
     ap.add_argument("--train-iters", type=int, default=0, help="tiny-ViT training iterations (0 = no train stage)")
-    ap.add_argument("--ray-grace", type=float, default=10.0, help="seconds Ray processes may outlive a killed driver")
+    ap.add_argument("--ray-grace", type=float, default=5.0, help="seconds Ray processes may outlive a killed driver")
+    ap.add_argument("--ray-wait", type=float, default=180.0, help="seconds to wait at the end for the rest to go")
     args = ap.parse_args()
     if 0 < args.train_iters <= CHECKPOINT_EVERY:
         sys.exit(f"--train-iters must be above {CHECKPOINT_EVERY} (last_good.pt is compared too)")
@@ -328,13 +385,15 @@ def main() -> None:
     if args.train_iters and [r["iteration"] for r in ref_metrics] != list(range(args.train_iters)):
         problems.append("reference: metrics.jsonl does not log every iteration once")
     rng = random.Random(args.seed)
+    watch = RayWatch(args.ray_grace)
+    watch.start()
     points = sorted(rng.uniform(0.02, 0.98) for _ in range(args.points))
     killed = identical = 0
     landed: Counter = Counter()
     stray: Counter = Counter()
     rerun_seconds = []
     for point in points:
-        rc, _ = run(config, work, env, kill_after=full * point, ray_grace=args.ray_grace)
+        rc, _ = run(config, work, env, kill_after=full * point, watch=watch if args.executor == "ray" else None)
         killed += rc == -9
         at = stage_at(work, stages) if rc == -9 else "done"
         landed[at] += 1
@@ -356,14 +415,18 @@ def main() -> None:
         for extra in files(work) - ref_files:
             stray[re.sub(r"\d+", "N", extra)] += 1
         shutil.rmtree(work)
+    never_gone = watch.finish(args.ray_wait)
+    late_core = sum(n for name, n in watch.late_names.items() if name not in RAY_AGENTS)
     emit("chaos", points=args.points, pool=args.pool, inputs=n_inputs, seed=args.seed, executor=args.executor,
          train_iters=args.train_iters, reference_seconds=round(full, 1), killed=killed,
          killed_in=dict(landed), identical=identical,
          mean_rerun_seconds=round(sum(rerun_seconds) / max(1, len(rerun_seconds)), 1),
-         files_compared=len(reference), orphans=len(ORPHANS), ray_orphans=len(RAY_ORPHANS),
-         ray_gone_max_seconds=round(max(RAY_GONE, default=0.0), 1), left_after_exit=len(LEFT_AFTER_EXIT),
+         files_compared=len(reference),
+         compared=sorted(k for k in reference if k.startswith("train/")), orphans=len(ORPHANS), left_after_exit=len(LEFT_AFTER_EXIT),
+         ray_late=len(watch.late), ray_late_processes=dict(watch.late_names), ray_late_core=late_core,
+         ray_gone_seconds=sorted(round(g, 1) for g in watch.gone), ray_never_gone=never_gone,
          stray_files=dict(stray), problems=problems[:20])
-    sys.exit(1 if problems or ORPHANS or RAY_ORPHANS or LEFT_AFTER_EXIT else 0)
+    sys.exit(1 if problems or ORPHANS or LEFT_AFTER_EXIT or never_gone or late_core else 0)
 
 
 if __name__ == "__main__":
