@@ -108,8 +108,9 @@ def flat(obj, prefix: str = "") -> dict:
     """Nested dicts/lists of a checkpoint as {path: leaf}."""
     if isinstance(obj, dict):
         return {k: v for key, val in obj.items() for k, v in flat(val, f"{prefix}/{key}").items()}
-    if isinstance(obj, (list, tuple)):
-        return {k: v for i, val in enumerate(obj) for k, v in flat(val, f"{prefix}[{i}]").items()}
+    if isinstance(obj, (list, tuple)):  # a list and a tuple of the same values differ, as in the bytes
+        left, right = "[]" if isinstance(obj, list) else "()"
+        return {k: v for i, val in enumerate(obj) for k, v in flat(val, f"{prefix}{left}{i}{right}").items()}
     return {prefix: obj}
 
 
