@@ -27,7 +27,7 @@ def test_chaos_harness_at_three_kill_points(tmp_path):
 @pytest.mark.slow
 def test_chaos_harness_with_training(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    # seed 6 draws its one kill at 78% of the reference run: in training, after a checkpoint
+    # seed 6 draws its one kill at 78% of the reference run: inside training on this machine
     proc = subprocess.run([sys.executable, "bench/chaos.py", "--points", "1", "--pool", "80", "--seed", "6",
                            "--train-iters", "12", "--root", str(tmp_path / "chaos")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1200)
