@@ -26,6 +26,7 @@ run are killed and counted (`ray_never_gone`, a failure). One JSON line reports 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -142,7 +143,7 @@ def metrics(work: Path) -> tuple[list[dict], list[str]]:
         except ValueError:
             problems.append(f"metrics.jsonl: cut line {line[:40]!r}")
     its = [r["iteration"] for r in records]
-    for prev, it in zip(its, its[1:]):
+    for prev, it in itertools.pairwise(its):
         # a resumed run logs again from its checkpoint: a step back must land on one
         if it != prev + 1 and not (it <= prev and it % CHECKPOINT_EVERY == 0):
             problems.append(f"metrics.jsonl: iteration {it} after {prev}")
