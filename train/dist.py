@@ -202,6 +202,12 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd
     opts = StateDictOptions(full_state_dict=True, strict=True)
     set_model_state_dict(model, model_sd, options=opts)
     set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+    # set_optimizer_state_dict turns tuple hyper-parameters (AdamW's betas) into lists: the same
+    # values, but the next checkpoint would not be byte-identical to an uninterrupted run's.
+    for group, saved in zip(optimizer.param_groups, optim_sd.get("param_groups", [])):
+        for key, value in saved.items():
+            if isinstance(value, tuple) and isinstance(group.get(key), list):
+                group[key] = tuple(group[key])
 
 
 def free_port() -> int:

@@ -55,6 +55,9 @@ def test_resume_is_bit_identical(tiny_cfg):
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    # the plain data too (a resumed optimizer once saved AdamW's betas as a list: other bytes)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert all(type(g["betas"]) is tuple for g in b["optimizer"]["param_groups"])
 
 
 def test_nan_guard_stops_and_keeps_last_good(tiny_cfg, monkeypatch):
