@@ -5,8 +5,9 @@ what a user gets. A small labelled pool and a config modelled on configs/demo.ya
 worker processes; `--executor ray`: `executor: ray`, each run starting its own local Ray;
 `--train-iters N`: a tiny-ViT `train:` section checkpointing every 5 iterations) are written under
 --root. After an uninterrupted reference run, each of --points kill times is drawn uniformly over
-the reference duration; the workdir is killed there (SIGKILL of the driver alone), rerun to the
-end and compared: curated shards, shard index, every stage's record parts and embeddings byte for
+the reference duration; the workdir is killed there (SIGKILL of the driver alone; a run that ends
+first is redone, up to twice, with the point scaled to its own duration), rerun to the end and
+compared: curated shards, shard index, every stage's record parts and embeddings byte for
 byte, counts that reconcile and, with training, last.pt / last_good.pt / teacher_backbone.pt byte
 for byte and tensor by tensor, metrics.jsonl's iterations and values. Every run uses the same
 workdir path (the reference is moved aside), so paths stored in checkpoints match.
@@ -395,7 +396,15 @@ def main() -> None:
     stray: Counter = Counter()
     rerun_seconds = []
     for point in points:
-        rc, _ = run(config, work, env, kill_after=full * point, watch=watch if args.executor == "ray" else None)
+        duration = full
+        for _ in range(3):  # a run faster than the reference can end before its kill time: retry the
+            # point on a fresh workdir, scaled to the duration just seen, so the load cannot void a point
+            rc, seconds = run(config, work, env, kill_after=duration * point,
+                              watch=watch if args.executor == "ray" else None)
+            if rc == -9:
+                break
+            duration = seconds
+            shutil.rmtree(work)
         killed += rc == -9
         at = stage_at(work, stages) if rc == -9 else "done"
         landed[at] += 1
