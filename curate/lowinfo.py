@@ -44,20 +44,52 @@ def reduce(img: Image.Image, side: int = 64) -> np.ndarray:
 
 def measures(rgb: np.ndarray, flat_tol: int = 6) -> dict[str, float]:
     """std (max over channels), flat (fraction near the modal colour) and corr (lag-1 luminance) of uint8 RGB."""
-    x = rgb.reshape(-1, 3).astype(np.int16)
-    std = float(x.astype(np.float64).std(axis=0).max()) if len(x) else 0.0
-    return {"std": std, "flat": _flat(x, flat_tol), "corr": _corr(rgb)}
+    ch = _channels(rgb)
+    return {"std": _std(ch), "flat": _flat(ch, flat_tol), "corr": _corr(rgb)}
 
 
-def _flat(x: np.ndarray, tol: int) -> float:
-    """Fraction of pixels within `tol` (every channel) of the most common colour at 4-bit precision."""
-    if not len(x):
+def _channels(rgb: np.ndarray) -> np.ndarray:
+    """(3, n) contiguous uint8 channel planes of an HxWx3 uint8 array."""
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).reshape(-1, 3).T)
+
+
+def _std(ch: np.ndarray) -> float:
+    """Max over channels of the population std, from exact integer moments (0.0 when empty)."""
+    n = ch.shape[1]
+    if not n:
+        return 0.0
+    s = ch.sum(axis=1, dtype=np.int64)
+    s2 = np.einsum("ij,ij->i", ch, ch, dtype=np.int64)
+    return float(np.sqrt(float((n * s2 - s * s).max()) / (n * n)))
+
+
+def _median_u8(values: np.ndarray) -> float:
+    """np.median of uint8 values from their histogram (the mean of the two middle values when even)."""
+    cum = np.cumsum(np.bincount(values, minlength=256))
+    n = int(cum[-1])
+    lo = int(np.searchsorted(cum, (n - 1) // 2, side="right"))
+    hi = int(np.searchsorted(cum, n // 2, side="right"))
+    return (lo + hi) / 2
+
+
+def _flat(ch: np.ndarray, tol: int) -> float:
+    """Fraction of pixels within `tol` (every channel) of the most common colour at 4-bit precision.
+
+    The centre is the per-channel median of the pixels of the modal 4-bit colour; in integers,
+    |v - centre| <= tol is ceil(centre - tol) <= v <= floor(centre + tol).
+    """
+    n = ch.shape[1]
+    if not n:
         return 1.0
-    q = x >> 4
-    codes = (q[:, 0] << 8) | (q[:, 1] << 4) | q[:, 2]
-    mode = int(np.bincount(codes).argmax())
-    centre = np.median(x[codes == mode], axis=0)
-    return float((np.abs(x - centre).max(axis=1) <= tol).mean())
+    q = (ch >> 4).astype(np.int32)
+    codes = (q[0] << 8) | (q[1] << 4) | q[2]
+    modal = codes == int(np.bincount(codes).argmax())
+    near = np.ones(n, dtype=bool)
+    for c in range(3):
+        centre = _median_u8(ch[c][modal])
+        v = ch[c]
+        near &= (v >= np.ceil(centre - tol)) & (v <= np.floor(centre + tol))
+    return float(np.count_nonzero(near) / n)
 
 
 def _corr(rgb: np.ndarray) -> float:
@@ -80,10 +112,10 @@ def low_information(img: Image.Image | np.ndarray, settings: LowInfoSettings = L
     else:
         rgb = np.asarray(img, dtype=np.uint8)
         rgb = np.repeat(rgb[..., None], 3, axis=2) if rgb.ndim == 2 else rgb
-    x = rgb.reshape(-1, 3).astype(np.int16)
-    if len(x) == 0 or x.astype(np.float64).std(axis=0).max() < settings.min_std:
+    ch = _channels(rgb)
+    if ch.shape[1] == 0 or _std(ch) < settings.min_std:
         return BLANK
-    if _flat(x, settings.flat_tol) >= settings.max_flat:
+    if _flat(ch, settings.flat_tol) >= settings.max_flat:
         return BLANK
     if min(rgb.shape[:2]) >= 4 and _corr(rgb) < settings.min_corr:
         return NOISE

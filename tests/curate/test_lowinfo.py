@@ -103,3 +103,22 @@ def test_check_image_reports_low_information_and_can_be_turned_off():
     placeholder = encode(junk("placeholder", 0), "PNG")
     assert check_image(placeholder).status == BLANK
     assert check_image(placeholder, CheckSettings(lowinfo_max_flat=1.01)).status == "ok"
+
+
+def test_integer_measures_equal_the_float_formulas():
+    from curate.lowinfo import _channels, _flat, _std
+
+    rng = np.random.default_rng(3)
+    for k in range(300):
+        h, w = rng.integers(1, 40, 2)
+        base = rng.integers(0, 256, 3)
+        spread = int(rng.choice([0, 2, 5, 40, 255]))
+        rgb = np.clip(base + rng.integers(-spread, spread + 1, (h, w, 3)), 0, 255).astype(np.uint8)
+        x = rgb.reshape(-1, 3).astype(np.int16)
+        q = x >> 4
+        codes = (q[:, 0] << 8) | (q[:, 1] << 4) | q[:, 2]
+        centre = np.median(x[codes == np.bincount(codes).argmax()], axis=0)
+        want_flat = float((np.abs(x - centre).max(axis=1) <= 6).mean())
+        ch = _channels(rgb)
+        assert _flat(ch, 6) == want_flat, k
+        assert abs(_std(ch) - float(x.astype(np.float64).std(axis=0).max())) < 1e-9, k
