@@ -32,6 +32,29 @@ def tar_file_size(content: int) -> int:
     return (content + 2 * BLOCK + RECORD - 1) // RECORD * RECORD
 
 
+_UNAME = b"curate"
+_HEAD = (b"%07o\0" % 0o444) + (b"%07o\0" % 0) * 2  # mode, uid, gid
+_MID = (b"%011o\0" % 0)  # mtime 0
+_TAIL = (b"0" + b"\0" * 100 + tarfile.POSIX_MAGIC + _UNAME.ljust(32, b"\0") + _UNAME.ljust(32, b"\0")
+         + b"\0" * 8 * 2 + b"\0" * 155 + b"\0" * 12)  # type, linkname, magic, uname, gname, dev, prefix, pad
+_FIXED_SUM = sum(_HEAD) + sum(_MID) + sum(b" " * 8) + sum(_TAIL)
+
+
+def member_header(name: str, size: int) -> bytes:
+    """USTAR header of a regular file (mode 0444, mtime 0, owner curate), byte-identical to
+    ``TarInfo.tobuf(USTAR_FORMAT, "utf-8", "surrogateescape")`` for the same fields; long names
+    and huge sizes go through tarfile itself."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > 100 or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o444
+        info.uname = info.gname = _UNAME.decode()
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    size_field = b"%011o\0" % size
+    chksum = _FIXED_SUM + sum(raw) + sum(size_field)
+    return b"".join((raw.ljust(100, b"\0"), _HEAD, size_field, _MID, b"%06o\0 " % chksum, _TAIL))
+
+
 def write_samples(path: str | os.PathLike, samples: Iterable[dict[str, bytes | str]]) -> dict[str, dict[str, tuple[int, int]]]:
     """Write samples (dicts with __key__ and ext -> bytes) as a webdataset tar at `path`.
 
@@ -51,10 +74,7 @@ def write_samples(path: str | os.PathLike, samples: Iterable[dict[str, bytes | s
             for ext in sorted(k for k in sample if k != "__key__"):
                 value = sample[ext]
                 data = value.encode() if isinstance(value, str) else bytes(value)
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o444
-                info.uname = info.gname = "curate"
-                header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+                header = member_header(f"{key}.{ext}", len(data))
                 fh.write(header)
                 fh.write(data)
                 fh.write(b"\0" * (padded(len(data)) - len(data)))

@@ -131,3 +131,24 @@ def test_curated_shards_are_byte_identical_from_two_locations(tmp_path, cli_env)
                      if p.name.endswith((".tar", "index.parquet"))})
     assert len([n for n in outs[0] if n.endswith(".tar")]) == 5  # 25 distinct of 30 after dedup
     assert outs[0] == outs[1]
+
+
+def test_member_header_is_tarfiles_ustar_header():
+    import tarfile
+
+    from curate.tars import member_header
+
+    names = ["0123456789abcdef.jpg", "0123456789abcdef_r1.json", "a" * 100, "é" * 60, "\udcffa.jpg",
+             "d/" + "b" * 150 + ".png"]
+    for name in names:
+        for size in (0, 1, 511, 512, 25_000, 8**11 - 1, 8**11, 2**40):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = size, 0, 0o444
+            info.uname = info.gname = "curate"
+            try:
+                want = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+            except ValueError:  # too large for USTAR: refused the same way
+                with pytest.raises(ValueError):
+                    member_header(name, size)
+                continue
+            assert member_header(name, size) == want, (name, size)
