@@ -9,10 +9,11 @@ JPEG q85 unless named). Reports
   - copies: original-vs-edit duplicate decisions at --max-distance (default 4) under each mode,
     and the share of pairs on which the two modes agree;
   - distinct: all pairs of distinct originals: false merges under each mode, agreement;
-  - the check_image time per image of each mode.
+  - the check_image time per image of each mode;
+  - lowinfo: blank/noise statuses of every blob (originals and edits) in fast vs exact mode.
 Originals flagged blank/noise (never hashed by ingest) are left out.
 
-    python bench/phash_fast.py [--fashion 1000] [--max-distance 4]
+    python bench/phash_fast.py [--fashion 1000] [--max-distance 4] [--draft-side 32]
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ BACKGROUNDS = Path("/usr/share/backgrounds")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 FAST = CheckSettings(min_side=8, lowinfo=False)
 EXACT = CheckSettings(min_side=8, lowinfo=False, phash_exact=True)
+LOW_FAST = CheckSettings(min_side=8, phash=False)
+LOW_EXACT = CheckSettings(min_side=8, phash=False, phash_exact=True)
+
+
+def statuses(blobs: list[bytes]) -> dict:
+    """Low-information statuses (blank/noise/ok) of fast and exact mode on the same bytes."""
+    fast = [check_image(b, LOW_FAST).status for b in blobs]
+    exact = [check_image(b, LOW_EXACT).status for b in blobs]
+    return {"blobs": len(blobs), "flagged_exact": sum(s != "ok" for s in exact),
+            "flagged_fast": sum(s != "ok" for s in fast), "differ": sum(f != e for f, e in zip(fast, exact))}
 
 
 def real_images() -> list[Image.Image]:
@@ -91,6 +102,7 @@ def evaluate(name: str, images: list[Image.Image], t: int) -> dict:
     single-colour wallpapers and their tiles, whose pHash is float noise) are left out.
     """
     originals = [encode(im, "JPEG", quality=90) for im in images]
+    lowinfo = statuses(originals + [op(im) for op in edits().values() for im in images])
     hashed = [check_image(b, CheckSettings(min_side=8, phash_exact=True)).status == "ok" for b in originals]
     left_out = len(images) - sum(hashed)
     images = [im for im, h in zip(images, hashed) if h]
@@ -121,7 +133,7 @@ def evaluate(name: str, images: list[Image.Image], t: int) -> dict:
             "bits_fast_vs_exact": {"mean": round(float(b.mean()), 3), "p50": int(np.percentile(b, 50)),
                                    "p99": int(np.percentile(b, 99)), "max": int(b.max()),
                                    "share_identical": round(float((b == 0).mean()), 4)},
-            "copies": copies, "per_edit_recall": worst, "distinct": distinct,
+            "lowinfo_status_fast_vs_exact": lowinfo, "copies": copies, "per_edit_recall": worst, "distinct": distinct,
             "ms_per_original": {"fast": round(s_fast / len(originals) * 1e3, 3),
                                 "exact": round(s_exact / len(originals) * 1e3, 3)}}
 
@@ -130,9 +142,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fashion", type=int, default=1000, help="Fashion-MNIST items (0: none)")
     ap.add_argument("--max-distance", type=int, default=DEFAULT_MAX_DISTANCE)
+    ap.add_argument("--draft-side", type=int, default=None, help="override curate.images.DRAFT_SIDE")
     args = ap.parse_args()
+    if args.draft_side:
+        import curate.images
+
+        curate.images.DRAFT_SIDE = args.draft_side
     sets = [("backgrounds", real_images()), ("fashion_mnist_256", fashion_images(args.fashion))]
-    emit("phash_fast", max_distance=args.max_distance,
+    import curate.images
+
+    emit("phash_fast", max_distance=args.max_distance, draft_side=curate.images.DRAFT_SIDE,
          results=[evaluate(name, ims, args.max_distance) for name, ims in sets if ims])
 
 

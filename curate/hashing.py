@@ -13,12 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from math import comb
 
-import faiss
-import imagehash
 import numpy as np
 from PIL import Image
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from curate.groups import id_ranks, pick_keepers
 
@@ -55,6 +51,8 @@ def phash_u64(img: Image.Image) -> int:
     the most significant bit, so ``f"{phash_u64(img):016x}" == str(imagehash.phash(img))``.
     The caller passes the image after EXIF transpose and first-frame selection.
     """
+    import imagehash  # imported here (as faiss and scipy below): ingest workers hash without them
+
     bits = np.asarray(imagehash.phash(img, hash_size=8).hash, dtype=bool).reshape(-1)
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
@@ -132,6 +130,8 @@ def choose_plan(n: int, max_distance: int) -> SearchPlan:
     Brute force wins for small n and for large radii; multi-index hashing wins when
     n is large and max_distance // tables flips keep the number of probes small.
     """
+    import faiss
+
     threads = max(1, faiss.omp_get_max_threads())
     best, best_cost = SearchPlan(0, 64, 0), n * n / 2 * _NS_FLAT / threads
     for tables in range(2, _MAX_TABLES + 1):
@@ -162,6 +162,8 @@ def _unique_pairs(
     insertion, so it is only compared with itself and later chunks: every pair is examined
     about once instead of twice.
     """
+    import faiss
+
     codes = _as_codes(values)
     if plan.tables == 0:
         index = faiss.IndexBinaryFlat(64)
@@ -297,6 +299,9 @@ def dedup(
     if max_distance >= 0:
         pi, pj, _ = phash_pairs(codes, max_distance)
         ei, ej = np.concatenate([ei, pi]), np.concatenate([ej, pj])
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     graph = coo_matrix((np.ones(len(ei), dtype=np.int8), (ei, ej)), shape=(n, n)).tocsr()
     ncomp, labels = connected_components(graph, directed=False)
 
