@@ -72,7 +72,7 @@ def phash_fast_u64(img: Image.Image) -> int:
     """64-bit pHash like ``phash_u64`` computed from a reduced image (can differ from it by a few bits).
 
     Same bit order as phash_u64. The caller passes the image after EXIF transpose and first-frame
-    selection; any size works (a JPEG drafted to >= 64 px a side is what check_image passes).
+    selection; any size works (check_image passes a JPEG drafted to >= 32 px a side).
     """
     grey = img.convert("L") if img.mode != "L" else img
     small = grey.resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP)

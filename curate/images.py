@@ -5,7 +5,7 @@ EXIF orientation, palette/CMYK/16-bit/alpha modes and animation (first frame) on
 checked size and the perceptual hash.
 
 Fast mode (the default, ``phash_exact=False``): a JPEG is decoded in draft mode, scaled by 1/2,
-1/4 or 1/8 in the DCT domain to no less than 64 px a side. Every coefficient is still
+1/4 or 1/8 in the DCT domain to no less than DRAFT_SIDE (32) px a side. Every coefficient is still
 entropy-decoded, so truncated and corrupt files fail as in a full decode; the recorded width and
 height are the true ones and the size limits (too_small, too_many_pixels) are exact. The pHash
 (curate.hashing.phash_fast_u64) and the low-information measures use that one reduced decode, so
@@ -72,7 +72,7 @@ def sha256_hex(data: bytes) -> str:
 # EXIF orientations that ImageOps.exif_transpose applies; 5..8 swap width and height.
 _TRANSPOSING = {2, 3, 4, 5, 6, 7, 8}
 _SWAPPING = {5, 6, 7, 8}
-DRAFT_SIDE = 64  # fast mode: JPEG draft decode to no less than this many pixels a side
+DRAFT_SIDE = 32  # fast mode: JPEG draft decode to no less than this many pixels a side (the pHash input side)
 
 
 def check_image(data: bytes, settings: CheckSettings = CheckSettings()) -> ImageCheck:
