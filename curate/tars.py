@@ -15,6 +15,7 @@ from curate.parts import output_errors
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tarfile pads the archive to a multiple of this
+_ZEROS = bytes(BLOCK)
 
 
 def padded(n: int) -> int:
@@ -24,7 +25,7 @@ def padded(n: int) -> int:
 
 def sample_nbytes(sizes: Iterable[int]) -> int:
     """Bytes one sample takes in a tar: a header plus padded data per member."""
-    return sum(BLOCK + padded(s) for s in sizes)
+    return sum(BLOCK + (s + BLOCK - 1) // BLOCK * BLOCK for s in sizes)
 
 
 def tar_file_size(content: int) -> int:
@@ -71,15 +72,15 @@ def write_samples(path: str | os.PathLike, samples: Iterable[dict[str, bytes | s
         for sample in samples:
             key = str(sample["__key__"])
             entry = {}
+            parts = []
             for ext in sorted(k for k in sample if k != "__key__"):
                 value = sample[ext]
                 data = value.encode() if isinstance(value, str) else bytes(value)
-                header = member_header(f"{key}.{ext}", len(data))
-                fh.write(header)
-                fh.write(data)
-                fh.write(b"\0" * (padded(len(data)) - len(data)))
-                entry[ext] = (pos + len(header), len(data))
-                pos += len(header) + padded(len(data))
+                size = len(data)
+                parts += (member_header(f"{key}.{ext}", size), data, _ZEROS[: -size % BLOCK])
+                entry[ext] = (pos + BLOCK, size)
+                pos += BLOCK + size + -size % BLOCK
+            fh.write(b"".join(parts))  # one write per sample
             layout[key] = entry
         end = tar_file_size(pos)
         fh.write(b"\0" * (end - pos))
@@ -96,15 +97,14 @@ class TarReader:
         self._open: dict[str, object] = {}
 
     def read(self, shard: str, offset: int, size: int) -> bytes:
-        """Bytes of one member."""
+        """Bytes of one member (one pread)."""
         fh = self._open.get(shard)
         if fh is None:
             if len(self._open) >= 16:
                 self.close()
-            fh = open(self.root / shard, "rb")
+            fh = open(self.root / shard, "rb", buffering=0)
             self._open[shard] = fh
-        fh.seek(offset)
-        data = fh.read(size)
+        data = os.pread(fh.fileno(), size, offset)
         if len(data) != size:
             raise OSError(f"short read in {shard} at {offset}: {len(data)} of {size} bytes")
         return data

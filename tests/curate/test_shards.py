@@ -152,3 +152,26 @@ def test_member_header_is_tarfiles_ustar_header():
                     member_header(name, size)
                 continue
             assert member_header(name, size) == want, (name, size)
+
+
+def test_write_samples_equals_tarfiles_archive(tmp_path):
+    import io
+
+    from curate.tars import write_samples
+
+    samples = [{"__key__": f"{i:016x}", "jpg": bytes([i]) * (i * 317), "json": json.dumps({"i": i})} for i in range(40)]
+    layout = write_samples(tmp_path / "ours.tar", samples)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for s in samples:
+            for ext in ("jpg", "json"):
+                data = s[ext].encode() if isinstance(s[ext], str) else s[ext]
+                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                info.uname = info.gname = "curate"
+                tf.addfile(info, io.BytesIO(data))
+    ours = (tmp_path / "ours.tar").read_bytes()
+    assert ours == buf.getvalue()
+    for s in samples:
+        offset, size = layout[s["__key__"]]["jpg"]
+        assert ours[offset: offset + size] == s["jpg"]
