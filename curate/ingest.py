@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -113,8 +113,11 @@ def _check_planned_sources(plan_dir: Path, where: list[str]) -> None:
                          f"the planned paths, or redo it with --force")
 
 
+_PLAN_FIELDS = [f.name for f in fields(PlanItem)]
+
+
 def _plan_row(item: PlanItem, seen: dict[str, int]) -> dict:
-    row = asdict(item)
+    row = {name: getattr(item, name) for name in _PLAN_FIELDS}  # asdict without its deep copies (str/int fields)
     base = make_id(item.name)
     count = seen.get(base, 0)
     seen[base] = count + 1
@@ -234,7 +237,10 @@ def run_part(stage_dir: str | os.PathLike, index: int, settings: IngestSettings)
 def _raw_meta(rec: dict) -> str:
     meta = {k: rec[k] for k in ("id", "uri", "width", "height", "sha256")}
     meta.update(json.loads(rec["_extra"]) if rec.get("_extra") else {})
-    return json.dumps(meta, sort_keys=True, default=str)
+    return _META_JSON.encode(meta)
+
+
+_META_JSON = json.JSONEncoder(sort_keys=True, default=str)  # json.dumps(meta, sort_keys=True, default=str)
 
 
 def _fill_download_cache(items: list[dict], cache: Path, settings: DownloadSettings) -> None:

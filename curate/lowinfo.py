@@ -53,43 +53,51 @@ def _channels(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).reshape(-1, 3).T)
 
 
-def _std(ch: np.ndarray) -> float:
-    """Max over channels of the population std, from exact integer moments (0.0 when empty)."""
+def _var(ch: np.ndarray) -> float:
+    """Max over channels of the population variance, from exact integer moments (0.0 when empty)."""
     n = ch.shape[1]
     if not n:
         return 0.0
     s = ch.sum(axis=1, dtype=np.int64)
     s2 = np.einsum("ij,ij->i", ch, ch, dtype=np.int64)
-    return float(np.sqrt(float((n * s2 - s * s).max()) / (n * n)))
+    return float((n * s2 - s * s).max()) / (n * n)
 
 
-def _median_u8(values: np.ndarray) -> float:
-    """np.median of uint8 values from their histogram (the mean of the two middle values when even)."""
-    cum = np.cumsum(np.bincount(values, minlength=256))
-    n = int(cum[-1])
-    lo = int(np.searchsorted(cum, (n - 1) // 2, side="right"))
-    hi = int(np.searchsorted(cum, n // 2, side="right"))
-    return (lo + hi) / 2
+def _std(ch: np.ndarray) -> float:
+    """Max over channels of the population std (0.0 when empty)."""
+    return float(np.sqrt(_var(ch)))
+
+
+def _may_be_flat(var: float, max_flat: float, tol: int) -> bool:
+    """False when flat >= max_flat is impossible: with a share p of pixels within tol of a centre
+    and the rest at most 255 away, every channel's variance is at most p*tol^2 + (1-p)*255^2."""
+    bound = max_flat * tol * tol + (1.0 - max_flat) * 255.0 * 255.0
+    return var <= bound * (1 + 1e-9) + 1e-9
 
 
 def _flat(ch: np.ndarray, tol: int) -> float:
     """Fraction of pixels within `tol` (every channel) of the most common colour at 4-bit precision.
 
-    The centre is the per-channel median of the pixels of the modal 4-bit colour; in integers,
-    |v - centre| <= tol is ceil(centre - tol) <= v <= floor(centre + tol).
+    The centre is the per-channel median of the pixels of the modal 4-bit colour (np.median, from
+    a histogram: the mean of the two middle values when even); in integers, |v - centre| <= tol
+    is ceil(centre - tol) <= v <= floor(centre + tol).
     """
     n = ch.shape[1]
     if not n:
         return 1.0
     q = (ch >> 4).astype(np.int32)
     codes = (q[0] << 8) | (q[1] << 4) | q[2]
-    modal = codes == int(np.bincount(codes).argmax())
-    near = np.ones(n, dtype=bool)
-    for c in range(3):
-        centre = _median_u8(ch[c][modal])
-        v = ch[c]
-        near &= (v >= np.ceil(centre - tol)) & (v <= np.floor(centre + tol))
-    return float(np.count_nonzero(near) / n)
+    members = ch[:, codes == int(np.bincount(codes).argmax())].astype(np.int32)
+    m = members.shape[1]
+    cum = np.cumsum(np.bincount((members + _CHANNEL_OFFSET).ravel(), minlength=768).reshape(3, 256), axis=1)
+    lo = (cum <= (m - 1) // 2).sum(axis=1)
+    hi = (cum <= m // 2).sum(axis=1)
+    centre = (lo + hi) / 2
+    near = (ch >= np.ceil(centre - tol)[:, None]) & (ch <= np.floor(centre + tol)[:, None])
+    return float(np.count_nonzero(near.all(axis=0)) / n)
+
+
+_CHANNEL_OFFSET = np.array([[0], [256], [512]], dtype=np.int32)
 
 
 def _corr(rgb: np.ndarray) -> float:
@@ -113,9 +121,10 @@ def low_information(img: Image.Image | np.ndarray, settings: LowInfoSettings = L
         rgb = np.asarray(img, dtype=np.uint8)
         rgb = np.repeat(rgb[..., None], 3, axis=2) if rgb.ndim == 2 else rgb
     ch = _channels(rgb)
-    if ch.shape[1] == 0 or _std(ch) < settings.min_std:
+    var = _var(ch)
+    if ch.shape[1] == 0 or float(np.sqrt(var)) < settings.min_std:
         return BLANK
-    if _flat(ch, settings.flat_tol) >= settings.max_flat:
+    if _may_be_flat(var, settings.max_flat, settings.flat_tol) and _flat(ch, settings.flat_tol) >= settings.max_flat:
         return BLANK
     if min(rgb.shape[:2]) >= 4 and _corr(rgb) < settings.min_corr:
         return NOISE

@@ -122,3 +122,22 @@ def test_integer_measures_equal_the_float_formulas():
         ch = _channels(rgb)
         assert _flat(ch, 6) == want_flat, k
         assert abs(_std(ch) - float(x.astype(np.float64).std(axis=0).max())) < 1e-9, k
+
+
+def test_flat_is_skipped_only_where_it_cannot_reach_the_threshold():
+    from curate.lowinfo import _channels, _flat, _may_be_flat, _var
+
+    rng = np.random.default_rng(5)
+    skipped = 0
+    for k in range(400):
+        n = int(rng.integers(50, 400))
+        share = rng.uniform(0.9, 1.0)
+        near = rng.random(n) < share
+        base = rng.integers(0, 256, 3)
+        rgb = np.where(near[:, None], base + rng.integers(-6, 7, (n, 3)), rng.choice([0, 255], (n, 3)))
+        ch = _channels(np.clip(rgb, 0, 255).astype(np.uint8).reshape(1, n, 3))
+        for max_flat in (0.9, 0.95, 0.98):
+            if not _may_be_flat(_var(ch), max_flat, 6):
+                skipped += 1
+                assert _flat(ch, 6) < max_flat, k
+    assert skipped > 50
