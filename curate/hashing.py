@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from math import comb
 
 import numpy as np
@@ -72,15 +73,37 @@ def phash_fast_u64(img: Image.Image) -> int:
     """64-bit pHash like ``phash_u64`` computed from a reduced image (can differ from it by a few bits).
 
     Same bit order as phash_u64. The caller passes the image after EXIF transpose and first-frame
-    selection; any size works (check_image passes a JPEG drafted to >= 32 px a side).
+    selection; any size works (check_image passes a JPEG drafted to >= 32 px a side). The grey
+    image is box-reduced to within _REDUCING_GAP of 32 px, then resampled to 32x32 with PIL's
+    LANCZOS weights as two matrix products (in floats, no rounding between the passes).
     """
     grey = img.convert("L") if img.mode != "L" else img
-    small = grey.resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP)
-    pixels = np.asarray(small, dtype=np.float64)
-    low = (_DCT8 @ pixels @ _DCT8.T).reshape(-1)
+    w, h = grey.size
+    fx, fy = max(1, int(w / 32 / _REDUCING_GAP)), max(1, int(h / 32 / _REDUCING_GAP))
+    if fx > 1 or fy > 1:
+        grey = grey.reduce((fx, fy))
+    pixels = np.asarray(grey, dtype=np.float64)
+    small = _lanczos_weights(pixels.shape[0]) @ pixels @ _lanczos_weights(pixels.shape[1]).T
+    low = (_DCT8 @ small @ _DCT8.T).reshape(-1)
     mid = np.partition(low, (31, 32))
     bits = low > (mid[31] + mid[32]) / 2  # np.median of 64 values
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+@lru_cache(maxsize=512)
+def _lanczos_weights(size_in: int, size_out: int = 32) -> np.ndarray:
+    """(size_out, size_in) resampling matrix with the weights of PIL's LANCZOS (a = 3) resize."""
+    scale = size_in / size_out
+    filterscale = max(scale, 1.0)
+    support = 3.0 * filterscale
+    m = np.zeros((size_out, size_in))
+    for xx in range(size_out):
+        center = (xx + 0.5) * scale
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), size_in)
+        x = (np.arange(lo, hi) - center + 0.5) / filterscale
+        w = np.where(np.abs(x) < 3.0, np.sinc(x) * np.sinc(x / 3.0), 0.0)
+        m[xx, lo:hi] = w / w.sum()
+    return m
 
 
 def hamming_u64(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -102,15 +102,19 @@ _CHANNEL_OFFSET = np.array([[0], [256], [512]], dtype=np.int32)
 
 def _corr(rgb: np.ndarray) -> float:
     """Max of the horizontal and vertical lag-1 correlation of the luminance (1.0 when undefined)."""
-    g = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    g = rgb.astype(np.float64) @ _LUMA
     best = -1.0
     for a, b in ((g[:, :-1], g[:, 1:]), (g[:-1, :], g[1:, :])):
-        a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
-        den = np.sqrt((a * a).sum() * (b * b).sum())
+        a, b = a.ravel(), b.ravel()
+        a, b = a - a.mean(), b - b.mean()
+        den = np.sqrt(np.dot(a, a) * np.dot(b, b))  # dot products: the sums of products in one pass
         if a.size < 2 or den == 0:
             return 1.0
-        best = max(best, float((a * b).sum() / den))
+        best = max(best, float(np.dot(a, b) / den))
     return best
+
+
+_LUMA = np.array([0.299, 0.587, 0.114])
 
 
 def low_information(img: Image.Image | np.ndarray, settings: LowInfoSettings = LowInfoSettings()) -> str | None:

@@ -106,7 +106,7 @@ def test_check_image_reports_low_information_and_can_be_turned_off():
 
 
 def test_integer_measures_equal_the_float_formulas():
-    from curate.lowinfo import _channels, _flat, _std
+    from curate.lowinfo import _channels, _corr, _flat, _std
 
     rng = np.random.default_rng(3)
     for k in range(300):
@@ -122,6 +122,14 @@ def test_integer_measures_equal_the_float_formulas():
         ch = _channels(rgb)
         assert _flat(ch, 6) == want_flat, k
         assert abs(_std(ch) - float(x.astype(np.float64).std(axis=0).max())) < 1e-9, k
+        if min(h, w) >= 2:
+            g = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+            want_corr = -1.0
+            for a, b in ((g[:, :-1], g[:, 1:]), (g[:-1, :], g[1:, :])):
+                a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+                den = np.sqrt((a * a).sum() * (b * b).sum())
+                want_corr = 1.0 if den == 0 or want_corr == 1.0 else max(want_corr, float((a * b).sum() / den))
+            assert want_corr == 1.0 or abs(_corr(rgb) - want_corr) < 1e-9, k
 
 
 def test_flat_is_skipped_only_where_it_cannot_reach_the_threshold():
