@@ -50,7 +50,8 @@ def main() -> None:
     copy_mb_s = total / 2**20 / min(results["copy"])
     shard_mb_s = total / 2**20 / min(results["shards"])
     emit("shards", n=args.n, image_mb=round(total / 2**20, 1), shards_mb_per_s=round(shard_mb_s, 1),
-         copy_mb_per_s=round(copy_mb_s, 1), ratio=round(shard_mb_s / copy_mb_s, 3), best_of=3)
+         copy_mb_per_s=round(copy_mb_s, 1), ratio=round(shard_mb_s / copy_mb_s, 3), best_of=3,
+         ratios_per_round=sorted(round(c / s, 3) for c, s in zip(results["copy"], results["shards"])))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

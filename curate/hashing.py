@@ -11,14 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from math import comb
 
-import faiss
-import imagehash
 import numpy as np
 from PIL import Image
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from curate.groups import id_ranks, pick_keepers
 
@@ -55,8 +52,58 @@ def phash_u64(img: Image.Image) -> int:
     the most significant bit, so ``f"{phash_u64(img):016x}" == str(imagehash.phash(img))``.
     The caller passes the image after EXIF transpose and first-frame selection.
     """
+    import imagehash  # imported here (as faiss and scipy below): ingest workers hash without them
+
     bits = np.asarray(imagehash.phash(img, hash_size=8).hash, dtype=bool).reshape(-1)
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+# Fast pHash: the same algorithm as imagehash.phash (32x32 LANCZOS grey image, 2-D DCT-II, the 8x8
+# low frequencies against their median), with two shortcuts: the image is box-reduced to within
+# _REDUCING_GAP of 32 px before the LANCZOS pass (PIL's reducing_gap), and the DCT is two small
+# matrix products instead of scipy.fftpack. check_image also feeds it a JPEG decoded in draft
+# mode (DCT-domain downscaling). Values can differ from imagehash by a few bits (bench/RESULTS.md,
+# "Ingest speed (issue 16)"); phash_u64 stays imagehash-exact.
+_REDUCING_GAP = 3.0
+_N = np.arange(32)
+_DCT8 = 2.0 * np.cos(np.pi * np.arange(8)[:, None] * (2 * _N[None, :] + 1) / 64.0)  # scipy dct type II rows 0..7
+
+
+def phash_fast_u64(img: Image.Image) -> int:
+    """64-bit pHash like ``phash_u64`` computed from a reduced image (can differ from it by a few bits).
+
+    Same bit order as phash_u64. The caller passes the image after EXIF transpose and first-frame
+    selection; any size works (check_image passes a JPEG drafted to >= 32 px a side). The grey
+    image is box-reduced to within _REDUCING_GAP of 32 px, then resampled to 32x32 with PIL's
+    LANCZOS weights as two matrix products (in floats, no rounding between the passes).
+    """
+    grey = img.convert("L") if img.mode != "L" else img
+    w, h = grey.size
+    fx, fy = max(1, int(w / 32 / _REDUCING_GAP)), max(1, int(h / 32 / _REDUCING_GAP))
+    if fx > 1 or fy > 1:
+        grey = grey.reduce((fx, fy))
+    pixels = np.asarray(grey, dtype=np.float64)
+    small = _lanczos_weights(pixels.shape[0]) @ pixels @ _lanczos_weights(pixels.shape[1]).T
+    low = (_DCT8 @ small @ _DCT8.T).reshape(-1)
+    mid = np.partition(low, (31, 32))
+    bits = low > (mid[31] + mid[32]) / 2  # np.median of 64 values
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+@lru_cache(maxsize=512)
+def _lanczos_weights(size_in: int, size_out: int = 32) -> np.ndarray:
+    """(size_out, size_in) resampling matrix with the weights of PIL's LANCZOS (a = 3) resize."""
+    scale = size_in / size_out
+    filterscale = max(scale, 1.0)
+    support = 3.0 * filterscale
+    m = np.zeros((size_out, size_in))
+    for xx in range(size_out):
+        center = (xx + 0.5) * scale
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), size_in)
+        x = (np.arange(lo, hi) - center + 0.5) / filterscale
+        w = np.where(np.abs(x) < 3.0, np.sinc(x) * np.sinc(x / 3.0), 0.0)
+        m[xx, lo:hi] = w / w.sum()
+    return m
 
 
 def hamming_u64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -106,6 +153,8 @@ def choose_plan(n: int, max_distance: int) -> SearchPlan:
     Brute force wins for small n and for large radii; multi-index hashing wins when
     n is large and max_distance // tables flips keep the number of probes small.
     """
+    import faiss
+
     threads = max(1, faiss.omp_get_max_threads())
     best, best_cost = SearchPlan(0, 64, 0), n * n / 2 * _NS_FLAT / threads
     for tables in range(2, _MAX_TABLES + 1):
@@ -136,6 +185,8 @@ def _unique_pairs(
     insertion, so it is only compared with itself and later chunks: every pair is examined
     about once instead of twice.
     """
+    import faiss
+
     codes = _as_codes(values)
     if plan.tables == 0:
         index = faiss.IndexBinaryFlat(64)
@@ -271,6 +322,9 @@ def dedup(
     if max_distance >= 0:
         pi, pj, _ = phash_pairs(codes, max_distance)
         ei, ej = np.concatenate([ei, pi]), np.concatenate([ej, pj])
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     graph = coo_matrix((np.ones(len(ei), dtype=np.int8), (ei, ej)), shape=(n, n)).tocsr()
     ncomp, labels = connected_components(graph, directed=False)
 

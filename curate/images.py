@@ -1,8 +1,17 @@
-"""Decode-check of image bytes: every image is fully decoded once, hashed, and given a status.
+"""Decode-check of image bytes: every image is decoded once, hashed, and given a status.
 
 The status is "ok" or a short machine-readable reason. The stored bytes are always the originals;
 EXIF orientation, palette/CMYK/16-bit/alpha modes and animation (first frame) only affect the
 checked size and the perceptual hash.
+
+Fast mode (the default, ``phash_exact=False``): a JPEG is decoded in draft mode, scaled by 1/2,
+1/4 or 1/8 in the DCT domain to no less than DRAFT_SIDE (32) px a side. Every coefficient is still
+entropy-decoded, so truncated and corrupt files fail as in a full decode; the recorded width and
+height are the true ones and the size limits (too_small, too_many_pixels) are exact. The pHash
+(curate.hashing.phash_fast_u64) and the low-information measures use that one reduced decode, so
+the pHash can differ from imagehash.phash by a few bits and a borderline blank/noise status can
+differ from exact mode (bench/RESULTS.md, "Ingest speed (issue 16)"). ``phash_exact=True`` decodes
+in full and records imagehash-identical values, as before.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ class CheckSettings:
     lowinfo_min_std: float = 2.0
     lowinfo_max_flat: float = 0.98
     lowinfo_min_corr: float = 0.2
+    phash_exact: bool = False  # True: full decode and imagehash-identical pHash (slower; see module doc)
 
 
 @dataclass
@@ -59,8 +69,17 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# EXIF orientations that ImageOps.exif_transpose applies; 5..8 swap width and height.
+_TRANSPOSING = {2, 3, 4, 5, 6, 7, 8}
+_SWAPPING = {5, 6, 7, 8}
+DRAFT_SIDE = 32  # fast mode: JPEG draft decode to no less than this many pixels a side (the pHash input side)
+
+
 def check_image(data: bytes, settings: CheckSettings = CheckSettings()) -> ImageCheck:
-    """Fully decode `data` once and report status, size after EXIF orientation and pHash."""
+    """Decode `data` once and report status, true size after EXIF orientation and pHash.
+
+    The decode is full with ``settings.phash_exact``, else a JPEG is decoded in draft mode (module doc).
+    """
     res = ImageCheck(status="ok", sha256=sha256_hex(data), nbytes=len(data))
     if not data:
         res.status, res.error = "empty", "zero bytes"
@@ -80,6 +99,9 @@ def check_image(data: bytes, settings: CheckSettings = CheckSettings()) -> Image
             return res
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            drafted = not settings.phash_exact and img.format == "JPEG"
+            if drafted:
+                img.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))  # DCT-domain downscale; sizes stay the header's
             img.load()
     except Image.DecompressionBombError as exc:
         res.status, res.error = "too_many_pixels", _clean(exc)
@@ -97,26 +119,30 @@ def check_image(data: bytes, settings: CheckSettings = CheckSettings()) -> Image
         res.status, res.error = "unsupported_format", f"format {img.format}"
         return res
     res.ext = ext
-    try:
-        oriented = ImageOps.exif_transpose(img)
+    swapped = False
+    try:  # exif_transpose only when it transposes: otherwise it returns a full copy
+        orientation = img.getexif().get(0x0112, 1)
+        oriented = ImageOps.exif_transpose(img) if orientation in _TRANSPOSING else img
+        swapped = orientation in _SWAPPING
     except Exception as exc:  # a broken EXIF block must not make the image unusable
         oriented, res.error = img, "exif ignored: " + _clean(exc)
-    res.width, res.height = oriented.size
-    if min(oriented.size) < settings.min_side:
+    res.width, res.height = ((h, w) if swapped else (w, h)) if drafted else oriented.size
+    if min(res.width, res.height) < settings.min_side:
         res.status, res.error = "too_small", f"{res.width}x{res.height} < {settings.min_side}"
         return res
+    rgb = to_rgb(oriented) if settings.lowinfo or settings.phash else None
     if settings.lowinfo:
         from curate.lowinfo import REASONS, LowInfoSettings, low_information
 
         limits = LowInfoSettings(min_std=settings.lowinfo_min_std, max_flat=settings.lowinfo_max_flat,
                                  min_corr=settings.lowinfo_min_corr)
-        if (kind := low_information(to_rgb(oriented), limits)) is not None:
+        if (kind := low_information(rgb, limits)) is not None:
             res.status, res.error = kind, REASONS[kind]
             return res
     if settings.phash:
-        from curate.hashing import phash_u64
+        from curate.hashing import phash_fast_u64, phash_u64
 
-        res.phash = phash_u64(to_rgb(oriented))
+        res.phash = phash_u64(rgb) if settings.phash_exact else phash_fast_u64(rgb)
     return res
 
 

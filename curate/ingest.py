@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -113,8 +113,11 @@ def _check_planned_sources(plan_dir: Path, where: list[str]) -> None:
                          f"the planned paths, or redo it with --force")
 
 
+_PLAN_FIELDS = [f.name for f in fields(PlanItem)]
+
+
 def _plan_row(item: PlanItem, seen: dict[str, int]) -> dict:
-    row = asdict(item)
+    row = {name: getattr(item, name) for name in _PLAN_FIELDS}  # asdict without its deep copies (str/int fields)
     base = make_id(item.name)
     count = seen.get(base, 0)
     seen[base] = count + 1
@@ -137,7 +140,7 @@ def ingest(sources: Iterable[str], stage_dir: str | os.PathLike, settings: Inges
     todo = [i for i in range(n_parts) if not (stage_dir / part_name(i)).exists()]
     workers = settings.workers or os.cpu_count() or 1
     if workers > 1 and len(todo) > 1:
-        ctx = get_context("spawn")
+        ctx = get_context(_start_method())
         pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
                                    initializer=die_with_parent, initargs=(os.getpid(),))
         try:
@@ -154,6 +157,16 @@ def ingest(sources: Iterable[str], stage_dir: str | os.PathLike, settings: Inges
             if on_part:
                 on_part(i, counts)
     return status_counts(stage_dir)
+
+
+def _start_method() -> str:
+    """"fork" where it is safe and available (Linux, only this thread running), else "spawn".
+
+    A forked worker starts at once with the driver's imports (numpy, PIL, pyarrow and the pandas
+    that pyarrow loads: about a second of CPU per spawned worker); with other threads running,
+    a fork could copy a lock one of them holds, so workers are spawned.
+    """
+    return "fork" if sys.platform.startswith("linux") and threading.active_count() == 1 else "spawn"
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -224,7 +237,10 @@ def run_part(stage_dir: str | os.PathLike, index: int, settings: IngestSettings)
 def _raw_meta(rec: dict) -> str:
     meta = {k: rec[k] for k in ("id", "uri", "width", "height", "sha256")}
     meta.update(json.loads(rec["_extra"]) if rec.get("_extra") else {})
-    return json.dumps(meta, sort_keys=True, default=str)
+    return _META_JSON.encode(meta)
+
+
+_META_JSON = json.JSONEncoder(sort_keys=True, default=str)  # json.dumps(meta, sort_keys=True, default=str)
 
 
 def _fill_download_cache(items: list[dict], cache: Path, settings: DownloadSettings) -> None:

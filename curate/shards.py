@@ -60,12 +60,12 @@ def plan_shards(records: pa.Table, settings: ShardSettings, meta_columns: Sequen
     if settings.shuffle_seed is not None and t.num_rows:
         perm = np.random.default_rng(settings.shuffle_seed).permutation(t.num_rows)
         t = t.take(pa.array(perm))
-    metas = [_sample_meta(row, keep) for row in t.to_pylist()]
-    sizes = t.column("nbytes").to_numpy()
+    metas = _sample_metas(t, keep)
+    sizes = t.column("nbytes").to_pylist()
     shard_ids = np.empty(t.num_rows, dtype=np.int64)
     cur, count, used = 0, 0, 0
     for i, (n, meta) in enumerate(zip(sizes, metas)):
-        need = sample_nbytes([int(n), len(meta.encode())])
+        need = sample_nbytes((n, len(meta.encode())))
         if count and (count >= settings.max_count or tar_file_size(used + need) > settings.max_size):
             cur, count, used = cur + 1, 0, 0
         shard_ids[i] = cur
@@ -74,10 +74,15 @@ def plan_shards(records: pa.Table, settings: ShardSettings, meta_columns: Sequen
     return t.append_column("meta", pa.array(metas, type=pa.string()))
 
 
-def _sample_meta(row: dict, columns: Sequence[str]) -> str:
-    skip = {"raw_shard", "raw_offset", "nbytes", "ext", "key"}
-    meta = {c: row[c] for c in columns if c not in skip and row[c] is not None}
-    return json.dumps(meta, sort_keys=True, default=str)
+_META_SKIP = {"raw_shard", "raw_offset", "nbytes", "ext", "key"}
+_META_JSON = json.JSONEncoder(sort_keys=True, default=str)  # json.dumps(meta, sort_keys=True, default=str)
+
+
+def _sample_metas(t: pa.Table, columns: Sequence[str]) -> list[str]:
+    """The json metadata of every row: its non-null columns except the shard bookkeeping, sorted keys."""
+    names = [c for c in columns if c not in _META_SKIP]
+    values = [t.column(c).to_pylist() for c in names]
+    return [_META_JSON.encode({c: v for c, v in zip(names, row) if v is not None}) for row in zip(*values)]
 
 
 def write_shards(records: pa.Table, raw_root: str | os.PathLike, out_dir: str | os.PathLike,
@@ -90,16 +95,17 @@ def write_shards(records: pa.Table, raw_root: str | os.PathLike, out_dir: str | 
     if not plan_path.exists():
         write_table_atomic(plan_shards(records, settings, meta_columns), plan_path)
     planned = pq.read_table(plan_path)
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for row in planned.select(["key", "raw_shard", "raw_offset", "nbytes", "ext", "shard", "meta"]).to_pylist():
-        groups[row["shard"]].append(row)
+    groups: dict[str, list[tuple]] = defaultdict(list)
+    cols = [planned.column(c).to_pylist() for c in ("shard", "key", "raw_shard", "raw_offset", "nbytes", "ext", "meta")]
+    for shard, *row in zip(*cols):
+        groups[shard].append(row)
     written = 0
     with TarReader(raw_root) as reader:
         for name in sorted(groups):
             rows = groups[name]
             if not (out / name).exists():
-                samples = ({"__key__": r["key"], r["ext"]: reader.read(r["raw_shard"], r["raw_offset"], r["nbytes"]),
-                            "json": r["meta"]} for r in rows)
+                samples = ({"__key__": key, ext: reader.read(raw_shard, offset, nbytes), "json": meta}
+                           for key, raw_shard, offset, nbytes, ext, meta in rows)
                 with atomic_path(out / name) as tmp:
                     write_samples(tmp, samples)
                 written += 1

@@ -17,6 +17,7 @@ import csv
 import json
 import lzma
 import os
+import stat
 import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -124,19 +125,25 @@ def _iter_folder(root: str, sname: str) -> Iterator[PlanItem]:
     base = Path(root).resolve()
     for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
         dirnames.sort()
+        rel = Path(dirpath).relative_to(base).as_posix()  # once per directory, not per file
+        prefix = f"{sname}/" if rel == "." else f"{sname}/{rel}/"
         for fname in sorted(filenames):
             full = os.path.join(dirpath, fname)
-            name = f"{sname}/{Path(full).relative_to(base).as_posix()}"
+            name = prefix + fname
             text, valid = utf8_text(full)
             if not valid:
                 yield PlanItem(uri=text, kind="file", source=root, name=utf8_text(name)[0], path=text,
                                status="bad_name", error="file name is not valid UTF-8")
                 continue
-            if not os.path.isfile(full):
+            try:
+                st = os.stat(full)  # one stat: what os.path.isfile and getsize each did
+            except (OSError, ValueError):
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
                 yield PlanItem(uri=full, kind="file", source=root, name=name, path=full,
                                status="not_regular_file", error="broken link or special file")
                 continue
-            yield PlanItem(uri=full, kind="file", source=root, name=name, path=full, size=os.path.getsize(full))
+            yield PlanItem(uri=full, kind="file", source=root, name=name, path=full, size=st.st_size)
 
 
 def _json_extra(row: dict) -> str | None:

@@ -15,6 +15,7 @@ from curate.parts import output_errors
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tarfile pads the archive to a multiple of this
+_ZEROS = bytes(BLOCK)
 
 
 def padded(n: int) -> int:
@@ -24,12 +25,35 @@ def padded(n: int) -> int:
 
 def sample_nbytes(sizes: Iterable[int]) -> int:
     """Bytes one sample takes in a tar: a header plus padded data per member."""
-    return sum(BLOCK + padded(s) for s in sizes)
+    return sum(BLOCK + (s + BLOCK - 1) // BLOCK * BLOCK for s in sizes)
 
 
 def tar_file_size(content: int) -> int:
     """Size on disk of a tar whose members take `content` bytes: end blocks, then record padding."""
     return (content + 2 * BLOCK + RECORD - 1) // RECORD * RECORD
+
+
+_UNAME = b"curate"
+_HEAD = (b"%07o\0" % 0o444) + (b"%07o\0" % 0) * 2  # mode, uid, gid
+_MID = (b"%011o\0" % 0)  # mtime 0
+_TAIL = (b"0" + b"\0" * 100 + tarfile.POSIX_MAGIC + _UNAME.ljust(32, b"\0") + _UNAME.ljust(32, b"\0")
+         + b"\0" * 8 * 2 + b"\0" * 155 + b"\0" * 12)  # type, linkname, magic, uname, gname, dev, prefix, pad
+_FIXED_SUM = sum(_HEAD) + sum(_MID) + sum(b" " * 8) + sum(_TAIL)
+
+
+def member_header(name: str, size: int) -> bytes:
+    """USTAR header of a regular file (mode 0444, mtime 0, owner curate), byte-identical to
+    ``TarInfo.tobuf(USTAR_FORMAT, "utf-8", "surrogateescape")`` for the same fields; long names
+    and huge sizes go through tarfile itself."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > 100 or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o444
+        info.uname = info.gname = _UNAME.decode()
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    size_field = b"%011o\0" % size
+    chksum = _FIXED_SUM + sum(raw) + sum(size_field)
+    return b"".join((raw.ljust(100, b"\0"), _HEAD, size_field, _MID, b"%06o\0 " % chksum, _TAIL))
 
 
 def write_samples(path: str | os.PathLike, samples: Iterable[dict[str, bytes | str]]) -> dict[str, dict[str, tuple[int, int]]]:
@@ -48,18 +72,15 @@ def write_samples(path: str | os.PathLike, samples: Iterable[dict[str, bytes | s
         for sample in samples:
             key = str(sample["__key__"])
             entry = {}
+            parts = []
             for ext in sorted(k for k in sample if k != "__key__"):
                 value = sample[ext]
                 data = value.encode() if isinstance(value, str) else bytes(value)
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o444
-                info.uname = info.gname = "curate"
-                header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-                fh.write(header)
-                fh.write(data)
-                fh.write(b"\0" * (padded(len(data)) - len(data)))
-                entry[ext] = (pos + len(header), len(data))
-                pos += len(header) + padded(len(data))
+                size = len(data)
+                parts += (member_header(f"{key}.{ext}", size), data, _ZEROS[: -size % BLOCK])
+                entry[ext] = (pos + BLOCK, size)
+                pos += BLOCK + size + -size % BLOCK
+            fh.write(b"".join(parts))  # one write per sample
             layout[key] = entry
         end = tar_file_size(pos)
         fh.write(b"\0" * (end - pos))
@@ -76,15 +97,14 @@ class TarReader:
         self._open: dict[str, object] = {}
 
     def read(self, shard: str, offset: int, size: int) -> bytes:
-        """Bytes of one member."""
+        """Bytes of one member (one pread)."""
         fh = self._open.get(shard)
         if fh is None:
             if len(self._open) >= 16:
                 self.close()
-            fh = open(self.root / shard, "rb")
+            fh = open(self.root / shard, "rb", buffering=0)
             self._open[shard] = fh
-        fh.seek(offset)
-        data = fh.read(size)
+        data = os.pread(fh.fileno(), size, offset)
         if len(data) != size:
             raise OSError(f"short read in {shard} at {offset}: {len(data)} of {size} bytes")
         return data

@@ -225,3 +225,13 @@ def test_dedup_missing_sha_links_nothing_and_ids_must_be_unique() -> None:
         dedup(["a", "a"], ["x", "y"], phash[:2], np.array([1, 1]), 4)
     empty = dedup([], [], np.empty(0, np.uint64), np.empty(0), 4)
     assert len(empty.keep) == 0 and empty.dup_of == []
+
+
+def test_phash_fast_is_close_to_imagehash_and_keeps_the_bit_order() -> None:
+    from curate.hashing import phash_fast_u64
+
+    for seed in range(20):
+        img = make_image(seed, (512, 384))
+        assert bin(phash_fast_u64(img) ^ phash_u64(img)).count("1") <= 6, seed
+    small = make_image(99, (32, 32))  # no reduction: the same pixels, only the DCT differs
+    assert phash_fast_u64(small) == phash_u64(small)

@@ -1,3 +1,8 @@
+import io
+
+import imagehash
+from PIL import Image, ImageOps
+
 from curate.images import CheckSettings, check_image, sha256_hex
 from tests.badfiles import corpus
 
@@ -36,3 +41,41 @@ def test_limits_are_settings():
     assert check_image(data, CheckSettings(min_side=100)).status == "too_small"
     assert check_image(data, CheckSettings(max_pixels=1000)).status == "too_many_pixels"
     assert check_image(data, CheckSettings(max_bytes=10)).status == "too_large"
+
+
+def _big_rotated_jpeg(size: tuple[int, int] = (640, 300), orientation: int = 6) -> bytes:
+    from pipelines.synth import make_image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    make_image(7, size).save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_fast_mode_records_true_size_and_exact_limits():
+    data = _big_rotated_jpeg()  # large enough for a 1/4 draft decode
+    fast, exact = check_image(data), check_image(data, CheckSettings(phash_exact=True))
+    assert (fast.width, fast.height) == (exact.width, exact.height) == (300, 640)
+    assert (fast.status, fast.format, fast.mode, fast.sha256) == (exact.status, exact.format, exact.mode, exact.sha256)
+    assert check_image(data, CheckSettings(min_side=300)).status == "ok"
+    assert check_image(data, CheckSettings(min_side=301)).status == "too_small"
+    assert check_image(data, CheckSettings(max_pixels=640 * 300)).status == "ok"
+    assert check_image(data, CheckSettings(max_pixels=640 * 300 - 1)).status == "too_many_pixels"
+    assert bin(fast.phash ^ exact.phash).count("1") <= 8
+
+
+def test_fast_mode_still_finds_truncated_and_corrupt_jpegs():
+    data = _big_rotated_jpeg(orientation=1)
+    cut = check_image(data[: len(data) // 2])
+    assert cut.status == "truncated" and cut.width is None
+    damaged = bytearray(data)
+    damaged[len(data) // 2: len(data) // 2 + 64] = b"\xff\xd9" * 32  # end-of-image markers mid-scan
+    assert check_image(bytes(damaged)).status == check_image(bytes(damaged), CheckSettings(phash_exact=True)).status
+
+
+def test_exact_mode_phash_is_imagehash():
+    data = _big_rotated_jpeg()
+    with Image.open(io.BytesIO(data)) as img:
+        want = str(imagehash.phash(ImageOps.exif_transpose(img).convert("RGB")))
+    assert f"{check_image(data, CheckSettings(phash_exact=True)).phash:016x}" == want

@@ -3,6 +3,7 @@ import shutil
 import io
 import json
 import tarfile
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -67,7 +68,11 @@ def test_rerun_does_nothing(tmp_path):
     assert before == after
 
 
-def test_parallel_workers_give_identical_output(tmp_path):
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_parallel_workers_give_identical_output(tmp_path, monkeypatch, start):
+    import curate.ingest
+
+    monkeypatch.setattr(curate.ingest, "_start_method", lambda: start)  # spawn: what a threaded driver gets
     _write_corpus(tmp_path / "raw")
     ingest([str(tmp_path / "raw")], tmp_path / "a", FAST)
     ingest([str(tmp_path / "raw")], tmp_path / "b", IngestSettings(part_size=4, workers=2))
@@ -75,6 +80,22 @@ def test_parallel_workers_give_identical_output(tmp_path):
     assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_workers_are_forked_only_without_other_threads():
+    import threading
+
+    from curate.ingest import _start_method
+
+    assert _start_method() == ("fork" if sys.platform.startswith("linux") and threading.active_count() == 1 else "spawn")
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        assert _start_method() == "spawn"
+    finally:
+        stop.set()
+        t.join()
 
 
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -247,8 +268,8 @@ def test_sigkill_of_the_driver_leaves_no_worker(tmp_path):
             workers: list[psutil.Process] = []
             while time.time() < deadline and (len(workers) < 2 or server.requests_total < 2):
                 time.sleep(0.1)
-                workers = [p for p in psutil.Process(driver.pid).children()
-                           if "spawn_main" in " ".join(p.cmdline())]
+                workers = [p for p in psutil.Process(driver.pid).children()  # forked or spawned
+                           if "resource_tracker" not in " ".join(p.cmdline())]
             assert len(workers) == 2 and server.requests_total >= 2, "workers never started downloading"
             driver.kill()
             driver.wait()

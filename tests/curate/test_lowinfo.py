@@ -103,3 +103,49 @@ def test_check_image_reports_low_information_and_can_be_turned_off():
     placeholder = encode(junk("placeholder", 0), "PNG")
     assert check_image(placeholder).status == BLANK
     assert check_image(placeholder, CheckSettings(lowinfo_max_flat=1.01)).status == "ok"
+
+
+def test_integer_measures_equal_the_float_formulas():
+    from curate.lowinfo import _channels, _corr, _flat, _std
+
+    rng = np.random.default_rng(3)
+    for k in range(300):
+        h, w = rng.integers(1, 40, 2)
+        base = rng.integers(0, 256, 3)
+        spread = int(rng.choice([0, 2, 5, 40, 255]))
+        rgb = np.clip(base + rng.integers(-spread, spread + 1, (h, w, 3)), 0, 255).astype(np.uint8)
+        x = rgb.reshape(-1, 3).astype(np.int16)
+        q = x >> 4
+        codes = (q[:, 0] << 8) | (q[:, 1] << 4) | q[:, 2]
+        centre = np.median(x[codes == np.bincount(codes).argmax()], axis=0)
+        want_flat = float((np.abs(x - centre).max(axis=1) <= 6).mean())
+        ch = _channels(rgb)
+        assert _flat(ch, 6) == want_flat, k
+        assert abs(_std(ch) - float(x.astype(np.float64).std(axis=0).max())) < 1e-9, k
+        if min(h, w) >= 2:
+            g = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+            want_corr = -1.0
+            for a, b in ((g[:, :-1], g[:, 1:]), (g[:-1, :], g[1:, :])):
+                a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+                den = np.sqrt((a * a).sum() * (b * b).sum())
+                want_corr = 1.0 if den == 0 or want_corr == 1.0 else max(want_corr, float((a * b).sum() / den))
+            assert want_corr == 1.0 or abs(_corr(rgb) - want_corr) < 1e-9, k
+
+
+def test_flat_is_skipped_only_where_it_cannot_reach_the_threshold():
+    from curate.lowinfo import _channels, _flat, _may_be_flat, _var
+
+    rng = np.random.default_rng(5)
+    skipped = 0
+    for k in range(400):
+        n = int(rng.integers(50, 400))
+        share = rng.uniform(0.9, 1.0)
+        near = rng.random(n) < share
+        base = rng.integers(0, 256, 3)
+        rgb = np.where(near[:, None], base + rng.integers(-6, 7, (n, 3)), rng.choice([0, 255], (n, 3)))
+        ch = _channels(np.clip(rgb, 0, 255).astype(np.uint8).reshape(1, n, 3))
+        for max_flat in (0.9, 0.95, 0.98):
+            if not _may_be_flat(_var(ch), max_flat, 6):
+                skipped += 1
+                assert _flat(ch, 6) < max_flat, k
+    assert skipped > 50

@@ -131,3 +131,47 @@ def test_curated_shards_are_byte_identical_from_two_locations(tmp_path, cli_env)
                      if p.name.endswith((".tar", "index.parquet"))})
     assert len([n for n in outs[0] if n.endswith(".tar")]) == 5  # 25 distinct of 30 after dedup
     assert outs[0] == outs[1]
+
+
+def test_member_header_is_tarfiles_ustar_header():
+    import tarfile
+
+    from curate.tars import member_header
+
+    names = ["0123456789abcdef.jpg", "0123456789abcdef_r1.json", "a" * 100, "é" * 60, "\udcffa.jpg",
+             "d/" + "b" * 150 + ".png"]
+    for name in names:
+        for size in (0, 1, 511, 512, 25_000, 8**11 - 1, 8**11, 2**40):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = size, 0, 0o444
+            info.uname = info.gname = "curate"
+            try:
+                want = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+            except ValueError:  # too large for USTAR: refused the same way
+                with pytest.raises(ValueError):
+                    member_header(name, size)
+                continue
+            assert member_header(name, size) == want, (name, size)
+
+
+def test_write_samples_equals_tarfiles_archive(tmp_path):
+    import io
+
+    from curate.tars import write_samples
+
+    samples = [{"__key__": f"{i:016x}", "jpg": bytes([i]) * (i * 317), "json": json.dumps({"i": i})} for i in range(40)]
+    layout = write_samples(tmp_path / "ours.tar", samples)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for s in samples:
+            for ext in ("jpg", "json"):
+                data = s[ext].encode() if isinstance(s[ext], str) else s[ext]
+                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                info.uname = info.gname = "curate"
+                tf.addfile(info, io.BytesIO(data))
+    ours = (tmp_path / "ours.tar").read_bytes()
+    assert ours == buf.getvalue()
+    for s in samples:
+        offset, size = layout[s["__key__"]]["jpg"]
+        assert ours[offset: offset + size] == s["jpg"]
