@@ -37,6 +37,8 @@ class IngestConfig:
     min_side: int = 32               # shorter side below this -> too_small
     max_pixels: int = 178_956_970    # width x height above this -> too_many_pixels (bomb guard)
     max_file_bytes: int = 64 * 2**20  # files above this -> too_large
+    phash_exact: bool = False        # true: full decode, imagehash-identical pHash (~3.5x slower ingest); default:
+                                     # pHash of a draft-mode reduction (bench/RESULTS.md "Ingest speed (issue 16)")
     lowinfo: bool = True             # statuses blank / noise for low-information images (curate/lowinfo.py)
     lowinfo_min_std: float = 2.0     # pixel std (max over R, G, B; 0-255) below this -> blank
     lowinfo_max_flat: float = 0.98   # share of pixels near the most common colour at or above this -> blank

@@ -19,10 +19,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import tqdm as _tqdm
 from tqdm import tqdm
 
 from pipelines.config import Config
 from pipelines.manifest import read_manifest
+
+# tqdm's monitor thread would make ingest spawn its workers instead of forking them (slower start)
+_tqdm.tqdm.monitor_interval = 0
 
 # Optional stages whose drops later stages honour once they have run: column, and what drops a record.
 DROP_FILTERS = {"dedup": ("copy_of", "not_null"), "decontaminate": ("contaminated", "true")}
@@ -141,7 +145,7 @@ def check_settings(cfg: Config):
 
     ic = cfg.ingest
     return CheckSettings(min_side=ic.min_side, max_pixels=ic.max_pixels, max_bytes=ic.max_file_bytes,
-                         lowinfo=ic.lowinfo, lowinfo_min_std=ic.lowinfo_min_std,
+                         phash_exact=ic.phash_exact, lowinfo=ic.lowinfo, lowinfo_min_std=ic.lowinfo_min_std,
                          lowinfo_max_flat=ic.lowinfo_max_flat, lowinfo_min_corr=ic.lowinfo_min_corr)
 
 
