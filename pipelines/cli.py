@@ -347,11 +347,11 @@ def _curate_then_train(config: str, overrides: list[str]) -> int:
     from pipelines.run import run_pipeline
 
     started = time.time()
-    nproc = [a for a in overrides if a.startswith("--nproc")]
-    if nproc:  # `--nproc N` / `--nproc=N` as for a trainer config: the train stage's ranks
-        i = overrides.index(nproc[0])
-        value = nproc[0].partition("=")[2] or (overrides[i + 1] if i + 1 < len(overrides) else "")
-        overrides = overrides[:i] + overrides[i + (1 if "=" in nproc[0] else 2):] + [f"train.nproc={value}"]
+    flags = argparse.ArgumentParser(prog="curate train", add_help=False)
+    flags.add_argument("--nproc", type=int, help="training processes (as for a trainer config)")
+    known, overrides = flags.parse_known_args(overrides)
+    if known.nproc is not None:
+        overrides.append(f"train.nproc={known.nproc}")
     cfg = load_config(config, overrides)
     if not cfg.train.config:
         print("curate train: the pipeline config has no train.config (e.g. train: {config: tiny})", file=sys.stderr)

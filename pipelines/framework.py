@@ -106,6 +106,14 @@ def finished_filters(cfg: Config) -> list[str]:
     return [s for s, m in done.items() if m is not None]
 
 
+def dropped_by(stage: str, values):
+    """Which records a finished filter stage dropped, from its DROP_FILTERS column (an Arrow array)."""
+    import pyarrow.compute as pc
+
+    rule = DROP_FILTERS[stage][1]
+    return pc.is_valid(values) if rule == "not_null" else pc.fill_null(values, False)
+
+
 def progress(total: int | None, desc: str, unit: str) -> tqdm:
     """A progress bar on stderr when it is a terminal (or CURATE_PROGRESS=1)."""
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,

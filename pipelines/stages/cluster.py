@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipelines.aligned import RowMap, embedding_status
 from pipelines.config import Config, fingerprint
 from pipelines.embedding import resolve_embedding
-from pipelines.framework import DROP_FILTERS, finished_filters, stage_dir, upstream
+from pipelines.framework import DROP_FILTERS, dropped_by, finished_filters, stage_dir, upstream
 from pipelines.manifest import StageResult, begin, finish, read_manifest
 
 
@@ -24,9 +23,7 @@ def _valid(cfg: Config, emb_dir: Path, rows: RowMap) -> tuple[np.ndarray, int]:
     many rows the filters let through (the stage's "in": those that failed to embed drop here)."""
     keep = np.ones(len(rows.emb_rows), dtype=bool)
     for stage in finished_filters(cfg):
-        col, rule = DROP_FILTERS[stage]
-        values = rows.column(stage_dir(cfg, stage), col)
-        dropped = pc.is_valid(values) if rule == "not_null" else pc.fill_null(values, False)
+        dropped = dropped_by(stage, rows.column(stage_dir(cfg, stage), DROP_FILTERS[stage][0]))
         keep &= ~dropped.to_numpy(zero_copy_only=False).astype(bool)[rows.emb_rows]
     return np.flatnonzero(keep & embedding_status(emb_dir)), int(keep.sum())
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from curate.parts import list_parts, read_aligned
 from pipelines.config import Config, fingerprint
-from pipelines.framework import DROP_FILTERS, finished_filters, progress, stage_dir, upstream
+from pipelines.framework import DROP_FILTERS, dropped_by, finished_filters, progress, stage_dir, upstream
 from pipelines.manifest import StageResult, begin, finish, read_manifest
 
 
@@ -26,14 +26,14 @@ def _find_select(cfg: Config, select: str) -> tuple[Path, str]:
 
 
 
-def _embed_failed_ids(cfg: Config) -> pa.Array:
+def _embed_failed_ids(cfg: Config, filters: list[str]) -> pa.Array:
     """Ids whose image failed to embed (embed_error) in an embedding that copy dedup, decontamination
     or clustering used: no copy or evaluation check saw them, so they are not curated (rare: the raw
     bytes passed ingest's decode)."""
     import pyarrow.compute as pc
 
     used = set()
-    for stage in (*finished_filters(cfg), "cluster"):
+    for stage in (*filters, "cluster"):
         manifest = read_manifest(stage_dir(cfg, stage))
         if manifest and "embedding" in manifest.get("inputs", {}):
             used.add(manifest["inputs"]["embedding"])
@@ -51,8 +51,9 @@ def selected_records(cfg: Config, select: str | None = None) -> pa.Table:
     """Records that survived: ok, not a hash or copy duplicate, not contaminated, `select` true."""
     import pyarrow.compute as pc
 
+    filters = finished_filters(cfg)
     dirs = [stage_dir(cfg, "ingest"), stage_dir(cfg, "hashdedup")]
-    dirs += [stage_dir(cfg, s) for s in finished_filters(cfg)]
+    dirs += [stage_dir(cfg, s) for s in filters]
     if select and list_parts(stage_dir(cfg, "cluster")):
         dirs.append(stage_dir(cfg, "cluster"))  # the cluster path travels into the sample metadata
     column = None
@@ -60,17 +61,15 @@ def selected_records(cfg: Config, select: str | None = None) -> pa.Table:
         sel_dir, column = _find_select(cfg, select)
         if sel_dir not in dirs:
             dirs.append(sel_dir)
-    failed = _embed_failed_ids(cfg)
+    failed = _embed_failed_ids(cfg, filters)
     out = []
     for k in range(len(list_parts(dirs[0]))):
         t = read_aligned(dirs, k)
         mask = pc.and_(pc.equal(t.column("status"), "ok"), pc.is_null(t.column("dup_of")))
         if len(failed):
             mask = pc.and_(mask, pc.invert(pc.is_in(t.column("id"), value_set=failed)))
-        for stage in finished_filters(cfg):
-            col, rule = DROP_FILTERS[stage]
-            drop = pc.is_valid(t.column(col)) if rule == "not_null" else pc.fill_null(t.column(col), False)
-            mask = pc.and_(mask, pc.invert(drop))
+        for stage in filters:
+            mask = pc.and_(mask, pc.invert(dropped_by(stage, t.column(DROP_FILTERS[stage][0]))))
         if column:
             mask = pc.and_(mask, pc.fill_null(t.column(column), False))
         out.append(t.filter(mask))
