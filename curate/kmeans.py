@@ -145,15 +145,22 @@ def assign_chunk(
     return labels, np.einsum("ij,ij->i", diff, diff)
 
 
+def _partial_sums(x: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(clusters present in this block, their float64 sums [present, d]): no k x d array."""
+    present = np.flatnonzero(counts)
+    if not len(labels):
+        return present, np.zeros((0, x.shape[1]), dtype=np.float64)
+    order = np.argsort(labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts[present])[:-1]])
+    return present, np.add.reduceat(x[order], starts, axis=0, dtype=np.float64)
+
+
 def accumulate(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-cluster float64 sums [k, d] and int64 counts [k] of the rows of x."""
     sums = np.zeros((k, x.shape[1]), dtype=np.float64)
     counts = np.bincount(labels, minlength=k).astype(np.int64)
-    if len(labels):
-        order = np.argsort(labels, kind="stable")
-        present = np.flatnonzero(counts)
-        starts = np.concatenate([[0], np.cumsum(counts[present])[:-1]])
-        sums[present] = np.add.reduceat(x[order], starts, axis=0, dtype=np.float64)
+    present, partial = _partial_sums(x, labels, counts)
+    sums[present] = partial
     return sums, counts
 
 
@@ -192,6 +199,15 @@ def shard_step(
     return StepStats(sums, counts, float(dists.sum(dtype=np.float64)), far_dist, far_row), labels, dists
 
 
+def _merge_far(total: StepStats, far_dist: np.ndarray, far_row: np.ndarray) -> None:
+    """Keep, per cluster, the farther point of total's and the block's (ties: the smaller row)."""
+    better = (far_dist > total.far_dist) | (
+        (far_dist == total.far_dist) & (far_row >= 0) & ((total.far_row < 0) | (far_row < total.far_row))
+    )
+    total.far_dist[better] = far_dist[better]
+    total.far_row[better] = far_row[better]
+
+
 def reduce_stats(parts: Iterable[StepStats]) -> StepStats:
     """Combine the stats of disjoint blocks (any order gives the same sums for float16 data)."""
     total: StepStats | None = None
@@ -202,14 +218,52 @@ def reduce_stats(parts: Iterable[StepStats]) -> StepStats:
         total.sums += p.sums
         total.counts += p.counts
         total.inertia += p.inertia
-        better = (p.far_dist > total.far_dist) | (
-            (p.far_dist == total.far_dist) & (p.far_row >= 0) & ((total.far_row < 0) | (p.far_row < total.far_row))
-        )
-        total.far_dist[better] = p.far_dist[better]
-        total.far_row[better] = p.far_row[better]
+        _merge_far(total, p.far_dist, p.far_row)
     if total is None:
         raise ValueError("reduce_stats needs at least one block")
     return total
+
+
+class StepAccumulator:
+    """reduce_stats over blocks in order, added into one float64 k x d array: each block costs
+    O(clusters present x d), never a k x d temporary, and the result equals reduce_stats bit for bit
+    (a stored -0.0 that reduce_stats would turn into +0.0 by adding a block's zero is turned too)."""
+
+    def __init__(self, k: int, dim: int) -> None:
+        self.stats: StepStats | None = None
+        self.k, self.dim = k, dim
+        self._negative_zero = np.zeros(k, dtype=bool)  # rows holding a -0.0
+
+    def add(self, counts: np.ndarray, partial: np.ndarray, inertia: float, far_dist: np.ndarray,
+            far_row: np.ndarray) -> None:
+        """Add one block: its counts per cluster, the sums of the clusters present, inertia and farthest points."""
+        counts = np.asarray(counts, dtype=np.int64)
+        present = np.flatnonzero(counts)
+        if self.stats is None:
+            self.stats = StepStats(np.zeros((self.k, self.dim), dtype=np.float64), counts.copy(), inertia,
+                                   far_dist.copy(), far_row.copy())
+            self.stats.sums[present] = partial
+        else:
+            t = self.stats
+            stale = np.flatnonzero(self._negative_zero & (counts == 0))
+            t.sums[stale] += 0.0
+            self._negative_zero[stale] = False
+            t.sums[present] += partial
+            t.counts += counts
+            t.inertia += inertia
+            _merge_far(t, far_dist, far_row)
+        block = self.stats.sums[present]
+        self._negative_zero[present] = ((block == 0) & np.signbit(block)).any(axis=1)
+
+    def add_stats(self, s: StepStats) -> None:
+        """Add a block's StepStats (e.g. a worker's part), as reduce_stats would."""
+        self.add(s.counts, s.sums[np.flatnonzero(s.counts)], s.inertia, s.far_dist, s.far_row)
+
+    def result(self) -> StepStats:
+        """The combined stats; ValueError when no block was added."""
+        if self.stats is None:
+            raise ValueError("reduce_stats needs at least one block")
+        return self.stats
 
 
 StepFn = Callable[[np.ndarray], tuple[StepStats, np.ndarray, np.ndarray]]
@@ -220,16 +274,20 @@ def local_step_fn(vectors: Vectors, chunk_size: int = DEFAULT_CHUNK, gpu: bool |
 
     def step(centroids: np.ndarray) -> tuple[StepStats, np.ndarray, np.ndarray]:
         index = make_index(centroids, gpu)
+        k = len(centroids)
         labels = np.empty(vectors.n, dtype=np.int32)
         dists = np.empty(vectors.n, dtype=np.float32)
-        total: StepStats | None = None
+        total = StepAccumulator(k, vectors.dim)
         for start, x in vectors.chunks(chunk_size):
-            s, lab, d = shard_step(x, centroids, start, index)
+            lab, d = assign_chunk(x, centroids, index)
             labels[start : start + len(x)], dists[start : start + len(x)] = lab, d
-            total = s if total is None else reduce_stats([total, s])
-        if total is None:
+            counts = np.bincount(lab, minlength=k)
+            _, partial = _partial_sums(x, lab, counts)
+            rows = np.arange(start, start + len(x), dtype=np.int64)
+            total.add(counts, partial, float(d.sum(dtype=np.float64)), *_farthest(lab, d, rows, k))
+        if total.stats is None:
             raise ValueError("no vectors to cluster")
-        return total, labels, dists
+        return total.result(), labels, dists
 
     return step
 

@@ -11,7 +11,9 @@ from dense regions to the whole support, which is what makes balanced sampling f
 
 Split mode (a huge level): k-means with `split` clusters, then cluster j of n_j points gets
 k_j sub-clusters, the largest-remainder apportionment of n_clusters proportional to n_j with
-1 <= k_j <= n_j (`apportion`), and a k-means inside it; then all points are reassigned globally.
+1 <= k_j <= n_j (`apportion`), and a k-means inside it; then all points are reassigned globally
+(split_assign "global"), or each point keeps its sub-cluster inside its split ("within", the
+reference's split mode: no pass ever holds all n_clusters centroids, so k can be 10M).
 
 Checkpoints (optional directory): centroids_l{L}_step{S}.npy, assign_l{L}_step{S}.npy,
 dists_l{L}_step{S}.npy (S = 0 after the fit, S = s after resampling step s), centroids_l{L}.npy and
@@ -54,10 +56,16 @@ class LevelSpec:
     init: str = "kmeans++"  # or 'random'
     split: int = 0  # > 0: k-means with `split` clusters first, then k-means inside each (see apportion)
     init_sample_size: int | None = None
+    split_assign: str = "global"  # split mode: "global" reassigns every point, "within" keeps it in its split
 
     def __post_init__(self) -> None:
         if self.n_clusters < 1 or self.n_iters < 0 or self.resampling_steps < 0 or self.split < 0:
             raise ValueError(f"invalid level settings: {self}")
+        if self.split_assign not in ("global", "within"):
+            raise ValueError(f"split_assign must be 'global' or 'within', got {self.split_assign!r}")
+        if self.split_assign == "within" and self.split and self.resampling_steps > 1:
+            raise ValueError("split_assign 'within' cannot resample (a resampling step reassigns every point to all "
+                             "n_clusters centroids); set resampling_steps to 1, as the reference does at a split level")
         if self.resampling_steps > 1 and (self.sample_size < 1 or self.sampling not in ("c", "r")):
             raise ValueError("resampling needs sample_size >= 1 and sampling 'c' or 'r'")
 
@@ -79,6 +87,15 @@ class TreeResult:
     def paths(self) -> np.ndarray:
         """int32 [n, L]: cluster_l1 .. cluster_lL of every point (column 0 is the finest level)."""
         return cluster_paths(self.assignments)
+
+
+def level_settings(spec: LevelSpec) -> dict:
+    """The level's settings as a dict; split_assign only when it is not the default, so that runs and keys
+    made before it existed stay valid."""
+    out = asdict(spec)
+    if out["split_assign"] == "global":
+        del out["split_assign"]
+    return out
 
 
 def cluster_paths(assignments: Sequence[np.ndarray]) -> np.ndarray:
@@ -152,9 +169,12 @@ def resampling_step(
 
 
 def split_fit(
-    data: Vectors, spec: LevelSpec, seed: Seed, step: StepFn, chunk_size: int = DEFAULT_CHUNK, gpu: bool | None = None
+    data: Vectors, spec: LevelSpec, seed: Seed, step: StepFn, chunk_size: int = DEFAULT_CHUNK, gpu: bool | None = None,
+    within: list | None = None,
 ) -> tuple[np.ndarray, list[float]]:
-    """k-means with spec.split clusters, then k-means with apportion(sizes) clusters inside each one."""
+    """k-means with spec.split clusters, then k-means with apportion(sizes) clusters inside each one.
+
+    `within` (a list) receives the labels and squared distances of every point inside its own split."""
     coarse = kmeans(data, spec.split, spec.n_iters, init=spec.init, seed=[*seed, 0],
                     init_sample_size=spec.init_sample_size, chunk_size=chunk_size, gpu=gpu, step_fn=step)
     sizes = np.bincount(coarse.labels, minlength=spec.split)
@@ -162,11 +182,19 @@ def split_fit(
     order = np.argsort(coarse.labels, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     parts = []
+    if within is not None:
+        labels, dists = np.empty(data.n, dtype=np.int32), np.empty(data.n, dtype=np.float32)
+    first = 0
     for j in np.flatnonzero(ks):
-        xj = data.take(order[bounds[j] : bounds[j + 1]])
-        sub = kmeans(xj, int(ks[j]), spec.n_iters, init=spec.init, seed=[*seed, 1, int(j)],
+        rows = order[bounds[j] : bounds[j + 1]]
+        sub = kmeans(data.take(rows), int(ks[j]), spec.n_iters, init=spec.init, seed=[*seed, 1, int(j)],
                      init_sample_size=spec.init_sample_size, chunk_size=chunk_size, gpu=gpu)
         parts.append(sub.centroids)
+        if within is not None:
+            labels[rows], dists[rows] = sub.labels + first, sub.sq_dists
+        first += int(ks[j])
+    if within is not None:
+        within.extend([labels, dists])
     return np.concatenate(parts), coarse.objective
 
 
@@ -239,7 +267,7 @@ def hierarchical_kmeans(
     step_fn runs level 1's full-data passes (e.g. distributed); on_checkpoint(level, step) follows each step.
     """
     vectors = as_vectors(vectors)
-    run = {"n": vectors.n, "dim": vectors.dim, "seed": seed, "levels": [asdict(s) for s in levels],
+    run = {"n": vectors.n, "dim": vectors.dim, "seed": seed, "levels": [level_settings(s) for s in levels],
            "resampling": "refit"}
     ckpt = Checkpoints(checkpoint_dir, run)
     centroids: list[np.ndarray] = []
@@ -256,9 +284,14 @@ def hierarchical_kmeans(
             start += 1
         else:
             if spec.split:
-                c, obj = split_fit(data, spec, [seed, level], step, chunk_size, gpu)
-                stats, labels, dists = step(c)
-                obj = obj + [stats.inertia]
+                within: list | None = [] if spec.split_assign == "within" else None
+                c, obj = split_fit(data, spec, [seed, level], step, chunk_size, gpu, within)
+                if within is None:
+                    stats, labels, dists = step(c)
+                    obj = obj + [stats.inertia]
+                else:
+                    labels, dists = within
+                    obj = obj + [float(dists.sum(dtype=np.float64))]
             else:
                 res = kmeans(data, spec.n_clusters, spec.n_iters, init=spec.init, seed=[seed, level, 0],
                              init_sample_size=spec.init_sample_size, chunk_size=chunk_size, gpu=gpu, step_fn=step)

@@ -121,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "ray"])
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
 
+    p = sub.add_parser("plan", help="what a run of CONFIG costs at N records on a cluster: memory, disk, network "
+                                    "and time per stage; refuses a config that cannot fit")
+    p.add_argument("config_file", metavar="CONFIG", help="YAML config (e.g. configs/lvd142m.yaml)")
+    p.add_argument("overrides_pos", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--records", type=int, required=True, help="input records (URLs, files) of the run")
+    p.add_argument("--nodes", type=int, help="machines (default 1)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per machine (default 0)")
+    p.add_argument("--cpus-per-node", type=int, help="cores per machine (default: this machine's)")
+    p.add_argument("--mem-per-node", type=float, metavar="GB", help="memory per machine in GiB (default: this machine's)")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=D",
+                   help="dimension of an embedding the config does not describe, e.g. --dim copy=512 (repeatable)")
+
     p = sub.add_parser("train", add_help=False,
                        help="train a DINOv2 ViT: curate train CONFIG [key.sub=value ...]; CONFIG is a trainer config "
                             "(tiny, vits14, ... or its YAML) or a pipeline config with a train section (curate, then train); "
@@ -332,6 +344,14 @@ def _dispatch(argv: list[str]) -> int:
             print(f"curate run: error: nothing left to curate after {results[-1].stage} (see the note above)",
                   file=sys.stderr)
             return 2
+    elif args.command == "plan":
+        from pipelines.plan import default_cluster, format_plan, plan
+
+        cfg = load_config(args.config_file, list(args.overrides_pos))
+        cluster = default_cluster(args.nodes, args.gpus_per_node, args.cpus_per_node, args.mem_per_node)
+        dims = dict(_named_sources(args.dim, "--dim", resolve=False))
+        print(format_plan(plan(cfg, args.records, cluster, {k: int(v) for k, v in dims.items()}), args.records, cluster))
+        return 0
     elif args.command == "demo":
         from pipelines.demo import run_demo
 
@@ -367,13 +387,13 @@ def _curate_then_train(config: str, overrides: list[str]) -> int:
     return 0
 
 
-def _named_sources(specs: list[str], flag: str) -> list[tuple[str, str]]:
+def _named_sources(specs: list[str], flag: str, resolve: bool = True) -> list[tuple[str, str]]:
     out = []
     for spec in specs:
         name, sep, source = spec.partition("=")
         if not sep or not name or not source:
-            raise ValueError(f"{flag} takes NAME=SOURCE, got {spec!r}")
-        out.append((name, str(Path(source).resolve())))
+            raise ValueError(f"{flag} takes NAME={'SOURCE' if resolve else 'VALUE'}, got {spec!r}")
+        out.append((name, str(Path(source).resolve()) if resolve else source))
     return out
 
 

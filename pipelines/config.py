@@ -127,6 +127,8 @@ class LevelConfig:
     sampling: str = "c"              # c: closest to the centroid | r: random
     init: str = "kmeans++"           # kmeans++ | random
     split: int = 0                   # > 0: k-means with `split` clusters, then k-means inside each
+    split_assign: str = "global"     # split mode: global (reassign every point to all clusters) | within (each point
+                                     # keeps its sub-cluster in its split: the reference's mode, for k in the millions)
 
 
 @dataclass

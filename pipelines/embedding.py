@@ -38,9 +38,12 @@ def load_embedder(spec: str, device="cpu"):
 
 def embedding_dir(cfg: Config, name: str | None = None) -> Path:
     """`<workdir>/embed/<name>`; the name defaults to a slug of the model spec."""
-    from curate.embedders import slug
+    name = name or cfg.embed.name
+    if not name:  # curate.embedders imports torch (~450 MB resident): only when the slug is needed
+        from curate.embedders import slug
 
-    return stage_dir(cfg, "embed") / (name or cfg.embed.name or slug(cfg.embed.model))
+        name = slug(cfg.embed.model)
+    return stage_dir(cfg, "embed") / name
 
 
 def resolve_embedding(cfg: Config, name: str | None) -> Path:

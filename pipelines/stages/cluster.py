@@ -69,6 +69,9 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     emb_dir = resolve_embedding(cfg, cc.embedding)
     inputs = {**upstream(cfg, "ingest", *finished_filters(cfg)), "embedding": read_manifest(emb_dir)["key"]}
     config = {k: v for k, v in asdict(cc).items() if k != "chunk_size"}  # chunking does not change results
+    for lv in config["levels"]:  # the default split_assign stays out of the key (keys made before it stay valid)
+        if lv.get("split_assign") == "global":
+            del lv["split_assign"]
     key = fingerprint({"config": config, "inputs": inputs})
     d = stage_dir(cfg, "cluster")
     prev = begin("cluster", d, key, force)

@@ -247,3 +247,26 @@ def test_split_mode_and_apportion():
     assert np.array_equal(tree.assignments[0], assign_chunk(x, tree.centroids[0])[0])
     assert np.array_equal(tree.centroids[0], hierarchical_kmeans(x, spec, seed=0).centroids[0])
     assert isinstance(as_vectors(tree.centroids[0]), ArrayVectors)
+
+
+def test_split_within_keeps_points_in_their_split():
+    """split_assign within: the same centroids as global, each point labelled by its nearest sub-centroid of
+    its own split (the reference's split mode), never needing all n_clusters at once."""
+    x, _ = blobs(2000, 16, 4, seed=11, noise=0.6)
+    glob = hierarchical_kmeans(x, [LevelSpec(24, 5, split=4)], seed=0)
+    tree = hierarchical_kmeans(x, [LevelSpec(24, 5, split=4, split_assign="within")], seed=0)
+    assert np.array_equal(tree.centroids[0], glob.centroids[0])
+    coarse = kmeans(x, 4, 5, seed=[0, 1, 0])
+    ks = apportion(np.bincount(coarse.labels, minlength=4), 24)
+    first = np.concatenate([[0], np.cumsum(ks)])
+    labels = tree.assignments[0]
+    split = coarse.labels
+    assert ((labels >= first[split]) & (labels < first[split + 1])).all()
+    for j in range(4):
+        rows = np.flatnonzero(split == j)
+        near, dist = assign_chunk(x[rows], tree.centroids[0][first[j]:first[j + 1]])
+        assert np.array_equal(labels[rows], near + first[j])
+        assert np.allclose(tree.sq_dists[rows], dist, rtol=1e-5, atol=1e-6)
+    assert (labels != glob.assignments[0]).any()  # a real difference: some points sit nearer another split's centroid
+    with pytest.raises(ValueError, match="cannot resample"):
+        LevelSpec(24, 5, split=4, split_assign="within", resampling_steps=2, sample_size=3)

@@ -1,0 +1,331 @@
+"""Scale: a synthetic workdir (records and float16 embeddings, no images) run through hashdedup,
+dedup, cluster, balance and the shard plan, each stage in a fresh process, with its wall time and
+peak RSS; run at two sizes, the RSS ratio per stage says which stages stream.
+
+    python bench/scale.py --records 1000000 --work /tmp/scale-1m
+    python bench/scale.py --records 10000000 --work /tmp/scale-10m --compare /tmp/scale-1m/scale.json
+
+The records parts carry every column real ingest writes (statuses, sha256 with planted exact
+copies, pHash with planted near copies, sizes, raw-shard locations); the embedding holds the
+records hashdedup kept, as the embed stage would: clustered unit vectors plus planted near copies.
+Generation is streamed part by part (its own process, measured like a stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+STAGES = ["generate_ingest", "hashdedup", "generate_embed", "dedup", "cluster", "balance", "shard_plan"]
+EMBEDDING = "semantic"
+BAD_STATUS = 0.02   # share of records ingest would drop (decode_error, too_small)
+EXACT_COPY = 0.01   # share of records whose bytes equal an earlier record's (same sha256)
+PHASH_COPY = 0.01   # share whose pHash is an earlier record's with two bits flipped
+EMBED_COPY = 0.01   # share of embedded records that are near copies of an earlier one (cosine > 0.99)
+EMBED_ERROR = 0.001  # share of embedded records that failed to embed
+CENTERS = 4096      # concepts the vectors are drawn around
+
+
+def levels_for(n: int) -> list[dict]:
+    """Two k-means levels sized for n: ~1000 points per level-1 cluster, found in split mode with at
+    most 100 sub-clusters per split (the reference's layout), then 10 level-1 clusters per level 2."""
+    k1 = max(4, n // 1000)
+    return [{"n_clusters": k1, "n_iters": 8, "split": max(1, k1 // 100)},
+            {"n_clusters": max(2, k1 // 10), "n_iters": 10, "resampling_steps": 2, "sample_size": 3, "sampling": "c"}]
+
+
+def config_overrides(work: Path, n: int, k: int) -> list[str]:
+    """The settings every stage of the run uses (copy-descriptor dedup: no images to verify)."""
+    levels = json.dumps(levels_for(n)).replace(" ", "")
+    return [f"workdir={work}", f"embed.name={EMBEDDING}", "embed.model=synthetic", f"dedup.embedding={EMBEDDING}",
+            "dedup.copy_descriptor=true", "dedup.verify=none", "dedup.threshold=0.95", f"dedup.k={k}",
+            "dedup.nprobe=8", f"cluster.embedding={EMBEDDING}", f"cluster.levels={levels}",
+            f"balance.target={n // 2}", "balance.strategy=r", "balance.levels=all", "shards.select=balance:selected"]
+
+
+def _hex(seed: int, rows: np.ndarray, width: int) -> list[str]:
+    """Deterministic hex strings (width chars) of row numbers: stand-ins for content hashes."""
+    return [hashlib.blake2b(f"{seed}:{r}".encode(), digest_size=width // 2).hexdigest() for r in rows.tolist()]
+
+
+def generate_ingest(work: Path, n: int, part_size: int, seed: int = 0) -> dict:
+    """Records parts as ingest writes them, and its manifest, one part at a time."""
+    import pyarrow as pa
+
+    from curate.ingest import RECORD_FIELDS
+    from curate.parts import part_name, write_table_atomic
+    from pipelines.manifest import StageResult, finish
+
+    d = work / "ingest"
+    d.mkdir(parents=True, exist_ok=True)
+    counts: dict = {}
+    n_parts = (n + part_size - 1) // part_size
+    for k in range(n_parts):
+        lo, hi = k * part_size, min(n, (k + 1) * part_size)
+        rows = np.arange(lo, hi)
+        m = hi - lo
+        rng = np.random.default_rng([seed, k])
+        names = [f"synthetic/{r:09d}.jpg" for r in rows.tolist()]
+        ids = [hashlib.blake2b(s.encode(), digest_size=8).hexdigest() for s in names]
+        u = rng.random(m)
+        status = np.where(u < BAD_STATUS / 2, "decode_error", np.where(u < BAD_STATUS, "too_small", "ok"))
+        ok = status == "ok"
+        # an exact copy repeats the bytes of an earlier row of the part; a pHash copy flips two bits of one
+        src = rng.integers(0, np.maximum(np.arange(m), 1))
+        v = rng.random(m)
+        exact = (v < EXACT_COPY) & (np.arange(m) > 0)
+        near = (v >= EXACT_COPY) & (v < EXACT_COPY + PHASH_COPY) & (np.arange(m) > 0)
+        origin = np.where(exact, rows[src], rows)
+        sha = np.array(_hex(seed, origin, 64), dtype=object)
+        phash = rng.integers(0, 2**63, size=m, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+        phash[exact] = phash[src[exact]]
+        flips = (np.uint64(1) << rng.integers(1, 63, size=m).astype(np.uint64)) | np.uint64(1 << 63)
+        phash[near] = phash[src[near]] ^ flips[near]
+        width = rng.integers(200, 2000, size=m).astype(np.int32)
+        height = rng.integers(200, 2000, size=m).astype(np.int32)
+        width[exact], height[exact] = width[src[exact]], height[src[exact]]
+        nbytes = rng.integers(20_000, 400_000, size=m)
+        offsets = np.concatenate([[0], np.cumsum(((nbytes + 1023) // 512) * 512 + 1536)[:-1]])
+        cols = {
+            "id": ids, "uri": [f"/data/{s}" for s in names], "name": names, "source": ["synthetic"] * m,
+            "status": status.tolist(), "error": np.where(ok, None, "synthetic").tolist(),
+            "sha256": np.where(ok, sha, None).tolist(), "phash": pa.array(phash, mask=~ok),
+            "width": pa.array(width, mask=~ok), "height": pa.array(height, mask=~ok),
+            "nbytes": pa.array(nbytes, mask=~ok), "format": np.where(ok, "JPEG", None).tolist(),
+            "ext": np.where(ok, "jpg", None).tolist(), "mode": np.where(ok, "RGB", None).tolist(),
+            "n_frames": pa.array(np.ones(m, np.int32), mask=~ok), "http_status": pa.nulls(m, pa.int32()),
+            "raw_shard": np.where(ok, f"shards/shard-{k:05d}.tar", None).tolist(),
+            "raw_key": np.where(ok, np.array(ids, dtype=object), None).tolist(),
+            "raw_offset": pa.array(offsets, mask=~ok),
+        }
+        table = pa.table({name: pa.array(cols[name], type=t) if not isinstance(cols[name], pa.Array) else
+                          cols[name].cast(t) for name, t in RECORD_FIELDS})
+        write_table_atomic(table, d / part_name(k))
+        for s, c in zip(*np.unique(status, return_counts=True)):
+            counts[str(s)] = counts.get(str(s), 0) + int(c)
+    result = StageResult("ingest", str(d), f"synthetic-{n}-{part_size}-{seed}", counts={
+        "in": n, "out": counts.get("ok", 0), "dropped": {s: c for s, c in counts.items() if s != "ok"},
+        "parts": n_parts})
+    finish(result, {"synthetic": {"records": n, "part_size": part_size, "seed": seed}}, {})
+    return result.counts
+
+
+def generate_embed(work: Path, dim: int, seed: int = 0) -> dict:
+    """Float16 unit vectors of the records hashdedup kept, part by part, and the embed manifest."""
+    import pyarrow.compute as pc
+
+    from curate.embed import write_part
+    from curate.parts import list_parts, read_aligned
+    from pipelines.manifest import StageResult, finish, read_manifest
+
+    dirs = [work / "ingest", work / "hashdedup"]
+    out = work / "embed" / EMBEDDING
+    out.mkdir(parents=True, exist_ok=True)
+    centers = np.random.default_rng([seed, 1]).standard_normal((CENTERS, dim)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    popularity = 1 / (np.arange(CENTERS) + 10.0)
+    popularity /= popularity.sum()
+    total = ok = 0
+    for k in range(len(list_parts(dirs[0]))):
+        t = read_aligned(dirs, k, {str(dirs[0]): ["id", "status"], str(dirs[1]): ["dup_of"]})
+        t = t.filter(pc.and_(pc.equal(t.column("status"), "ok"), pc.is_null(t.column("dup_of"))))
+        m = t.num_rows
+        rng = np.random.default_rng([seed, 2, k])
+        # concepts of long-tailed popularity, so the tree has dense and sparse regions to balance
+        concept = rng.choice(CENTERS, size=m, p=popularity)
+        x = centers[concept] + 0.8 * rng.standard_normal((m, dim)).astype(np.float32) / np.sqrt(dim)
+        copy = (rng.random(m) < EMBED_COPY) & (np.arange(m) > 0)
+        src = rng.integers(0, np.maximum(np.arange(m), 1))
+        x[copy] = x[src[copy]] + 0.02 * rng.standard_normal((int(copy.sum()), dim)).astype(np.float32) / np.sqrt(dim)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        failed = rng.random(m) < EMBED_ERROR
+        x[failed] = 0
+        write_part(out, k, t.column("id").to_pylist(), x, ["synthetic" if f else "" for f in failed])
+        total, ok = total + m, ok + int((~failed).sum())
+    key = {"model": "synthetic", "dim": dim, "seed": seed, "inputs": read_manifest(dirs[1])["key"]}
+    result = StageResult(f"embed/{EMBEDDING}", str(out), json.dumps(key, sort_keys=True), counts={
+        "in": total, "out": ok, "dropped": {"embed_error": total - ok} if total > ok else {}, "dim": dim})
+    finish(result, {"model": "synthetic", "name": EMBEDDING}, {"hashdedup": read_manifest(dirs[1])["key"]})
+    return result.counts
+
+
+def shard_plan(cfg) -> dict:
+    """The shards stage up to its plan: selected records, repeats expanded, samples ordered and cut."""
+    from curate.ingest import CORE_COLUMNS
+    from curate.shards import ShardSettings, plan_shards
+    from pipelines.stages.shards import _expand_repeats, selected_records
+
+    sc = cfg.shards
+    selected = selected_records(cfg, sc.select)
+    records = _expand_repeats(selected)
+    meta = [c for c in records.column_names if c not in CORE_COLUMNS and c.startswith(("cluster_l", "seed_"))]
+    plan = plan_shards(records, ShardSettings(max_size=sc.max_size, max_count=sc.max_count,
+                                              shuffle_seed=sc.shuffle_seed), meta)
+    return {"in": selected.num_rows, "out": plan.num_rows, "shards": len(set(plan.column("shard").to_pylist()))}
+
+
+def run_child(stage: str, work: Path, args: argparse.Namespace) -> dict:
+    """One stage in this process; returns its counts."""
+    from pipelines.config import load_config
+
+    if stage == "generate_ingest":
+        return generate_ingest(work, args.records, args.part_size, args.seed)
+    if stage == "generate_embed":
+        return generate_embed(work, args.dim, args.seed)
+    if stage == "planted_hashdedup":
+        return planted_hashdedup(work)
+    cfg = load_config(work / "scale.yaml")
+    if stage == "shard_plan":
+        return shard_plan(cfg)
+    from pipelines.run import run_stage
+
+    return run_stage(stage, cfg)[0].counts
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident set of a live process, MiB (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next((int(x.split()[1]) / 1024 for x in fh if x.startswith("VmRSS")), 0.0)
+    except OSError:
+        return 0.0
+
+
+def measure(stage: str, work: Path, args: argparse.Namespace) -> dict:
+    """Run one stage in a fresh process: wall seconds, peak RSS (wait4 of that child) and its counts.
+    A stage whose RSS passes --max-rss-gb is stopped and reported as such (how far it got)."""
+    cmd = [sys.executable, __file__, "--child", stage, "--work", str(work), "--records", str(args.records),
+           "--part-size", str(args.part_size), "--dim", str(args.dim), "--seed", str(args.seed)]
+    out = work / f"_{stage}.json"
+    t0, killed = time.time(), 0.0
+    with open(out, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh)
+        while (done := os.wait4(proc.pid, os.WNOHANG))[0] == 0:
+            rss = _rss_mb(proc.pid)
+            if rss > args.max_rss_gb * 1024:
+                killed = rss
+                proc.kill()
+            time.sleep(0.2)
+    _, status, usage = done
+    seconds = time.time() - t0
+    figures = {"stage": stage, "seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+               "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
+    if killed:
+        return {**figures, "stopped": f"RSS {killed / 1024:.1f} GB passed --max-rss-gb {args.max_rss_gb}"}
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"stage {stage} failed with exit code {code} (command: {' '.join(cmd)})")
+    return {**figures, "counts": json.loads(out.read_text())}
+
+
+def planted_hashdedup(work: Path) -> dict:
+    """hashdedup's parts from the planted exact copies (same sha256 in a part: the first one is kept), for a
+    size where the real stage passes the memory limit, so the later stages still run on such a pool."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from curate.parts import list_parts, part_name, write_table_atomic
+    from pipelines.manifest import StageResult, finish, read_manifest
+
+    d = work / "hashdedup"
+    d.mkdir(parents=True, exist_ok=True)
+    n_ok = n_dup = 0
+    for k, path in enumerate(list_parts(work / "ingest")):
+        t = pq.read_table(path, columns=["id", "status", "sha256", "phash"])
+        ok = pc.equal(t.column("status"), "ok").to_numpy(zero_copy_only=False)
+        ids = np.array(t.column("id").to_pylist(), dtype=object)
+        sha = np.array(t.column("sha256").to_pylist(), dtype=object)
+        first = {}
+        dup = np.full(len(ids), None, dtype=object)
+        for i in np.flatnonzero(ok):
+            j = first.setdefault(sha[i], i)
+            dup[i] = ids[j] if j != i else None
+        m, isdup = len(ids), np.array([x is not None for x in dup], dtype=bool)
+        write_table_atomic(pa.table({"id": t.column("id"), "dup_of": pa.array(dup.tolist(), pa.string()),
+                                     "dup_reason": pa.array(np.where(isdup, "exact", None).tolist(),
+                                                            pa.string()),
+                                     "dup_group": pa.array(np.full(m, -1, np.int64)),
+                                     "dup_distance": pa.array(np.full(m, -1, np.int16))}), d / part_name(k))
+        n_ok, n_dup = n_ok + int(ok.sum()), n_dup + int(isdup.sum())
+    result = StageResult("hashdedup", str(d), "planted-" + read_manifest(work / "ingest")["key"], counts={
+        "in": n_ok, "out": n_ok - n_dup, "dropped": {"duplicate_exact": n_dup}, "planted": True})
+    finish(result, {"planted": True}, {"ingest": read_manifest(work / "ingest")["key"]})
+    return result.counts
+
+
+def check_counts(stages: dict) -> list[str]:
+    """What does not add up between stages (empty when every stage's input is the one before's output)."""
+    c = {s: v.get("counts") for s, v in stages.items()}
+    if "hashdedup" not in c and "planted_hashdedup" in c:
+        c["hashdedup"] = c["planted_hashdedup"]
+    c = {s: v for s, v in c.items() if v is not None}
+    links = [("generate_ingest", "hashdedup"), ("balance", "shard_plan")]
+    bad = [f"{b} in {c[b]['in']} != {a} out {c[a]['out']}" for a, b in links if a in c and b in c
+           and c[a]["out"] != c[b]["in"]]
+    if "hashdedup" in c and "generate_embed" in c and c["hashdedup"]["out"] != c["generate_embed"]["in"]:
+        bad.append(f"embedded {c['generate_embed']['in']} != hashdedup out {c['hashdedup']['out']}")
+    if "generate_embed" in c and "dedup" in c and c["dedup"]["in"] != c["generate_embed"]["in"]:
+        bad.append(f"dedup in {c['dedup']['in']} != embedded {c['generate_embed']['in']}")
+    if "dedup" in c and "cluster" in c and c["cluster"]["in"] != c["dedup"]["out"]:
+        bad.append(f"cluster in {c['cluster']['in']} != dedup out {c['dedup']['out']}")
+    if "cluster" in c and "balance" in c and c["balance"]["in"] != c["cluster"]["out"]:
+        bad.append(f"balance in {c['balance']['in']} != cluster out {c['cluster']['out']}")
+    for s, v in c.items():
+        dropped = sum(v.get("dropped", {}).values()) if isinstance(v.get("dropped"), dict) else 0
+        if v.get("in") is not None and v["in"] != v["out"] + dropped:
+            bad.append(f"{s}: in {v['in']} != out {v['out']} + dropped {dropped}")
+    return bad
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--part-size", type=int, default=10_000)
+    ap.add_argument("--dim", type=int, default=32)
+    ap.add_argument("--k", type=int, default=16, help="neighbours per image in the copy graph")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in order")
+    ap.add_argument("--max-rss-gb", type=float, default=8.0, help="stop a stage whose RSS passes this")
+    ap.add_argument("--compare", type=Path, help="scale.json of a smaller run: RSS and time ratios per stage")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args.child, args.work, args)))
+        return
+    from pipelines.config import load_config, to_yaml
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "scale.yaml").write_text(to_yaml(load_config(None, config_overrides(args.work, args.records,
+                                                                                      args.k))))
+    result_path = args.work / "scale.json"
+    done = json.loads(result_path.read_text()) if result_path.exists() else {"records": args.records, "stages": {}}
+    for stage in args.stages.split(","):
+        done["stages"][stage] = measure(stage, args.work, args)
+        print(json.dumps(done["stages"][stage]), file=sys.stderr, flush=True)
+        result_path.write_text(json.dumps(done, indent=1))
+    done["mismatches"] = check_counts(done["stages"])
+    if args.compare:
+        small = json.loads(args.compare.read_text())
+        done["ratios"] = {s: {"rss": round(v["peak_rss_mb"] / small["stages"][s]["peak_rss_mb"], 2),
+                              "cpu": round(v["cpu_s"] / max(small["stages"][s]["cpu_s"], 0.1), 2),
+                              "time": round(v["seconds"] / max(small["stages"][s]["seconds"], 0.1), 2)}
+                          for s, v in done["stages"].items() if s in small["stages"]}
+        done["compared_with"] = small["records"]
+    result_path.write_text(json.dumps(done, indent=1))
+    print(json.dumps({"bench": "scale", "cpus": os.cpu_count(), **done}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""`curate plan`: what a run of a config will cost at N input records on a given cluster, per stage:
+peak memory per process and per node, disk written, network moved and an estimated time; a config
+that cannot fit is refused with one line naming the key.
+
+The per-item costs and their sources are in plan_costs.COSTS; the shapes here (how each stage's
+work and memory grow with N, k, d and the index) follow the code of each stage.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pipelines.config import Config, LevelConfig
+from pipelines.framework import enabled
+from pipelines.plan_costs import (
+    COSTS,
+    Cluster,
+    PlanRefused,
+    StagePlan,
+    cost,
+    dense_rate,
+    fmt_bytes,
+    fmt_time,
+    model_info,
+)
+
+__all__ = ["COSTS", "Cluster", "PlanRefused", "StagePlan", "default_cluster", "format_plan", "plan"]
+
+
+def _embeddings(cfg: Config) -> dict[str, tuple[str, int, float, bool]]:
+    """Per embedding name: (model spec, dim, relative cost, known)."""
+    from dataclasses import replace
+
+    from pipelines.embedding import embedding_dir
+
+    out = {}
+    for ec in [cfg.embed, *cfg.extra_embeds]:
+        name = embedding_dir(replace(cfg, embed=ec)).name
+        out[name] = (ec.model, *model_info(ec.model))
+    return out
+
+
+def _embedding(cfg: Config, name: str | None, embs: dict) -> tuple[str, int, float, bool]:
+    if name and name in embs:
+        return embs[name]
+    if name:  # named but made outside the config (e.g. `curate embed --name copy`): guess from the name
+        return (name, *model_info(name))
+    return next(iter(embs.values()))
+
+
+# Stages whose heavy part runs as Ray tasks or actors over the nodes with `executor: ray` (the code as it
+# is: ingest, hash dedup, balance and the shards run on one machine; update this as stages move to Ray).
+ON_RAY = {"embed", "dedup", "cluster"}
+MODELS_VITS = 0.075  # ViT-S/14's forward cost relative to ViT-L/14 (plan_costs.MODELS)
+CHUNK_TEMPS = 3  # float32 chunk copies a k-means or k-NN pass holds at once (read, convert, search input)
+
+
+@dataclass
+class _Flow:
+    """Records reaching each stage."""
+
+    inputs: int
+    ok: int
+    kept: int
+    clustered: int
+    selected: int
+
+
+def _flow(cfg: Config, n: int) -> _Flow:
+    ok = int(n * cost("ok_share"))
+    kept = int(ok * (1 - cost("hash_dup_share")))
+    clustered = int(kept * (1 - cost("copy_dup_share"))) if enabled(cfg, "dedup") else kept
+    bc = cfg.balance
+    selected = min(bc.target, clustered * bc.multiplier) if bc.target else clustered
+    return _Flow(n, ok, kept, clustered, selected)
+
+
+def _ingest(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
+    cores = cl.cpus_per_node if "ingest" not in ON_RAY or cfg.executor != "ray" else cl.cpus_per_node * cl.nodes
+    workers = cfg.ingest.workers or cl.cpus_per_node
+    nodes = 1 if cores == cl.cpus_per_node else cl.nodes
+    down = f.inputs * cost("image_bytes")
+    seconds = max(f.inputs * cost("ingest_s") / min(cores, workers * nodes), down / (nodes * cost("net_bytes_s")))
+    return StagePlan("ingest", "node" if nodes == 1 else "cluster", cost("ingest_rss"), workers * cost("ingest_rss"),
+                     f.ok * cost("image_bytes") + f.inputs * cost("record_bytes"), down, seconds, f.inputs,
+                     [f"downloads {fmt_bytes(down)} (URL sources) at {fmt_bytes(cost('net_bytes_s'))}/s per node"])
+
+
+def _hashdedup(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
+    mem = cost("base_rss") + f.ok * cost("hashdedup_bytes")
+    return StagePlan("hashdedup", "driver", mem, mem, f.inputs * 30, 0, f.ok * cost("hashdedup_s"), f.ok,
+                     ["one process: Python lists and a sha256 dict over every ok record"])
+
+
+def _embed(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
+    spread = cfg.executor == "ray"
+    nodes = cl.nodes if spread else 1
+    seconds, disk, notes = 0.0, 0.0, []
+    for name, (spec, dim, rel, known) in embs.items():
+        decode = nodes * cl.cpus_per_node * cost("embed_decode_img_s")  # reading and preprocessing bound it
+        if cl.gpus_per_node:
+            model = nodes * cl.gpus_per_node * cost("embed_gpu_img_s") / max(rel, 1e-3)
+        else:
+            model = nodes * cl.cpus_per_node * cost("embed_cpu_vits_img_s") * MODELS_VITS / max(rel, 1e-4)
+        rate = min(decode, model)
+        seconds += f.kept / rate
+        disk += f.kept * (2 * dim + 40)
+        notes.append(f"{name}: {spec}, d={dim}{'' if known else ' (dimension unknown: assumed)'}, "
+                     f"{rate:,.0f} img/s in all ({'decode' if decode < model else 'model'}-bound)")
+    actors = (cl.gpus_per_node or cl.cpus_per_node) if spread else 1
+    net = f.kept * cost("image_bytes") * (1 - 1 / nodes) * len(embs)
+    return StagePlan("embed", "cluster" if spread else "node", cost("embed_actor_bytes"),
+                     actors * cost("embed_actor_bytes"), disk, net, seconds, f.kept, notes)
+
+
+def _index(cfg: Config, n: int, d: int):
+    """The resolved dedup index spec for n x d and its bytes (the index module's own estimate)."""
+    from curate.index_build import IndexSpec, estimate_memory, resolve_spec
+
+    spec = resolve_spec(IndexSpec(kind=cfg.dedup.index, nprobe=cfg.dedup.nprobe), n, d, check_budget=False)
+    return spec, estimate_memory(spec, n, d)
+
+
+def _search_seconds(spec, n_index: int, n_queries: int, d: int, cl: Cluster, spread: bool) -> float:
+    """Train, add and k-NN search time of an index: dense FLOPs on GPUs, measured scan cost on cores."""
+    nlist = spec.nlist or 1
+    width = (spec.pq_m or d) if spec.kind == "ivf_pq" else d
+    scanned = n_queries * (n_index if spec.kind == "flat" else n_index * (spec.nprobe or 1) / nlist)
+    if spec.kind == "hnsw":
+        scanned = n_queries * spec.ef_search * spec.hnsw_m * 2
+    build = 2 * d * ((spec.train_size or 0) * nlist * 25 + n_index * nlist) if spec.nlist else 0
+    rate, _ = dense_rate(cl, spread)
+    coarse = 2 * n_queries * nlist * d if spec.nlist else 0
+    if cl.gpus_per_node:
+        return (build + coarse + 2 * scanned * width) / rate
+    cores = (cl.nodes if spread else 1) * cl.cpus_per_node
+    return (build + coarse) / rate + scanned * width * cost("ivf_scan_s") / cores
+
+
+def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
+    spec_name, d, _, known = _embedding(cfg, cfg.dedup.embedding, embs)
+    spec, index = _index(cfg, f.kept, d)
+    spread = cfg.executor == "ray"
+    train = (spec.train_size or 0) * d * 4
+    driver = cost("base_rss") + index + train + f.kept * cost("dedup_bytes")
+    # Ray: one index per node, shared by that node's query tasks
+    node = max(driver, index + cl.cpus_per_node * cost("base_rss")) if spread else driver
+    notes = [f"{spec.kind} index of {f.kept:,} x {d} ({fmt_bytes(index)})"
+             + (f", nlist {spec.nlist}, nprobe {spec.nprobe}" if spec.nlist else "")
+             + ("" if known else f"; embedding {spec_name!r} not in the config: d={d} assumed")]
+    if cfg.dedup.verify == "local" or (cfg.dedup.verify == "auto" and not cfg.dedup.copy_descriptor):
+        notes.append("local verification of candidate pairs is not estimated (decodes images: ~ms per pair)")
+    if driver > cl.mem:
+        raise PlanRefused(f"dedup.index: the {spec.kind} index of {f.kept:,} x {d} vectors needs "
+                          f"{fmt_bytes(driver)} in one process (index {fmt_bytes(index)}), over "
+                          f"{cl.mem_per_node_gb:g} GB per node; use ivf_pq (or a smaller embedding)")
+    seconds = _search_seconds(spec, f.kept, f.kept, d, cl, spread) + f.kept * 2e-6
+    return StagePlan("dedup", "cluster" if spread else "driver", driver, node, f.kept * 40, (cl.nodes - 1) * index
+                     if spread else 0, seconds, f.kept, notes)
+
+
+def _decontaminate(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
+    _, d, _, _ = _embedding(cfg, cfg.dedup.embedding, embs)
+    spec, index = _index(cfg, f.kept, d)
+    mem = cost("base_rss") + index + (spec.train_size or 0) * d * 4 + f.kept * 100
+    if mem > cl.mem:
+        raise PlanRefused(f"dedup.index: decontamination builds the {spec.kind} pool index of {f.kept:,} x {d} "
+                          f"({fmt_bytes(mem)} in one process), over {cl.mem_per_node_gb:g} GB per node; use ivf_pq")
+    seconds = _search_seconds(spec, f.kept, 0, d, cl, False)
+    return StagePlan("decontaminate", "driver", mem, mem, f.kept * 20, 0, seconds, f.kept,
+                     ["evaluation sets are small: the pool index build dominates"])
+
+
+def _pp_seconds(n: int, k: int, d: int, cl: Cluster) -> float:
+    """k-means++ on the init sample: k steps, each scoring 2 + ln k candidates against the sample, in numpy
+    on the driver's cores (no GPU)."""
+    s = min(n, max(8 * k, 4096))
+    return 2.0 * s * d * k * (3 + math.log(k)) / (cl.cpus_per_node * cost("cpu_flops"))
+
+
+def _fit_seconds(n: int, k: int, d: int, passes: int, rate: float, cores: int) -> float:
+    """Lloyd passes: the nearest-centroid search (dense FLOPs) plus reading and summing each record."""
+    return passes * (2.0 * n * k * d / rate + n * cost("kmeans_rec_s") / cores)
+
+
+def _level(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster) -> tuple[float, float, float, list]:
+    """(driver bytes, bytes per pass task, seconds, notes) of one k-means level over n points of dim d."""
+    key = f"cluster.levels[{i}]"
+    k, passes, spread = lv.n_clusters, lv.n_iters + 1, i == 0 and cfg.executor == "ray"
+    if k > n:
+        raise PlanRefused(f"{key}.n_clusters: {k:,} clusters from {n:,} points")
+    drate, dsrc = dense_rate(cl, False)
+    prate, _ = dense_rate(cl, spread)
+    pcores = cl.cpus_per_node * (cl.nodes if spread else 1)
+    chunk = cfg.cluster.chunk_size * d * 4 * CHUNK_TEMPS
+
+    def task_bytes(kk: int) -> float:  # one assignment pass worker: sums (float64), index and chunks
+        return cost("base_rss") + kk * d * (8 + 4) + chunk
+
+    per_point = 16 if i == 0 else 8 + d * 4  # labels, distances, rows; above level 1 the points are centroids
+    driver = cost("base_rss") + n * per_point + 2 * k * d * 4 + min(n, max(8 * k, 4096)) * (d * 4 + 16)
+    seconds, notes, task = 0.0, [], task_bytes(k)
+    if lv.split:
+        sub = math.ceil(k / lv.split)
+        seconds += _pp_seconds(n, lv.split, d, cl) + _fit_seconds(n, lv.split, d, passes, prate, pcores)
+        seconds += _pp_seconds(n, sub, d, cl) + _fit_seconds(n, sub, d, passes, drate, cl.cpus_per_node)
+        task = task_bytes(lv.split)
+        if getattr(lv, "split_assign", "global") == "global":
+            seconds += _fit_seconds(n, k, d, 1, prate, pcores)
+            task = task_bytes(k)
+            notes.append(f"l{i + 1}: split {lv.split:,} then ~{sub} per split, then every point against all {k:,}")
+        else:
+            notes.append(f"l{i + 1}: split {lv.split:,} then ~{sub} per split (points stay in their split)")
+        driver += n * 8
+    else:
+        seconds += _pp_seconds(n, k, d, cl) + _fit_seconds(n, k, d, passes, prate, pcores)
+    for _ in range(1, max(1, lv.resampling_steps)):
+        m = min(n, k * max(lv.sample_size, 1))
+        seconds += _pp_seconds(m, k, d, cl) + _fit_seconds(m, k, d, passes, drate, cl.cpus_per_node)
+        seconds += _fit_seconds(n, k, d, 1, prate, pcores)
+    tasks = cl.cpus_per_node if spread else 1
+    node = max(driver, tasks * task + k * d * 4)
+    if not spread:
+        driver += task
+        node = driver
+    if node > cl.mem or driver > cl.mem:
+        what = "each of the node's assignment tasks" if spread and node > driver else "the driver"
+        need = f"{fmt_bytes(task)} x {tasks} tasks" if spread and node > driver else fmt_bytes(driver)
+        fix = (f"set {key}.split_assign: within (the reference's split mode: points stay in their split)"
+               if lv.split else f"lower {key}.n_clusters or use split mode ({key}.split)")
+        raise PlanRefused(f"{key}.n_clusters: k={k:,} x d={d} needs {need} ({what}: float64 sums, "
+                          f"centroid index), over {cl.mem_per_node_gb:g} GB per node; {fix}")
+    where = "the first fit's passes over the cluster, the rest" if spread else "all fits"
+    notes.append(f"l{i + 1}: {where} on the driver ({dsrc}), k-means++ in numpy on its {cl.cpus_per_node} cores")
+    return driver, node, seconds, notes
+
+
+def _cluster(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
+    spec, d, _, known = _embedding(cfg, cfg.cluster.embedding, embs)
+    n, driver, node, seconds, notes = f.clustered, 0.0, 0.0, 0.0, []
+    for i, lv in enumerate(cfg.cluster.levels):
+        dm, nm, s, more = _level(i, lv, n, d, cfg, cl)
+        driver, node, seconds, notes = max(driver, dm), max(node, nm), seconds + s, notes + more
+        n = lv.n_clusters
+    if not known:
+        notes.append(f"embedding {spec!r}: d={d} assumed")
+    spread = cfg.executor == "ray"
+    read = f.clustered * d * 2 * sum(lv.n_iters + 1 for lv in cfg.cluster.levels[:1])
+    return StagePlan("cluster", "cluster" if spread else "driver", driver, node,
+                     sum(lv.n_clusters for lv in cfg.cluster.levels) * d * 4 + f.kept * 20,
+                     read * (1 - 1 / cl.nodes) if spread else 0, seconds, f.clustered, notes)
+
+
+def _driver_stage(stage: str, records: int, per_s: str, per_b: str, disk: float, note: str) -> StagePlan:
+    mem = cost("base_rss") + records * cost(per_b)
+    return StagePlan(stage, "driver", mem, mem, disk, 0, records * cost(per_s), records, [note])
+
+
+def _shards(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
+    p = _driver_stage("shards", f.selected, "plan_s", "plan_bytes", f.selected * cost("image_bytes"),
+                      "the plan (selection, order, json metadata) on the driver, then shards written in order")
+    p.seconds += f.selected * cost("image_bytes") / cost("shards_bytes_s")
+    p.network = f.selected * cost("image_bytes") * (1 - 1 / cl.nodes)
+    return p
+
+
+def plan(cfg: Config, records: int, cluster: Cluster, dims: dict[str, int] | None = None) -> list[StagePlan]:
+    """Per enabled curation stage, in pipeline order: the estimate; PlanRefused when one cannot fit.
+    `dims` gives the dimension of embeddings the config does not describe (e.g. {"copy": 512})."""
+    if records < 1:
+        raise ValueError(f"--records must be at least 1, got {records}")
+    f, embs, out = _flow(cfg, records), _embeddings(cfg), []
+    for name, dim in (dims or {}).items():
+        spec, _, rel, _ = embs.get(name, (name, 0, model_info(name)[1], True))
+        embs[name] = (spec, int(dim), rel, True)
+    out.append(_ingest(cfg, f, cluster))
+    out.append(_hashdedup(cfg, f, cluster))
+    out.append(_embed(cfg, f, cluster, embs))
+    if enabled(cfg, "dedup"):
+        out.append(_dedup(cfg, f, cluster, embs))
+    if enabled(cfg, "decontaminate"):
+        out.append(_decontaminate(cfg, f, cluster, embs))
+    if enabled(cfg, "cluster"):
+        out.append(_cluster(cfg, f, cluster, embs))
+        out.append(_driver_stage("balance", f.clustered, "balance_s", "balance_bytes", f.clustered * 20,
+                                 "the tree walk over every clustered record on the driver"))
+    out.append(_shards(cfg, f, cluster))
+    for p in out:
+        if p.mem_node > cluster.mem:
+            raise PlanRefused(f"{p.stage}: needs {fmt_bytes(p.mem_node)} on one node, over "
+                              f"{cluster.mem_per_node_gb:g} GB (--mem-per-node); {p.notes[0]}")
+    return out
+
+
+def format_plan(plans: list[StagePlan], records: int, cluster: Cluster) -> str:
+    """The plan as a table with totals, and where the figures come from."""
+    gpus = f" x {cluster.gpus_per_node} GPUs" if cluster.gpus_per_node else " (no GPU)"
+    title = (f"plan for {records:,} input records on {cluster.nodes} node(s){gpus}, {cluster.cpus_per_node} cores "
+             f"and {cluster.mem_per_node_gb:g} GB each")
+    header = (f"{'stage':<14}{'where':<9}{'records':>15}{'mem/process':>13}{'mem/node':>11}{'disk':>11}"
+              f"{'network':>11}{'time':>10}")
+    lines = [title, header]
+    for p in plans:
+        lines.append(f"{p.stage:<14}{p.where:<9}{p.records:>15,}{fmt_bytes(p.mem_process):>13}"
+                     f"{fmt_bytes(p.mem_node):>11}{fmt_bytes(p.disk):>11}{fmt_bytes(p.network):>11}"
+                     f"{fmt_time(p.seconds):>10}")
+    total = sum(p.seconds for p in plans)
+    lines.append(f"{'total':<38}{'':>13}{'':>11}{fmt_bytes(sum(p.disk for p in plans)):>11}"
+                 f"{fmt_bytes(sum(p.network for p in plans)):>11}{fmt_time(total):>10}")
+    lines.append("notes:")
+    lines += [f"  {p.stage}: {n}" for p in plans for n in p.notes]
+    lines.append("assumptions (not measured on this machine): " + "; ".join(
+        f"{k} = {c.value:g} {c.unit}" for k, c in COSTS.items() if c.source.startswith("ASSUMPTION")))
+    return "\n".join(lines)
+
+
+def default_cluster(nodes: int | None, gpus: int | None, cpus: int | None, mem_gb: float | None) -> Cluster:
+    """The cluster of the command line; what is not given is this machine's."""
+    import os
+
+    here_mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return Cluster(nodes=nodes or 1, gpus_per_node=gpus or 0, cpus_per_node=cpus or os.cpu_count() or 1,
+                   mem_per_node_gb=mem_gb or round(here_mem, 1))

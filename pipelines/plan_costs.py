@@ -1,0 +1,138 @@
+"""The figures `curate plan` works from: per-item costs (each with the bench command and figure it
+comes from, or marked ASSUMPTION where nothing on this machine measures it, e.g. GPU throughput),
+known embedders' dimensions, the cluster description and the per-stage result type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class PlanRefused(ValueError):
+    """The config cannot run at this size on this cluster; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One per-item figure and its source."""
+
+    value: float
+    unit: str
+    source: str
+
+
+_SCALE = "python bench/scale.py --records 1000000 (and 10000000), bench/RESULTS.md 'Plan and scale'"
+COSTS: dict[str, Cost] = {
+    "ingest_s": Cost(1 / 1348, "core-s per image", "RESULTS 'Folder ingest vs bare decode': 1,348 img/s, one "
+                     "process, 512x384 JPEG (python bench/ingest.py --n 2000 --size 512x384 --repeat 3)"),
+    "ingest_rss": Cost(196 * 2**20, "bytes per worker", "RESULTS 'Ingest': peak RSS 196 MiB at 100k files "
+                       "(python bench/ingest.py --n 3000 --rss 10000,100000)"),
+    "image_bytes": Cost(110e3, "bytes per image", "ASSUMPTION: mean size of a web JPEG (not measured here)"),
+    "record_bytes": Cost(120, "bytes per record on disk", f"ingest parts of {_SCALE}"),
+    "net_bytes_s": Cost(1.25e9, "bytes/s per node", "ASSUMPTION: 10 Gbit/s per node to the internet and between nodes"),
+    "ok_share": Cost(0.85, "of inputs", "ASSUMPTION: web downloads that arrive and decode"),
+    "hash_dup_share": Cost(0.05, "of ok records", "ASSUMPTION: exact and pHash duplicates of a web pool"),
+    "copy_dup_share": Cost(0.10, "of embedded records", "ASSUMPTION: embedding copies (DINOv2 removed a similar share)"),
+    "hashdedup_s": Cost(20e-6, "driver s per record", _SCALE),
+    "hashdedup_bytes": Cost(250, "driver bytes per record", _SCALE),
+    "embed_gpu_img_s": Cost(800, "img/s per GPU (ViT-L/14, 224 px, bf16)", "ASSUMPTION, not measured (no GPU "
+                            "here): 155 GFLOP per image at 40% of an A100's 312 TFLOP/s bf16"),
+    "embed_cpu_vits_img_s": Cost(6.3, "img/s per core (ViT-S/14)", "RESULTS 'Embedding stage': 12.6 img/s on 2 "
+                                 "cores (python bench/embed.py --n 192 --models vits14)"),
+    "embed_decode_img_s": Cost(820, "img/s per core (decode and preprocess only)", "RESULTS 'Embedding stage': "
+                               "pixels:16 at 1,641 img/s on 2 cores (python bench/embed.py --n 3000 --models pixels)"),
+    "embed_actor_bytes": Cost(4 * 2**30, "bytes per actor", "ASSUMPTION: model, DataLoader workers, batches"),
+    "gpu_flops": Cost(15e12, "FLOP/s per GPU (fp32 search, GEMM)", "ASSUMPTION, not measured: ~75% of an A100's "
+                      "19.5 TFLOP/s fp32"),
+    "cpu_flops": Cost(20e9, "FLOP/s per core (faiss flat search)", _SCALE),
+    "kmeans_rec_s": Cost(1.0e-6, "core-s per record per pass (read, accumulate)", _SCALE),
+    "ivf_scan_s": Cost(2.0e-9, "core-s per scanned vector-dimension (IVF k-NN)", _SCALE),
+    "dedup_bytes": Cost(400, "driver bytes per record besides the index", _SCALE),
+    "balance_s": Cost(4e-6, "driver s per record", _SCALE),
+    "balance_bytes": Cost(300, "driver bytes per record", _SCALE),
+    "plan_s": Cost(10e-6, "driver s per selected record (shard plan)", _SCALE),
+    "plan_bytes": Cost(600, "driver bytes per selected record (shard plan)", _SCALE),
+    "shards_bytes_s": Cost(370e6, "bytes/s per process", "RESULTS 'Curated shards vs an fsynced copy': 370 MB/s "
+                           "(python bench/shards.py --n 1000 --size 768)"),
+    "base_rss": Cost(300 * 2**20, "bytes per Python process", _SCALE),
+}
+
+# Embedding dimension and forward cost relative to ViT-L/14 of known model specs (substring match).
+MODELS = [("vit_giant", 1536, 4.5), ("vitg", 1536, 4.5), ("vit_large", 1024, 1.0), ("vitl", 1024, 1.0),
+          ("vit_base", 768, 0.28), ("vitb", 768, 0.28), ("vit_small", 384, 0.075), ("vits", 384, 0.075),
+          ("sscd", 512, 0.15), ("pixels", 768, 0.0), ("colorhist", 512, 0.0)]
+UNKNOWN_DIM = 1024
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The machines: nodes, GPUs, cores and memory (GB = 2**30 bytes) per node."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_node: int = 2
+    mem_per_node_gb: float = 24.0
+
+    @property
+    def mem(self) -> float:
+        """Bytes of memory per node."""
+        return self.mem_per_node_gb * 2**30
+
+
+@dataclass
+class StagePlan:
+    """One stage's estimate."""
+
+    stage: str
+    where: str  # "cluster" (spread over the nodes) or "driver" (one process)
+    mem_process: float  # peak bytes of the largest process
+    mem_node: float  # peak bytes on the busiest node
+    disk: float  # bytes written
+    network: float  # bytes moved in from the internet or between nodes
+    seconds: float
+    records: int  # records the stage reads
+    notes: list[str] = field(default_factory=list)
+
+
+def model_info(spec: str | None) -> tuple[int, float, bool]:
+    """(dim, forward cost relative to ViT-L/14, known) of an embedder spec."""
+    text = (spec or "").lower()
+    for key, dim, rel in MODELS:
+        if key in text:
+            arg = text.rsplit(":", 1)[1] if ":" in text else ""
+            if key == "pixels" and arg.isdigit():
+                dim = 3 * int(arg) ** 2
+            if key == "colorhist" and arg.isdigit():
+                dim = int(arg) ** 3
+            return dim, rel, True
+    return UNKNOWN_DIM, 1.0, False
+
+
+def cost(name: str) -> float:
+    """The value of COSTS[name]."""
+    return COSTS[name].value
+
+
+def dense_rate(cluster: Cluster, spread: bool) -> tuple[float, str]:
+    """Dense FLOP/s available and what provides it: all GPUs (or cores) of the cluster, or of one node."""
+    nodes = cluster.nodes if spread else 1
+    if cluster.gpus_per_node:
+        return nodes * cluster.gpus_per_node * cost("gpu_flops"), f"{nodes * cluster.gpus_per_node} GPU(s)"
+    return nodes * cluster.cpus_per_node * cost("cpu_flops"), f"{nodes * cluster.cpus_per_node} core(s)"
+
+
+def fmt_bytes(b: float) -> str:
+    for unit, size in (("TB", 2**40), ("GB", 2**30), ("MB", 2**20)):
+        if b >= size:
+            return f"{b / size:.1f} {unit}"
+    return f"{b / 1024:.0f} KB"
+
+
+def fmt_time(s: float) -> str:
+    if s >= 86400:
+        return f"{s / 86400:.1f} d"
+    if s >= 3600:
+        return f"{s / 3600:.1f} h"
+    if s >= 60:
+        return f"{s / 60:.0f} min"
+    return f"{s:.0f} s"
