@@ -120,11 +120,24 @@ def generate_ingest(work: Path, n: int, part_size: int, seed: int = 0) -> dict:
     return result.counts
 
 
+def write_part(out: Path, k: int, ids: list[str], x: np.ndarray, errors: list[str]) -> None:
+    """An embedding part as curate.embed.write_part writes it (.npy, then the .parquet that marks it done),
+    without importing torch."""
+    import pyarrow as pa
+
+    from curate.parts import atomic_path, part_name, write_table_atomic
+
+    with atomic_path(out / part_name(k).replace(".parquet", ".npy")) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(x, dtype=np.float16))
+    write_table_atomic(pa.table({"id": pa.array(ids, pa.string()),
+                                 "status": pa.array(["embed_error" if e else "ok" for e in errors], pa.string()),
+                                 "error": pa.array([e or None for e in errors], pa.string())}), out / part_name(k))
+
+
 def generate_embed(work: Path, dim: int, seed: int = 0) -> dict:
     """Float16 unit vectors of the records hashdedup kept, part by part, and the embed manifest."""
     import pyarrow.compute as pc
 
-    from curate.embed import write_part
     from curate.parts import list_parts, read_aligned
     from pipelines.manifest import StageResult, finish, read_manifest
 

@@ -94,19 +94,23 @@ def knn_edges(
     valid: np.ndarray | None = None,
     query_rows: tuple[int, int] | None = None,
     index: VectorIndex | None = None,
+    checked: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs among each valid row's k nearest neighbours with cosine > threshold (strict).
 
     Returns (i int64, j int64, sim float32) with i < j, unique, sorted by (i, j). query_rows=(a, b)
     searches only those rows, so workers (each with the same index) can split the queries:
     merge_edges of their results equals one full run. Invalid rows (embed_error, zero) form no edges.
+    `checked` is valid_rows(parts, valid) already computed (a worker then does not reread every part).
     """
     parts = as_parts(vectors)
     start, stop = query_rows if query_rows is not None else (0, parts.n)
     if not 0 <= start <= stop <= parts.n:
         raise ValueError(f"query_rows {query_rows} is not a row range of 0..{parts.n}")
-    return _edges(parts, valid_rows(parts, valid), k, threshold, index or pool_index(parts, index_spec),
-                  chunk, start, stop)
+    ok = valid_rows(parts, valid) if checked is None else np.asarray(checked, dtype=bool)
+    if ok.shape != (parts.n,):
+        raise ValueError(f"checked must have shape ({parts.n},), got {ok.shape}")
+    return _edges(parts, ok, k, threshold, index or pool_index(parts, index_spec), chunk, start, stop)
 
 
 def _edges(parts: EmbeddingParts, ok: np.ndarray, k: int, threshold: float, index: VectorIndex,

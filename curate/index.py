@@ -33,6 +33,7 @@ from curate.index_build import (
     format_bytes,
     resolve_spec,
 )
+from curate.vectors import RowSubset
 
 __all__ = [
     "AUTO_FLAT_MAX_N",
@@ -114,7 +115,7 @@ def _new_index(spec: IndexSpec, dim: int) -> faiss.Index:
     return index
 
 
-def _fill(index: faiss.Index, parts: EmbeddingParts, spec: IndexSpec, chunk_rows: int | None) -> None:
+def _fill(index: faiss.Index, parts: EmbeddingParts | RowSubset, spec: IndexSpec, chunk_rows: int | None) -> None:
     """Train index on the deterministic sample (if it needs training), then add every row in order."""
     if not index.is_trained:
         index.train(parts.sample(spec.train_size or parts.n, spec.seed))
@@ -125,17 +126,17 @@ def _fill(index: faiss.Index, parts: EmbeddingParts, spec: IndexSpec, chunk_rows
 
 
 def build_index(
-    data: EmbeddingParts | str | os.PathLike | np.ndarray | Sequence[np.ndarray],
+    data: EmbeddingParts | RowSubset | str | os.PathLike | np.ndarray | Sequence[np.ndarray],
     spec: IndexSpec | None = None,
     *,
     chunk_rows: int | None = None,
     log: Log | None = None,
 ) -> VectorIndex:
-    """Index every row of `data` (parts directory, EmbeddingParts or arrays): train IVF/PQ on a
+    """Index every row of `data` (parts directory, EmbeddingParts, a RowSubset of one, or arrays): train IVF/PQ on a
     seeded sample, add chunk by chunk from the memory maps (an HNSW graph depends on chunk_rows).
     Raises MemoryBudgetError before any work."""
     log = log or _stderr
-    parts = data if isinstance(data, EmbeddingParts) else EmbeddingParts(data)
+    parts = data if isinstance(data, (EmbeddingParts, RowSubset)) else EmbeddingParts(data)
     if parts.n == 0:
         raise ValueError("no embeddings to index (0 rows)")
     spec = resolve_spec(spec or IndexSpec(), parts.n, parts.dim)

@@ -93,11 +93,7 @@ class EmbeddingParts:
 
     def sample_ids(self, n: int, seed: int) -> np.ndarray:
         """Sorted global row numbers of a deterministic uniform sample of min(n, self.n) rows."""
-        n = min(max(int(n), 0), self.n)
-        if n == self.n:
-            return np.arange(self.n, dtype=np.int64)
-        rng = np.random.default_rng(seed)
-        return np.sort(rng.choice(self.n, size=n, replace=False)).astype(np.int64)
+        return _sample_ids(self.n, n, seed)
 
     def sample(self, n: int, seed: int) -> np.ndarray:
         """float32 rows of sample_ids(n, seed), in row order, read part by part (not all loaded)."""
@@ -145,6 +141,20 @@ class RowSubset:
     def take(self, rows: np.ndarray, dtype: type = np.float32) -> np.ndarray:
         """Copies of the given subset rows (any order, repeats allowed)."""
         return self.base.take(self.row_ids[np.asarray(rows, dtype=np.int64)], dtype)
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        """float32 rows of a deterministic uniform sample of min(n, self.n) subset rows (as EmbeddingParts.sample
+        of the same rows held in memory)."""
+        return self.take(_sample_ids(self.n, n, seed))
+
+
+def _sample_ids(total: int, n: int, seed: int) -> np.ndarray:
+    """Sorted row numbers of a deterministic uniform sample of min(n, total) of `total` rows."""
+    n = min(max(int(n), 0), total)
+    if n == total:
+        return np.arange(total, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(total, size=n, replace=False)).astype(np.int64)
 
 
 def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:

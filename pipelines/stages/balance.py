@@ -40,7 +40,7 @@ def retrieve_seeds(cfg: Config, pool_rows: np.ndarray, pool_l1: np.ndarray):
     rows = RowMap(stage_dir(cfg, "ingest"), emb_dir)
     emb_row = np.full(rows.n, -1, dtype=np.int64)
     emb_row[rows.emb_rows] = np.arange(len(rows.emb_rows))
-    pool = EmbeddingParts(emb_dir).take(emb_row[pool_rows])
+    pool = EmbeddingParts(emb_dir).subset(emb_row[pool_rows])  # read from the memory maps when needed
     index = build_index(pool, log=lambda m: None)
     sets, ids = {}, {}
     for s in bc.seeds:

@@ -29,11 +29,12 @@ def _valid(cfg: Config, emb_dir: Path, rows: RowMap) -> tuple[np.ndarray, int]:
 
 
 def _ray_step_fn(emb_dir: Path, valid: np.ndarray, chunk: int, address: str | None):
-    """A Lloyd pass as Ray tasks, one per embedding part; the driver reduces (same sums as local)."""
+    """A Lloyd pass as Ray tasks, one per embedding part; the driver adds the parts' statistics in part
+    order as they arrive (the same sums as local), holding only those that arrive ahead of their turn."""
     import ray
 
     from curate.index import EmbeddingParts
-    from curate.kmeans import reduce_stats
+    from curate.kmeans import StepAccumulator
     from pipelines.executors import init_ray
 
     init_ray(address)
@@ -41,8 +42,9 @@ def _ray_step_fn(emb_dir: Path, valid: np.ndarray, chunk: int, address: str | No
     paths, offsets = [str(p) for p in parts.paths], np.asarray(parts.offsets)
     jobs = []
     for p, lo, hi in zip(paths, offsets[:-1], offsets[1:]):
-        rows = valid[(valid >= lo) & (valid < hi)] - lo
-        jobs.append((p, rows, int(np.searchsorted(valid, lo))))
+        a, b = np.searchsorted(valid, [lo, hi])
+        if b > a:  # the part's valid rows go to the object store once, not with every pass
+            jobs.append((p, ray.put(valid[a:b] - lo), int(a)))
 
     @ray.remote(num_cpus=1)
     def part_pass(path, rows, offset, centroids):
@@ -53,9 +55,18 @@ def _ray_step_fn(emb_dir: Path, valid: np.ndarray, chunk: int, address: str | No
 
     def step(centroids: np.ndarray):
         ref = ray.put(centroids)
-        out = ray.get([part_pass.remote(p, r, o, ref) for p, r, o in jobs if len(r)])
-        stats = reduce_stats(o[0] for o in out)
-        return stats, np.concatenate([o[1] for o in out]), np.concatenate([o[2] for o in out])
+        refs = [part_pass.remote(p, r, o, ref) for p, r, o in jobs]
+        position = {r: i for i, r in enumerate(refs)}
+        total = StepAccumulator(len(centroids), centroids.shape[1])
+        labels, dists, early, turn, waiting = [None] * len(refs), [None] * len(refs), {}, 0, refs
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            i = position[ready[0]]
+            early[i], labels[i], dists[i] = ray.get(ready[0])
+            while turn in early:
+                total.add_stats(early.pop(turn))
+                turn += 1
+        return total.result(), np.concatenate(labels), np.concatenate(dists)
 
     return step
 

@@ -34,31 +34,63 @@ def index_spec(cfg: Config):
     return IndexSpec(kind=cfg.dedup.index, nprobe=cfg.dedup.nprobe)
 
 
-def _ray_edges(emb_dir: Path, index, dc, threshold: float, work: Path, address: str | None):
-    """k-NN graph queries spread over Ray tasks (each loads the saved index); edges merged."""
+class _IndexHolder:
+    """One Ray actor per node: loads the saved index once and answers k-NN edge queries for row ranges."""
+
+    def __init__(self, path: str, emb_dir: str) -> None:
+        from curate.index import VectorIndex
+
+        self.index, self.emb_dir = VectorIndex.load(path), emb_dir
+
+    def edges(self, lo: int, hi: int, ok: np.ndarray, k: int, threshold: float):
+        from curate.dedup import knn_edges
+
+        return knn_edges(self.emb_dir, k, threshold, index=self.index, query_rows=(lo, hi), checked=ok)
+
+
+RANGES_PER_HOLDER = 8  # query ranges per node: a lost node's share is redone by the others in small pieces
+
+
+def _ray_edges(emb_dir: Path, index, ok: np.ndarray, dc, threshold: float, work: Path, address: str | None):
+    """k-NN graph queries over Ray: the index saved once and loaded once per node (one actor each), the
+    valid rows computed once on the driver; query ranges queued to the actors, a range whose actor dies
+    (its node lost) goes back to the queue; edges merged (the same as one local run)."""
     import ray
+    from ray.exceptions import RayActorError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from curate.dedup import merge_edges
-    from curate.index import EmbeddingParts
     from pipelines.executors import init_ray
 
     init_ray(address)
     path = work / "_index.faiss"
     index.save(path)
-    n = EmbeddingParts(emb_dir).n
-    tasks = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    bounds = np.linspace(0, n, tasks + 1).astype(int)
-
-    @ray.remote(num_cpus=1)
-    def edges(lo: int, hi: int):
-        from curate.dedup import knn_edges
-        from curate.index import VectorIndex
-
-        return knn_edges(str(emb_dir), dc.k, threshold, index=VectorIndex.load(path), query_rows=(lo, hi))
-
-    out = ray.get([edges.remote(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo])
-    path.unlink(missing_ok=True)
-    path.with_name(path.name + ".json").unlink(missing_ok=True)
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
+    holders = [ray.remote(_IndexHolder).options(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node, soft=True)).remote(str(path), str(emb_dir)) for node in nodes]
+    bounds = np.linspace(0, len(ok), RANGES_PER_HOLDER * len(holders) + 1).astype(int)
+    queue = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    ok_ref, idle, running, out = ray.put(ok), list(holders), {}, []
+    try:
+        while queue or running:
+            while queue and idle:
+                holder, job = idle.pop(), queue.pop(0)
+                running[holder.edges.remote(*job, ok_ref, dc.k, threshold)] = (holder, job)
+            if not running:
+                raise RuntimeError(f"every index holder died with {len(queue)} query range(s) left; rerun dedup")
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            holder, job = running.pop(ref)
+            try:
+                out.append(ray.get(ref))
+            except RayActorError:  # the node is gone: its range goes back to the queue
+                queue.insert(0, job)
+                continue
+            idle.append(holder)
+    finally:
+        for holder in holders:
+            ray.kill(holder)
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".json").unlink(missing_ok=True)
     return merge_edges(*out)
 
 
@@ -158,8 +190,9 @@ def run(cfg: Config, force: bool = False) -> StageResult:
             extra = {"threshold_choice": choice.manifest()}
             edges = None
             if cfg.executor == "ray":
-                edges = _ray_edges(emb_dir, pool_index(as_parts(str(emb_dir)), index_spec(cfg)), dc,
-                                   choice.threshold, d, cfg.ray_address)
+                parts = as_parts(str(emb_dir))
+                edges = _ray_edges(emb_dir, pool_index(parts, index_spec(cfg)), valid, dc, choice.threshold, d,
+                                   cfg.ray_address)
             res = copy_dedup(str(emb_dir), ids, pixels, k=dc.k, threshold=choice.threshold,
                              max_component=dc.max_component, index_spec=index_spec(cfg), edges=edges, limits=limits)
     except CopyDedupRefused:

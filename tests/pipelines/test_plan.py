@@ -1,0 +1,65 @@
+"""`curate plan`: every enabled stage estimated, what cannot fit refused with the key named, and the
+linear stages linear in the number of records."""
+
+import pytest
+
+from pipelines.cli import main
+from pipelines.config import load_config
+from pipelines.plan import COSTS, Cluster, PlanRefused, plan
+
+PAPER = Cluster(nodes=20, gpus_per_node=8, cpus_per_node=96, mem_per_node_gb=1024)
+PAPER_ARGS = ["--records", "1200000000", "--nodes", "20", "--gpus-per-node", "8", "--cpus-per-node", "96",
+              "--mem-per-node", "1024", "--dim", "copy=512"]
+
+
+def _stages(plans):
+    return [p.stage for p in plans]
+
+
+def test_plan_has_every_enabled_stage_and_its_figures():
+    cfg = load_config("configs/demo.yaml")
+    plans = plan(cfg, 10_000, Cluster(cpus_per_node=2, mem_per_node_gb=24))
+    assert _stages(plans) == ["ingest", "hashdedup", "embed", "dedup", "cluster", "balance", "shards"]
+    assert all(p.seconds > 0 and p.mem_process > 0 and p.mem_node >= p.mem_process and p.disk > 0 for p in plans)
+    with_eval = load_config("configs/demo.yaml", ["decontaminate.eval_sets=[{name: val, source: /x}]"])
+    assert "decontaminate" in _stages(plan(with_eval, 10_000, Cluster()))
+    assert _stages(plan(load_config("configs/demo.yaml", ["balance.target=0", "dedup.threshold=1"]), 10_000,
+                        Cluster())) == ["ingest", "hashdedup", "embed", "shards"]
+    assert all(c.source for c in COSTS.values())
+    assert any(c.source.startswith("ASSUMPTION") for k, c in COSTS.items() if k.startswith(("embed_gpu", "gpu")))
+
+
+def test_paper_scale_recipe_fits_20_nodes_and_cli_prints_it(capsys):
+    plans = plan(load_config("configs/lvd142m.yaml"), 1_200_000_000, PAPER, {"copy": 512})
+    assert _stages(plans) == ["ingest", "hashdedup", "embed", "dedup", "cluster", "balance", "shards"]
+    assert max(p.mem_node for p in plans) <= PAPER.mem
+    assert plans[-1].records == 142_000_000
+    assert main(["plan", "configs/lvd142m.yaml", *PAPER_ARGS]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{s} " in out for s in _stages(plans)) and "ASSUMPTION" not in out and "assumptions" in out
+
+
+@pytest.mark.parametrize("override, key", [
+    ("dedup.index=ivf_flat", "dedup.index"),  # ~1B x 512 float32 in one process: ~2 TB
+    ("cluster.levels=[{n_clusters: 10000000, n_iters: 5, split: 100000}]", "cluster.levels[0].split_assign"),
+    ("cluster.levels=[{n_clusters: 2000000, n_iters: 5}]", "cluster.levels[0].n_clusters"),
+])
+def test_a_config_that_cannot_fit_is_refused_naming_the_key(override, key, capsys):
+    cfg = load_config("configs/lvd142m.yaml", [override])
+    with pytest.raises(PlanRefused, match=key.replace("[", r"\[").replace("]", r"\]")):
+        plan(cfg, 1_200_000_000, PAPER, {"copy": 512})
+    assert main(["plan", "configs/lvd142m.yaml", override, *PAPER_ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and key in err and "GB per node" in err
+
+
+def test_linear_stages_scale_linearly_and_clustering_does_not():
+    cfg = load_config("configs/lvd142m.yaml")
+    small, big = (plan(cfg, n, PAPER, {"copy": 512}) for n in (300_000_000, 1_200_000_000))
+    for a, b in zip(small, big):
+        if a.stage in ("ingest", "hashdedup", "embed", "balance"):
+            assert b.seconds == pytest.approx(4 * a.seconds, rel=1e-3), a.stage
+            assert b.disk == pytest.approx(4 * a.disk, rel=1e-3), a.stage
+    assert big[-1].seconds == small[-1].seconds  # the same 142M selected from either pool
+    cl = {p.stage: p for p in small}["cluster"], {p.stage: p for p in big}["cluster"]
+    assert cl[1].seconds != pytest.approx(4 * cl[0].seconds, rel=0.01)  # levels above 1 do not grow with N

@@ -1,0 +1,77 @@
+"""The bounded-memory Ray paths on a simulated 2-node cluster equal the local computation bit for bit:
+k-means passes reduced in part order as parts arrive, and copy-graph queries answered by one index
+holder per node."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield cluster.address
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def emb_dir(tmp_path_factory):
+    """Five float16 parts of clustered unit vectors with planted near copies, one row failed."""
+    root = tmp_path_factory.mktemp("rayscale")
+    rng = np.random.default_rng(5)
+    centers = rng.standard_normal((12, 16))
+    x = centers[rng.integers(0, 12, 1500)] + 0.5 * rng.standard_normal((1500, 16))
+    x[1::7] = x[0::7][: len(x[1::7])] + 0.01 * rng.standard_normal((len(x[1::7]), 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    status = ["ok"] * len(x)
+    status[3] = "embed_error"
+    start = 0
+    for p, size in enumerate([300, 200, 400, 100, 500]):
+        np.save(root / f"part-{p:05d}.npy", x[start:start + size].astype(np.float16))
+        pq.write_table(pa.table({"id": [f"r{r:05d}" for r in range(start, start + size)],
+                                 "status": status[start:start + size]}), root / f"part-{p:05d}.parquet")
+        start += size
+    return root
+
+
+def test_ray_kmeans_pass_equals_local(two_nodes, emb_dir):
+    from curate.kmeans import local_step_fn
+    from curate.vectors import EmbeddingParts
+    from pipelines.stages.cluster import _ray_step_fn
+
+    base = EmbeddingParts(emb_dir)
+    valid = np.setdiff1d(np.arange(base.n), [3, 250, 251, 900])
+    sub = base.subset(valid)
+    centroids = sub.take(np.arange(0, 40) * 30)
+    got, labels, dists = _ray_step_fn(emb_dir, valid, 64, two_nodes)(centroids)
+    ref, ref_labels, ref_dists = local_step_fn(sub, 64)(centroids)
+    assert got.sums.tobytes() == ref.sums.tobytes() and np.array_equal(got.counts, ref.counts)
+    assert np.array_equal(got.far_row, ref.far_row) and np.array_equal(got.far_dist, ref.far_dist)
+    assert got.inertia == ref.inertia
+    assert np.array_equal(labels, ref_labels) and np.array_equal(dists, ref_dists)
+
+
+def test_ray_copy_graph_with_an_index_per_node_equals_local(two_nodes, emb_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from curate.dedup import as_parts, knn_edges, pool_index, valid_rows
+    from curate.index import IndexSpec
+    from pipelines.stages.dedup import _ray_edges
+
+    parts = as_parts(str(emb_dir))
+    index = pool_index(parts, IndexSpec(kind="flat"))
+    ok = valid_rows(parts)
+    i, j, sim = _ray_edges(emb_dir, index, ok, SimpleNamespace(k=8), 0.9, tmp_path, two_nodes)
+    ri, rj, rsim = knn_edges(str(emb_dir), 8, 0.9, index=index)
+    assert len(ri) > 150 and 3 not in set(ri) | set(rj)
+    assert np.array_equal(i, ri) and np.array_equal(j, rj) and sim.tobytes() == rsim.tobytes()
+    assert not list(tmp_path.glob("_index*"))  # the saved index is removed afterwards
