@@ -187,6 +187,35 @@ def shard_plan(cfg) -> dict:
     return {"in": selected.num_rows, "out": plan.num_rows, "shards": len(set(plan.column("shard").to_pylist()))}
 
 
+def calibrate(dim: int = 64) -> dict:
+    """Per-core rates `curate plan` uses (CPU time): faiss nearest-centroid FLOP/s (k = 4096), the rest of a
+    k-means pass per record and dimension (float16 read, bookkeeping, float64 sums; k = 16), k-means++ FLOP/s."""
+    import faiss
+
+    from curate.kmeans import ArrayVectors, kmeans_plusplus, local_step_fn
+
+    faiss.omp_set_num_threads(1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((65536, dim)).astype(np.float32)
+    index = faiss.IndexFlatL2(dim)
+    index.add(x[:4096])
+    t0 = time.process_time()
+    index.search(x, 1)
+    search = time.process_time() - t0
+    vectors = ArrayVectors(x.astype(np.float16))
+    step = local_step_fn(vectors, 65536)
+    t0 = time.process_time()
+    for _ in range(5):
+        step(x[:16])
+    per_pass = (time.process_time() - t0) / 5
+    t0 = time.process_time()
+    kmeans_plusplus(x[:16384], 128, 0)
+    pp = time.process_time() - t0
+    return {"faiss_flops_per_core": round(2 * len(x) * 4096 * dim / search / 1e9, 1) * 1e9,
+            "kmeans_pass_s_per_record_dim": per_pass / len(x) / dim,
+            "kmeans_pp_flops_per_core": round(2 * 16384 * dim * 128 * (3 + np.log(128)) / pp / 1e9, 1) * 1e9}
+
+
 def run_child(stage: str, work: Path, args: argparse.Namespace) -> dict:
     """One stage in this process; returns its counts."""
     from pipelines.config import load_config
@@ -308,7 +337,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=32)
     ap.add_argument("--k", type=int, default=16, help="neighbours per image in the copy graph")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--work", type=Path)
+    ap.add_argument("--calibrate", action="store_true", help="only measure the per-core rates `curate plan` uses")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in order")
     ap.add_argument("--max-rss-gb", type=float, default=8.0, help="stop a stage whose RSS passes this")
     ap.add_argument("--compare", type=Path, help="scale.json of a smaller run: RSS and time ratios per stage")
@@ -317,8 +347,13 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_child(args.child, args.work, args)))
         return
+    if args.calibrate:
+        print(json.dumps({"bench": "scale-calibrate", **calibrate()}))
+        return
     from pipelines.config import load_config, to_yaml
 
+    if args.work is None:
+        ap.error("--work is required")
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "scale.yaml").write_text(to_yaml(load_config(None, config_overrides(args.work, args.records,
                                                                                       args.k))))

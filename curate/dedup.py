@@ -283,8 +283,8 @@ def copy_dedup(
     max_sim[np.isinf(max_sim)] = np.nan
     group_max = np.full(len(multi), -np.inf, dtype=np.float32)
     np.maximum.at(group_max, group[i], sim)  # both ends of an edge are in the same group
-    dup_of = id_arr[keeper].astype(object)
-    dup_of[keep] = None
+    dup_of = np.full(n, None, dtype=object)  # a Python string only for the dropped records
+    dup_of[~keep] = id_arr[keeper[~keep]]
 
     members = np.flatnonzero(group >= 0)
     members = members[np.lexsort((rank[members], group[members]))]

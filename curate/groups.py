@@ -12,7 +12,10 @@ import numpy as np
 def id_ranks(ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """ids as a numpy str array and each id's rank in string order; ids must be unique."""
     n = len(ids)
-    id_arr = np.array([str(x) for x in ids], dtype=str) if n else np.empty(0, dtype=str)
+    if isinstance(ids, np.ndarray) and ids.dtype.kind == "U":  # already a str array: no copy through Python
+        id_arr = ids
+    else:
+        id_arr = np.array([str(x) for x in ids], dtype=str) if n else np.empty(0, dtype=str)
     by_id = np.argsort(id_arr, kind="stable")
     if n > 1 and np.any(id_arr[by_id][1:] == id_arr[by_id][:-1]):
         raise ValueError("ids must be unique")

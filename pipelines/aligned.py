@@ -72,9 +72,12 @@ def _ids(path: Path) -> pa.ChunkedArray:
     return pq.read_table(path, columns=["id"]).column("id")
 
 
-def embedding_ids(emb_dir: str | Path) -> list[str]:
-    """Ids of an embedding, in row order (concatenated id parts)."""
-    return [x for p in list_parts(emb_dir) for x in pq.read_table(p, columns=["id"]).column("id").to_pylist()]
+def embedding_ids(emb_dir: str | Path) -> np.ndarray:
+    """Ids of an embedding, in row order (concatenated id parts), as one numpy str array (no Python
+    string per id: ~4 bytes a character instead of ~70 bytes an id)."""
+    parts = [np.asarray(pq.read_table(p, columns=["id"]).column("id").to_numpy(zero_copy_only=False), dtype=str)
+             for p in list_parts(emb_dir)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=str)
 
 
 def embedding_status(emb_dir: str | Path) -> np.ndarray:

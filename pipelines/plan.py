@@ -176,12 +176,12 @@ def _pp_seconds(n: int, k: int, d: int, cl: Cluster) -> float:
     """k-means++ on the init sample: k steps, each scoring 2 + ln k candidates against the sample, in numpy
     on the driver's cores (no GPU)."""
     s = min(n, max(8 * k, 4096))
-    return 2.0 * s * d * k * (3 + math.log(k)) / (cl.cpus_per_node * cost("cpu_flops"))
+    return 2.0 * s * d * k * (3 + math.log(k)) / (cl.cpus_per_node * cost("pp_flops"))
 
 
 def _fit_seconds(n: int, k: int, d: int, passes: int, rate: float, cores: int) -> float:
     """Lloyd passes: the nearest-centroid search (dense FLOPs) plus reading and summing each record."""
-    return passes * (2.0 * n * k * d / rate + n * cost("kmeans_rec_s") / cores)
+    return passes * (2.0 * n * k * d / rate + n * d * cost("kmeans_rec_s") / cores)
 
 
 def _level(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster) -> tuple[float, float, float, list]:
@@ -232,7 +232,8 @@ def _level(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster) ->
         raise PlanRefused(f"{key}.n_clusters: k={k:,} x d={d} needs {need} ({what}: float64 sums, "
                           f"centroid index), over {cl.mem_per_node_gb:g} GB per node; {fix}")
     where = "the first fit's passes over the cluster, the rest" if spread else "all fits"
-    notes.append(f"l{i + 1}: {where} on the driver ({dsrc}), k-means++ in numpy on its {cl.cpus_per_node} cores")
+    notes.append(f"l{i + 1}: {fmt_time(seconds)}; {where} on the driver ({dsrc}), k-means++ in numpy on its "
+                 f"{cl.cpus_per_node} cores")
     return driver, node, seconds, notes
 
 

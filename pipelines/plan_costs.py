@@ -21,20 +21,21 @@ class Cost:
     source: str
 
 
-_SCALE = "python bench/scale.py --records 1000000 (and 10000000), bench/RESULTS.md 'Plan and scale'"
+_SCALE = "python bench/scale.py --records 1000000 (RESULTS 'Plan and scale'; CPU time, RSS above a ~200 MB process)"
+_CAL = "python bench/scale.py --calibrate (one thread, CPU time)"
 COSTS: dict[str, Cost] = {
     "ingest_s": Cost(1 / 1348, "core-s per image", "RESULTS 'Folder ingest vs bare decode': 1,348 img/s, one "
                      "process, 512x384 JPEG (python bench/ingest.py --n 2000 --size 512x384 --repeat 3)"),
     "ingest_rss": Cost(196 * 2**20, "bytes per worker", "RESULTS 'Ingest': peak RSS 196 MiB at 100k files "
                        "(python bench/ingest.py --n 3000 --rss 10000,100000)"),
     "image_bytes": Cost(110e3, "bytes per image", "ASSUMPTION: mean size of a web JPEG (not measured here)"),
-    "record_bytes": Cost(120, "bytes per record on disk", f"ingest parts of {_SCALE}"),
+    "record_bytes": Cost(80, "bytes per record on disk", f"{_SCALE}: 80 MB of ingest parts"),
     "net_bytes_s": Cost(1.25e9, "bytes/s per node", "ASSUMPTION: 10 Gbit/s per node to the internet and between nodes"),
     "ok_share": Cost(0.85, "of inputs", "ASSUMPTION: web downloads that arrive and decode"),
     "hash_dup_share": Cost(0.05, "of ok records", "ASSUMPTION: exact and pHash duplicates of a web pool"),
     "copy_dup_share": Cost(0.10, "of embedded records", "ASSUMPTION: embedding copies (DINOv2 removed a similar share)"),
-    "hashdedup_s": Cost(20e-6, "driver s per record", _SCALE),
-    "hashdedup_bytes": Cost(250, "driver bytes per record", _SCALE),
+    "hashdedup_s": Cost(29e-6, "driver s per record", f"{_SCALE}: 28.6 CPU-s for 980k ok records"),
+    "hashdedup_bytes": Cost(1050, "driver bytes per record", f"{_SCALE}: peak RSS 1,152 MB"),
     "embed_gpu_img_s": Cost(800, "img/s per GPU (ViT-L/14, 224 px, bf16)", "ASSUMPTION, not measured (no GPU "
                             "here): 155 GFLOP per image at 40% of an A100's 312 TFLOP/s bf16"),
     "embed_cpu_vits_img_s": Cost(6.3, "img/s per core (ViT-S/14)", "RESULTS 'Embedding stage': 12.6 img/s on 2 "
@@ -44,17 +45,19 @@ COSTS: dict[str, Cost] = {
     "embed_actor_bytes": Cost(4 * 2**30, "bytes per actor", "ASSUMPTION: model, DataLoader workers, batches"),
     "gpu_flops": Cost(15e12, "FLOP/s per GPU (fp32 search, GEMM)", "ASSUMPTION, not measured: ~75% of an A100's "
                       "19.5 TFLOP/s fp32"),
-    "cpu_flops": Cost(20e9, "FLOP/s per core (faiss flat search)", _SCALE),
-    "kmeans_rec_s": Cost(1.0e-6, "core-s per record per pass (read, accumulate)", _SCALE),
-    "ivf_scan_s": Cost(2.0e-9, "core-s per scanned vector-dimension (IVF k-NN)", _SCALE),
-    "dedup_bytes": Cost(400, "driver bytes per record besides the index", _SCALE),
-    "balance_s": Cost(4e-6, "driver s per record", _SCALE),
-    "balance_bytes": Cost(300, "driver bytes per record", _SCALE),
-    "plan_s": Cost(10e-6, "driver s per selected record (shard plan)", _SCALE),
-    "plan_bytes": Cost(600, "driver bytes per selected record (shard plan)", _SCALE),
+    "cpu_flops": Cost(55e9, "FLOP/s per core (faiss flat search)", f"{_CAL}: 54.7-56.9 GFLOP/s at k = 4096"),
+    "pp_flops": Cost(8e9, "FLOP/s per core (k-means++ in numpy)", f"{_CAL}: 7.5-9.3 GFLOP/s"),
+    "kmeans_rec_s": Cost(2.5e-8, "core-s per record and dimension per pass (read, sums)", f"{_CAL}: 2.0-2.9e-8"),
+    "ivf_scan_s": Cost(1.2e-9, "core-s per scanned vector-dimension (IVF k-NN)", f"{_SCALE}: dedup 112 CPU-s, "
+                       "~70 of them scanning 6e10 vector-dimensions (the rest training, adding, components)"),
+    "dedup_bytes": Cost(500, "driver bytes per record besides the index", f"{_SCALE}: dedup peak RSS 777 MB"),
+    "balance_s": Cost(4.3e-6, "driver s per record", f"{_SCALE}: 4.1 CPU-s for 950k records"),
+    "balance_bytes": Cost(290, "driver bytes per record", f"{_SCALE}: peak RSS 428 MB"),
+    "plan_s": Cost(17e-6, "driver s per selected record (shard plan)", f"{_SCALE}: 8.4 CPU-s for 500k selected"),
+    "plan_bytes": Cost(1600, "driver bytes per selected record (shard plan)", f"{_SCALE}: peak RSS 951 MB"),
     "shards_bytes_s": Cost(370e6, "bytes/s per process", "RESULTS 'Curated shards vs an fsynced copy': 370 MB/s "
                            "(python bench/shards.py --n 1000 --size 768)"),
-    "base_rss": Cost(300 * 2**20, "bytes per Python process", _SCALE),
+    "base_rss": Cost(200 * 2**20, "bytes per Python process", f"{_SCALE}: the smallest stage processes, 185-262 MB"),
 }
 
 # Embedding dimension and forward cost relative to ViT-L/14 of known model specs (substring match).
