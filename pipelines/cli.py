@@ -345,12 +345,9 @@ def _dispatch(argv: list[str]) -> int:
                   file=sys.stderr)
             return 2
     elif args.command == "plan":
-        from pipelines.plan import default_cluster, format_plan, plan
+        from pipelines.plan import plan_command
 
-        cfg = load_config(args.config_file, list(args.overrides_pos))
-        cluster = default_cluster(args.nodes, args.gpus_per_node, args.cpus_per_node, args.mem_per_node)
-        dims = dict(_named_sources(args.dim, "--dim", resolve=False))
-        print(format_plan(plan(cfg, args.records, cluster, {k: int(v) for k, v in dims.items()}), args.records, cluster))
+        print(plan_command(load_config(args.config_file, list(args.overrides_pos)), args))
         return 0
     elif args.command == "demo":
         from pipelines.demo import run_demo
@@ -387,13 +384,13 @@ def _curate_then_train(config: str, overrides: list[str]) -> int:
     return 0
 
 
-def _named_sources(specs: list[str], flag: str, resolve: bool = True) -> list[tuple[str, str]]:
+def _named_sources(specs: list[str], flag: str) -> list[tuple[str, str]]:
     out = []
     for spec in specs:
         name, sep, source = spec.partition("=")
         if not sep or not name or not source:
-            raise ValueError(f"{flag} takes NAME={'SOURCE' if resolve else 'VALUE'}, got {spec!r}")
-        out.append((name, str(Path(source).resolve()) if resolve else source))
+            raise ValueError(f"{flag} takes NAME=SOURCE, got {spec!r}")
+        out.append((name, str(Path(source).resolve())))
     return out
 
 

@@ -25,7 +25,7 @@ from pipelines.plan_costs import (
     model_info,
 )
 
-__all__ = ["COSTS", "Cluster", "PlanRefused", "StagePlan", "default_cluster", "format_plan", "plan"]
+__all__ = ["COSTS", "Cluster", "PlanRefused", "StagePlan", "default_cluster", "format_plan", "plan", "plan_command"]
 
 
 def _embeddings(cfg: Config) -> dict[str, tuple[str, int, float, bool]]:
@@ -323,3 +323,15 @@ def default_cluster(nodes: int | None, gpus: int | None, cpus: int | None, mem_g
     here_mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return Cluster(nodes=nodes or 1, gpus_per_node=gpus or 0, cpus_per_node=cpus or os.cpu_count() or 1,
                    mem_per_node_gb=mem_gb or round(here_mem, 1))
+
+
+def plan_command(cfg: Config, args) -> str:
+    """`curate plan`: the table for the command line's records, cluster and --dim NAME=D settings."""
+    dims = {}
+    for spec in args.dim:
+        name, _, value = spec.partition("=")
+        if not name or not value.isdigit():
+            raise ValueError(f"--dim takes NAME=D with D a positive integer, got {spec!r}")
+        dims[name] = int(value)
+    cluster = default_cluster(args.nodes, args.gpus_per_node, args.cpus_per_node, args.mem_per_node)
+    return format_plan(plan(cfg, args.records, cluster, dims), args.records, cluster)
