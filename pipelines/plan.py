@@ -199,7 +199,8 @@ def _level(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster) ->
         return cost("base_rss") + kk * d * (8 + 4) + chunk
 
     per_point = 16 if i == 0 else 8 + d * 4  # labels, distances, rows; above level 1 the points are centroids
-    driver = cost("base_rss") + n * per_point + 2 * k * d * 4 + min(n, max(8 * k, 4096)) * (d * 4 + 16)
+    first_k = lv.split or k  # the k-means++ sample is sized by the first fit's k
+    driver = cost("base_rss") + n * per_point + 2 * k * d * 4 + min(n, max(8 * first_k, 4096)) * (d * 4 + 16)
     seconds, notes, task = 0.0, [], task_bytes(k)
     if lv.split:
         sub = math.ceil(k / lv.split)
