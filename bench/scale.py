@@ -216,6 +216,46 @@ def calibrate(dim: int = 64) -> dict:
             "kmeans_pp_flops_per_core": round(2 * 16384 * dim * 128 * (3 + np.log(128)) / pp / 1e9, 1) * 1e9}
 
 
+def planted_cluster(work: Path, n: int, seed: int = 0) -> dict:
+    """cluster's parts and manifest with seeded labels of the levels_for(n) sizes (long-tailed level-1
+    sizes), for a size where the k-means itself does not fit the time: balance and the shard plan then
+    run on a tree of the real shape."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from curate.parts import list_parts, part_name, read_aligned, write_table_atomic
+    from pipelines.manifest import StageResult, finish, read_manifest
+
+    levels = levels_for(n)
+    k1, k2 = levels[0]["n_clusters"], levels[1]["n_clusters"]
+    emb, d = work / "embed" / EMBEDDING, work / "cluster"
+    d.mkdir(parents=True, exist_ok=True)
+    popularity = 1 / (np.arange(k1) + 10.0)
+    popularity /= popularity.sum()
+    total = 0
+    for k, path in enumerate(list_parts(work / "ingest")):
+        ids = read_aligned([work / "ingest"], k, {str(work / "ingest"): ["id"]}).column("id")
+        e = read_aligned([emb], k, {str(emb): ["id", "status"]})
+        e = e.filter(pc.equal(e.column("status"), "ok"))
+        hit = pc.is_valid(pc.index_in(ids, value_set=e.column("id"))).to_numpy(zero_copy_only=False)
+        rng = np.random.default_rng([seed, 3, k])
+        l1 = rng.choice(k1, size=len(ids), p=popularity).astype(np.int32)
+        mask = ~hit
+        write_table_atomic(pa.table({"id": ids, "cluster_l1": pa.array(l1, mask=mask),
+                                     "cluster_l2": pa.array((l1 % k2).astype(np.int32), mask=mask),
+                                     "cluster_sq_dist": pa.array(rng.random(len(ids)).astype(np.float32), mask=mask)}),
+                           d / part_name(k))
+        total += int(hit.sum())
+    for level, kk in ((1, k1), (2, k2)):
+        np.save(d / f"centroids_l{level}.npy", np.zeros((kk, 1), np.float32))
+    key = read_manifest(emb)["key"]
+    result = StageResult("cluster", str(d), f"planted-{key}", counts={"in": total, "out": total, "dropped": {},
+                                                                      "planted": True})
+    finish(result, {"embedding": EMBEDDING, "planted": True},
+           {"ingest": read_manifest(work / "ingest")["key"], "embedding": key})
+    return result.counts
+
+
 def run_child(stage: str, work: Path, args: argparse.Namespace) -> dict:
     """One stage in this process; returns its counts."""
     from pipelines.config import load_config
@@ -226,6 +266,8 @@ def run_child(stage: str, work: Path, args: argparse.Namespace) -> dict:
         return generate_embed(work, args.dim, args.seed)
     if stage == "planted_hashdedup":
         return planted_hashdedup(work)
+    if stage == "planted_cluster":
+        return planted_cluster(work, args.records, args.seed)
     cfg = load_config(work / "scale.yaml")
     if stage == "shard_plan":
         return shard_plan(cfg)
@@ -309,8 +351,9 @@ def planted_hashdedup(work: Path) -> dict:
 def check_counts(stages: dict) -> list[str]:
     """What does not add up between stages (empty when every stage's input is the one before's output)."""
     c = {s: v.get("counts") for s, v in stages.items()}
-    if "hashdedup" not in c and "planted_hashdedup" in c:
-        c["hashdedup"] = c["planted_hashdedup"]
+    for stage in ("hashdedup", "cluster"):
+        if stage not in c and f"planted_{stage}" in c:
+            c[stage] = c[f"planted_{stage}"]
     c = {s: v for s, v in c.items() if v is not None}
     links = [("generate_ingest", "hashdedup"), ("balance", "shard_plan")]
     bad = [f"{b} in {c[b]['in']} != {a} out {c[a]['out']}" for a, b in links if a in c and b in c
