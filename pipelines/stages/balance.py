@@ -110,24 +110,24 @@ def run(cfg: Config, force: bool = False) -> StageResult:
         sq = rows.column(cluster, "cluster_sq_dist").to_numpy(zero_copy_only=False)[clustered]
         res = balanced_sample(paths, bc.target, strategy=bc.strategy, multiplier=bc.multiplier, seed=bc.seed,
                               sq_dists=sq)
-        counts, selected_by = res.counts.astype(np.int32), res.selected_by.astype(object)
+        counts, selected_by = res.counts.astype(np.int32), np.asarray(res.selected_by, dtype=object)
         report.update({k: v for k, v in res.report.items() if isinstance(v, (int, float, str))})
-    seed_set = np.full(n, None, dtype=object)
-    seed_id = np.full(n, None, dtype=object)
-    seed_sim = np.full(n, None, dtype=object)
+    seed_types = {"seed_set": pa.string(), "seed_id": pa.string(), "seed_sim": pa.float32()}
+    seeded = {c: (pa.nulls(n, t), t) for c, t in seed_types.items()}  # no Python object per record without seeds
     if bc.seeds:
+        seed_set, seed_id, seed_sim = (np.full(n, None, dtype=object) for _ in range(3))
         got, sets, sids, sims, seed_report = retrieve_seeds(cfg, clustered, paths[:, 0])
         seed_set[got], seed_id[got], seed_sim[got] = sets, sids, [float(x) for x in sims]
         fresh = got[counts[got] == 0]
         counts[fresh] = 1
         selected_by[fresh] = [f"seed:{s}" for s in seed_set[fresh]]
         report["retrieval"] = seed_report
+        seeded = {c: (v.tolist(), seed_types[c]) for c, v in zip(seed_types, (seed_set, seed_id, seed_sim))}
     selected = counts > 0
+    by = pa.array(selected_by, type=pa.string())
     rows.write(d, clustered, {
         "selected": (selected, pa.bool_()), "repeats": (counts, pa.int32()),
-        "selected_by": ([s or None for s in selected_by], pa.string()),
-        "seed_set": (seed_set.tolist(), pa.string()), "seed_id": (seed_id.tolist(), pa.string()),
-        "seed_sim": (seed_sim.tolist(), pa.float32())})
+        "selected_by": (pc.if_else(pc.equal(by, ""), pa.scalar(None, pa.string()), by), pa.string()), **seeded})
     shortfall = max(0, bc.target - int(counts.sum())) if bc.target else 0
     result = StageResult("balance", str(d), key, counts={
         "in": n, "out": int(selected.sum()), "dropped": {"not_selected": int((~selected).sum())},
