@@ -198,7 +198,7 @@ def _level(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster) ->
     def task_bytes(kk: int) -> float:  # one assignment pass worker: sums (float64), index and chunks
         return cost("base_rss") + kk * d * (8 + 4) + chunk
 
-    per_point = 16 if i == 0 else 8 + d * 4  # labels, distances, rows; above level 1 the points are centroids
+    per_point = cost("cluster_bytes") if i == 0 else 8 + d * 4  # above level 1 the points are centroids
     first_k = lv.split or k  # the k-means++ sample is sized by the first fit's k
     driver = cost("base_rss") + n * per_point + 2 * k * d * 4 + min(n, max(8 * first_k, 4096)) * (d * 4 + 16)
     seconds, notes, task = 0.0, [], task_bytes(k)
@@ -213,7 +213,6 @@ def _level(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster) ->
             notes.append(f"l{i + 1}: split {lv.split:,} then ~{sub} per split, then every point against all {k:,}")
         else:
             notes.append(f"l{i + 1}: split {lv.split:,} then ~{sub} per split (points stay in their split)")
-        driver += n * 8
     else:
         seconds += _pp_seconds(n, k, d, cl) + _fit_seconds(n, k, d, passes, prate, pcores)
     for _ in range(1, max(1, lv.resampling_steps)):

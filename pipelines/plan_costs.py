@@ -23,6 +23,7 @@ class Cost:
 
 _SCALE = "python bench/scale.py --records 1000000 (RESULTS 'Plan and scale'; CPU time, RSS above a ~200 MB process)"
 _CAL = "python bench/scale.py --calibrate (one thread, CPU time)"
+_SCALE10 = "bench/scale.py at 1M and 10M records, the slope (RESULTS 'Plan and scale')"
 COSTS: dict[str, Cost] = {
     "ingest_s": Cost(1 / 1348, "core-s per image", "RESULTS 'Folder ingest vs bare decode': 1,348 img/s, one "
                      "process, 512x384 JPEG (python bench/ingest.py --n 2000 --size 512x384 --repeat 3)"),
@@ -52,9 +53,12 @@ COSTS: dict[str, Cost] = {
                        "~70 of them scanning 6e10 vector-dimensions (the rest training, adding, components)"),
     "dedup_bytes": Cost(500, "driver bytes per record besides the index", f"{_SCALE}: dedup peak RSS 777 MB"),
     "balance_s": Cost(4.3e-6, "driver s per record", f"{_SCALE}: 4.1 CPU-s for 950k records"),
-    "balance_bytes": Cost(290, "driver bytes per record", f"{_SCALE}: peak RSS 428 MB"),
+    "balance_bytes": Cost(240, "driver bytes per record", f"{_SCALE10}: balance 426 MB at 0.96M, 2,493 MB at 9.7M"),
+    "cluster_bytes": Cost(70, "driver bytes per record (labels, distances, row maps)", f"{_SCALE10}: cluster 262 MB "
+                          "at 0.95M, 882 MB at 9.7M records"),
     "plan_s": Cost(17e-6, "driver s per selected record (shard plan)", f"{_SCALE}: 8.4 CPU-s for 500k selected"),
-    "plan_bytes": Cost(1600, "driver bytes per selected record (shard plan)", f"{_SCALE}: peak RSS 951 MB"),
+    "plan_bytes": Cost(1540, "driver bytes per selected record (shard plan)", f"{_SCALE10}: 928 MB at 0.5M "
+                       "selected, 7,846 MB at 5M"),
     "shards_bytes_s": Cost(370e6, "bytes/s per process", "RESULTS 'Curated shards vs an fsynced copy': 370 MB/s "
                            "(python bench/shards.py --n 1000 --size 768)"),
     "base_rss": Cost(200 * 2**20, "bytes per Python process", f"{_SCALE}: the smallest stage processes, 185-262 MB"),
