@@ -1,11 +1,17 @@
-"""Executors: the Ray side. Stages run locally by default; with `executor: ray` the heavy part of a
-stage runs on a Ray cluster (`ray_address`, or a local Ray when none) and the driver writes the
-outputs, so the files are the same whichever executor ran.
+"""Executors: the Ray side. Stages run locally by default; with `executor: ray` every stage runs its
+work as Ray tasks (or actors) over parts on a cluster (`ray_address`, or a local Ray when none). The
+workdir must be on storage every node sees. Tasks call the same library functions the local path
+calls and write with the same atomic writers, so the files are the same whichever executor ran.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+# A task lost with its node (or its worker process) is rerun by Ray this many times; the work
+# functions are idempotent (a finished output is skipped, every write is atomic), so a rerun is safe.
+TASK_RETRIES = 4
 
 
 def init_ray(address: str | None = None) -> None:
@@ -16,6 +22,57 @@ def init_ray(address: str | None = None) -> None:
         return
     ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
+
+
+def ray_map(fn: Callable[..., Any], jobs: Sequence[tuple], address: str | None = None, num_cpus: float = 1,
+            retries: int = TASK_RETRIES) -> Iterator[tuple[int, Any]]:
+    """Run `fn(*job)` for every job as a Ray task; yields (job index, result) as tasks finish.
+
+    `fn` must be a module-level function (workers import it). A task whose node or worker dies is
+    retried by Ray (`retries` times); an exception raised by `fn` itself is not retried and ends the
+    stage with that error (parts already written are kept, so a rerun resumes)."""
+    import ray
+
+    init_ray(address)
+    remote = ray.remote(fn).options(num_cpus=num_cpus, max_retries=retries, retry_exceptions=False)
+    pending = {remote.remote(*job): i for i, job in enumerate(jobs)}
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(done[0])
+            yield i, ray.get(done[0])
+    finally:
+        for ref in pending:  # an error (or an abandoned generator) stops the stage's other tasks
+            ray.cancel(ref)
+
+
+def ray_shuffle(map_fn: Callable[..., list], map_jobs: Sequence[tuple], reduce_fn: Callable[..., Any],
+                reduce_jobs: Sequence[tuple], address: str | None = None,
+                retries: int = TASK_RETRIES) -> Iterator[tuple[int, Any]]:
+    """Map/reduce over Ray tasks: `map_fn(*job)` returns one value per reducer; reducer r runs
+    `reduce_fn(*reduce_jobs[r], *[value r of every map])`. Yields (r, result) as reducers finish.
+
+    Map values stay in the object store (the driver holds only references); a value lost with its
+    node is rebuilt by Ray rerunning its map task, and a lost task is retried (`retries` times)."""
+    import ray
+
+    init_ray(address)
+    n_out = len(reduce_jobs)
+    if not n_out:
+        return
+    mapper = ray.remote(map_fn).options(num_cpus=1, num_returns=n_out, max_retries=retries, retry_exceptions=False)
+    reducer = ray.remote(reduce_fn).options(num_cpus=1, max_retries=retries, retry_exceptions=False)
+    outs = [mapper.remote(*job) for job in map_jobs]
+    outs = [o if isinstance(o, list) else [o] for o in outs]  # num_returns=1 gives one reference
+    pending = {reducer.remote(*job, *[o[r] for o in outs]): r for r, job in enumerate(reduce_jobs)}
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            r = pending.pop(done[0])
+            yield r, ray.get(done[0])
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
 
 
 class _EmbedWorker:
