@@ -85,6 +85,10 @@ class _EmbedWorker:
         self.settings = EmbedSettings(**settings_kwargs)
         self.embedder = load_embedder(spec, resolve_device(self.settings.device))
 
+    def ready(self) -> bool:
+        """Answers once the model is loaded (parts go only to actors that started)."""
+        return True
+
     def run(self, index: int, rows: list[dict], raw_root: str):
         from curate.embed import embed_rows
 
@@ -116,20 +120,33 @@ def ray_embed(spec: str, settings_kwargs: dict, jobs: Sequence[tuple[int, list[d
     if not gpus_per_actor:
         kwargs.update(device="cpu", num_workers=0, threads=1)
     remote = ray.remote(_EmbedWorker).options(num_cpus=1, num_gpus=gpus_per_actor)
-    idle = [remote.remote(spec, kwargs) for _ in range(actors)]
+    pool = [remote.remote(spec, kwargs) for _ in range(actors)]
+    starting = {actor.ready.remote(): actor for actor in pool}  # an actor whose node is gone never starts
+    idle: list = []
     queue = list(jobs)
     running: dict = {}  # object ref -> (actor, job)
+    last_error = ""
     while queue or running:
         while queue and idle:
             actor, job = idle.pop(), queue.pop(0)
             running[actor.run.remote(job[0], job[1], raw_root)] = (actor, job)
-        if not running:
-            raise RuntimeError(f"every embedding actor died with {len(queue)} part(s) left; rerun to resume")
-        [ref], _ = ray.wait(list(running), num_returns=1)
+        if not running and not starting:
+            raise RuntimeError(f"every embedding actor died with {len(queue)} part(s) left; rerun to resume"
+                               + (f" (last error: {last_error})" if last_error else ""))
+        [ref], _ = ray.wait([*running, *starting], num_returns=1)
+        if ref in starting:
+            actor = starting.pop(ref)
+            try:
+                ray.get(ref)
+                idle.append(actor)
+            except RayActorError as exc:
+                last_error = str(exc).strip().splitlines()[-1][:300]
+            continue
         actor, job = running.pop(ref)
         try:
             result = ray.get(ref)
-        except RayActorError:  # the actor (or its node) is gone: its part goes back to the queue
+        except RayActorError as exc:  # the actor (or its node) is gone: its part goes back to the queue
+            last_error = str(exc).strip().splitlines()[-1][:300]
             queue.insert(0, job)
             continue
         idle.append(actor)

@@ -1,6 +1,8 @@
 """`curate run` as a whole: SIGKILL at several points then a rerun, and the Ray executor (a local
-Ray and a simulated 2-node cluster), all giving the curated shards of an uninterrupted local run."""
+Ray, and a simulated 3-node cluster that loses a worker node mid-stage), all giving the outputs of an
+uninterrupted local run."""
 
+import json
 import random
 import shutil
 import time
@@ -11,6 +13,7 @@ import pytest
 from pipelines.synth import write_pool
 from pipelines.config import load_config
 from pipelines.run import run_pipeline
+from tests.conftest import ROOT
 from tests.pipelines.test_kill_resume import _curate, _kill_after
 
 pytestmark = pytest.mark.slow
@@ -74,26 +77,118 @@ def test_sigkill_at_several_points_of_curate_run(setup, cli_env):
     assert kills >= 3
 
 
-def test_ray_local_and_two_node_cluster_give_the_local_shards(setup):
+def _outputs(work: Path) -> dict[str, bytes]:
+    """Every file every curation stage wrote (records parts, raw and curated shards, embeddings,
+    centroids, plans), and each stage's key and counts; not the manifests' timings, nor the report."""
+    out = {}
+    for stage in ("ingest", "hashdedup", "embed", "dedup", "cluster", "balance", "shards"):
+        for p in sorted((work / stage).rglob("*")):
+            if p.is_file() and p.name not in ("_MANIFEST.json", "_STARTED.json"):
+                out[str(p.relative_to(work))] = p.read_bytes()
+            elif p.name == "_MANIFEST.json":
+                m = json.loads(p.read_text())
+                out[str(p.relative_to(work))] = json.dumps([m["key"], m["counts"], m["inputs"]]).encode()
+    return out
+
+
+def _figures(work: Path) -> dict:
+    """report.json without what names the workdir or times it."""
+    rep = json.loads((work / "report" / "report.json").read_text())
+    rep.pop("workdir", None)
+    for s in rep["funnel"]["stages"]:
+        s.pop("seconds", None)
+    return rep
+
+
+def test_ray_executor_gives_every_stage_output_of_the_local_run(setup):
+    """A local Ray (2 CPUs): ingest, hash dedup, embed, dedup, cluster and shards run as Ray tasks or
+    actors; every file of every stage equals the local run's, byte for byte, and so do the report figures."""
     import ray
-    from ray.cluster_utils import Cluster
 
     root, reference, _ = setup
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
+        @ray.remote
+        def where() -> str:
+            import pipelines
+
+            return pipelines.__file__
+
+        assert ray.get(where.remote()).startswith(str(ROOT))  # the workers run this checkout's code
         run_pipeline(load_config(root / "c.yaml", [f"workdir={root / 'ray'}", "executor=ray"]))
     finally:
         ray.shutdown()
     assert _shards(root / "ray" / "shards") == reference
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
+    ref, got = _outputs(root / "ref"), _outputs(root / "ray")
+    assert sorted(got) == sorted(ref) and any(k.startswith("hashdedup/part-") for k in ref)
+    assert [k for k in ref if got[k] != ref[k]] == []
+    assert _figures(root / "ray") == _figures(root / "ref")
+
+
+def _busy_worker(name: str, workers: list, timeout: float = 30.0):
+    """A worker node that is running a task called `name` (Ray's state API), or None."""
+    from ray.util.state import list_tasks
+
+    ids = {w.node_id: w for w in workers}
+    end = time.time() + timeout
+    while time.time() < end:
+        for t in list_tasks(filters=[("name", "=", name), ("state", "=", "RUNNING")], detail=True):
+            if t.node_id in ids:
+                return ids[t.node_id]
+        time.sleep(0.05)
+    return None
+
+
+def test_curate_run_on_three_nodes_survives_losing_a_worker_mid_stage(setup, monkeypatch):
+    """Head + 2 workers (1 CPU each). Once the first ingest part is back, the worker node running
+    another part is removed: Ray reruns that task elsewhere, and every stage's output equals the
+    local run's, byte for byte."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_tasks
+
+    from pipelines import executors
+
+    root, reference, _ = setup
+    fired = []
+    real = executors.ray_map
+
+    def ray_map(fn, jobs, *args, **kwargs):
+        for n, item in enumerate(real(fn, jobs, *args, **kwargs)):
+            if fn.__name__ == "run_part" and n == 0:
+                node = _busy_worker("run_part", workers)
+                assert node is not None, "no worker node was running an ingest part"
+                cluster.remove_node(node)
+                fired.append(len(jobs) - 1)
+            yield item
+
+    monkeypatch.setattr(executors, "ray_map", ray_map)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_port": _free_port()})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     try:
-        run_pipeline(load_config(root / "c.yaml", [f"workdir={root / 'ray2'}", "executor=ray",
-                                                    f"ray_address={cluster.address}"]))
+        run_pipeline(load_config(root / "c.yaml", [f"workdir={root / 'ray3'}", "executor=ray",
+                                                    f"ray_address={cluster.address}"]), until="shards")
+        assert fired == [4]  # mid-stage: 4 of the 5 ingest parts were still out
+        end, retried = time.time() + 30, []
+        while not retried and time.time() < end:  # task events reach the state API within a few seconds
+            retried = [t for t in list_tasks(filters=[("name", "=", "run_part")], detail=True) if t.attempt_number]
+            time.sleep(0.5)
+        assert retried, "no ingest task was retried"
     finally:
         ray.shutdown()
         cluster.shutdown()
-    assert _shards(root / "ray2" / "shards") == reference
+    ref, got = _outputs(root / "ref"), _outputs(root / "ray3")
+    assert sorted(got) == sorted(ref)
+    assert [k for k in ref if got[k] != ref[k]] == []
+    assert _shards(root / "ray3" / "shards") == reference
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_embedding_survives_losing_a_worker_node_mid_stage(setup):
