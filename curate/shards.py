@@ -62,28 +62,36 @@ def plan_shards(records: pa.Table, settings: ShardSettings, meta_columns: Sequen
         perm = np.random.default_rng(settings.shuffle_seed).permutation(t.num_rows)
         t = t.take(pa.array(perm))
     metas = _sample_metas(t, keep)
-    sizes = t.column("nbytes").to_pylist()
+    sizes = t.column("nbytes").to_numpy().tolist()
+    meta_sizes = pc.binary_length(metas).to_numpy().tolist()
     shard_ids = np.empty(t.num_rows, dtype=np.int64)
     cur, count, used = 0, 0, 0
-    for i, (n, meta) in enumerate(zip(sizes, metas)):
-        need = sample_nbytes((n, len(meta.encode())))
+    for i, (n, m) in enumerate(zip(sizes, meta_sizes)):
+        need = sample_nbytes((n, m))
         if count and (count >= settings.max_count or tar_file_size(used + need) > settings.max_size):
             cur, count, used = cur + 1, 0, 0
         shard_ids[i] = cur
         count, used = count + 1, used + need
-    t = t.append_column("shard", pa.array([shard_name(int(s)) for s in shard_ids], type=pa.string()))
-    return t.append_column("meta", pa.array(metas, type=pa.string()))
+    names = pa.array([shard_name(i) for i in range(cur + 1)], type=pa.string())
+    t = t.append_column("shard", names.take(pa.array(shard_ids)))
+    return t.append_column("meta", metas)
 
 
 _META_SKIP = {"raw_shard", "raw_offset", "nbytes", "ext", "key"}
 _META_JSON = json.JSONEncoder(sort_keys=True, default=str)  # json.dumps(meta, sort_keys=True, default=str)
 
 
-def _sample_metas(t: pa.Table, columns: Sequence[str]) -> list[str]:
-    """The json metadata of every row: its non-null columns except the shard bookkeeping, sorted keys."""
+def _sample_metas(t: pa.Table, columns: Sequence[str], chunk: int = 65536) -> pa.ChunkedArray:
+    """The json metadata of every row: its non-null columns except the shard bookkeeping, sorted keys
+    (built a chunk of rows at a time, so Python objects exist for one chunk only)."""
     names = [c for c in columns if c not in _META_SKIP]
-    values = [t.column(c).to_pylist() for c in names]
-    return [_META_JSON.encode({c: v for c, v in zip(names, row) if v is not None}) for row in zip(*values)]
+    out = []
+    for start in range(0, t.num_rows, chunk):
+        part = t.slice(start, chunk)
+        values = [part.column(c).to_pylist() for c in names]
+        out.append(pa.array([_META_JSON.encode({c: v for c, v in zip(names, row) if v is not None})
+                             for row in zip(*values)], type=pa.string()))
+    return pa.chunked_array(out, type=pa.string())
 
 
 def prepare_shards(records: pa.Table, out_dir: str | os.PathLike, settings: ShardSettings = ShardSettings(),
