@@ -48,14 +48,15 @@ def _mix(v: np.ndarray) -> np.ndarray:
     return v ^ (v >> np.uint64(31))
 
 
-def n_outputs(max_distance: int, exact: bool, n_bands: int) -> int:
-    """How many bands `map_bands` returns: n_bands per sha256 table (when exact) and per pHash field."""
-    return n_bands * (int(exact) + len(phash_fields(max_distance)))
+def band_kinds(max_distance: int, exact: bool, n_bands: int) -> list[str]:
+    """The kind ("sha" or "phash") of each band `map_bands` returns, in its order: n_bands for sha256
+    (when exact), then n_bands per pHash field."""
+    return ["sha"] * (n_bands if exact else 0) + ["phash"] * (n_bands * len(phash_fields(max_distance)))
 
 
 def map_bands(parts: Sequence[tuple[str, int]], max_distance: int, exact: bool, n_bands: int) -> list[tuple]:
     """Map step over ingest parts given as (path, global row of its first record): the ok rows split by
-    band; returns `n_outputs` (rows, keys) pairs, sha256 bands first, then each pHash field's bands."""
+    band; returns one (rows, keys) pair per band of `band_kinds`."""
     rows, sha, phash = [], [], []
     for path, offset in parts:
         t = pq.read_table(path, columns=["status", "sha256", "phash"])
@@ -71,7 +72,7 @@ def map_bands(parts: Sequence[tuple[str, int]], max_distance: int, exact: bool, 
     out: list[tuple] = []
     if exact:
         known = sha_a != b""
-        prefix = np.array([int(s[:16], 16) for s in sha_a[known]], dtype=np.uint64)
+        prefix = np.ascontiguousarray(sha_a[known]).view(np.uint64).reshape(-1, 8)[:, 0]  # 8 hex digits' bytes
         out += _split(rows_a[known], sha_a[known], _mix(prefix) % np.uint64(n_bands), n_bands)
     for shift, width in phash_fields(max_distance):
         field = (ph >> np.uint64(shift)) & np.uint64((1 << width) - 1)

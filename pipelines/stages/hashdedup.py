@@ -74,7 +74,7 @@ def _run_ray(cfg: Config, parts: list[Path], d: Path) -> tuple[int, list, int]:
     """Banded map/reduce over Ray tasks; the driver holds only the records that have a link."""
     import ray
 
-    from curate.hash_bands import band_links, gather_rows, map_bands, n_outputs, phash_fields
+    from curate.hash_bands import band_kinds, band_links, gather_rows, map_bands
     from curate.hashing import group_linked
     from pipelines.executors import init_ray, ray_map, ray_shuffle
 
@@ -87,8 +87,7 @@ def _run_ray(cfg: Config, parts: list[Path], d: Path) -> tuple[int, list, int]:
     n_bands = max(cpus, -(-n // RAY_BAND_ROWS))
     n_maps = min(len(parts), max(cpus, -(-n // RAY_BAND_ROWS)))
     groups = [[(str(parts[k]), int(offsets[k])) for k in ks] for ks in np.array_split(np.arange(len(parts)), n_maps)]
-    kinds = ["sha"] * (n_bands if hc.exact else 0) + ["phash"] * (n_bands * len(phash_fields(hc.phash_max_distance)))
-    assert len(kinds) == n_outputs(hc.phash_max_distance, hc.exact, n_bands)
+    kinds = band_kinds(hc.phash_max_distance, hc.exact, n_bands)
     links = list(ray_shuffle(map_bands, [(g, hc.phash_max_distance, hc.exact, n_bands) for g in groups if g],
                              band_links, [(kind, hc.phash_max_distance) for kind in kinds], cfg.ray_address))
     ei = np.concatenate([a for _, (a, _) in links] or [np.zeros(0, np.int64)])

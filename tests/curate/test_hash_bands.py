@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.hash_bands import band_links, gather_rows, map_bands, n_outputs, phash_fields, write_dup_part
+from curate.hash_bands import band_kinds, band_links, gather_rows, map_bands, phash_fields, write_dup_part
 from curate.hashing import dedup, group_linked
 from tests.curate.test_hashing import flip
 
@@ -35,8 +35,8 @@ def _pool(n: int, seed: int) -> pa.Table:
 def _banded(paths: list[str], offsets: list[int], max_distance: int, exact: bool, n_bands: int, n_maps: int):
     groups = [[(paths[k], offsets[k]) for k in ks] for ks in np.array_split(np.arange(len(paths)), n_maps)]
     outs = [map_bands(g, max_distance, exact, n_bands) for g in groups]
-    assert all(len(o) == n_outputs(max_distance, exact, n_bands) for o in outs)
-    kinds = ["sha"] * (n_bands if exact else 0) + ["phash"] * (n_bands * len(phash_fields(max_distance)))
+    kinds = band_kinds(max_distance, exact, n_bands)
+    assert all(len(o) == len(kinds) for o in outs)
     links = [band_links(kind, max_distance, *[o[r] for o in outs]) for r, kind in enumerate(kinds)]
     ei = np.concatenate([a for a, _ in links] + [np.zeros(0, np.int64)])
     ej = np.concatenate([b for _, b in links] + [np.zeros(0, np.int64)])
