@@ -40,10 +40,24 @@ def ray_map(fn: Callable[..., Any], jobs: Sequence[tuple], address: str | None =
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(done[0])
-            yield i, ray.get(done[0])
+            yield i, _get(done[0])
     finally:
         for ref in pending:  # an error (or an abandoned generator) stops the stage's other tasks
             ray.cancel(ref)
+
+
+def _get(ref: Any) -> Any:
+    """ray.get, raising a task's own error as itself (its message stays one clear line, e.g. a full disk)."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from exc
+        raise
 
 
 def ray_shuffle(map_fn: Callable[..., list], map_jobs: Sequence[tuple], reduce_fn: Callable[..., Any],
@@ -69,7 +83,7 @@ def ray_shuffle(map_fn: Callable[..., list], map_jobs: Sequence[tuple], reduce_f
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             r = pending.pop(done[0])
-            yield r, ray.get(done[0])
+            yield r, _get(done[0])
     finally:
         for ref in pending:
             ray.cancel(ref)

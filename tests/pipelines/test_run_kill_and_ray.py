@@ -106,6 +106,8 @@ def test_ray_executor_gives_every_stage_output_of_the_local_run(setup):
     actors; every file of every stage equals the local run's, byte for byte, and so do the report figures."""
     import ray
 
+    from pipelines.executors import ray_map
+
     root, reference, _ = setup
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
@@ -116,6 +118,8 @@ def test_ray_executor_gives_every_stage_output_of_the_local_run(setup):
             return pipelines.__file__
 
         assert ray.get(where.remote()).startswith(str(ROOT))  # the workers run this checkout's code
+        with pytest.raises(json.JSONDecodeError, match="^Expecting property name"):  # a task's own error
+            list(ray_map(json.loads, [("7",), ("{",)]))
         run_pipeline(load_config(root / "c.yaml", [f"workdir={root / 'ray'}", "executor=ray"]))
     finally:
         ray.shutdown()
