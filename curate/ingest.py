@@ -158,11 +158,17 @@ def ingest(sources: Iterable[str], stage_dir: str | os.PathLike, settings: Inges
 
 def pending_parts(stage_dir: str | os.PathLike, n_parts: int) -> list[int]:
     """The planned parts not yet done, after removing a killed run's half-written files (its workers
-    died with it; call this before starting any part)."""
+    died with it; call this before starting any part) and the download cache of a part that was
+    killed after its records were written but before its cache was removed."""
     stage_dir = Path(stage_dir)
     for d in (stage_dir, stage_dir / "shards", *sorted((stage_dir / "_cache").glob("part-*"))):
         clean_temporaries(d)
-    return [i for i in range(n_parts) if not (stage_dir / part_name(i)).exists()]
+    todo = [i for i in range(n_parts) if not (stage_dir / part_name(i)).exists()]
+    pending = set(todo)
+    for cache in sorted((stage_dir / "_cache").glob("part-*")):
+        if cache.name[len("part-"):].isdigit() and int(cache.name[len("part-"):]) not in pending:
+            shutil.rmtree(cache, ignore_errors=True)
+    return todo
 
 
 def _start_method() -> str:
