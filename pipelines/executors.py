@@ -1,5 +1,5 @@
-"""Executors: the Ray side. Stages run locally by default; with `executor: ray` every stage runs its
-work as Ray tasks (or actors) over parts on a cluster (`ray_address`, or a local Ray when none). The
+"""Executors: the Ray side. Stages run locally by default; with `executor: ray` the stages run their
+heavy work as Ray tasks (or actors) over parts on a cluster (`ray_address`, or a local Ray when none). The
 workdir must be on storage every node sees. Tasks call the same library functions the local path
 calls and write with the same atomic writers, so the files are the same whichever executor ran.
 """
@@ -28,16 +28,25 @@ def ray_map(fn: Callable[..., Any], jobs: Sequence[tuple], address: str | None =
             retries: int = TASK_RETRIES) -> Iterator[tuple[int, Any]]:
     """Run `fn(*job)` for every job as a Ray task; yields (job index, result) as tasks finish.
 
-    `fn` must be a module-level function (workers import it). A task whose node or worker dies is
-    retried by Ray (`retries` times); an exception raised by `fn` itself is not retried and ends the
-    stage with that error (parts already written are kept, so a rerun resumes)."""
+    `fn` must be a module-level function (workers import it). At most two tasks per CPU of the cluster
+    are out at a time. A task whose node or worker dies is retried by Ray (`retries` times); an
+    exception raised by `fn` itself is not retried and ends the stage with that error (parts already
+    written are kept, so a rerun resumes)."""
     import ray
 
     init_ray(address)
     remote = ray.remote(fn).options(num_cpus=num_cpus, max_retries=retries, retry_exceptions=False)
-    pending = {remote.remote(*job): i for i, job in enumerate(jobs)}
+    window = max(4, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    todo = iter(enumerate(jobs))
+    pending: dict = {}
     try:
-        while pending:
+        while True:
+            for i, job in todo:
+                pending[remote.remote(*job)] = i
+                if len(pending) >= window:
+                    break
+            if not pending:
+                return
             done, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(done[0])
             yield i, _get(done[0])
