@@ -310,18 +310,30 @@ def dedup(
     highest pixel count, then the smallest id in string order. Everything in the result is a
     function of the records alone, so it does not depend on the input order. Ids must be unique.
     """
-    n = len(ids)
     sha = _factorize_sha(sha256)
     codes = np.asarray(phash, dtype=np.uint64).reshape(-1)
+    ei, ej = _exact_edges(sha)
+    if max_distance >= 0 and len(codes) == len(sha):
+        pi, pj, _ = phash_pairs(codes, max_distance)
+        ei, ej = np.concatenate([ei, pi]), np.concatenate([ej, pj])
+    return _group(ids, sha, codes, pixels, ei, ej)
+
+
+def group_linked(ids: Sequence[str], sha256: Sequence[str | None], phash: np.ndarray, pixels: np.ndarray,
+                 ei: np.ndarray, ej: np.ndarray) -> DedupResult:
+    """Keepers and groups of records linked by the edges (ei[k], ej[k]) (row numbers), as `dedup` decides
+    them; for edges found elsewhere (curate/hash_bands.py). None or "" sha256 is never "exact"."""
+    return _group(ids, _factorize_sha(sha256), np.asarray(phash, dtype=np.uint64).reshape(-1), pixels, ei, ej)
+
+
+def _group(ids: Sequence[str], sha: np.ndarray, codes: np.ndarray, pixels: np.ndarray,
+           ei: np.ndarray, ej: np.ndarray) -> DedupResult:
+    """Connected components of the edges, one keeper each, and every record's outcome."""
+    n = len(ids)
     pix = np.asarray(pixels, dtype=np.int64).reshape(-1)
     if not (len(sha) == len(codes) == len(pix) == n):
         raise ValueError("ids, sha256, phash and pixels must have the same length")
     id_arr, rank = id_ranks(ids)
-
-    ei, ej = _exact_edges(sha)
-    if max_distance >= 0:
-        pi, pj, _ = phash_pairs(codes, max_distance)
-        ei, ej = np.concatenate([ei, pi]), np.concatenate([ej, pj])
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 

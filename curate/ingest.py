@@ -134,10 +134,7 @@ def ingest(sources: Iterable[str], stage_dir: str | os.PathLike, settings: Inges
            on_part: Callable[[int, dict], None] | None = None) -> dict:
     """Plan, then run every unfinished part (in parallel processes); returns counts by status."""
     stage_dir = Path(stage_dir)
-    n_parts = plan(sources, stage_dir, settings.part_size)
-    for d in (stage_dir, stage_dir / "shards", *sorted((stage_dir / "_cache").glob("part-*"))):
-        clean_temporaries(d)  # a killed run's half-written files (its workers died with it)
-    todo = [i for i in range(n_parts) if not (stage_dir / part_name(i)).exists()]
+    todo = pending_parts(stage_dir, plan(sources, stage_dir, settings.part_size))
     workers = settings.workers or os.cpu_count() or 1
     if workers > 1 and len(todo) > 1:
         ctx = get_context(_start_method())
@@ -157,6 +154,21 @@ def ingest(sources: Iterable[str], stage_dir: str | os.PathLike, settings: Inges
             if on_part:
                 on_part(i, counts)
     return status_counts(stage_dir)
+
+
+def pending_parts(stage_dir: str | os.PathLike, n_parts: int) -> list[int]:
+    """The planned parts not yet done, after removing a killed run's half-written files (its workers
+    died with it; call this before starting any part) and the download cache of a part that was
+    killed after its records were written but before its cache was removed."""
+    stage_dir = Path(stage_dir)
+    for d in (stage_dir, stage_dir / "shards", *sorted((stage_dir / "_cache").glob("part-*"))):
+        clean_temporaries(d)
+    todo = [i for i in range(n_parts) if not (stage_dir / part_name(i)).exists()]
+    pending = set(todo)
+    for cache in sorted((stage_dir / "_cache").glob("part-*")):
+        if cache.name[len("part-"):].isdigit() and int(cache.name[len("part-"):]) not in pending:
+            shutil.rmtree(cache, ignore_errors=True)
+    return todo
 
 
 def _start_method() -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.parts import atomic_path, clean_temporaries, ensure_dir, write_table_atomic
@@ -61,61 +62,122 @@ def plan_shards(records: pa.Table, settings: ShardSettings, meta_columns: Sequen
         perm = np.random.default_rng(settings.shuffle_seed).permutation(t.num_rows)
         t = t.take(pa.array(perm))
     metas = _sample_metas(t, keep)
-    sizes = t.column("nbytes").to_pylist()
+    sizes = t.column("nbytes").to_numpy().tolist()
+    meta_sizes = pc.binary_length(metas).to_numpy().tolist()
     shard_ids = np.empty(t.num_rows, dtype=np.int64)
     cur, count, used = 0, 0, 0
-    for i, (n, meta) in enumerate(zip(sizes, metas)):
-        need = sample_nbytes((n, len(meta.encode())))
+    for i, (n, m) in enumerate(zip(sizes, meta_sizes)):
+        need = sample_nbytes((n, m))
         if count and (count >= settings.max_count or tar_file_size(used + need) > settings.max_size):
             cur, count, used = cur + 1, 0, 0
         shard_ids[i] = cur
         count, used = count + 1, used + need
-    t = t.append_column("shard", pa.array([shard_name(int(s)) for s in shard_ids], type=pa.string()))
-    return t.append_column("meta", pa.array(metas, type=pa.string()))
+    names = pa.array([shard_name(i) for i in range(cur + 1)], type=pa.string())
+    t = t.append_column("shard", names.take(pa.array(shard_ids)))
+    return t.append_column("meta", metas)
 
 
 _META_SKIP = {"raw_shard", "raw_offset", "nbytes", "ext", "key"}
 _META_JSON = json.JSONEncoder(sort_keys=True, default=str)  # json.dumps(meta, sort_keys=True, default=str)
 
 
-def _sample_metas(t: pa.Table, columns: Sequence[str]) -> list[str]:
-    """The json metadata of every row: its non-null columns except the shard bookkeeping, sorted keys."""
+def _sample_metas(t: pa.Table, columns: Sequence[str], chunk: int = 65536) -> pa.ChunkedArray:
+    """The json metadata of every row: its non-null columns except the shard bookkeeping, sorted keys
+    (built a chunk of rows at a time, so Python objects exist for one chunk only)."""
     names = [c for c in columns if c not in _META_SKIP]
-    values = [t.column(c).to_pylist() for c in names]
-    return [_META_JSON.encode({c: v for c, v in zip(names, row) if v is not None}) for row in zip(*values)]
+    out = []
+    for start in range(0, t.num_rows, chunk):
+        part = t.slice(start, chunk)
+        values = [part.column(c).to_pylist() for c in names]
+        out.append(pa.array([_META_JSON.encode({c: v for c, v in zip(names, row) if v is not None})
+                             for row in zip(*values)], type=pa.string()))
+    return pa.chunked_array(out, type=pa.string())
+
+
+def prepare_shards(records: pa.Table, out_dir: str | os.PathLike, settings: ShardSettings = ShardSettings(),
+                   meta_columns: Sequence[str] = ()) -> list[tuple[str, int, int]]:
+    """Fix the plan once (`_plan.parquet`, kept across reruns); returns each shard's name and plan rows.
+
+    The plan is sorted by shard, so shard i is the row range [lo, hi); it is written in row groups of
+    at most `max_count` rows, so a writer reads only the groups of its shard."""
+    out = ensure_dir(out_dir)
+    clean_temporaries(out)
+    plan_path = out / PLAN_NAME
+    if not plan_path.exists():
+        planned = plan_shards(records, settings, meta_columns)
+        with atomic_path(plan_path) as tmp:
+            pq.write_table(planned, tmp, compression="zstd", write_statistics=True,
+                           row_group_size=max(1, min(settings.max_count, 65536)))
+    names = pq.read_table(plan_path, columns=["shard"]).column("shard").combine_chunks()
+    if not len(names):
+        return []
+    changes = pc.not_equal(names.slice(0, len(names) - 1), names.slice(1)).to_numpy(zero_copy_only=False)
+    bounds = np.concatenate([[0], np.flatnonzero(changes) + 1, [len(names)]]).astype(np.int64)
+    return [(names[int(lo)].as_py(), int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def write_shard(raw_root: str | os.PathLike, out_dir: str | os.PathLike, name: str, lo: int, hi: int) -> int:
+    """Write shard `name` (plan rows [lo, hi)) unless it exists; returns its sample count.
+
+    Idempotent and atomic, so a writer lost with its node can simply run again (or twice at once)."""
+    out = Path(out_dir)
+    if (out / name).exists():
+        return hi - lo
+    rows = _plan_rows(out / PLAN_NAME, lo, hi)
+    if rows.num_rows and rows.column("shard")[0].as_py() != name:
+        raise ValueError(f"{out / PLAN_NAME} rows {lo}..{hi} are not shard {name}; the plan changed")
+    cols = [rows.column(c).to_pylist() for c in ("key", "raw_shard", "raw_offset", "nbytes", "ext", "meta")]
+    with TarReader(raw_root) as reader:
+        samples = ({"__key__": key, ext: reader.read(raw_shard, offset, nbytes), "json": meta}
+                   for key, raw_shard, offset, nbytes, ext, meta in zip(*cols))
+        with atomic_path(out / name) as tmp:
+            write_samples(tmp, samples)
+    return hi - lo
+
+
+def _plan_rows(plan_path: Path, lo: int, hi: int) -> pa.Table:
+    """Rows [lo, hi) of the plan, reading only the row groups that hold them."""
+    f = pq.ParquetFile(plan_path)
+    groups, start = [], 0
+    first = None
+    for g in range(f.num_row_groups):
+        n = f.metadata.row_group(g).num_rows
+        if start < hi and start + n > lo:
+            groups.append(g)
+            first = start if first is None else first
+        start += n
+    if not groups:
+        return f.schema_arrow.empty_table()
+    return f.read_row_groups(groups).slice(lo - first, hi - lo)
+
+
+def finish_shards(out_dir: str | os.PathLike, jobs: Sequence[tuple[str, int, int]]) -> dict:
+    """Write the index (once) after every shard of the plan is written; returns the counts."""
+    out = Path(out_dir)
+    missing = [name for name, _, _ in jobs if not (out / name).exists()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} planned shard(s) missing in {out}, e.g. {missing[0]}; rerun to finish")
+    if not (out / INDEX_NAME).exists():
+        index = pq.read_table(out / PLAN_NAME).drop_columns(["raw_shard", "raw_offset", "meta"])
+        write_table_atomic(index, out / INDEX_NAME)
+    clean_temporaries(out)  # a writer lost with its node may have left a temporary file
+    return {"samples": int(sum(hi - lo for _, lo, hi in jobs)), "shards": len(jobs),
+            "bytes": int(sum((out / n).stat().st_size for n, _, _ in jobs))}
 
 
 def write_shards(records: pa.Table, raw_root: str | os.PathLike, out_dir: str | os.PathLike,
                  settings: ShardSettings = ShardSettings(), meta_columns: Sequence[str] = (),
                  on_shard: Callable[[str, int], None] | None = None) -> dict:
-    """Write the records' original bytes into shards under `out_dir`; resumes shard by shard."""
-    out = ensure_dir(out_dir)
-    clean_temporaries(out)
-    plan_path = out / PLAN_NAME
-    if not plan_path.exists():
-        write_table_atomic(plan_shards(records, settings, meta_columns), plan_path)
-    planned = pq.read_table(plan_path)
-    groups: dict[str, list[tuple]] = defaultdict(list)
-    cols = [planned.column(c).to_pylist() for c in ("shard", "key", "raw_shard", "raw_offset", "nbytes", "ext", "meta")]
-    for shard, *row in zip(*cols):
-        groups[shard].append(row)
+    """Write the records' original bytes into shards under `out_dir` in this process; resumes shard by shard."""
+    jobs = prepare_shards(records, out_dir, settings, meta_columns)
     written = 0
-    with TarReader(raw_root) as reader:
-        for name in sorted(groups):
-            rows = groups[name]
-            if not (out / name).exists():
-                samples = ({"__key__": key, ext: reader.read(raw_shard, offset, nbytes), "json": meta}
-                           for key, raw_shard, offset, nbytes, ext, meta in rows)
-                with atomic_path(out / name) as tmp:
-                    write_samples(tmp, samples)
-                written += 1
-            if on_shard:
-                on_shard(name, len(rows))
-    index = planned.drop_columns(["raw_shard", "raw_offset", "meta"])
-    if not (out / INDEX_NAME).exists():
-        write_table_atomic(index, out / INDEX_NAME)
-    return {"samples": planned.num_rows, "shards": len(groups), "shards_written": written,
-            "bytes": int(sum((out / n).stat().st_size for n in groups))}
+    for name, lo, hi in jobs:
+        if not (Path(out_dir) / name).exists():
+            write_shard(raw_root, out_dir, name, lo, hi)
+            written += 1
+        if on_shard:
+            on_shard(name, hi - lo)
+    return {**finish_shards(out_dir, jobs), "shards_written": written}
 
 
 @dataclass

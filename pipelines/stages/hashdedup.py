@@ -1,25 +1,28 @@
-"""hashdedup: exact (sha256) and perceptual (pHash) duplicates among ok records."""
+"""hashdedup: exact (sha256) and perceptual (pHash) duplicates among ok records; in this process, or
+with `executor: ray` as banded tasks (curate/hash_bands.py) with the same outcome."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.parts import list_parts, part_name, write_table_atomic
+from curate.hash_bands import write_dup_part
+from curate.parts import list_parts, part_name
 from pipelines.config import Config, fingerprint
 from pipelines.framework import stage_dir, upstream
 from pipelines.manifest import StageResult, begin, finish
 
+RAY_BAND_ROWS = 2_000_000  # records per band and per map task (bounds a task's memory)
+
 
 def run(cfg: Config, force: bool = False) -> StageResult:
     """Mark exact and perceptual duplicates among ok records (`dup_of`, `dup_reason`)."""
-    import numpy as np
-
-    from curate.hashing import dedup
-
     hc = cfg.hashdedup
     inputs = upstream(cfg, "ingest")
     key = fingerprint({"config": asdict(hc), "inputs": inputs})
@@ -28,45 +31,81 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     if prev:
         return prev
     t0 = time.time()
-    src = stage_dir(cfg, "ingest")
-    parts = list_parts(src)
+    parts = list_parts(stage_dir(cfg, "ingest"))
+    if cfg.executor == "ray":
+        n_ok, reason, groups = _run_ray(cfg, parts, d)
+    else:
+        n_ok, reason, groups = _run_local(cfg, parts, d)
+    dropped: dict = {}
+    for r in reason:
+        if r:
+            dropped[f"duplicate_{r}"] = dropped.get(f"duplicate_{r}", 0) + 1
+    result = StageResult("hashdedup", str(d), key, counts={
+        "in": n_ok, "out": n_ok - sum(dropped.values()), "dropped": dict(sorted(dropped.items())),
+        "groups": groups}, seconds=time.time() - t0, outputs={"records": str(d)})
+    finish(result, asdict(hc), inputs)
+    return result
+
+
+def _run_local(cfg: Config, parts: list[Path], d: Path) -> tuple[int, list, int]:
+    """All ok records at once in this process; returns (ok count, reasons, groups)."""
+    from curate.hashing import dedup
+
+    hc = cfg.hashdedup
     cols = ["id", "status", "sha256", "phash", "width", "height"]
     tables = [pq.read_table(p, columns=cols) for p in parts]
-    sizes = [t.num_rows for t in tables]
-    table = pa.concat_tables(tables)
-    ok = np.asarray(table.column("status").to_numpy(zero_copy_only=False) == "ok")
-    idx = np.flatnonzero(ok)
-    sub = table.take(pa.array(idx))
+    oks = [np.flatnonzero(pc.equal(t.column("status"), "ok").to_numpy(zero_copy_only=False)) for t in tables]
+    sub = pa.concat_tables([t.take(pa.array(ok)) for t, ok in zip(tables, oks)])
     ids = sub.column("id").to_pylist()
     sha = sub.column("sha256").to_pylist() if hc.exact else [f"#{i}" for i in ids]
     phash = sub.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
     pixels = (sub.column("width").to_numpy(zero_copy_only=False).astype(np.int64)
               * sub.column("height").to_numpy(zero_copy_only=False).astype(np.int64))
     res = dedup(ids, sha, phash, pixels, hc.phash_max_distance)
-    n = table.num_rows
-    dup_of: list = [None] * n
-    reason: list = [None] * n
-    group = np.full(n, -1, dtype=np.int64)
-    dist = np.full(n, -1, dtype=np.int16)
-    for j, i in enumerate(idx):
-        dup_of[i], reason[i] = res.dup_of[j], res.reason[j]
-    group[idx], dist[idx] = res.group, res.distance
     start = 0
-    for k, size in enumerate(sizes):
-        sl = slice(start, start + size)
-        out = pa.table({"id": table.column("id").slice(start, size),
-                        "dup_of": pa.array(dup_of[sl], type=pa.string()),
-                        "dup_reason": pa.array(reason[sl], type=pa.string()),
-                        "dup_group": pa.array(group[sl]), "dup_distance": pa.array(dist[sl])})
-        write_table_atomic(out, d / part_name(k))
-        start += size
-    dropped: dict = {}
-    for r in reason:
-        if r:
-            dropped[f"duplicate_{r}"] = dropped.get(f"duplicate_{r}", 0) + 1
-    result = StageResult("hashdedup", str(d), key, counts={
-        "in": int(len(idx)), "out": int(res.keep.sum()), "dropped": dict(sorted(dropped.items())),
-        "groups": int(len(set(res.group[res.group >= 0].tolist())))},
-        seconds=time.time() - t0, outputs={"records": str(d)})
-    finish(result, asdict(hc), inputs)
-    return result
+    for k, (p, ok) in enumerate(zip(parts, oks)):
+        sl = slice(start, start + len(ok))
+        write_dup_part(p, d / part_name(k), ok, res.dup_of[sl], res.reason[sl], res.group[sl], res.distance[sl])
+        start += len(ok)
+    return len(ids), res.reason, int(len(np.unique(res.group[res.group >= 0])))
+
+
+def _run_ray(cfg: Config, parts: list[Path], d: Path) -> tuple[int, list, int]:
+    """Banded map/reduce over Ray tasks; the driver holds only the records that have a link."""
+    import ray
+
+    from curate.hash_bands import band_kinds, band_links, gather_rows, map_bands
+    from curate.hashing import group_linked
+    from pipelines.executors import init_ray, ray_map, ray_shuffle
+
+    hc = cfg.hashdedup
+    init_ray(cfg.ray_address)
+    sizes = np.array([pq.ParquetFile(p).metadata.num_rows for p in parts], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    n = int(offsets[-1])
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    n_bands = max(cpus, -(-n // RAY_BAND_ROWS))
+    n_maps = min(len(parts), max(cpus, -(-n // RAY_BAND_ROWS)))
+    groups = [[(str(parts[k]), int(offsets[k])) for k in ks] for ks in np.array_split(np.arange(len(parts)), n_maps)]
+    kinds = band_kinds(hc.phash_max_distance, hc.exact, n_bands)
+    links = list(ray_shuffle(map_bands, [(g, hc.phash_max_distance, hc.exact, n_bands) for g in groups if g],
+                             band_links, [(kind, hc.phash_max_distance) for kind in kinds], cfg.ray_address))
+    ei = np.concatenate([a for _, (a, _) in links] or [np.zeros(0, np.int64)])
+    ej = np.concatenate([b for _, (_, b) in links] or [np.zeros(0, np.int64)])
+    linked = np.unique(np.concatenate([ei, ej]))  # global rows with a link, sorted
+    part_of = np.searchsorted(offsets, linked, side="right") - 1
+    cuts = np.searchsorted(part_of, np.arange(len(parts) + 1))
+    positions = [linked[cuts[k]:cuts[k + 1]] - offsets[k] for k in range(len(parts))]
+    got = dict(ray_map(gather_rows, [(str(parts[k]), positions[k]) for k in range(len(parts)) if len(positions[k])],
+                       cfg.ray_address))
+    have = [got[i] for i in range(len(got))]
+    ids = [x for g in have for x in g["id"]]
+    sha = [x for g in have for x in g["sha256"]] if hc.exact else [None] * len(ids)
+    phash = np.concatenate([g["phash"] for g in have] or [np.zeros(0, np.uint64)])
+    pixels = np.concatenate([g["pixels"] for g in have] or [np.zeros(0, np.int64)])
+    res = group_linked(ids, sha, phash, pixels, np.searchsorted(linked, ei), np.searchsorted(linked, ej))
+    jobs = [(str(p), str(d / part_name(k)), positions[k], res.dup_of[cuts[k]:cuts[k + 1]],
+             res.reason[cuts[k]:cuts[k + 1]], res.group[cuts[k]:cuts[k + 1]], res.distance[cuts[k]:cuts[k + 1]])
+            for k, p in enumerate(parts)]
+    n_ok = sum(c for _, c in ray_map(write_dup_part, jobs, cfg.ray_address))
+    return n_ok, res.reason, int(len(np.unique(res.group[res.group >= 0])))

@@ -16,7 +16,7 @@ from pipelines.manifest import StageResult, begin, finish
 
 def run(cfg: Config, force: bool = False) -> StageResult:
     """Ingest every source of cfg.ingest.sources into records parts and raw shards."""
-    from curate.ingest import IngestSettings, ingest, plan
+    from curate.ingest import IngestSettings, ingest, pending_parts, plan, run_part, status_counts
 
     ic = cfg.ingest
     if not ic.sources:
@@ -41,7 +41,15 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     done = len(list_parts(d))
     with progress(n_parts, "ingest", "part") as bar:
         bar.update(done)
-        counts = ingest(ic.sources, d, settings, on_part=lambda i, c: bar.update(1))
+        if cfg.executor == "ray":  # one task per part (download, decode, hash, raw shard) on any node
+            from pipelines.executors import ray_map
+
+            for _ in ray_map(run_part, [(str(d), i, settings) for i in pending_parts(d, n_parts)], cfg.ray_address):
+                bar.update(1)
+            pending_parts(d, n_parts)  # removes what a task lost with its node left half-written
+            counts = status_counts(d)
+        else:
+            counts = ingest(ic.sources, d, settings, on_part=lambda i, c: bar.update(1))
     n_in = sum(counts.values())
     dropped = {k: v for k, v in counts.items() if k != "ok"}
     result = StageResult("ingest", str(d), key, counts={

@@ -194,7 +194,18 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
 
 
 def run(cfg: Config, force: bool = False) -> StageResult:
-    """The stats report is cheap and always reflects the workdir as it is now, so it is rewritten."""
+    """The stats report is cheap and always reflects the workdir as it is now, so it is rewritten.
+    With `executor: ray` its dask graphs (one partition per part) run as Ray tasks (Dask on Ray)."""
     t0 = time.time()
-    paths = write_report(cfg.workdir)
+    if cfg.executor == "ray":
+        import dask
+        from ray.util.dask import ray_dask_get
+
+        from pipelines.executors import init_ray
+
+        init_ray(cfg.ray_address)
+        with dask.config.set(scheduler=ray_dask_get):
+            paths = write_report(cfg.workdir)
+    else:
+        paths = write_report(cfg.workdir)
     return StageResult("report", str(Path(paths["html"]).parent), "", seconds=time.time() - t0, outputs=paths)

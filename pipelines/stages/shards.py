@@ -97,7 +97,7 @@ def _expand_repeats(records: pa.Table) -> pa.Table:
 def run(cfg: Config, force: bool = False) -> StageResult:
     """Write the surviving records as curated webdataset shards with a Parquet index."""
     from curate.ingest import CORE_COLUMNS
-    from curate.shards import ShardSettings, write_shards
+    from curate.shards import ShardSettings, finish_shards, prepare_shards, write_shard
 
     sc = cfg.shards
     stages = ["ingest", "hashdedup", *finished_filters(cfg)]
@@ -117,9 +117,21 @@ def run(cfg: Config, force: bool = False) -> StageResult:
                 "contam_reason", "contam_set"}
     meta = [c for c in records.column_names if c not in CORE_COLUMNS and c not in dup_cols]
     settings = ShardSettings(max_size=sc.max_size, max_count=sc.max_count, shuffle_seed=sc.shuffle_seed)
-    with progress(None, "shards", "shard") as bar:
-        info = write_shards(records, stage_dir(cfg, "ingest"), out, settings, meta_columns=meta,
-                            on_shard=lambda name, n: bar.update(1))
+    jobs = prepare_shards(records, out, settings, meta_columns=meta)
+    raw_root = str(stage_dir(cfg, "ingest"))
+    todo = [(raw_root, str(out), name, lo, hi) for name, lo, hi in jobs if not (out / name).exists()]
+    with progress(len(jobs), "shards", "shard") as bar:
+        bar.update(len(jobs) - len(todo))
+        if cfg.executor == "ray":  # one task per shard, on any node; the driver writes the index
+            from pipelines.executors import ray_map
+
+            for _ in ray_map(write_shard, todo, cfg.ray_address):
+                bar.update(1)
+        else:
+            for job in todo:
+                write_shard(*job)
+                bar.update(1)
+    info = finish_shards(out, jobs)
     result = StageResult("shards", str(out), key, counts={
         "in": selected.num_rows, "out": info["samples"] - (records.num_rows - selected.num_rows), "dropped": {},
         "samples": info["samples"], "shards": info["shards"],

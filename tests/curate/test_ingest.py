@@ -312,3 +312,23 @@ def test_ids_do_not_depend_on_where_the_data_lives(tmp_path):
     twice = read_table(tmp_path / "w3").to_pylist()
     assert [r["id"] for r in twice[:5]] == [r["id"] for r in rows[:5]]
     assert [r["status"] for r in twice[5:]] == ["duplicate_uri"] * 5
+
+
+def test_cache_of_a_finished_part_is_removed_by_the_next_run(tmp_path):
+    """A kill between a part's records and the removal of its download cache leaves the cache; the
+    next run removes it (the part is done) and keeps the cache of a part still to do."""
+    from curate.ingest import pending_parts
+
+    (tmp_path / "in").mkdir()
+    for i in range(4):
+        (tmp_path / "in" / f"{i}.png").write_bytes(encode(make_image(40 + i, (48, 48)), "PNG"))
+    work = tmp_path / "w"
+    ingest([str(tmp_path / "in")], work, IngestSettings(part_size=2, workers=1))
+    (work / "part-00001.parquet").unlink()
+    for k in (0, 1):
+        (work / "_cache" / f"part-{k:05d}").mkdir(parents=True)
+        (work / "_cache" / f"part-{k:05d}" / "x.json").write_text("{}")
+    assert pending_parts(work, 2) == [1]
+    assert not (work / "_cache" / "part-00000").exists() and (work / "_cache" / "part-00001" / "x.json").exists()
+    ingest([str(tmp_path / "in")], work, IngestSettings(part_size=2, workers=1))
+    assert sorted(p.name for p in (work / "_cache").iterdir()) == [] and read_table(work).num_rows == 4

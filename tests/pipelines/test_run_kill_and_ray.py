@@ -1,6 +1,9 @@
 """`curate run` as a whole: SIGKILL at several points then a rerun, and the Ray executor (a local
-Ray and a simulated 2-node cluster), all giving the curated shards of an uninterrupted local run."""
+Ray, and a simulated 3-node cluster that loses a worker node mid-stage), all giving the outputs of an
+uninterrupted local run."""
 
+import json
+import os
 import random
 import shutil
 import time
@@ -11,6 +14,7 @@ import pytest
 from pipelines.synth import write_pool
 from pipelines.config import load_config
 from pipelines.run import run_pipeline
+from tests.conftest import ROOT
 from tests.pipelines.test_kill_resume import _curate, _kill_after
 
 pytestmark = pytest.mark.slow
@@ -74,26 +78,121 @@ def test_sigkill_at_several_points_of_curate_run(setup, cli_env):
     assert kills >= 3
 
 
-def test_ray_local_and_two_node_cluster_give_the_local_shards(setup):
+def _outputs(work: Path) -> dict[str, bytes]:
+    """Every file every curation stage wrote (records parts, raw and curated shards, embeddings,
+    centroids, plans), and each stage's key and counts; not the manifests' timings, nor the report."""
+    out = {}
+    for stage in ("ingest", "hashdedup", "embed", "dedup", "cluster", "balance", "shards"):
+        for p in sorted((work / stage).rglob("*")):
+            if p.is_file() and p.name not in ("_MANIFEST.json", "_STARTED.json"):
+                out[str(p.relative_to(work))] = p.read_bytes()
+            elif p.name == "_MANIFEST.json":
+                m = json.loads(p.read_text())
+                out[str(p.relative_to(work))] = json.dumps([m["key"], m["counts"], m["inputs"]]).encode()
+    return out
+
+
+def _figures(work: Path) -> dict:
+    """report.json without what names the workdir or times it."""
+    rep = json.loads((work / "report" / "report.json").read_text())
+    rep.pop("workdir", None)
+    for s in rep["funnel"]["stages"]:
+        s.pop("seconds", None)
+    return rep
+
+
+def test_ray_executor_gives_every_stage_output_of_the_local_run(setup):
+    """A local Ray (2 CPUs): ingest, hash dedup, embed, dedup, cluster and shards run as Ray tasks or
+    actors; every file of every stage equals the local run's, byte for byte, and so do the report figures."""
     import ray
-    from ray.cluster_utils import Cluster
+
+    from pipelines.executors import ray_map
 
     root, reference, _ = setup
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
+        @ray.remote
+        def where() -> str:
+            import pipelines
+
+            return pipelines.__file__
+
+        assert ray.get(where.remote()).startswith(str(ROOT))  # the workers run this checkout's code
+        with pytest.raises(json.JSONDecodeError, match="^Expecting property name"):  # a task's own error
+            list(ray_map(json.loads, [("7",), ("{",)]))
         run_pipeline(load_config(root / "c.yaml", [f"workdir={root / 'ray'}", "executor=ray"]))
     finally:
         ray.shutdown()
     assert _shards(root / "ray" / "shards") == reference
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    ref, got = _outputs(root / "ref"), _outputs(root / "ray")
+    assert sorted(got) == sorted(ref) and any(k.startswith("hashdedup/part-") for k in ref)
+    assert [k for k in ref if got[k] != ref[k]] == []
+    assert _figures(root / "ray") == _figures(root / "ref")
+
+
+# Installed on one simulated worker node only (through its PYTHONPATH): every ingest part that starts
+# there says so in a file and then hangs, as on a node that stopped responding mid-task.
+STUCK_NODE_SITE = """
+import os, sys
+if "default_worker.py" in " ".join(sys.argv):
+    import time
+    from pathlib import Path
+
+    import curate.ingest
+
+    def run_part(*args, **kwargs):
+        Path(os.environ["CURATE_TEST_STUCK"], f"started-{os.getpid()}").touch()
+        while True:
+            time.sleep(1)
+
+    curate.ingest.run_part = run_part
+"""
+
+
+def test_curate_run_on_three_nodes_survives_losing_a_worker_mid_stage(setup, monkeypatch, tmp_path):
+    """Head + 2 workers (1 CPU each); on one worker every ingest part hangs. Once the first part is
+    back from another node and a part hangs on that worker, the worker node is removed: the stage can
+    only finish by Ray rerunning the lost task elsewhere, and every stage's output equals the local
+    run's, byte for byte."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipelines import executors
+
+    root, reference, _ = setup
+    stuck = tmp_path / "stuck"
+    stuck.mkdir()
+    (stuck / "sitecustomize.py").write_text(STUCK_NODE_SITE)
+    fired = []
+    real = executors.ray_map
+
+    def ray_map(fn, jobs, *args, **kwargs):
+        for n, item in enumerate(real(fn, jobs, *args, **kwargs)):
+            if fn.__name__ == "run_part" and n == 0:
+                end = time.time() + 120
+                while not list(stuck.glob("started-*")) and time.time() < end:
+                    time.sleep(0.05)
+                assert list(stuck.glob("started-*")), "no ingest part started on the stuck node"
+                cluster.remove_node(node)
+                fired.append(len(jobs) - 1)
+            yield item
+
+    monkeypatch.setattr(executors, "ray_map", ray_map)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    node = cluster.add_node(num_cpus=1, env_vars={"CURATE_TEST_STUCK": str(stuck),
+                                                  "PYTHONPATH": os.pathsep.join([str(stuck), str(ROOT)])})
     cluster.add_node(num_cpus=1)
     try:
-        run_pipeline(load_config(root / "c.yaml", [f"workdir={root / 'ray2'}", "executor=ray",
-                                                    f"ray_address={cluster.address}"]))
+        run_pipeline(load_config(root / "c.yaml", [f"workdir={root / 'ray3'}", "executor=ray",
+                                                    f"ray_address={cluster.address}"]), until="shards")
     finally:
         ray.shutdown()
         cluster.shutdown()
-    assert _shards(root / "ray2" / "shards") == reference
+    assert fired == [4]  # mid-stage: 4 of the 5 ingest parts were still out, one of them hanging
+    ref, got = _outputs(root / "ref"), _outputs(root / "ray3")
+    assert sorted(got) == sorted(ref)
+    assert [k for k in ref if got[k] != ref[k]] == []
+    assert _shards(root / "ray3" / "shards") == reference
 
 
 def test_embedding_survives_losing_a_worker_node_mid_stage(setup):

@@ -1,0 +1,105 @@
+"""curate.hash_bands: the banded map/reduce gives exactly curate.hashing.dedup's outcome, whatever the
+number of bands and map groups, including exact copies, chains of near copies and missing sha256."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.hash_bands import band_kinds, band_links, gather_rows, map_bands, phash_fields, write_dup_part
+from curate.hashing import dedup, group_linked
+from tests.curate.test_hashing import flip
+
+
+def _pool(n: int, seed: int) -> pa.Table:
+    """Records with exact copies (same sha256 and pHash), near copies at distances 1..10, chains, a
+    few non-ok rows and ok rows without a sha256."""
+    rng = np.random.default_rng(seed)
+    phash = rng.integers(0, 2**64, n, dtype=np.uint64)
+    sha = [hashlib.sha256(f"{seed}-{i}".encode()).hexdigest() for i in range(n)]
+    for i in range(0, n - 1, 7):  # exact copies
+        phash[i + 1], sha[i + 1] = phash[i], sha[i]
+    for i in range(3, n - 1, 5):  # near copies, some chained (i+1 is again copied at i+2 when i+2 % 5 == 3)
+        phash[i + 1] = flip(rng, phash[i], int(rng.integers(1, 11)))
+    status = np.where(rng.random(n) < 0.05, "decode_error", "ok").astype(object)
+    sha = [None if (s == "ok" and rng.random() < 0.03) else h for s, h in zip(status, sha)]
+    return pa.table({"id": [f"{rng.integers(0, 2**62):016x}{i}" for i in range(n)], "status": status.tolist(),
+                     "sha256": sha, "phash": pa.array(phash, pa.uint64()),
+                     "width": rng.integers(32, 90, n).astype(np.int32), "height": np.full(n, 64, np.int32)})
+
+
+def _banded(paths: list[str], offsets: list[int], max_distance: int, exact: bool, n_bands: int, n_maps: int):
+    groups = [[(paths[k], offsets[k]) for k in ks] for ks in np.array_split(np.arange(len(paths)), n_maps)]
+    outs = [map_bands(g, max_distance, exact, n_bands) for g in groups]
+    kinds = band_kinds(max_distance, exact, n_bands)
+    assert all(len(o) == len(kinds) for o in outs)
+    links = [band_links(kind, max_distance, *[o[r] for o in outs]) for r, kind in enumerate(kinds)]
+    ei = np.concatenate([a for a, _ in links] + [np.zeros(0, np.int64)])
+    ej = np.concatenate([b for _, b in links] + [np.zeros(0, np.int64)])
+    linked = np.unique(np.concatenate([ei, ej]))
+    part_of = np.searchsorted(offsets, linked, side="right") - 1
+    got = [gather_rows(paths[k], linked[part_of == k] - offsets[k]) for k in range(len(paths))]
+    sha = [x for g in got for x in g["sha256"]] if exact else [None] * len(linked)
+    res = group_linked([x for g in got for x in g["id"]], sha, np.concatenate([g["phash"] for g in got]),
+                       np.concatenate([g["pixels"] for g in got]), np.searchsorted(linked, ei),
+                       np.searchsorted(linked, ej))
+    return linked, res
+
+
+@pytest.mark.parametrize("max_distance, exact, n_bands, n_maps", [
+    (4, True, 3, 2), (4, True, 1, 1), (8, True, 5, 4), (0, True, 2, 3), (-1, True, 2, 2), (4, False, 4, 2),
+    (20, True, 3, 2)])
+def test_banded_dedup_equals_dedup_over_all_records(tmp_path, max_distance, exact, n_bands, n_maps):
+    table = _pool(600, seed=max_distance + 7)
+    sizes = [130, 0, 250, 220]
+    paths, offsets, start = [], [], 0
+    for k, size in enumerate(sizes):
+        pq.write_table(table.slice(start, size), tmp_path / f"part-{k}.parquet")
+        paths.append(str(tmp_path / f"part-{k}.parquet"))
+        offsets.append(start)
+        start += size
+    linked, res = _banded(paths, offsets, max_distance, exact, n_bands, n_maps)
+
+    ok = np.flatnonzero(np.array(table.column("status").to_pylist()) == "ok")
+    sub = table.take(pa.array(ok))
+    ids = sub.column("id").to_pylist()
+    ref = dedup(ids, sub.column("sha256").to_pylist() if exact else [f"#{i}" for i in ids],
+                sub.column("phash").to_numpy(), sub.column("width").to_numpy().astype(np.int64) * 64, max_distance)
+    where = np.searchsorted(ok, linked)
+    assert np.array_equal(ok[where], linked)  # links only among ok rows
+    in_group = np.zeros(len(ok), bool)
+    in_group[where] = True
+    assert np.array_equal(in_group, ref.group >= 0)  # a record has a link iff dedup grouped it
+    assert [ref.dup_of[i] for i in where] == res.dup_of
+    assert [ref.reason[i] for i in where] == res.reason
+    assert np.array_equal(ref.group[where], res.group) and np.array_equal(ref.distance[where], res.distance)
+    if max_distance >= 4:
+        assert {"exact", "near"} <= set(res.reason) if exact else {"near"} == set(res.reason) - {None}
+
+
+def test_phash_fields_cover_all_bits_and_the_pigeonhole():
+    for r in range(0, 16):
+        fields = phash_fields(r)
+        if 64 // (r + 1) >= 4:
+            assert len(fields) == r + 1 and sum(w for _, w in fields) == 64
+            assert [s for s, _ in fields] == list(np.cumsum([0] + [w for _, w in fields])[:-1])
+        else:
+            assert fields == [(0, 0)]
+    assert phash_fields(-1) == []
+
+
+def test_write_dup_part_fills_the_rows_without_a_value(tmp_path):
+    pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "status": ["ok", "decode_error", "ok", "ok"]}),
+                   tmp_path / "in.parquet")
+    n_ok = write_dup_part(tmp_path / "in.parquet", tmp_path / "out.parquet", np.array([3]), ["a"], ["near"],
+                          np.array([0]), np.array([2], np.int16))
+    t = pq.read_table(tmp_path / "out.parquet")
+    assert n_ok == 3
+    assert t.to_pydict() == {"id": ["a", "b", "c", "d"], "dup_of": [None, None, None, "a"],
+                             "dup_reason": [None, None, None, "near"], "dup_group": [-1, -1, -1, 0],
+                             "dup_distance": [-1, -1, -1, 2]}
+    assert t.schema.field("dup_distance").type == pa.int16()
