@@ -16,7 +16,7 @@ import pytest
 from curate.download import DownloadSettings, download, download_many
 from curate.ingest import IngestSettings, ingest
 from curate.parts import read_table
-from tests.httpserver import ImageServer
+from tests.httpserver import ImageServer, gzip_zeros
 
 TIGHT = DownloadSettings(timeout=1.0, retries=2, backoff=0.01, backoff_max=0.05, max_bytes=2**20, concurrency=4,
                          deadline=1.5)
@@ -41,6 +41,7 @@ HOSTILE = {
 @pytest.fixture(scope="module")
 def hostile() -> Iterator[ImageServer]:
     with ImageServer(slow_seconds=30, trickle_interval=0.2, bomb_bytes=64 * 2**20) as srv:
+        gzip_zeros(srv.bomb_bytes)  # compressed once up front: ~1 s on a busy machine, not the client's deadline
         yield srv
 
 
