@@ -245,6 +245,24 @@ def test_damaged_journal_entries_are_downloaded_again(tmp_path, image_server):
     assert image_server.ok_hits == {f"/c/{i}.png": 1 for i in (2, 3, 4, 5)}
 
 
+def test_records_follow_the_input_order_whatever_order_downloads_finish_in(tmp_path):
+    """A concurrent run (slow URLs finish last) writes the same bytes as a one-at-a-time run."""
+    from dataclasses import replace
+
+    from tests.httpserver import ImageServer
+
+    with ImageServer(slow_seconds=0.3) as server:
+        for i in range(12):
+            server.add(f"/c/{i}.png", encode(make_image(400 + i, (48, 48)), "PNG"), content_type="image/png")
+        urls = [server.url(f"/slow?{i}") if i % 3 == 0 else server.url(f"/c/{i}.png") for i in range(12)]
+        (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
+        for name, concurrency in (("fast", 8), ("slow", 1)):
+            settings = replace(FAST, part_size=6, download=replace(FAST.download, timeout=5.0, concurrency=concurrency))
+            assert ingest([str(tmp_path / "urls.txt")], tmp_path / name, settings) == {"ok": 12}
+    assert [r["uri"] for r in read_table(tmp_path / "fast").to_pylist()] == urls
+    assert _tree(tmp_path / "fast") == _tree(tmp_path / "slow")
+
+
 _DRIVER = """
 import sys
 from curate.download import DownloadSettings
