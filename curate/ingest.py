@@ -2,8 +2,9 @@
 
 Layout under the stage directory:
   _plan/part-XXXXX.parquet   the inputs of each part, fixed before any work starts
-  _cache/part-XXXXX/         finished downloads of an unfinished part (so a rerun never refetches);
-                             an entry missing or damaged is simply downloaded again
+  _cache/part-XXXXX/         finished downloads of an unfinished part, one append-only journal
+                             (curate.download_cache), so a rerun never refetches; an entry missing,
+                             torn or damaged is simply downloaded again
   shards/shard-XXXXX.tar     raw webdataset shard of part XXXXX (original bytes of ok images)
   part-XXXXX.parquet         records of part XXXXX; written last, it marks the part done
 """
