@@ -147,7 +147,7 @@ def library(args: argparse.Namespace) -> None:
     """Issue 2's figures: `download` and `download_many` against a sequential requests loop."""
     import requests
 
-    from curate.download import DownloadSettings, download, download_many
+    from curate.download import Client, DownloadSettings, download, download_many
 
     bodies = make_bodies()
     expected = [bodies[i % len(bodies)] for i in range(args.n)]
@@ -167,8 +167,11 @@ def library(args: argparse.Namespace) -> None:
             return {i: session.get(url, timeout=10).content for i, url in enumerate(urls)}
 
     def ours_sequential(urls: list[str]) -> dict[int, bytes]:
-        with requests.Session() as session:
-            return {i: download(url, DownloadSettings(), session=session).data for i, url in enumerate(urls)}
+        client = Client()
+        try:
+            return {i: download(url, DownloadSettings(), client=client).data for i, url in enumerate(urls)}
+        finally:
+            client.close()
 
     with LoopbackServer(bodies, args.n, latency=args.latency_ms / 1000) as server:
         urls = [server.url(i) for i in range(args.n)]
