@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
@@ -54,6 +54,7 @@ RECORD_FIELDS = [
 ]
 CORE_COLUMNS = {name for name, _ in RECORD_FIELDS}
 _PR_SET_PDEATHSIG = 1
+_CHECK_THREADS = 2  # image checks of downloads, beside the download threads
 
 
 @dataclass(frozen=True)
@@ -249,14 +250,30 @@ def _download_and_check(items: list[dict], journal: DownloadJournal,
                         settings: IngestSettings) -> dict[int, tuple[dict, bytes | None]]:
     """Download the part's URLs not yet in the journal; each result is journaled, then checked as it lands.
 
-    Returns {position in the part: (record, bytes if ok)}; the checks run on this thread while the
-    download threads fetch the next URLs.
+    Returns {position in the part: (record, bytes if ok)}. The checks run on `_CHECK_THREADS`
+    threads of their own (decoding releases the GIL), at most 2 per thread waiting, so a slow
+    check holds the downloads back instead of piling bodies up in memory.
     """
     todo = [pos for pos, r in enumerate(items) if r["kind"] == "url" and not r["status"] and r["id"] not in journal]
     done: dict[int, tuple[dict, bytes | None]] = {}
-    for idx, res in download_many((items[pos]["uri"] for pos in todo), settings.download):
-        row = items[todo[idx]]
-        done[todo[idx]] = _checked(_record(row), journal.put(row["id"], res), settings.check)
+    if not todo:
+        return done
+    slots = threading.BoundedSemaphore(2 * _CHECK_THREADS)
+
+    def check(pos: int, fetched: dict) -> None:
+        try:
+            done[pos] = _checked(_record(items[pos]), fetched, settings.check)
+        finally:
+            slots.release()
+
+    with ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="check") as pool:
+        futures = []
+        for idx, res in download_many((items[pos]["uri"] for pos in todo), settings.download):
+            fetched = journal.put(items[todo[idx]]["id"], res)
+            slots.acquire()
+            futures.append(pool.submit(check, todo[idx], fetched))
+        for fut in futures:
+            fut.result()
     return done
 
 
