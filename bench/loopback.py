@@ -129,16 +129,23 @@ class LoopbackServer:
 
 def _get(sock: socket.socket, path: str, close: bool) -> bytes:
     """A bare HTTP/1.1 GET on a raw socket; returns the body (Content-Length framing only)."""
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n"
-                 .encode())
+    extra = "Connection: close\r\n" if close else ""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
     buf = b""
     while b"\r\n\r\n" not in buf:
-        buf += sock.recv(65536)
+        buf += _recv(sock)
     head, _, body = buf.partition(b"\r\n\r\n")
     length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
     while len(body) < length:
-        body += sock.recv(65536)
+        body += _recv(sock)
     return body
+
+
+def _recv(sock: socket.socket) -> bytes:
+    data = sock.recv(65536)
+    if not data:
+        raise ConnectionError("the server closed the connection mid-answer")
+    return data
 
 
 def probe(server: LoopbackServer, count: int, threads: int, reuse: bool) -> dict[str, float]:
