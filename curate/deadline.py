@@ -15,8 +15,6 @@ import ipaddress
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from types import TracebackType
 
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -125,7 +123,6 @@ def _shutdown(sock: socket.socket) -> None:
         pass
 
 
-_RESOLVER = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dns")
 _DNS_TTL = 60.0
 _DNS_CACHE_MAX = 4096
 _dns_cache: dict[tuple[str, int], tuple[float, list[tuple]]] = {}
@@ -134,22 +131,33 @@ _dns_cache: dict[tuple[str, int], tuple[float, list[tuple]]] = {}
 def resolve(host: str, port: int, timeout: float | None) -> list[tuple]:
     """getaddrinfo for a TCP connection, bounded by `timeout` seconds and cached for a minute.
 
-    A lookup past its bound raises `socket.timeout` (its resolver thread finishes on its own).
+    The lookup runs on a daemon thread of its own, so a hanging resolver holds neither the caller
+    (past its bound it gets `socket.timeout`) nor other lookups, nor the process's exit.
     """
     key = (host, port)
     now = time.monotonic()
     hit = _dns_cache.get(key)
     if hit is not None and hit[0] > now:
         return hit[1]
-    future = _RESOLVER.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
-    try:
-        infos = future.result(timeout)
-    except FutureTimeout:
-        raise socket.timeout(f"DNS lookup of {host!r} took longer than {timeout:g} s") from None
+    box: list[list[tuple] | OSError] = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            box.append(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+        except OSError as exc:
+            box.append(exc)
+        done.set()
+
+    threading.Thread(target=lookup, name="dns", daemon=True).start()
+    if not done.wait(timeout):
+        raise socket.timeout(f"DNS lookup of {host!r} took longer than {timeout:g} s")
+    if isinstance(box[0], OSError):
+        raise box[0]
     if len(_dns_cache) >= _DNS_CACHE_MAX:
         _dns_cache.clear()
-    _dns_cache[key] = (now + _DNS_TTL, infos)
-    return infos
+    _dns_cache[key] = (now + _DNS_TTL, box[0])
+    return box[0]
 
 
 def _is_ip(host: str) -> bool:

@@ -241,7 +241,7 @@ def test_host_names_are_resolved_and_a_hanging_lookup_is_bounded(server: ImageSe
     assert time.monotonic() - start < 2.0
     assert (res.status, res.attempts) == ("timeout", 2) and "DNS lookup" in res.error
     res = download("http://unknown-host.invalid/x.jpg", replace(FAST, retries=0))
-    assert res.status == "connection_error"
+    assert res.status in ("connection_error", "timeout") and res.data is None  # NXDOMAIN, or no resolver
 
 
 def test_settings_are_validated() -> None:
