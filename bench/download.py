@@ -1,134 +1,208 @@
-"""Benchmark: images/s of curate.download against a bare sequential requests loop, on loopback.
+"""Benchmark: `curate ingest urls.txt` against img2dataset on the same loopback server and URL list.
 
-The `ImageServer` runs in a child process (so the server and the client do not share a GIL)
-and serves N distinct URLs of ~20 KB JPEGs. Every configuration fetches the same URLs and
-checks every body byte for byte; the JSON line reports the best of --repeat runs as images/s
-and ratio = ours / baseline.
+    python bench/download.py [--n 5000] [--pairs 3] [--workers 2] [--concurrency 64]
+                             [--img2dataset /work/venv-i2d/bin/img2dataset] [--reencode]
+    python bench/download.py --library [--n 2000] [--concurrency 8 32 64] [--latency-ms 0]
 
-    python bench/download.py [--n 2000] [--concurrency 8 32 64] [--repeat 3] [--latency-ms 0]
-
-With the default zero latency it measures pure client overhead (loopback, CPU-bound); with
---latency-ms it shows how much of a remote host's round trip the thread pool hides.
+The server (bench/loopback.py) runs in its own process and is first measured alone with a
+trivial raw-socket client. Each pair runs both CLIs once, back to back, in alternating order;
+wall time is from process start to exit. Every run is checked: all N images ok, and (ours, and
+img2dataset without --reencode) every stored sha256 equal to the served bytes'. Ratio = ours
+images/s / img2dataset images/s per pair; the JSON line has the median and every pair.
+img2dataset runs with resize_mode=no, webdataset output, retries 0, --skip_reencode True (it keeps
+the original bytes, as ingest does; --reencode uses its default, decode + re-encode), its shards
+as large as our parts. --library: the old issue-2 comparison, `download_many` vs sequential requests.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
+import hashlib
 import os
-import platform
+import resource
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import ROOT, emit
 
-import requests  # noqa: E402
-
-from curate.download import DownloadSettings, download, download_many  # noqa: E402
-from pipelines.synth import encode, make_image  # noqa: E402
-from tests.httpserver import ImageServer  # noqa: E402
+from loopback import LoopbackServer, probe
 
 DISTINCT_BODIES = 64
 
 
 def make_bodies() -> list[bytes]:
-    """Distinct ~20 KB JPEGs (served round-robin under N distinct paths)."""
-    return [encode(make_image(seed, size=(320, 240), n_shapes=12), quality=95, subsampling=0)
+    """Distinct JPEGs of ~20 KB (served round-robin under N distinct paths)."""
+    from pipelines.synth import encode, make_image
+
+    return [encode(make_image(seed, size=(320, 240), n_shapes=12), quality=90, subsampling=0)
             for seed in range(DISTINCT_BODIES)]
 
 
-def serve(bodies: list[bytes], n: int, latency: float, port_queue: mp.Queue, stop: mp.Event) -> None:
-    """Child process: serve /b/<i>.jpg for i < n until told to stop."""
-    with ImageServer(latency=latency) as server:
-        for i in range(n):
-            server.add(f"/b/{i}.jpg", bodies[i % len(bodies)])
-        port_queue.put(server.port)
-        stop.wait()
+def run_ours(urls: Path, work: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """`curate ingest` in a fresh process; returns (wall, CPU) seconds."""
+    shutil.rmtree(work, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "pipelines.cli", "ingest", str(urls), "--workdir", str(work),
+           "--workers", str(args.workers), "--concurrency", str(args.concurrency), "--part-size", str(args.part_size)]
+    return timed_run(cmd, env)
 
 
-def timed(name: str, run: Callable[[], dict[int, bytes]], expected: list[bytes], repeat: int) -> dict[str, float]:
-    """Run one configuration `repeat` times, verify all bodies, and report the best throughput."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        got = run()
-        best = min(best, time.perf_counter() - start)
-        bad = [i for i, body in enumerate(expected) if got.get(i) != body]
-        if bad:
-            raise SystemExit(f"{name}: {len(bad)} wrong or missing bodies, first index {bad[0]}")
-    return {"seconds": round(best, 3), "images_per_s": round(len(expected) / best, 1)}
+def run_img2dataset(urls: Path, out: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """img2dataset in a fresh process (its own venv); returns (wall, CPU) seconds."""
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+    env.pop("PYTHONPATH", None)
+    cmd = [args.img2dataset, "--url_list", str(urls), "--input_format", "txt", "--output_folder", str(out),
+           "--output_format", "webdataset", "--processes_count", str(args.workers),
+           "--thread_count", str(args.concurrency), "--resize_mode", "no", "--retries", "0",
+           "--number_sample_per_shard", str(args.part_size), "--enable_wandb", "False",
+           "--skip_reencode", str(not args.reencode)]
+    return timed_run(cmd, env)
 
 
-def baseline(urls: list[str]) -> dict[int, bytes]:
-    """A bare sequential loop over one plain requests.Session."""
-    out = {}
-    with requests.Session() as session:
-        for i, url in enumerate(urls):
-            resp = session.get(url, timeout=10)
-            resp.raise_for_status()
-            out[i] = resp.content
-    return out
+def timed_run(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Run a command to its end; (wall seconds, CPU seconds of it and all its descendants)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
-def ours_sequential(urls: list[str]) -> dict[int, bytes]:
-    """`download` called in a loop (isolates per-request overhead from concurrency gains)."""
-    settings = DownloadSettings()
-    with requests.Session() as session:
-        return {i: download(url, settings, session=session).data for i, url in enumerate(urls)}
+def check_ours(work: Path, expected: list[str]) -> None:
+    """Every record ok, in input order, with the served bytes' sha256."""
+    from curate.parts import read_table
+
+    table = read_table(work / "ingest", columns=["status", "sha256"])
+    if table.column("status").to_pylist() != ["ok"] * len(expected) or table.column("sha256").to_pylist() != expected:
+        raise SystemExit(f"curate ingest: wrong records in {work}")
 
 
-def ours_many(urls: list[str], concurrency: int) -> dict[int, bytes]:
-    """`download_many` at the given concurrency."""
-    settings = DownloadSettings(concurrency=concurrency)
-    return {i: res.data for i, res in download_many(iter(urls), settings)}
+def check_img2dataset(out: Path, expected: list[str], same_bytes: bool) -> None:
+    """Every sample a success (and, when the bytes are kept, with the served bytes' sha256)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("*.parquet"))])
+    rows = sorted(zip(table.column("key").to_pylist(), table.column("status").to_pylist(),
+                      table.column("sha256").to_pylist()))
+    if [r[1] for r in rows] != ["success"] * len(expected) or same_bytes and [r[2] for r in rows] != expected:
+        raise SystemExit(f"img2dataset: {sum(r[1] == 'success' for r in rows)} of {len(expected)} ok in {out}")
 
 
-def main() -> None:
-    """Parse flags, start the server process, run every configuration, print one JSON line."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2000, help="number of images (distinct URLs)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 64])
-    parser.add_argument("--repeat", type=int, default=3, help="runs per configuration; the best is reported")
-    parser.add_argument("--latency-ms", type=float, default=0.0, help="server delay per request (simulated RTT)")
-    args = parser.parse_args()
+def load_average() -> float:
+    """The 1-minute load average (other jobs on the machine)."""
+    return round(os.getloadavg()[0], 2)
+
+
+def side_by_side(args: argparse.Namespace) -> None:
+    """Server alone, then `--pairs` alternating pairs of img2dataset and curate ingest."""
+    bodies = make_bodies()
+    expected = [hashlib.sha256(bodies[i % len(bodies)]).hexdigest() for i in range(args.n)]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-download-"))
+    try:
+        with LoopbackServer(bodies, args.n, procs=args.server_procs) as server:
+            alone = {"keepalive_8_threads": probe(server, 4000, 8, reuse=True),
+                     "new_connection_8_threads": probe(server, 4000, 8, reuse=False)}
+            urls = tmp / "urls.txt"
+            urls.write_text("".join(server.url(i) + "\n" for i in range(args.n)))
+            pairs = []
+            for k in range(args.pairs):
+                pair = {"load_before": load_average()}
+                for side in (("img2dataset", "ours") if k % 2 == 0 else ("ours", "img2dataset")):
+                    cpu0 = server.cpu_seconds()
+                    if side == "ours":
+                        wall, cpu = run_ours(urls, tmp / "work", args)
+                        check_ours(tmp / "work", expected)
+                    else:
+                        wall, cpu = run_img2dataset(urls, tmp / "i2d", args)
+                        check_img2dataset(tmp / "i2d", expected, same_bytes=not args.reencode)
+                    pair[f"{side}_s"], pair[f"{side}_cpu_ms_per_image"] = round(wall, 2), round(1000 * cpu / args.n, 3)
+                    pair[f"server_cpu_s_{side}"] = round(server.cpu_seconds() - cpu0, 2)
+                pair["ours_img_s"] = round(args.n / pair["ours_s"], 1)
+                pair["img2dataset_img_s"] = round(args.n / pair["img2dataset_s"], 1)
+                pair["ratio"] = round(pair["img2dataset_s"] / pair["ours_s"], 3)
+                pairs.append(pair)
+                print(pair, file=sys.stderr)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratios = [p["ratio"] for p in pairs]
+    emit("download_vs_img2dataset", n=args.n, workers=args.workers, concurrency=args.concurrency,
+         part_size=args.part_size, reencode=args.reencode, mean_image_bytes=round(sum(map(len, bodies)) / len(bodies)),
+         server_alone=alone, ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+         ours_img_s_median=statistics.median(p["ours_img_s"] for p in pairs),
+         img2dataset_img_s_median=statistics.median(p["img2dataset_img_s"] for p in pairs),
+         ours_cpu_ms_per_image_median=statistics.median(p["ours_cpu_ms_per_image"] for p in pairs),
+         img2dataset_cpu_ms_per_image_median=statistics.median(p["img2dataset_cpu_ms_per_image"] for p in pairs),
+         pairs=pairs)
+
+
+def library(args: argparse.Namespace) -> None:
+    """Issue 2's figures: `download` and `download_many` against a sequential requests loop."""
+    import requests
+
+    from curate.download import Client, DownloadSettings, download, download_many
 
     bodies = make_bodies()
     expected = [bodies[i % len(bodies)] for i in range(args.n)]
-    ctx = mp.get_context("fork")
-    port_queue, stop = ctx.Queue(), ctx.Event()
-    child = ctx.Process(target=serve, args=(bodies, args.n, args.latency_ms / 1000, port_queue, stop), daemon=True)
-    child.start()
-    try:
-        port = port_queue.get(timeout=60)
-        urls = [f"http://127.0.0.1:{port}/b/{i}.jpg" for i in range(args.n)]
-        baseline(urls[:50])  # warm-up: server threads, imports, caches
-        base = timed("baseline", lambda: baseline(urls), expected, args.repeat)
-        seq = timed("download", lambda: ours_sequential(urls), expected, args.repeat)
-        many = {}
-        for c in args.concurrency:
-            many[str(c)] = timed(f"download_many[{c}]", lambda c=c: ours_many(urls, c), expected, args.repeat)
-    finally:
-        stop.set()
-        child.join(timeout=10)
+
+    def timed(run: object) -> dict[str, float]:
+        best = float("inf")
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            got = run()
+            best = min(best, time.perf_counter() - start)
+            if [got.get(i) for i in range(args.n)] != expected:
+                raise SystemExit("wrong or missing bodies")
+        return {"seconds": round(best, 3), "images_per_s": round(args.n / best, 1)}
+
+    def sequential(urls: list[str]) -> dict[int, bytes]:
+        with requests.Session() as session:
+            return {i: session.get(url, timeout=10).content for i, url in enumerate(urls)}
+
+    def ours_sequential(urls: list[str]) -> dict[int, bytes]:
+        client = Client()
+        try:
+            return {i: download(url, DownloadSettings(), client=client).data for i, url in enumerate(urls)}
+        finally:
+            client.close()
+
+    with LoopbackServer(bodies, args.n, latency=args.latency_ms / 1000) as server:
+        urls = [server.url(i) for i in range(args.n)]
+        sequential(urls[:50])
+        base = timed(lambda: sequential(urls))
+        seq = timed(lambda: ours_sequential(urls))
+        many = {str(c): timed(lambda c=c: {i: r.data for i, r in download_many(urls, DownloadSettings(concurrency=c))})
+                for c in args.concurrency_list}
     for result in [seq, *many.values()]:
         result["ratio"] = round(result["images_per_s"] / base["images_per_s"], 2)
-    print(json.dumps({
-        "bench": "download",
-        "n": args.n,
-        "latency_ms": args.latency_ms,
-        "repeat": args.repeat,
-        "mean_image_bytes": round(sum(len(b) for b in expected) / len(expected)),
-        "baseline_requests_sequential": base,
-        "download_sequential": seq,
-        "download_many": many,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "requests": requests.__version__,
-        "server": "tests.httpserver.ImageServer (ThreadingHTTPServer) in a child process, 127.0.0.1",
-    }))
+    emit("download_library", n=args.n, latency_ms=args.latency_ms, baseline_requests_sequential=base,
+         download_sequential=seq, download_many=many, requests=requests.__version__)
+
+
+def main() -> None:
+    """Parse flags and run the side-by-side comparison (or the --library one)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=5000, help="number of images (distinct URLs)")
+    parser.add_argument("--pairs", type=int, default=3, help="alternating runs of both tools")
+    parser.add_argument("--workers", type=int, default=2, help="processes of each tool")
+    parser.add_argument("--concurrency", type=int, default=64, help="download threads per process")
+    parser.add_argument("--part-size", type=int, default=1000, help="our part size = img2dataset's shard size")
+    parser.add_argument("--server-procs", type=int, default=1)
+    parser.add_argument("--img2dataset", default="/work/venv-i2d/bin/img2dataset", help="its CLI, in its own venv")
+    parser.add_argument("--reencode", action="store_true", help="img2dataset decodes and re-encodes every image")
+    parser.add_argument("--library", action="store_true", help="download_many vs sequential requests instead")
+    parser.add_argument("--concurrency-list", type=int, nargs="+", default=[8, 32, 64], help="--library only")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="--library only: server delay per request")
+    parser.add_argument("--repeat", type=int, default=3, help="--library only: best of this many runs")
+    args = parser.parse_args()
+    (library if args.library else side_by_side)(args)
 
 
 if __name__ == "__main__":

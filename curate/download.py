@@ -5,10 +5,11 @@ short machine-readable reason (see `REASONS`). `download_many` fans a (possibly 
 iterable of URLs out over worker threads, keeping at most 2 * concurrency URLs in flight so
 memory stays bounded for millions of inputs.
 
-Redirects are followed by hand (not by requests) so that every hop is size-bounded, every
-target is scheme-checked, and `max_redirects` applies per call even on a caller's session.
-Every URL is bounded in time as a whole (`deadline`: attempts, redirects, waits and body), so a
-server trickling bytes cannot hold a worker; compressed bodies are decoded under `max_bytes`.
+Requests go straight through urllib3: one `Client` (a pool of kept-alive connections per host)
+is shared by all download threads. Redirects are followed by hand so that every hop is
+size-bounded and scheme-checked. Every URL is bounded in time as a whole (`deadline`: DNS,
+connect, attempts, redirects, waits and body), so a server trickling bytes cannot hold a worker;
+compressed bodies are decoded under `max_bytes`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-import requests
+import urllib3
 import urllib3.exceptions as u3
 
-from curate.deadline import Deadline, DeadlineAdapter
+from curate.deadline import Deadline, WatchedHTTPPool, WatchedHTTPSPool
 
 REASONS: tuple[str, ...] = (
     "ok", "bad_scheme", "bad_url", "http_<code>", "http_5xx", "timeout", "connection_error",
@@ -46,7 +47,8 @@ _ACCEPT = "image/avif,image/webp,image/*,*/*;q=0.8"
 _ACCEPT_ENCODING = "identity, gzip;q=0.5, deflate;q=0.5"  # what `_read_body` decodes under max_bytes
 
 _sleep: Callable[[float], object] = time.sleep
-_local = threading.local()
+_default_client: Client | None = None
+_default_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -94,14 +96,39 @@ class DownloadResult:
         return self.status == "ok"
 
 
-def download(url: str, settings: DownloadSettings, session: requests.Session | None = None) -> DownloadResult:
+class Client:
+    """HTTP connection pools shared by download threads: kept-alive connections reused per host.
+
+    Thread-safe; `pool_size` connections are kept per host (more are opened when needed). Its
+    connections obey the calling thread's `Deadline`, and DNS lookups are bounded too.
+    """
+
+    def __init__(self, pool_size: int = 32, hosts: int = 256) -> None:
+        try:
+            import certifi
+            ca_certs: str | None = certifi.where()  # the CA bundle requests uses, where installed
+        except ImportError:
+            ca_certs = None
+        self._manager = urllib3.PoolManager(num_pools=hosts, maxsize=pool_size, block=False, retries=False,
+                                            ca_certs=ca_certs)
+        self._manager.pool_classes_by_scheme = {"http": WatchedHTTPPool, "https": WatchedHTTPSPool}
+
+    def get(self, url: str, headers: dict[str, str], timeout: float) -> urllib3.BaseHTTPResponse:
+        """Send one GET; the response's body is left unread (streamed by the caller)."""
+        return self._manager.urlopen("GET", url, headers=headers, timeout=urllib3.Timeout(timeout, timeout),
+                                     redirect=False, retries=False, preload_content=False, decode_content=False)
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._manager.clear()
+
+
+def download(url: str, settings: DownloadSettings, client: Client | None = None) -> DownloadResult:
     """Fetch one URL with retries; never raises for a per-URL problem.
 
-    Without `session`, a session private to the calling thread is used (connection reuse). A
-    caller's session works too; one from `new_session` also keeps redirect bodies size-bounded
-    and lets the deadline cut a request mid-read (otherwise it is checked between reads).
+    Without `client`, a process-wide one is used (connections are reused across calls).
     """
-    return _download(url, settings, session if session is not None else _thread_session(settings), None)
+    return _download(url, settings, client if client is not None else _shared_client(), None)
 
 
 def download_many(urls: Iterable[str], settings: DownloadSettings) -> Iterator[tuple[int, DownloadResult]]:
@@ -113,18 +140,11 @@ def download_many(urls: Iterable[str], settings: DownloadSettings) -> Iterator[t
     window = 2 * settings.concurrency
     finished: queue.SimpleQueue[tuple[int, DownloadResult]] = queue.SimpleQueue()
     stop = threading.Event()
-    local = threading.local()
-    sessions: list[requests.Session] = []
-    sessions_lock = threading.Lock()
+    client = Client(pool_size=settings.concurrency)
 
     def work(index: int, url: str) -> None:
         try:
-            session = getattr(local, "session", None)
-            if session is None:
-                session = local.session = new_session(settings)
-                with sessions_lock:
-                    sessions.append(session)
-            result = _download(url, settings, session, stop)
+            result = _download(url, settings, client, stop)
         except Exception as exc:  # a bug must not hang the consumer waiting for this index
             result = _result(url, "error", _one_line(exc))
         finished.put((index, result))
@@ -150,44 +170,19 @@ def download_many(urls: Iterable[str], settings: DownloadSettings) -> Iterator[t
     finally:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
-        for session in sessions:
-            session.close()
+        client.close()
 
 
-class _HopByHopSession(requests.Session):
-    """A Session that never resolves redirects itself.
-
-    Even with allow_redirects=False, requests pre-computes the next hop of a 3xx, which reads
-    the whole redirect body into memory and may raise on a malformed Location; `_attempt`
-    follows redirects itself, so that work is switched off here.
-    """
-
-    def get_redirect_target(self, resp: requests.Response) -> None:
-        """No redirect target as far as requests is concerned."""
-        return None
+def _shared_client() -> Client:
+    """The process-wide client of plain `download` calls, made on first use."""
+    global _default_client
+    with _default_lock:
+        if _default_client is None:
+            _default_client = Client()
+        return _default_client
 
 
-def new_session(settings: DownloadSettings) -> requests.Session:
-    """A session suited to `download` (one per thread: sessions are not shared across threads)."""
-    session = _HopByHopSession()
-    for prefix in ("http://", "https://"):
-        session.mount(prefix, DeadlineAdapter())
-    session.max_redirects = settings.max_redirects  # mirrors the limit `_attempt` enforces per call
-    session.headers["User-Agent"] = settings.user_agent
-    return session
-
-
-def _thread_session(settings: DownloadSettings) -> requests.Session:
-    """The calling thread's lazily created session for plain `download` calls."""
-    session = getattr(_local, "session", None)
-    if session is None:
-        session = _local.session = new_session(settings)
-    return session
-
-
-def _download(
-    url: str, settings: DownloadSettings, session: requests.Session, stop: threading.Event | None
-) -> DownloadResult:
+def _download(url: str, settings: DownloadSettings, client: Client, stop: threading.Event | None) -> DownloadResult:
     """Validate, then attempt up to retries + 1 times with capped exponential backoff."""
     problem = _check_url(url)
     if problem is not None:
@@ -196,7 +191,7 @@ def _download(
     with Deadline(settings.deadline) as deadline:
         while True:
             attempts += 1
-            result = _attempt(url, settings, session, deadline)
+            result = _attempt(url, settings, client, deadline)
             result.attempts = attempts
             if result.status not in RETRYABLE or attempts > settings.retries:
                 return result
@@ -209,47 +204,57 @@ def _download(
                 return result
 
 
-def _attempt(url: str, settings: DownloadSettings, session: requests.Session, deadline: Deadline) -> DownloadResult:
+def _attempt(url: str, settings: DownloadSettings, client: Client, deadline: Deadline) -> DownloadResult:
     """One attempt: follow up to max_redirects redirects, then classify and read the final response."""
     headers = {"User-Agent": settings.user_agent, "Accept": _ACCEPT, "Accept-Encoding": _ACCEPT_ENCODING}
     current = url
     hops = 0
-    resp: requests.Response | None = None
+    resp: urllib3.BaseHTTPResponse | None = None
+    reading = False
     try:
         while True:
             left = deadline.remaining()
             if left <= 0:
                 return _past_deadline(url, settings, resp)
-            timeout = (min(settings.timeout, left), min(settings.timeout, left))
-            resp = session.get(current, headers=headers, timeout=timeout, stream=True, allow_redirects=False)
+            reading = False
+            resp = client.get(current, headers, min(settings.timeout, left))
+            reading = True
             try:
-                if resp.status_code not in _REDIRECT_CODES or "location" not in resp.headers:
+                if resp.status not in _REDIRECT_CODES or "location" not in resp.headers:
                     result = _read_final(url, resp, settings, deadline)
                     return _past_deadline(url, settings, resp) if deadline.expired else result
                 if hops == settings.max_redirects:
                     return _result(url, "too_many_redirects", f"more than {settings.max_redirects} redirects", resp)
-                current = _redirect_target(resp)
+                target = _redirect_target(current, resp)
                 _drain(resp)
             finally:
-                resp.close()
+                _finish(resp)
             hops += 1
-            problem = _check_url(current)
+            problem = _check_url(target)
             if problem is not None:
                 status, error = problem
-                return _result(url, status, f"redirect to {current!r}: {error}", resp)
+                return _result(url, status, f"redirect to {target!r}: {error}", resp)
+            current = target
     except Exception as exc:
         if deadline.expired or deadline.remaining() <= 0:
             return _past_deadline(url, settings, resp)
-        return _result(url, _classify(exc), _one_line(exc), resp)
+        return _result(url, _classify(exc, reading), _one_line(exc), resp)
 
 
-def _past_deadline(url: str, settings: DownloadSettings, resp: requests.Response | None) -> DownloadResult:
+def _finish(resp: urllib3.BaseHTTPResponse) -> None:
+    """Give the connection back to its pool; one whose body was not read to the end is closed first."""
+    if not resp.closed:
+        resp.close()
+    resp.release_conn()
+
+
+def _past_deadline(url: str, settings: DownloadSettings, resp: urllib3.BaseHTTPResponse | None) -> DownloadResult:
     return _result(url, "timeout", f"deadline of {settings.deadline:g} s for the whole download passed", resp)
 
 
-def _read_final(url: str, resp: requests.Response, settings: DownloadSettings, deadline: Deadline) -> DownloadResult:
+def _read_final(url: str, resp: urllib3.BaseHTTPResponse, settings: DownloadSettings, deadline: Deadline) -> DownloadResult:
     """Turn a non-redirect response into a result, streaming the body under the size cap."""
-    code = resp.status_code
+    code = resp.status
     if code >= 500:
         _drain(resp)
         return _result(url, "http_5xx", f"HTTP {code} {resp.reason}", resp)
@@ -268,7 +273,7 @@ def _read_final(url: str, resp: requests.Response, settings: DownloadSettings, d
     decoder = None if encoding in ("", "identity") else zlib.decompressobj(47)
     body = bytearray()
     received = 0
-    for chunk in resp.raw.stream(_CHUNK, decode_content=False):
+    for chunk in resp.stream(_CHUNK, decode_content=False):
         received += len(chunk)
         if decoder is None:
             body += chunk
@@ -306,7 +311,7 @@ def _check_url(url: object) -> tuple[str, str] | None:
     return None
 
 
-def _redirect_target(resp: requests.Response) -> str:
+def _redirect_target(current: str, resp: urllib3.BaseHTTPResponse) -> str:
     """Absolute URL of a redirect; Location is decoded like browsers do (UTF-8 sent as latin-1).
 
     A Location that cannot be joined is returned as is, for `_check_url` to reject.
@@ -317,7 +322,7 @@ def _redirect_target(resp: requests.Response) -> str:
     except UnicodeError:
         pass
     try:
-        return urljoin(resp.url, location)
+        return urljoin(current, location)
     except ValueError:
         return location
 
@@ -327,7 +332,7 @@ def _is_noai(value: str | None) -> bool:
     return bool(value) and not _NOAI_TOKENS.isdisjoint(_TOKEN_SPLIT.split(value.lower()))
 
 
-def _content_length(resp: requests.Response) -> int | None:
+def _content_length(resp: urllib3.BaseHTTPResponse) -> int | None:
     """The declared body length, or None when absent or unparseable."""
     value = resp.headers.get("Content-Length")
     if value is None:
@@ -339,44 +344,35 @@ def _content_length(resp: requests.Response) -> int | None:
     return length if length >= 0 else None
 
 
-def _drain(resp: requests.Response) -> None:
+def _drain(resp: urllib3.BaseHTTPResponse) -> None:
     """Read a small unwanted body so the connection can be reused; give up past a limit."""
     declared = _content_length(resp)
     if declared is not None and declared > _DRAIN_LIMIT:
         return
     read = 0
     try:
-        for chunk in resp.iter_content(_CHUNK):
+        for chunk in resp.stream(_CHUNK, decode_content=False):
             read += len(chunk)
             if read > _DRAIN_LIMIT:
                 return
-    except requests.RequestException:
+    except (u3.HTTPError, OSError):
         pass
 
 
-def _classify(exc: Exception) -> str:
-    """Map a requests/urllib3 exception to a result status."""
-    if isinstance(exc, (requests.exceptions.SSLError, u3.SSLError)):
+def _classify(exc: Exception, reading: bool) -> str:
+    """Map a urllib3 exception to a result status (`reading`: raised while reading the body)."""
+    if isinstance(exc, u3.SSLError):
         return "ssl_error"
-    if isinstance(exc, (requests.Timeout, u3.TimeoutError)):
+    if isinstance(exc, u3.NewConnectionError):  # urllib3 derives it from ConnectTimeoutError: test it first
+        return "connection_error"
+    if isinstance(exc, (u3.TimeoutError, TimeoutError)):
         return "timeout"
     if isinstance(exc, u3.DecodeError):
         return "decode_error"
-    if isinstance(exc, u3.ProtocolError):  # body reads go through urllib3 directly: connection broken
-        return "truncated"
-    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-        return "truncated"
-    if isinstance(exc, requests.exceptions.ContentDecodingError):
-        return "decode_error"
-    if isinstance(exc, requests.exceptions.TooManyRedirects):
-        return "too_many_redirects"
-    if isinstance(exc, requests.exceptions.InvalidSchema):
-        return "bad_scheme"
-    if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)):
+    if isinstance(exc, (u3.ProtocolError, OSError)):  # the connection broke: mid-body it is a truncated body
+        return "truncated" if reading else "connection_error"
+    if isinstance(exc, (u3.LocationValueError, u3.LocationParseError, UnicodeError)):
         return "bad_url"
-    if isinstance(exc, requests.ConnectionError):
-        # a read timeout while streaming the body surfaces as ConnectionError(ReadTimeoutError)
-        return "timeout" if exc.args and isinstance(exc.args[0], u3.ReadTimeoutError) else "connection_error"
     return "error"
 
 
@@ -386,8 +382,8 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _result(url: object, status: str, error: str, resp: requests.Response | None = None) -> DownloadResult:
+def _result(url: object, status: str, error: str, resp: urllib3.BaseHTTPResponse | None = None) -> DownloadResult:
     """A failed result, keeping the HTTP status and content type when a response was seen."""
-    http_status = resp.status_code if resp is not None else None
+    http_status = resp.status if resp is not None else None
     content_type = resp.headers.get("Content-Type") if resp is not None else None
     return DownloadResult(str(url), status, None, http_status, 0, error, content_type)

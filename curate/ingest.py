@@ -2,8 +2,9 @@
 
 Layout under the stage directory:
   _plan/part-XXXXX.parquet   the inputs of each part, fixed before any work starts
-  _cache/part-XXXXX/         finished downloads of an unfinished part (so a rerun never refetches);
-                             an entry missing or damaged is simply downloaded again
+  _cache/part-XXXXX/         finished downloads of an unfinished part, one append-only journal
+                             (curate.download_cache), so a rerun never refetches; an entry missing,
+                             torn or damaged is simply downloaded again
   shards/shard-XXXXX.tar     raw webdataset shard of part XXXXX (original bytes of ok images)
   part-XXXXX.parquet         records of part XXXXX; written last, it marks the part done
 """
@@ -22,7 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
@@ -30,10 +31,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.download import DownloadResult, DownloadSettings, download, download_many
+from curate.download import DownloadSettings, download, download_many
+from curate.download_cache import DownloadJournal
 from curate.images import CheckSettings, ImageCheck, check_image
 from curate.parts import (OutputError, atomic_path, clean_temporaries, ensure_dir, list_parts, part_name,
-                          write_bytes_atomic, write_table_atomic)
+                          write_table_atomic)
 from curate.sources import TAR_READ_ERRORS, PlanItem, iter_source, source_names, utf8_text
 from curate.tars import write_samples
 
@@ -52,6 +54,7 @@ RECORD_FIELDS = [
 ]
 CORE_COLUMNS = {name for name, _ in RECORD_FIELDS}
 _PR_SET_PDEATHSIG = 1
+_CHECK_THREADS = 2  # image checks of downloads, beside the download threads
 
 
 @dataclass(frozen=True)
@@ -222,13 +225,13 @@ def run_part(stage_dir: str | os.PathLike, index: int, settings: IngestSettings)
         return {}
     items = pq.read_table(stage_dir / "_plan" / part_name(index)).to_pylist()
     cache = stage_dir / "_cache" / f"part-{index:05d}"
-    _fill_download_cache(items, cache, settings.download)
     shard_name = f"shard-{index:05d}.tar"
     records: list[dict] = []
     good: list[tuple[int, bytes]] = []
-    with _Reader() as reader:
-        for row in items:
-            rec, data = _process(row, reader, cache, settings)
+    with DownloadJournal(cache) as journal, _Reader() as reader:
+        fetched = _download_and_check(items, journal, settings)
+        for pos, row in enumerate(items):
+            rec, data = fetched.pop(pos, None) or _process(row, reader, journal, settings)
             if data is not None:
                 good.append((len(records), data))
             records.append(rec)
@@ -255,48 +258,35 @@ def _raw_meta(rec: dict) -> str:
 _META_JSON = json.JSONEncoder(sort_keys=True, default=str)  # json.dumps(meta, sort_keys=True, default=str)
 
 
-def _fill_download_cache(items: list[dict], cache: Path, settings: DownloadSettings) -> None:
-    """Download every URL of the part not yet in the cache; each result lands there atomically."""
-    todo = [r for r in items if r["kind"] == "url" and not r["status"] and not _cache_looks_whole(cache, r["id"])]
+def _download_and_check(items: list[dict], journal: DownloadJournal,
+                        settings: IngestSettings) -> dict[int, tuple[dict, bytes | None]]:
+    """Download the part's URLs not yet in the journal; each result is journaled, then checked as it lands.
+
+    Returns {position in the part: (record, bytes if ok)}. The checks run on `_CHECK_THREADS`
+    threads of their own (decoding releases the GIL), at most 2 per thread waiting, so a slow
+    check holds the downloads back instead of piling bodies up in memory.
+    """
+    todo = [pos for pos, r in enumerate(items) if r["kind"] == "url" and not r["status"] and r["id"] not in journal]
+    done: dict[int, tuple[dict, bytes | None]] = {}
     if not todo:
-        return
-    ensure_dir(cache)
-    for idx, res in download_many((r["uri"] for r in todo), settings):
-        _cache_put(cache, todo[idx]["id"], res)
+        return done
+    slots = threading.BoundedSemaphore(2 * _CHECK_THREADS)
 
+    def check(pos: int, fetched: dict) -> None:
+        try:
+            done[pos] = _checked(_record(items[pos]), fetched, settings.check)
+        finally:
+            slots.release()
 
-def _cache_put(cache: Path, rid: str, res: DownloadResult) -> dict:
-    """Store one download result (body first, then its metadata, which marks the entry whole)."""
-    meta = {"status": res.status, "http_status": res.http_status, "error": res.error, "attempts": res.attempts}
-    if res.data is not None:
-        write_bytes_atomic(cache / f"{rid}.bin", res.data)
-        meta["sha256"], meta["nbytes"] = hashlib.sha256(res.data).hexdigest(), len(res.data)
-    write_bytes_atomic(cache / f"{rid}.json", json.dumps(meta).encode())
-    return {**meta, "data": res.data}
-
-
-def _cache_looks_whole(cache: Path, rid: str) -> bool:
-    """Cheap check (no body read) that a cache entry exists and is complete."""
-    try:
-        meta = json.loads((cache / f"{rid}.json").read_bytes())
-        return meta["status"] != "ok" or (cache / f"{rid}.bin").stat().st_size == meta["nbytes"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def _cache_get(cache: Path, rid: str) -> dict | None:
-    """A finished download from the cache, or None when the entry is missing or damaged."""
-    try:
-        meta = json.loads((cache / f"{rid}.json").read_bytes())
-        meta["data"] = None
-        if meta["status"] == "ok":
-            data = (cache / f"{rid}.bin").read_bytes()
-            if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-                return None
-            meta["data"] = data
-        return meta
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    with ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="check") as pool:
+        futures = []
+        for idx, res in download_many((items[pos]["uri"] for pos in todo), settings.download):
+            fetched = journal.put(items[todo[idx]]["id"], res)
+            slots.acquire()
+            futures.append(pool.submit(check, todo[idx], fetched))
+        for fut in futures:
+            fut.result()
+    return done
 
 
 class _Reader:
@@ -340,23 +330,24 @@ class _Reader:
             fh.close()
 
 
-def _process(row: dict, reader: _Reader, cache: Path, settings: IngestSettings) -> tuple[dict, bytes | None]:
+def _record(row: dict) -> dict:
+    return {"id": row["id"], "uri": row["uri"], "name": row["name"], "source": row["source"], "_extra": row["extra"]}
+
+
+def _process(row: dict, reader: _Reader, journal: DownloadJournal,
+             settings: IngestSettings) -> tuple[dict, bytes | None]:
     """One plan row -> (record, original bytes if the image is ok)."""
     check = settings.check
-    rec = {"id": row["id"], "uri": row["uri"], "name": row["name"], "source": row["source"], "_extra": row["extra"]}
+    rec = _record(row)
     if row["status"]:
         rec.update(status=row["status"], error=row["error"])
         return rec, None
     data: bytes | None = None
     try:
         if row["kind"] == "url":
-            # a cache entry lost or damaged (e.g. by a killed run) is downloaded again, never a status
-            meta = _cache_get(cache, row["id"]) or _cache_put(cache, row["id"], download(row["uri"], settings.download))
-            rec["http_status"] = meta["http_status"]
-            if meta["status"] != "ok":
-                rec.update(status=meta["status"], error=meta["error"])
-                return rec, None
-            data = meta["data"]
+            # a journal entry lost or damaged (e.g. by a killed run) is downloaded again, never a status
+            fetched = journal.get(row["id"]) or journal.put(row["id"], download(row["uri"], settings.download))
+            return _checked(rec, fetched, check)
         elif row["size"] is not None and row["size"] > check.max_bytes:
             rec.update(status="too_large", error=f"{row['size']} bytes > {check.max_bytes}", nbytes=row["size"])
             return rec, None
@@ -370,6 +361,19 @@ def _process(row: dict, reader: _Reader, cache: Path, settings: IngestSettings) 
     except TAR_READ_ERRORS as exc:
         rec.update(status="read_error", error=utf8_text(f"{type(exc).__name__}: {exc}")[0][:200])
         return rec, None
+    return _check(rec, data, check)
+
+
+def _checked(rec: dict, fetched: dict, check: CheckSettings) -> tuple[dict, bytes | None]:
+    """A download's record: its failure status, or the image check of its bytes."""
+    rec["http_status"] = fetched["http_status"]
+    if fetched["status"] != "ok":
+        rec.update(status=fetched["status"], error=fetched["error"])
+        return rec, None
+    return _check(rec, fetched["data"], check)
+
+
+def _check(rec: dict, data: bytes, check: CheckSettings) -> tuple[dict, bytes | None]:
     try:
         res: ImageCheck = check_image(data, check)
     except Exception as exc:  # an unexpected decoder failure is a bad file, not a dead part

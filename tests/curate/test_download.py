@@ -9,10 +9,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 
-import pytest
-import requests
+import tracemalloc
 
-from curate.download import RETRYABLE, DownloadResult, DownloadSettings, download, download_many
+import pytest
+
+from curate.download import RETRYABLE, Client, DownloadResult, DownloadSettings, download, download_many
 from tests.httpserver import ImageServer, image_bytes
 
 FAST = DownloadSettings(timeout=2.0, retries=2, backoff=0.01, backoff_max=0.05, max_bytes=2**20, concurrency=4)
@@ -134,13 +135,15 @@ def test_redirect_to_other_scheme_is_refused(server: ImageServer) -> None:
     assert get(server, "/relative").data == image_bytes(5)
 
 
-def test_redirect_body_is_not_read_and_plain_sessions_work(server: ImageServer) -> None:
+def test_redirect_body_is_not_read(server: ImageServer) -> None:
     server.add("/heavy-redirect", server.big_body, "text/html", {"Location": "/img/2.jpg"}, status=302)
-    assert get(server, "/heavy-redirect").data == image_bytes(2)
-    with requests.Session() as plain:
-        res = download(server.url("/redirect/img/4.jpg"), FAST, session=plain)
-        assert (res.status, res.data) == ("ok", image_bytes(4))
-        assert download(server.url("/loop"), FAST, session=plain).status == "too_many_redirects"
+    assert get(server, "/img/2.jpg").status == "ok"  # first-use allocations out of the way
+    tracemalloc.start()
+    res = get(server, "/heavy-redirect")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert (res.status, res.data) == ("ok", image_bytes(2))
+    assert peak < len(server.big_body) // 4
 
 
 @pytest.mark.parametrize("path", ["/noai", "/noimageai"])
@@ -172,9 +175,9 @@ def test_bad_urls_fail_without_network(url: str, status: str) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("network used")
 
-    session = requests.Session()
-    session.get = refuse  # type: ignore[method-assign]
-    res = download(url, FAST, session=session)
+    client = Client()
+    client.get = refuse  # type: ignore[method-assign]
+    res = download(url, FAST, client=client)
     assert (res.status, res.attempts, res.data, res.http_status) == (status, 0, None, None)
     assert res.url == url and res.error
 
@@ -200,16 +203,45 @@ def test_gzip_bodies_are_decoded_and_bad_gzip_reported(server: ImageServer) -> N
     assert (res.status, res.attempts) == ("decode_error", 1)
 
 
-def test_session_reuses_one_connection_and_sends_user_agent(server: ImageServer) -> None:
-    with requests.Session() as session:
-        results = [download(server.url(f"/img/{i}.jpg"), FAST, session=session) for i in range(20)]
-        results.append(download(server.url("/404"), FAST, session=session))
-        results.append(download(server.url("/img/0.jpg"), FAST, session=session))
+def test_client_reuses_one_connection_and_sends_user_agent(server: ImageServer) -> None:
+    client = Client()
+    results = [download(server.url(f"/img/{i}.jpg"), FAST, client=client) for i in range(20)]
+    results.append(download(server.url("/404"), FAST, client=client))
+    results.append(download(server.url("/redirect/img/0.jpg"), FAST, client=client))
+    client.close()
     assert [r.status for r in results] == ["ok"] * 20 + ["http_404", "ok"]
     assert server.connections_total == 1
     assert server.request_headers("/img/0.jpg")["User-Agent"] == FAST.user_agent
     assert get(server, "/img/1.jpg", user_agent="tester/1").status == "ok"
     assert server.request_headers("/img/1.jpg")["User-Agent"] == "tester/1"
+
+
+def test_download_many_reuses_connections_per_host(server: ImageServer) -> None:
+    """Keep-alive: 300 URLs of one host over 8 threads take at most 8 connections, not 300."""
+    urls = [server.url(f"/img/{i % 40}.jpg") for i in range(300)] + [server.url("/404")] * 10
+    results = dict(download_many(urls, replace(FAST, concurrency=8)))
+    assert [results[i].status for i in range(310)] == ["ok"] * 300 + ["http_404"] * 10
+    assert server.connections_total <= 8
+
+
+def test_host_names_are_resolved_and_a_hanging_lookup_is_bounded(server: ImageServer,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    res = download(f"http://localhost:{server.port}/img/3.jpg", FAST)
+    assert (res.status, res.data) == ("ok", image_bytes(3))
+    real = socket.getaddrinfo
+
+    def hang(host: str, *args: object, **kwargs: object) -> object:
+        if host == "hangs.invalid":
+            time.sleep(3)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hang)
+    start = time.monotonic()
+    res = download("http://hangs.invalid/x.jpg", replace(FAST, timeout=0.3, retries=1))
+    assert time.monotonic() - start < 2.0
+    assert (res.status, res.attempts) == ("timeout", 2) and "DNS lookup" in res.error
+    res = download("http://unknown-host.invalid/x.jpg", replace(FAST, retries=0))
+    assert res.status in ("connection_error", "timeout") and res.data is None  # NXDOMAIN, or no resolver
 
 
 def test_settings_are_validated() -> None:

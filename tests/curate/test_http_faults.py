@@ -16,7 +16,7 @@ import pytest
 from curate.download import DownloadSettings, download, download_many
 from curate.ingest import IngestSettings, ingest
 from curate.parts import read_table
-from tests.httpserver import ImageServer
+from tests.httpserver import ImageServer, gzip_zeros
 
 TIGHT = DownloadSettings(timeout=1.0, retries=2, backoff=0.01, backoff_max=0.05, max_bytes=2**20, concurrency=4,
                          deadline=1.5)
@@ -41,6 +41,7 @@ HOSTILE = {
 @pytest.fixture(scope="module")
 def hostile() -> Iterator[ImageServer]:
     with ImageServer(slow_seconds=30, trickle_interval=0.2, bomb_bytes=64 * 2**20) as srv:
+        gzip_zeros(srv.bomb_bytes)  # compressed once up front: ~1 s on a busy machine, not the client's deadline
         yield srv
 
 
@@ -100,3 +101,41 @@ def test_download_many_total_time_is_bounded(hostile):
     results = dict(download_many(urls, replace(TIGHT, concurrency=4, deadline=1.0)))
     assert time.monotonic() - start < 3 * 1.0 + 2 * SLACK
     assert sorted(results) == list(range(12)) and {r.status for r in results.values()} == {"timeout"}
+
+
+def test_a_certificate_that_does_not_verify_is_an_ssl_error(tmp_path):
+    """TLS is verified: a self-signed certificate ends in ssl_error (not retried, not accepted)."""
+    import socket
+    import ssl
+    import subprocess
+    import threading
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    handshakes = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1024)
+                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                handshakes.append("completed")
+            except (OSError, ssl.SSLError):
+                handshakes.append("refused")
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        res = download(f"https://localhost:{listener.getsockname()[1]}/x.jpg", TIGHT)
+    finally:
+        listener.close()
+    assert (res.status, res.attempts, res.data) == ("ssl_error", 1, None)
+    assert "certificate" in res.error.lower() and "completed" not in handshakes

@@ -193,49 +193,74 @@ def _url_list(tmp_path: Path, server, n: int = 6) -> str:
     return str(path)
 
 
-def test_cache_removed_mid_part_is_downloaded_again(tmp_path, image_server, monkeypatch):
-    """Issue 11 item 1, made deterministic: the rerun finds every download cached, then an orphan
-    of the killed run finishes the same part and removes the cache before the rerun reads it."""
+def test_journal_removed_mid_part_still_gives_whole_output(tmp_path, image_server, monkeypatch):
+    """Issue 11 item 1: a rerun finds every download of a killed run journaled; an orphan of that run
+    then finishes the same part and removes the journal before the rerun reads the bodies."""
     import curate.ingest as ci
+    from curate.download_cache import DownloadJournal
 
     urls = _url_list(tmp_path, image_server)
     ingest([urls], tmp_path / "ref", FAST)
-    fill = ci._fill_download_cache
+    ci.plan([urls], tmp_path / "w", FAST.part_size)
+    for index in range(2):  # the killed run: every download journaled, no part written
+        items = pq.read_table(tmp_path / "w" / "_plan" / f"part-{index:05d}.parquet").to_pylist()
+        with DownloadJournal(tmp_path / "w" / "_cache" / f"part-{index:05d}") as journal:
+            ci._download_and_check(items, journal, FAST)
+    check = ci._download_and_check
 
-    def fill_then_orphan_removes(items, cache, settings):
-        fill(items, cache, settings)
-        assert len(list(cache.glob("*.json"))) == sum(r["kind"] == "url" for r in items)
-        shutil.rmtree(cache)
+    def check_then_orphan_removes(items, journal, settings):
+        assert all(r["id"] in journal for r in items)
+        out = check(items, journal, settings)
+        shutil.rmtree(journal.path.parent)
+        return out
 
-    monkeypatch.setattr(ci, "_fill_download_cache", fill_then_orphan_removes)
-    counts = ingest([urls], tmp_path / "w", FAST)
-    assert counts == {"ok": 6}
+    monkeypatch.setattr(ci, "_download_and_check", check_then_orphan_removes)
+    image_server.reset_counts()
+    assert ingest([urls], tmp_path / "w", FAST) == {"ok": 6}
     assert _tree(tmp_path / "w") == _tree(tmp_path / "ref")
+    assert image_server.requests_total == 0
 
 
-def test_damaged_cache_entries_are_downloaded_again(tmp_path, image_server):
+def test_damaged_journal_entries_are_downloaded_again(tmp_path, image_server):
+    """Entries before the first damaged frame are used; it and every later one are fetched again."""
+    from curate.download import download
+    from curate.download_cache import DownloadJournal
     from curate.ingest import plan
 
     urls = _url_list(tmp_path, image_server)
     ingest([urls], tmp_path / "ref", FAST)
     plan([urls], tmp_path / "w", FAST.part_size)
-    ids = [r["id"] for r in pq.read_table(tmp_path / "w" / "_plan" / "part-00000.parquet").to_pylist()]
-    cache = tmp_path / "w" / "_cache" / "part-00000"
-    cache.mkdir(parents=True)
-    (cache / f"{ids[0]}.json").write_bytes(b'{"status": "o')  # half-written metadata
-    ok = json.dumps({"status": "ok", "http_status": 200, "error": None, "attempts": 1, "sha256": "0" * 64,
-                     "nbytes": 3})
-    (cache / f"{ids[1]}.json").write_text(ok)  # body does not match its recorded sha256
-    (cache / f"{ids[1]}.bin").write_bytes(b"abc")
-    (cache / f"{ids[2]}.json").write_text("[1, 2]")  # not an object
-    body = encode(make_image(303, (64, 64)), "PNG")  # a whole entry is used as it is
-    (cache / f"{ids[3]}.bin").write_bytes(body)
-    (cache / f"{ids[3]}.json").write_text(json.dumps({"status": "ok", "http_status": 200, "error": None,
-                                                      "attempts": 1, "sha256": sha256_hex(body), "nbytes": len(body)}))
+    rows = pq.read_table(tmp_path / "w" / "_plan" / "part-00000.parquet").to_pylist()
+    with DownloadJournal(tmp_path / "w" / "_cache" / "part-00000") as journal:
+        for row in rows:
+            journal.put(row["id"], download(row["uri"], FAST.download))
+    raw = bytearray(journal.path.read_bytes())
+    second = raw.index(b"DLJ1", 4)
+    third = raw.index(b"DLJ1", second + 4)
+    raw[third + 200] ^= 0xFF  # a flipped byte in the third entry's body
+    journal.path.write_bytes(bytes(raw[:-10]))  # and a torn last entry
     image_server.reset_counts()
     assert ingest([urls], tmp_path / "w", FAST) == {"ok": 6}
     assert _tree(tmp_path / "w") == _tree(tmp_path / "ref")
-    assert image_server.ok_hits == {f"/c/{i}.png": 1 for i in (0, 1, 2, 4, 5)}
+    assert image_server.ok_hits == {f"/c/{i}.png": 1 for i in (2, 3, 4, 5)}
+
+
+def test_records_follow_the_input_order_whatever_order_downloads_finish_in(tmp_path):
+    """A concurrent run (slow URLs finish last) writes the same bytes as a one-at-a-time run."""
+    from dataclasses import replace
+
+    from tests.httpserver import ImageServer
+
+    with ImageServer(slow_seconds=0.3) as server:
+        for i in range(12):
+            server.add(f"/c/{i}.png", encode(make_image(400 + i, (48, 48)), "PNG"), content_type="image/png")
+        urls = [server.url(f"/slow?{i}") if i % 3 == 0 else server.url(f"/c/{i}.png") for i in range(12)]
+        (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
+        for name, concurrency in (("fast", 8), ("slow", 1)):
+            settings = replace(FAST, part_size=6, download=replace(FAST.download, timeout=5.0, concurrency=concurrency))
+            assert ingest([str(tmp_path / "urls.txt")], tmp_path / name, settings) == {"ok": 12}
+    assert [r["uri"] for r in read_table(tmp_path / "fast").to_pylist()] == urls
+    assert _tree(tmp_path / "fast") == _tree(tmp_path / "slow")
 
 
 _DRIVER = """
