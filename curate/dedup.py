@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,14 @@ PAIR_BATCH = 32768  # pairs whose similarity is recomputed at once
 SLACK = 1e-3  # candidates are fetched this far below the threshold, then decided exactly
 
 Vectors = EmbeddingParts | str | os.PathLike | np.ndarray | Sequence[np.ndarray]
+# mapper(fn, jobs, shared) yields (job index, fn(*shared, *job)) for every job, in any order
+Mapper = Callable[[Callable, Sequence[tuple], tuple], Iterable[tuple[int, object]]]
+
+
+def local_map(fn: Callable, jobs: Sequence[tuple], shared: tuple = ()) -> Iterator[tuple[int, object]]:
+    """The local Mapper: the jobs one after the other in this process."""
+    for i, job in enumerate(jobs):
+        yield i, fn(*shared, *job)
 
 
 class LargeComponentWarning(UserWarning):
@@ -46,18 +54,29 @@ def as_parts(vectors: Vectors) -> EmbeddingParts:
     return vectors if isinstance(vectors, EmbeddingParts) else EmbeddingParts(vectors)
 
 
+def _valid_mask(vecs: np.ndarray, table: Path | None) -> np.ndarray:
+    """Rows of one part that may form edges: non-zero vectors with status "ok" in `table` (its Parquet)."""
+    ok = np.zeros(len(vecs), dtype=bool)
+    for s in range(0, len(vecs), 65536):
+        block = np.asarray(vecs[s : s + 65536], dtype=np.float32)
+        ok[s : s + len(block)] = np.einsum("ij,ij->i", block, block) > 0
+    if table is not None and table.is_file() and "status" in pq.read_schema(table).names:
+        status = pq.read_table(table, columns=["status"]).column("status").to_pylist()
+        if len(status) != len(vecs):
+            raise ValueError(f"{table} has {len(status)} rows but its embedding part has {len(vecs)}")
+        ok &= np.array([s == "ok" for s in status], dtype=bool)
+    return ok
+
+
+def part_valid(parts: EmbeddingParts, p: int) -> np.ndarray:
+    """Rows of part p that may form edges (see valid_rows)."""
+    return _valid_mask(parts.part(p), Path(parts.paths[p]).with_suffix(".parquet") if parts.paths else None)
+
+
 def valid_rows(parts: EmbeddingParts, valid: np.ndarray | None = None) -> np.ndarray:
     """Rows that may form edges: non-zero vectors, status "ok" in the parts' Parquet, and `valid`."""
-    ok = np.zeros(parts.n, dtype=bool)
-    for start, chunk in parts.chunks():
-        ok[start : start + len(chunk)] = np.einsum("ij,ij->i", chunk, chunk) > 0
-    for p, path in enumerate(parts.paths):
-        table = Path(path).with_suffix(".parquet")
-        if table.is_file() and "status" in pq.read_schema(table).names:
-            status = pq.read_table(table, columns=["status"]).column("status").to_pylist()
-            if len(status) != parts.sizes[p]:
-                raise ValueError(f"{table} has {len(status)} rows but {path} has {parts.sizes[p]}")
-            ok[parts.offsets[p] : parts.offsets[p + 1]] &= np.array([s == "ok" for s in status], dtype=bool)
+    ok = np.concatenate([part_valid(parts, p) for p in range(len(parts.sizes))]) if len(parts.sizes) else \
+        np.zeros(0, dtype=bool)
     if valid is not None:
         valid = np.asarray(valid, dtype=bool)
         if valid.shape != (parts.n,):
@@ -327,27 +346,73 @@ class DecontamResult:
     stats: dict = field(default_factory=dict)
 
 
-def eval_matches(
-    index: VectorIndex, pool_ok: np.ndarray, ev: EmbeddingParts, threshold: float, k: int | None, chunk: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Unique candidate (pool row, eval row) pairs: range search (k None) or k-NN, at threshold - SLACK
-    (decide them with pair_sims; used as candidates for local verification too)."""
-    ev_ok, keys = valid_rows(ev), [np.zeros(0, dtype=np.int64)]
-    for start, rows in ev.chunks(chunk):
-        keep = np.flatnonzero(ev_ok[start : start + len(rows)])
-        if not len(keep):
-            continue
-        if k is None:
-            lims, sims, found = index.range(rows[keep], threshold - SLACK)
-            owner = np.repeat(keep + start, np.diff(lims))
-        else:
-            sims, found = index.knn(rows[keep], min(k, index.ntotal))
-            owner = np.broadcast_to((keep + start)[:, None], found.shape)
-            take = (found >= 0) & (sims > threshold - SLACK)
-            found, owner = found[take], owner[take]
-        take = pool_ok[found]
-        keys.append(found[take] * max(ev.n, 1) + owner[take])
-    keys = np.unique(np.concatenate(keys))
+def eval_index(ev: EmbeddingParts, index_spec: IndexSpec | None = None) -> tuple[bytes, dict, np.ndarray]:
+    """An evaluation set's index over its valid rows, serialised to ship to part tasks
+    (faiss.serialize_index), its resolved spec, and the evaluation row of each index id. Flat (exact)
+    unless the set is large enough for the index module's auto choice (or index_spec says otherwise)."""
+    import faiss
+
+    rows = np.flatnonzero(valid_rows(ev))
+    if not len(rows):
+        return b"", {}, rows
+    index = build_index(ev.take(rows, np.float32), index_spec or IndexSpec(), log=lambda _: None)
+    return faiss.serialize_index(index.cpu_index()).tobytes(), index.spec.to_dict(), rows
+
+
+def eval_part_pairs(blob: bytes, spec: dict, ev_rows: np.ndarray, threshold: float, k: int | None,
+                    source: str | np.ndarray, start: int, valid: np.ndarray | None,
+                    chunk: int = QUERY_CHUNK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pool rows, eval rows, float32 sims) of one pool part (a part file or an array whose first row is
+    pool row `start`) against an evaluation index (eval_index): every valid row's pairs above
+    threshold - SLACK, or with k each evaluation row's k best pairs in this part (sim descending, then
+    pool row). Reads this part only; runs as a Ray task or a local call."""
+    import faiss
+
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    if not blob:
+        return empty
+    on_disk = not isinstance(source, np.ndarray)
+    vecs = np.load(source, mmap_mode="r") if on_disk else source
+    ok = _valid_mask(vecs, Path(source).with_suffix(".parquet") if on_disk else None)
+    if valid is not None:
+        ok &= np.asarray(valid, dtype=bool)
+    index = VectorIndex(faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8)), IndexSpec.from_dict(spec))
+    out = [empty]
+    for s in range(0, len(vecs), chunk):
+        rows = np.flatnonzero(ok[s : s + chunk]) + s
+        if len(rows):
+            lims, sims, found = index.range(np.asarray(vecs[rows], dtype=np.float32), threshold - SLACK)
+            out.append((np.repeat(rows + start, np.diff(lims)), ev_rows[found], sims))
+    return _best_per_eval(*(np.concatenate([o[i] for o in out]) for i in range(3)), k)
+
+
+def _best_per_eval(p: np.ndarray, e: np.ndarray, sims: np.ndarray, k: int | None):
+    """Each evaluation row's k best pairs (sim descending, then pool row ascending); all with k None."""
+    if k is None or not len(p):
+        return p, e, sims
+    order = np.lexsort((p, -sims.astype(np.float64), e))
+    p, e, sims = p[order], e[order], sims[order]
+    first = np.searchsorted(e, e, side="left")
+    keep = np.arange(len(e)) - first < k
+    return p[keep], e[keep], sims[keep]
+
+
+def eval_matches(pool: EmbeddingParts, ev: EmbeddingParts, threshold: float, k: int | None,
+                 index_spec: IndexSpec | None = None, valid: np.ndarray | None = None,
+                 mapper: Mapper | None = None, chunk: int = QUERY_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """Unique candidate (pool row, eval row) pairs, sorted: every valid pool row whose cosine to an
+    evaluation image is above threshold - SLACK (decide them with pair_sims; also the candidates of local
+    verification), or with k each evaluation image's k nearest such pool rows. The evaluation set is
+    indexed (small); the pool is streamed part by part (`mapper`: local calls, or ray_map), so no pool
+    index is built and memory holds one part plus the candidates. Exact with a flat evaluation index."""
+    shared = (*eval_index(ev, index_spec), threshold, k)
+    jobs = [(str(pool.paths[i]) if pool.paths else pool.part(i), int(pool.offsets[i]),
+             None if valid is None else np.asarray(valid, dtype=bool)[pool.offsets[i] : pool.offsets[i + 1]], chunk)
+            for i in range(len(pool.sizes))]
+    acc = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    for _, got in (mapper or local_map)(eval_part_pairs, jobs, shared):
+        acc = _best_per_eval(*(np.concatenate([a, g]) for a, g in zip(acc, got)), k)
+    keys = np.unique(acc[0] * max(ev.n, 1) + acc[1])
     return keys // max(ev.n, 1), keys % max(ev.n, 1)
 
 
@@ -359,24 +424,24 @@ def decontaminate(
     threshold: float = DECONTAM_THRESHOLD,
     k: int | None = None,
     index_spec: IndexSpec | None = None,
-    index: VectorIndex | None = None,
     valid: np.ndarray | None = None,
     chunk: int = QUERY_CHUNK,
     given_pairs: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+    mapper: Mapper | None = None,
 ) -> DecontamResult:
     """Drop pool images with cosine > threshold to any evaluation image, and their whole component.
 
-    Searches the pool index with each set's images: range search when k is None (exact with a
-    flat index), else the k nearest. pool_groups is CopyDedupResult.group (-1: no component).
-    `given_pairs` gives each set's matching (pool row, eval row, score) pairs instead (e.g. verified).
+    Each evaluation set is indexed (index_spec; flat, so exact, unless the set is large) and the pool is
+    streamed through it part by part (eval_matches; `mapper` runs the parts, e.g. as Ray tasks): every
+    pair above threshold when k is None, else each evaluation image's k nearest pool images above it.
+    pool_groups is CopyDedupResult.group (-1: no component). `given_pairs` gives each set's matching
+    (pool row, eval row, score) pairs instead (e.g. verified).
     """
     pool = as_parts(pool_vectors)
     id_arr, _ = _id_rank(pool_ids, pool.n)
     groups = np.full(pool.n, -1, dtype=np.int64) if pool_groups is None else np.asarray(pool_groups, dtype=np.int64)
     if groups.shape != (pool.n,):
         raise ValueError(f"pool_groups must have shape ({pool.n},), got {groups.shape}")
-    ok = valid_rows(pool, valid)
-    index = index or (pool_index(pool, index_spec) if given_pairs is None else None)
     direct_all = np.zeros(pool.n, dtype=bool)
     removed_all = np.zeros(pool.n, dtype=bool)
     pairs, removed, stats = {}, {}, {}
@@ -388,7 +453,7 @@ def decontaminate(
             p, e, sim = (np.asarray(a) for a in given_pairs[name])
             sim = sim.astype(np.float32)
         else:
-            p, e = eval_matches(index, ok, ev, threshold, k, chunk)
+            p, e = eval_matches(pool, ev, threshold, k, index_spec, valid, mapper, chunk)
             sim = pair_sims(pool, p, ev, e)
             hit = sim > threshold
             p, e, sim = p[hit], e[hit], sim[hit].astype(np.float32)
@@ -411,5 +476,6 @@ def decontaminate(
         removed_all |= direct | component
     reason = np.where(direct_all, "direct", np.where(removed_all, "component", None)).tolist()
     stats["total"] = {"pool": pool.n, "removed": int(removed_all.sum()), "direct": int(direct_all.sum()),
-                      "threshold": threshold, "index_kind": index.kind if index is not None else "given pairs"}
+                      "threshold": threshold, "search": "given pairs" if given_pairs is not None else
+                      "evaluation index, pool streamed by part"}
     return DecontamResult(~removed_all, reason, pairs, removed, stats)

@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-per-node", type=float, metavar="GB", help="memory per machine in GiB (default: this machine's)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=D",
                    help="dimension of an embedding the config does not describe, e.g. --dim copy=512 (repeatable)")
+    p.add_argument("--eval-images", type=int, metavar="N",
+                   help="images of all decontamination evaluation sets together (default: an assumed 100,000)")
 
     p = sub.add_parser("train", add_help=False,
                        help="train a DINOv2 ViT: curate train CONFIG [key.sub=value ...]; CONFIG is a trainer config "

@@ -25,8 +25,10 @@ def init_ray(address: str | None = None) -> None:
 
 
 def ray_map(fn: Callable[..., Any], jobs: Sequence[tuple], address: str | None = None, num_cpus: float = 1,
-            retries: int = TASK_RETRIES) -> Iterator[tuple[int, Any]]:
-    """Run `fn(*job)` for every job as a Ray task; yields (job index, result) as tasks finish.
+            retries: int = TASK_RETRIES, shared: tuple = ()) -> Iterator[tuple[int, Any]]:
+    """Run `fn(*shared, *job)` for every job as a Ray task; yields (job index, result) as tasks finish.
+
+    `shared` arguments are put in the object store once (each node fetches them once), not per task.
 
     `fn` must be a module-level function (workers import it). At most two tasks per CPU of the cluster
     are out at a time. A task whose node or worker dies is retried by Ray (`retries` times); an
@@ -37,12 +39,13 @@ def ray_map(fn: Callable[..., Any], jobs: Sequence[tuple], address: str | None =
     init_ray(address)
     remote = ray.remote(fn).options(num_cpus=num_cpus, max_retries=retries, retry_exceptions=False)
     window = max(4, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    refs = [ray.put(x) for x in shared]
     todo = iter(enumerate(jobs))
     pending: dict = {}
     try:
         while True:
             for i, job in todo:
-                pending[remote.remote(*job)] = i
+                pending[remote.remote(*refs, *job)] = i
                 if len(pending) >= window:
                     break
             if not pending:
@@ -54,6 +57,13 @@ def ray_map(fn: Callable[..., Any], jobs: Sequence[tuple], address: str | None =
         for ref in pending:  # an error (or an abandoned generator) stops the stage's other tasks
             ray.cancel(ref)
 
+
+
+def ray_mapper(address: str | None = None) -> Callable[..., Iterator[tuple[int, Any]]]:
+    """A curate Mapper (mapper(fn, jobs, shared)) that runs the jobs as Ray tasks (ray_map)."""
+    def mapper(fn: Callable[..., Any], jobs: Sequence[tuple], shared: tuple = ()) -> Iterator[tuple[int, Any]]:
+        return ray_map(fn, jobs, address, shared=shared)
+    return mapper
 
 def _get(ref: Any) -> Any:
     """ray.get, raising a task's own error as itself (its message stays one clear line, e.g. a full disk)."""

@@ -9,7 +9,7 @@ work and memory grow with N, k, d and the index) follow the code of each stage.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipelines.config import Config, LevelConfig
 from pipelines.framework import enabled
@@ -24,6 +24,8 @@ from pipelines.plan_costs import (
     fmt_time,
     model_info,
 )
+
+EVAL_IMAGES = 100_000  # evaluation images assumed when `curate plan --eval-images` is not given
 
 __all__ = ["COSTS", "Cluster", "PlanRefused", "StagePlan", "default_cluster", "format_plan", "plan", "plan_command"]
 
@@ -160,16 +162,25 @@ def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
                      if spread else 0, seconds, f.kept, notes)
 
 
-def _decontaminate(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
+def _decontaminate(cfg: Config, f: _Flow, cl: Cluster, embs: dict, eval_images: int) -> StagePlan:
+    """The evaluation sets are indexed (one index, shipped to every task) and the pool's embedding parts
+    stream through it as range searches: memory holds the evaluation index, one part and the candidates."""
     _, d, _, _ = _embedding(cfg, cfg.dedup.embedding, embs)
-    spec, index = _index(cfg, f.kept, d)
-    mem = cost("base_rss") + index + (spec.train_size or 0) * d * 4 + f.kept * 100
-    if mem > cl.mem:
-        raise PlanRefused(f"dedup.index: decontamination builds the {spec.kind} pool index of {f.kept:,} x {d} "
-                          f"({fmt_bytes(mem)} in one process), over {cl.mem_per_node_gb:g} GB per node; use ivf_pq")
-    seconds = _search_seconds(spec, f.kept, 0, d, cl, False)
-    return StagePlan("decontaminate", "driver", mem, mem, f.kept * 20, 0, seconds, f.kept,
-                     ["evaluation sets are small: the pool index build dominates"])
+    spec, index = _index(cfg, eval_images, d)
+    spread = cfg.executor == "ray"
+    candidates = eval_images * (cfg.dedup.candidate_k or 64) * 24  # (pool row, eval row, sim) kept per image
+    driver = cost("base_rss") + eval_images * d * 4 + index + candidates
+    task = cost("base_rss") + index + cfg.ingest.part_size * d * 4 + candidates
+    node = max(driver, cl.cpus_per_node * task) if spread else max(driver, task)
+    if node > cl.mem:
+        raise PlanRefused(f"dedup.index: decontamination ships a {spec.kind} index of {eval_images:,} x {d} evaluation "
+                          f"images ({fmt_bytes(index)}) to every task, {fmt_bytes(node)} per node, over "
+                          f"{cl.mem_per_node_gb:g} GB; use ivf_pq")
+    seconds = _search_seconds(spec, eval_images, f.kept, d, replace(cl, gpus_per_node=0), spread)  # range: CPU only
+    return StagePlan("decontaminate", "cluster" if spread else "driver", max(driver, task), node, f.kept * 20,
+                     index * (cl.nodes - 1) if spread else 0, seconds, f.kept,
+                     [f"{spec.kind} index of {eval_images:,} evaluation images x {d} ({fmt_bytes(index)}; "
+                      "--eval-images, default an assumed 100,000); the pool streams through it part by part"])
 
 
 def _pp_seconds(n: int, k: int, d: int, cl: Cluster) -> float:
@@ -266,9 +277,11 @@ def _shards(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
     return p
 
 
-def plan(cfg: Config, records: int, cluster: Cluster, dims: dict[str, int] | None = None) -> list[StagePlan]:
+def plan(cfg: Config, records: int, cluster: Cluster, dims: dict[str, int] | None = None,
+         eval_images: int = EVAL_IMAGES) -> list[StagePlan]:
     """Per enabled curation stage, in pipeline order: the estimate; PlanRefused when one cannot fit.
-    `dims` gives the dimension of embeddings the config does not describe (e.g. {"copy": 512})."""
+    `dims` gives the dimension of embeddings the config does not describe (e.g. {"copy": 512});
+    `eval_images` the images of all evaluation sets together."""
     if records < 1:
         raise ValueError(f"--records must be at least 1, got {records}")
     f, embs, out = _flow(cfg, records), _embeddings(cfg), []
@@ -281,7 +294,7 @@ def plan(cfg: Config, records: int, cluster: Cluster, dims: dict[str, int] | Non
     if enabled(cfg, "dedup"):
         out.append(_dedup(cfg, f, cluster, embs))
     if enabled(cfg, "decontaminate"):
-        out.append(_decontaminate(cfg, f, cluster, embs))
+        out.append(_decontaminate(cfg, f, cluster, embs, eval_images))
     if enabled(cfg, "cluster"):
         out.append(_cluster(cfg, f, cluster, embs))
         out.append(_driver_stage("balance", f.clustered, "balance_s", "balance_bytes", f.clustered * 20,
@@ -334,4 +347,5 @@ def plan_command(cfg: Config, args) -> str:
             raise ValueError(f"--dim takes NAME=D with D a positive integer, got {spec!r}")
         dims[name] = int(value)
     cluster = default_cluster(args.nodes, args.gpus_per_node, args.cpus_per_node, args.mem_per_node)
-    return format_plan(plan(cfg, args.records, cluster, dims), args.records, cluster)
+    eval_images = getattr(args, "eval_images", None) or EVAL_IMAGES
+    return format_plan(plan(cfg, args.records, cluster, dims, eval_images), args.records, cluster)

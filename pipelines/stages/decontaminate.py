@@ -1,5 +1,7 @@
 """decontaminate: drop pool images that copy an evaluation image and their whole copy component;
-`contaminated`, `contam_reason`, `contam_set` and `matches-<set>.parquet` per set. A pool image copies
+`contaminated`, `contam_reason`, `contam_set` and `matches-<set>.parquet` per set. Each evaluation set
+is indexed (dedup.index / dedup.nprobe; flat and exact unless the set is large) and the pool's embedding
+parts stream through it (Ray tasks with executor ray), so no pool index is built. A pool image copies
 an evaluation image when local verification says so (dedup.verify local: candidates above
 decontaminate.candidate_cosine; the cosine decides pairs too flat to judge), else when its cosine is
 > decontaminate.threshold."""
@@ -22,21 +24,30 @@ from pipelines.framework import enabled, source_fingerprint, stage_dir, upstream
 from pipelines.manifest import StageResult, begin, finish, read_manifest
 
 
+def _mapper(cfg: Config):
+    """Pool parts as Ray tasks with executor ray, else local calls (the same function, the same pairs)."""
+    if cfg.executor != "ray":
+        return None
+    from pipelines.executors import ray_mapper
+
+    return ray_mapper(cfg.ray_address)
+
+
 def _verified_matches(cfg: Config, emb_dir, eval_sets: dict, d, spec) -> tuple[dict, dict]:
     """Per set, (pool row, eval row, score) pairs that local verification links: candidates are each
     evaluation image's candidate_k nearest pool images above decontaminate.candidate_cosine."""
-    from curate.dedup import as_parts, eval_matches, pair_sims, pool_index, valid_rows
+    from curate.dedup import as_parts, eval_matches, pair_sims
     from curate.parts import read_table
     from curate.verify import verify_pairs
     from pipelines.copy_images import ShardImages, pool_images, verify_settings
 
     pool = as_parts(str(emb_dir))
-    index, ok = pool_index(pool, spec), valid_rows(pool)
     direct, stats = {}, {}
     with pool_images(cfg, emb_dir) as pool_imgs:
         for name, (vecs, ev_ids) in eval_sets.items():
             ev = as_parts(vecs)
-            p, e = eval_matches(index, ok, ev, cfg.decontaminate.candidate_cosine, cfg.dedup.candidate_k, 8192)
+            p, e = eval_matches(pool, ev, cfg.decontaminate.candidate_cosine, cfg.dedup.candidate_k, spec,
+                                mapper=_mapper(cfg))
             ingest_dir = d / "eval_sets" / name / "ingest"
             # eval vector i is the image of id ev_ids[i] (images that failed to embed have no vector)
             ev_rows = pc.index_in(pa.array(ev_ids, pa.string()), value_set=read_table(ingest_dir, ["id"]).column("id"))
@@ -70,7 +81,8 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     used = ("candidate_k", "candidate_phash", "max_pairs_per_image", "verify_max_side", "verify_max_features",
             "index", "nprobe")
     config = {**{k: v for k, v in asdict(xc).items() if k != "eval_sets"}, "eval_set_names": [s.name for s in xc.eval_sets],
-              "verify": verify_mode(cfg), "dedup": {k: getattr(cfg.dedup, k) for k in used}}
+              "verify": verify_mode(cfg), "dedup": {k: getattr(cfg.dedup, k) for k in used},
+              "search": "evaluation index, pool streamed"}  # dedup.index / nprobe index the evaluation sets
     key = fingerprint({"config": config, "inputs": inputs})
     d = stage_dir(cfg, "decontaminate")
     prev = begin("decontaminate", d, key, force)
@@ -92,7 +104,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     if verify_mode(cfg) == "local":
         direct, verify_stats = _verified_matches(cfg, emb_dir, eval_sets, d, spec)
     res = decontaminate(str(emb_dir), ids, pool_groups, eval_sets, threshold=xc.threshold, index_spec=spec,
-                        given_pairs=direct)
+                        given_pairs=direct, mapper=_mapper(cfg))
     contam_set = np.full(len(ids), None, dtype=object)
     id_array = pa.array(ids, type=pa.string())
     matches = {}

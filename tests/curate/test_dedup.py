@@ -14,6 +14,7 @@ from PIL import Image
 
 from curate.dedup import (
     DECONTAM_THRESHOLD,
+    SLACK,
     CopyDedupRefused,
     SafetyLimits,
     check_safety,
@@ -21,11 +22,12 @@ from curate.dedup import (
     components,
     copy_dedup,
     decontaminate,
+    eval_matches,
     knn_edges,
     merge_edges,
     union_find,
 )
-from curate.index import IndexSpec
+from curate.index import EmbeddingParts, IndexSpec
 from pipelines.synth import blurred, make_image, reencode, resized
 
 # Thresholds chosen per embedder for the planted-copy tests (mild resize / JPEG / blur copies),
@@ -385,3 +387,63 @@ def test_many_pairs_refused_by_removed_share():
     with pytest.raises(CopyDedupRefused, match=r"100 of 300 records removed \(33.3% > max_removed_share 0.3\)"):
         copy_dedup(x, ids, threshold=0.9)
     assert copy_dedup(x, ids, threshold=0.9, limits=None).stats["dropped"] == 100
+
+
+def _brute_pairs(pool: np.ndarray, ok: np.ndarray, ev: np.ndarray, threshold: float, k: int | None):
+    """Reference for eval_matches: float64 cosines of every valid pair, above threshold - SLACK, then
+    each evaluation row's k best (sim descending, pool row ascending)."""
+    sims = ev.astype(np.float64) @ pool.astype(np.float64).T
+    sims[:, ~ok] = -np.inf
+    pairs = set()
+    for e, row in enumerate(sims):
+        hits = np.flatnonzero(row > threshold - SLACK)
+        if k is not None:
+            hits = hits[np.lexsort((hits, -row[hits]))][:k]
+        pairs |= {(int(p), e) for p in hits}
+    return pairs
+
+
+@pytest.mark.parametrize("k", [None, 3])
+def test_eval_matches_streams_the_pool_by_part_and_equals_brute_force(tmp_path, k):
+    """The pool in 4 part files (one row zero, one with status "error"), evaluation images near 5 pool rows
+    and one near 6 pool rows at once: the streamed pairs equal a float64 brute force (range, or each
+    evaluation image's k best), whatever order the parts come back in, and no pool index is built."""
+    rng = np.random.default_rng(3)
+    dim, sizes = 64, [50, 1, 70, 40]
+    pool = unit(rng.standard_normal((sum(sizes), dim))).astype(np.float16)
+    pool[7] = 0  # an embedding failure
+    hub = unit(rng.standard_normal((1, dim)))[0]
+    for r in (3, 55, 60, 100, 130, 150):  # six pool rows near one evaluation image
+        pool[r] = unit((hub + 0.25 * unit(rng.standard_normal((1, dim)))[0])[None])[0]
+    ev = unit(np.stack([hub, *(pool[r].astype(np.float64) + 0.2 * unit(rng.standard_normal((1, dim)))[0]
+                              for r in (0, 7, 50, 90, 159)), *rng.standard_normal((4, dim))]))
+    ev[-1] = 0  # an evaluation image that failed to embed
+    offsets = np.cumsum([0, *sizes])
+    for i, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+        np.save(tmp_path / f"part-{i:05d}.npy", pool[lo:hi])
+        status = ["ok"] * (hi - lo)
+        if i == 2:
+            status[10] = "error"  # pool row 61
+        pq.write_table(pa.table({"status": status}), tmp_path / f"part-{i:05d}.parquet")
+    ok = np.ones(len(pool), dtype=bool)
+    ok[[7, 61]] = False
+    parts = EmbeddingParts(str(tmp_path))
+    threshold = 0.7
+    expected = _brute_pairs(pool, ok, ev, threshold, k)
+    assert len({p for p, e in expected if e == 0}) == (3 if k else 6) and len(expected) == (7 if k else 10)
+
+    def reversed_map(fn, jobs, shared=()):
+        for i in reversed(range(len(jobs))):
+            yield i, fn(*shared, *jobs[i])
+
+    for mapper in (None, reversed_map):
+        p, e = eval_matches(parts, EmbeddingParts(ev.astype(np.float16)), threshold, k, mapper=mapper, chunk=16)
+        assert set(zip(p.tolist(), e.tolist())) == expected
+        assert np.all(np.diff(p * len(ev) + e) > 0)  # unique and sorted by (pool row, eval row)
+    # valid= drops rows as well, and an empty evaluation set gives no pairs
+    valid = np.ones(len(pool), dtype=bool)
+    valid[100] = False
+    p, _ = eval_matches(parts, EmbeddingParts(ev.astype(np.float16)), threshold, None, valid=valid)
+    assert 100 not in p and set(p.tolist()) == {q for q, _ in _brute_pairs(pool, ok & valid, ev, threshold, None)}
+    p, e = eval_matches(parts, EmbeddingParts(np.zeros((3, dim), np.float16)), threshold, k)
+    assert len(p) == len(e) == 0

@@ -63,3 +63,17 @@ def test_linear_stages_scale_linearly_and_clustering_does_not():
     assert big[-1].seconds == small[-1].seconds  # the same 142M selected from either pool
     cl = {p.stage: p for p in small}["cluster"], {p.stage: p for p in big}["cluster"]
     assert cl[1].seconds != pytest.approx(4 * cl[0].seconds, rel=0.01)  # levels above 1 do not grow with N
+
+
+def test_decontamination_memory_follows_the_evaluation_sets_not_the_pool():
+    """The pool streams through an index of the evaluation sets: memory per process is the same at 100M and
+    1.2B records, grows with --eval-images, and the time grows with both."""
+    cfg = load_config("configs/lvd142m.yaml", ["decontaminate.eval_sets=[{name: val, source: /x}]"])
+
+    def decon(records, eval_images):
+        return next(p for p in plan(cfg, records, PAPER, {"copy": 512}, eval_images) if p.stage == "decontaminate")
+
+    small, large, more_eval = decon(100_000_000, 100_000), decon(1_200_000_000, 100_000), decon(100_000_000, 2_000_000)
+    assert small.mem_process == large.mem_process < more_eval.mem_process < 16 * 2**30
+    assert large.seconds > small.seconds and more_eval.seconds > small.seconds
+    assert "100,000 evaluation images" in small.notes[0] and "streams" in small.notes[0]

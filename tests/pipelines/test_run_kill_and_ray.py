@@ -9,6 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines.synth import write_pool
@@ -31,6 +32,9 @@ embed:
 dedup:
   threshold: 0.95
   k: 8
+decontaminate:
+  eval_sets: [{{name: bench, source: {ev}}}]
+  threshold: 0.9
 cluster:
   levels:
     - {{n_clusters: 12, n_iters: 8, resampling_steps: 1, sample_size: 4}}
@@ -51,7 +55,11 @@ def _shards(d: Path) -> dict[str, bytes]:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("runall")
     write_pool(str(root / "raw"), 220, seed=3)
-    (root / "c.yaml").write_text(CONFIG.format(raw=root / "raw"))
+    (root / "ev").mkdir()  # an evaluation set: byte copies of 4 pool images and 3 images of its own
+    for src in sorted(p for p in (root / "raw").rglob("*") if p.is_file())[:40:10]:
+        shutil.copy(src, root / "ev" / f"copy-{src.name}")
+    write_pool(str(root / "ev" / "own"), 3, seed=99)
+    (root / "c.yaml").write_text(CONFIG.format(raw=root / "raw", ev=root / "ev"))
     cfg = load_config(root / "c.yaml", [f"workdir={root / 'ref'}"])
     t0 = time.time()
     run_pipeline(cfg)
@@ -126,6 +134,9 @@ def test_ray_executor_gives_every_stage_output_of_the_local_run(setup):
     assert _shards(root / "ray" / "shards") == reference
     ref, got = _outputs(root / "ref"), _outputs(root / "ray")
     assert sorted(got) == sorted(ref) and any(k.startswith("hashdedup/part-") for k in ref)
+    # decontamination ran as Ray tasks over the pool parts and matched 3 of the 4 copies: the 4th copies
+    # copy000107.webp, which hash dedup left as a pHash copy of an edited original (below cosine 0.9)
+    assert pq.read_table(root / "ray" / "decontaminate" / "matches-bench.parquet").num_rows == 3
     assert [k for k in ref if got[k] != ref[k]] == []
     assert _figures(root / "ray") == _figures(root / "ref")
 
