@@ -166,16 +166,19 @@ def _decontaminate(cfg: Config, f: _Flow, cl: Cluster, embs: dict, eval_images: 
     """The evaluation sets are indexed (one index, shipped to every task) and the pool's embedding parts
     stream through it as range searches: memory holds the evaluation index, one part and the candidates."""
     _, d, _, _ = _embedding(cfg, cfg.dedup.embedding, embs)
-    spec, index = _index(cfg, eval_images, d)
+    from curate.index_build import IndexSpec, estimate_memory, resolve_spec
+
+    spec = resolve_spec(IndexSpec(kind="auto", nprobe=cfg.dedup.nprobe), eval_images, d, check_budget=False)
+    index = estimate_memory(spec, eval_images, d)
     spread = cfg.executor == "ray"
     candidates = eval_images * (cfg.dedup.candidate_k or 64) * 24  # (pool row, eval row, sim) kept per image
     driver = cost("base_rss") + eval_images * d * 4 + index + candidates
     task = cost("base_rss") + index + cfg.ingest.part_size * d * 4 + candidates
     node = max(driver, cl.cpus_per_node * task) if spread else max(driver, task)
     if node > cl.mem:
-        raise PlanRefused(f"dedup.index: decontamination ships a {spec.kind} index of {eval_images:,} x {d} evaluation "
-                          f"images ({fmt_bytes(index)}) to every task, {fmt_bytes(node)} per node, over "
-                          f"{cl.mem_per_node_gb:g} GB; use ivf_pq")
+        raise PlanRefused(f"decontaminate.eval_sets: decontamination ships a {spec.kind} index of {eval_images:,} x {d} "
+                          f"evaluation images ({fmt_bytes(index)}) to every task, {fmt_bytes(node)} per node, over "
+                          f"{cl.mem_per_node_gb:g} GB")
     seconds = _search_seconds(spec, eval_images, f.kept, d, replace(cl, gpus_per_node=0), spread)  # range: CPU only
     return StagePlan("decontaminate", "cluster" if spread else "driver", max(driver, task), node, f.kept * 20,
                      index * (cl.nodes - 1) if spread else 0, seconds, f.kept,

@@ -1,6 +1,6 @@
 """decontaminate: drop pool images that copy an evaluation image and their whole copy component;
 `contaminated`, `contam_reason`, `contam_set` and `matches-<set>.parquet` per set. Each evaluation set
-is indexed (dedup.index / dedup.nprobe; flat and exact unless the set is large) and the pool's embedding
+is indexed (flat and exact below 200,000 images, else IVF-Flat with dedup.nprobe) and the pool's embedding
 parts stream through it (Ray tasks with executor ray), so no pool index is built. A pool image copies
 an evaluation image when local verification says so (dedup.verify local: candidates above
 decontaminate.candidate_cosine; the cosine decides pairs too flat to judge), else when its cosine is
@@ -79,10 +79,10 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     # copy settings this stage uses
     inputs["eval_sets"] = {s.name: source_fingerprint(s.source) for s in xc.eval_sets}
     used = ("candidate_k", "candidate_phash", "max_pairs_per_image", "verify_max_side", "verify_max_features",
-            "index", "nprobe")
+            "nprobe")
     config = {**{k: v for k, v in asdict(xc).items() if k != "eval_sets"}, "eval_set_names": [s.name for s in xc.eval_sets],
               "verify": verify_mode(cfg), "dedup": {k: getattr(cfg.dedup, k) for k in used},
-              "search": "evaluation index, pool streamed"}  # dedup.index / nprobe index the evaluation sets
+              "search": "evaluation index, pool streamed"}
     key = fingerprint({"config": config, "inputs": inputs})
     d = stage_dir(cfg, "decontaminate")
     prev = begin("decontaminate", d, key, force)
@@ -99,7 +99,9 @@ def run(cfg: Config, force: bool = False) -> StageResult:
         alive = pc.is_null(rows.column(stage_dir(cfg, "dedup"), "copy_of")).to_numpy(zero_copy_only=False)[rows.emb_rows]
     eval_sets = {s.name: embed_reference_set(cfg, emb_dir, s.name, s.source, d / "eval_sets" / s.name)
                  for s in xc.eval_sets}
-    spec = IndexSpec(kind=cfg.dedup.index, nprobe=cfg.dedup.nprobe)
+    # the evaluation sets' index: exact flat up to AUTO_FLAT_MAX_N images, IVF-Flat (dedup.nprobe) above;
+    # dedup.index sizes the pool's copy-graph index and does not apply here
+    spec = IndexSpec(kind="auto", nprobe=cfg.dedup.nprobe)
     direct, verify_stats = None, {}
     if verify_mode(cfg) == "local":
         direct, verify_stats = _verified_matches(cfg, emb_dir, eval_sets, d, spec)
