@@ -13,8 +13,9 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -109,6 +110,67 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                 tmp.unlink()
             except OSError:  # left for clean_temporaries on the next run
                 pass
+
+
+class SyncedWrite:
+    """A file written now to a temporary sibling, fsynced on a background thread while the caller
+    works on, and renamed into place by `commit()` (after its fsync has returned), so several files
+    can be made durable at once: the same guarantee as `atomic_path`, fewer waits.
+
+    `write(tmp)` writes the file. Leaving the `with` block without `commit()` (an error) removes the
+    temporary file. Space and permission failures raise `OutputError`, as with `atomic_path`.
+    """
+
+    def __init__(self, path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+        self.path = Path(path)
+        ensure_dir(self.path.parent)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self._error: OSError | None = None
+        self._thread: threading.Thread | None = None
+        try:
+            with output_errors(self.path, self.tmp, self.path.parent):
+                write(self.tmp)
+                self._fd = os.open(self.tmp, os.O_RDONLY)
+        except BaseException:
+            self._remove()
+            raise
+        self._thread = threading.Thread(target=self._sync, name="fsync", daemon=True)
+        self._thread.start()
+
+    def _sync(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._error = exc
+        finally:
+            os.close(self._fd)
+
+    def commit(self) -> None:
+        """Wait for the fsync, then rename the file into place."""
+        self._join()
+        with output_errors(self.path, self.tmp, self.path.parent):
+            if self._error is not None:
+                raise self._error
+            os.replace(self.tmp, self.path)
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _remove(self) -> None:
+        try:
+            self.tmp.unlink()
+        except OSError:  # already renamed, or left for clean_temporaries on the next run
+            pass
+
+    def __enter__(self) -> SyncedWrite:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self._join()
+        if exc_type is not None or self.tmp.exists():
+            self._remove()
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
