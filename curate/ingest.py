@@ -101,10 +101,10 @@ def _planned_parts(sources: list[str], stage_dir: str | os.PathLike) -> int | No
 
 def _new_plan(sources: list[str], stage_dir: str | os.PathLike,
               part_size: int) -> Iterator[tuple[int, list[dict], bool]]:
-    """Write a new plan, yielding (part index, its rows, whether more parts follow) as soon as each part
-    is written, so parts can run while the sources are still being enumerated. The plan becomes visible (its directory renamed
-    into place) after the last part; part outputs found while there is no plan are from a plan that
-    was never completed (a killed run), and are removed first."""
+    """Write a new plan, yielding (part index, its rows, whether more parts follow) as soon as each
+    part is written, so parts can run while the sources are still being enumerated. The plan becomes
+    visible (its directory renamed into place) after the last part; part outputs found while there
+    is no plan are from a plan that was never completed (a killed run), and are removed first."""
     stage_dir = Path(stage_dir)
     plan_dir = stage_dir / "_plan"
     ensure_dir(stage_dir)
