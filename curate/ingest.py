@@ -136,13 +136,16 @@ _PLAN_COLUMNS = PLAN_SCHEMA.names
 
 
 def _remove_unplanned_outputs(stage_dir: Path) -> None:
-    """Remove records parts, raw shards and download caches written under a plan that never completed."""
+    """Remove the records parts and raw shards written under a plan that never completed (a new plan
+    may cut the inputs otherwise). Download journals stay: their entries are keyed by record id (the
+    URL's hash), so the new plan's parts reuse what was fetched."""
     for p in list_parts(stage_dir):
         p.unlink()
-    for d in ("shards", "_cache"):  # raw shards (and half-written ones), download journals
-        if (stage_dir / d).exists():
-            with output_errors(stage_dir / d):
-                shutil.rmtree(stage_dir / d)
+    if (stage_dir / "shards").exists():  # raw shards, and half-written ones
+        with output_errors(stage_dir / "shards"):
+            shutil.rmtree(stage_dir / "shards")
+    for cache in sorted((stage_dir / "_cache").glob("part-*")):
+        clean_temporaries(cache)
 
 
 def _check_planned_sources(plan_dir: Path, where: list[str]) -> None:
