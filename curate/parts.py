@@ -113,40 +113,48 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 class SyncedWrite:
-    """A file written now to a temporary sibling, fsynced on a background thread while the caller
-    works on, and renamed into place by `commit()` (after its fsync has returned), so several files
-    can be made durable at once: the same guarantee as `atomic_path`, fewer waits.
+    """A file written to a temporary sibling, fsynced on a background thread while the caller works
+    on, and renamed into place by `commit()` (after its fsync has returned), so several files can be
+    made durable at once: the same guarantee as `atomic_path`, fewer waits.
 
-    `write(tmp)` writes the file. Leaving the `with` block without `commit()` (an error) removes the
-    temporary file. Space and permission failures raise `OutputError`, as with `atomic_path`.
+    `write(tmp)` writes the file: now, or with `in_background=True` on the same thread as the fsync
+    (for writes that release the GIL, e.g. Parquet; `write` must then only read shared state).
+    Leaving the `with` block without `commit()` (an error) removes the temporary file. Space and
+    permission failures raise `OutputError`, as with `atomic_path` (from `commit()` when in the
+    background).
     """
 
-    def __init__(self, path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    def __init__(self, path: str | os.PathLike, write: Callable[[Path], object], in_background: bool = False) -> None:
         self.path = Path(path)
         ensure_dir(self.path.parent)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        self._error: OSError | None = None
+        self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        try:
-            with output_errors(self.path, self.tmp, self.path.parent):
-                write(self.tmp)
-                self._fd = os.open(self.tmp, os.O_RDONLY)
-        except BaseException:
-            self._remove()
-            raise
-        self._thread = threading.Thread(target=self._sync, name="fsync", daemon=True)
+        if not in_background:
+            try:
+                with output_errors(self.path, self.tmp, self.path.parent):
+                    write(self.tmp)
+            except BaseException:
+                self._remove()
+                raise
+        self._thread = threading.Thread(target=self._run, args=(write if in_background else None,), name="fsync",
+                                        daemon=True)
         self._thread.start()
 
-    def _sync(self) -> None:
+    def _run(self, write: Callable[[Path], object] | None) -> None:
         try:
-            os.fsync(self._fd)
-        except OSError as exc:
+            if write is not None:
+                write(self.tmp)
+            fd = os.open(self.tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException as exc:  # raised again by commit(), in the caller's thread
             self._error = exc
-        finally:
-            os.close(self._fd)
 
     def commit(self) -> None:
-        """Wait for the fsync, then rename the file into place."""
+        """Wait for the write and the fsync, then rename the file into place."""
         self._join()
         with output_errors(self.path, self.tmp, self.path.parent):
             if self._error is not None:

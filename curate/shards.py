@@ -158,21 +158,22 @@ class ShardRun:
             names = pq.read_table(plan_path, columns=["shard"]).column("shard")
         else:
             self._plan = plan_shards(records, settings, meta_columns)
-            self._pending[PLAN_NAME] = SyncedWrite(plan_path, lambda tmp: self._write_plan(tmp, settings))
+            group = max(1, min(settings.max_count, 65536))
+            if _parquet_round_trip(self._plan.schema):  # written on a thread of its own, while shards are written
+                plan = self._plan
+                self._pending[PLAN_NAME] = SyncedWrite(plan_path, lambda tmp: pq.write_table(
+                    plan, tmp, compression="zstd", write_statistics=True, row_group_size=group), in_background=True)
+            else:  # a type Parquet gives back otherwise (a list's child is named "element" on reading):
+                # use the plan as read, so the index has the bytes a resumed run writes
+                self._pending[PLAN_NAME] = SyncedWrite(plan_path, lambda tmp: pq.write_table(
+                    self._plan, tmp, compression="zstd", write_statistics=True, row_group_size=group))
+                self._plan = pq.read_table(self._pending[PLAN_NAME].tmp)
             names = self._plan.column("shard")  # what was just written: not read back
         self.jobs = _jobs(names.combine_chunks())
         if index and not (self.out / INDEX_NAME).exists():
-            self._pending[INDEX_NAME] = SyncedWrite(self.out / INDEX_NAME,
-                                                    lambda tmp: write_index(self.plan(), tmp))
-
-    def _write_plan(self, tmp: Path, settings: ShardSettings) -> None:
-        pq.write_table(self._plan, tmp, compression="zstd", write_statistics=True,
-                       row_group_size=max(1, min(settings.max_count, 65536)))
-        written = pq.read_schema(tmp).to_string(show_schema_metadata=False)
-        if written != self._plan.schema.to_string(show_schema_metadata=False):
-            # a type Parquet gives back otherwise (a list's child is named "element" on reading):
-            # use the plan as read, so the index has the bytes a resumed run writes
-            self._plan = pq.read_table(tmp)
+            plan = self.plan()
+            self._pending[INDEX_NAME] = SyncedWrite(self.out / INDEX_NAME, lambda tmp: write_index(plan, tmp),
+                                                    in_background=True)
 
     def plan(self) -> pa.Table:
         """The plan table (read from disk once when this run did not make it)."""
@@ -192,9 +193,9 @@ class ShardRun:
         return [job for job in self.jobs if not (self.out / job[0]).exists()]
 
     def write(self, raw_root: str | os.PathLike, name: str, lo: int, hi: int) -> None:
-        """Write shard `name` (plan rows [lo, hi)) from the plan in memory."""
-        self.commit_plan()
-        write_shard_rows(raw_root, self.out, name, self.plan().slice(lo, hi - lo))
+        """Write shard `name` (plan rows [lo, hi)) from the plan in memory; the plan is renamed into
+        place before the shard is."""
+        write_shard_rows(raw_root, self.out, name, self.plan().slice(lo, hi - lo), before_rename=self.commit_plan)
 
     def finish(self) -> dict:
         """Check every planned shard is on disk, then write the index; returns the counts."""
@@ -218,6 +219,16 @@ class ShardRun:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _parquet_round_trip(schema: pa.Schema) -> bool:
+    """Whether a table of this schema reads back from Parquet with the same schema."""
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(schema.empty_table(), buf)
+    back = pq.read_schema(pa.BufferReader(buf.getvalue()))
+    return back.to_string(show_schema_metadata=False) == schema.to_string(show_schema_metadata=False)
 
 
 def write_index(plan: pa.Table, path: str | os.PathLike) -> None:
@@ -246,8 +257,10 @@ def write_shard(raw_root: str | os.PathLike, out_dir: str | os.PathLike, name: s
     return hi - lo
 
 
-def write_shard_rows(raw_root: str | os.PathLike, out: Path, name: str, rows: pa.Table) -> None:
-    """Write shard `name` from its plan rows (read from the plan file, or sliced from the plan in memory)."""
+def write_shard_rows(raw_root: str | os.PathLike, out: Path, name: str, rows: pa.Table,
+                     before_rename: Callable[[], None] | None = None) -> None:
+    """Write shard `name` from its plan rows (read from the plan file, or sliced from the plan in memory);
+    `before_rename` runs once the shard is written, while it is fsynced, before it is renamed into place."""
     if rows.num_rows and rows.column("shard")[0].as_py() != name:
         raise ValueError(f"{out / PLAN_NAME} rows are not shard {name}; the plan changed")
     keys, exts = rows.column("key").to_pylist(), rows.column("ext").to_pylist()
@@ -274,8 +287,10 @@ def write_shard_rows(raw_root: str | os.PathLike, out: Path, name: str, rows: pa
                 image = reader.read(raw_shard, offset, size)
                 yield from ((image, meta) if image_first else (meta, image))
 
-        with atomic_path(out / name) as tmp:
-            write_members(tmp, names, member_sizes, data())
+        with SyncedWrite(out / name, lambda tmp: write_members(tmp, names, member_sizes, data())) as shard:
+            if before_rename is not None:
+                before_rename()
+            shard.commit()
 
 
 def _plan_rows(plan_path: Path, lo: int, hi: int) -> pa.Table:
