@@ -1,7 +1,10 @@
 """Ingest: plan the inputs into parts, then check every image and copy good bytes into raw shards.
 
 Layout under the stage directory:
-  _plan/part-XXXXX.parquet   the inputs of each part, fixed before any work starts
+  _plan/part-XXXXX.parquet   the inputs of each part, fixed once; parts start as the plan is written
+                             and the directory is renamed into place after its last part (records
+                             and shards found while no plan exists are from one never completed,
+                             and are removed before planning again)
   _cache/part-XXXXX/         finished downloads of an unfinished part, one append-only journal
                              (curate.download_cache), so a rerun never refetches; an entry missing,
                              torn or damaged is simply downloaded again
