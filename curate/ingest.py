@@ -1,7 +1,10 @@
 """Ingest: plan the inputs into parts, then check every image and copy good bytes into raw shards.
 
 Layout under the stage directory:
-  _plan/part-XXXXX.parquet   the inputs of each part, fixed before any work starts
+  _plan/part-XXXXX.parquet   the inputs of each part, fixed once; parts start as the plan is written
+                             and the directory is renamed into place after its last part (records
+                             and shards found while no plan exists are from one never completed,
+                             and are removed before planning again)
   _cache/part-XXXXX/         finished downloads of an unfinished part, one append-only journal
                              (curate.download_cache), so a rerun never refetches; an entry missing,
                              torn or damaged is simply downloaded again
@@ -22,7 +25,8 @@ import tarfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from itertools import chain
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
 from multiprocessing import get_context
@@ -34,8 +38,8 @@ import pyarrow.parquet as pq
 from curate.download import DownloadSettings, download, download_many
 from curate.download_cache import DownloadJournal
 from curate.images import CheckSettings, ImageCheck, check_image
-from curate.parts import (OutputError, atomic_path, clean_temporaries, ensure_dir, list_parts, part_name,
-                          write_table_atomic)
+from curate.parts import (OutputError, SyncedWrite, atomic_path, clean_temporaries, ensure_dir, list_parts,
+                          output_errors, part_name)
 from curate.sources import TAR_READ_ERRORS, PlanItem, iter_source, source_names, utf8_text
 from curate.tars import write_samples
 
@@ -78,31 +82,73 @@ def make_id(name: str) -> str:
 
 def plan(sources: Iterable[str], stage_dir: str | os.PathLike, part_size: int) -> int:
     """Enumerate all sources into plan parts (once); returns the number of parts."""
+    sources = list(sources)
+    planned = _planned_parts(sources, stage_dir)
+    if planned is not None:
+        return planned
+    return sum(1 for _ in _new_plan(sources, stage_dir, part_size))
+
+
+def _source_locations(sources: list[str]) -> list[str]:
+    return [str(Path(s).resolve()) if "://" not in s else s for s in sources]
+
+
+def _planned_parts(sources: list[str], stage_dir: str | os.PathLike) -> int | None:
+    """The number of parts of the saved plan (refused when its inputs moved), or None when there is none."""
+    plan_dir = Path(stage_dir) / "_plan"
+    if not plan_dir.exists():
+        return None
+    _check_planned_sources(plan_dir, _source_locations(sources))
+    return len(list_parts(plan_dir))
+
+
+def _new_plan(sources: list[str], stage_dir: str | os.PathLike,
+              part_size: int) -> Iterator[tuple[int, list[dict], bool]]:
+    """Write a new plan, yielding (part index, its rows, whether more parts follow) as soon as each
+    part is written, so parts can run while the sources are still being enumerated. The plan becomes
+    visible (its directory renamed into place) after the last part; part outputs found while there
+    is no plan are from a plan that was never completed (a killed run), and are removed first."""
     stage_dir = Path(stage_dir)
     plan_dir = stage_dir / "_plan"
-    sources = list(sources)
-    where = [str(Path(s).resolve()) if "://" not in s else s for s in sources]
-    if plan_dir.exists():
-        _check_planned_sources(plan_dir, where)
-        return len(list_parts(plan_dir))
     ensure_dir(stage_dir)
     clean_temporaries(stage_dir)
+    _remove_unplanned_outputs(stage_dir)
     seen: dict[str, int] = {}
     with atomic_path(plan_dir) as tmp:
         tmp.mkdir()
-        (tmp / "sources.json").write_text(json.dumps(where))
+        (tmp / "sources.json").write_text(json.dumps(_source_locations(sources)))
         rows: list[dict] = []
         n_parts = 0
         for source, name in zip(sources, source_names(sources)):
             for item in iter_source(source, name):
-                rows.append(_plan_row(item, seen))
-                if len(rows) == part_size:
-                    pq.write_table(pa.Table.from_pylist(rows, schema=PLAN_SCHEMA), tmp / part_name(n_parts))
+                if len(rows) == part_size:  # a full part, and more to come
+                    yield n_parts, _write_plan_part(rows, tmp / part_name(n_parts)), True
                     rows, n_parts = [], n_parts + 1
-        if rows or n_parts == 0:
-            pq.write_table(pa.Table.from_pylist(rows, schema=PLAN_SCHEMA), tmp / part_name(n_parts))
-            n_parts += 1
-    return n_parts
+                rows.append(_plan_row(item, seen))
+        yield n_parts, _write_plan_part(rows, tmp / part_name(n_parts)), False
+
+
+def _write_plan_part(rows: list[dict], path: Path) -> list[dict]:
+    """Write one plan part; returns its rows as run_part reads them back (the plan's columns, in order)."""
+    table = pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+    pq.write_table(table, path)
+    return [{name: row[name] for name in _PLAN_COLUMNS} for row in rows]
+
+
+_PLAN_COLUMNS = PLAN_SCHEMA.names
+
+
+def _remove_unplanned_outputs(stage_dir: Path) -> None:
+    """Remove the records parts and raw shards written under a plan that never completed (a new plan
+    may cut the inputs otherwise). Download journals stay: their entries are keyed by record id (the
+    URL's hash), so the new plan's parts reuse what was fetched."""
+    for p in list_parts(stage_dir):
+        p.unlink()
+    if (stage_dir / "shards").exists():  # raw shards, and half-written ones
+        with output_errors(stage_dir / "shards"):
+            shutil.rmtree(stage_dir / "shards")
+    for cache in sorted((stage_dir / "_cache").glob("part-*")):
+        clean_temporaries(cache)
 
 
 def _check_planned_sources(plan_dir: Path, where: list[str]) -> None:
@@ -135,28 +181,51 @@ def _plan_row(item: PlanItem, seen: dict[str, int]) -> dict:
 
 def ingest(sources: Iterable[str], stage_dir: str | os.PathLike, settings: IngestSettings = IngestSettings(),
            on_part: Callable[[int, dict], None] | None = None) -> dict:
-    """Plan, then run every unfinished part (in parallel processes); returns counts by status."""
+    """Plan, then run every unfinished part (in parallel processes); returns counts by status.
+
+    A new plan feeds its parts to the workers as it writes them (the rows go with the task, so a
+    worker does not read them back); an existing plan runs its unfinished parts."""
     stage_dir = Path(stage_dir)
-    todo = pending_parts(stage_dir, plan(sources, stage_dir, settings.part_size))
-    workers = settings.workers or os.cpu_count() or 1
-    if workers > 1 and len(todo) > 1:
-        ctx = get_context(_start_method())
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
-                                   initializer=die_with_parent, initargs=(os.getpid(),))
-        try:
-            futures = {pool.submit(run_part, stage_dir, i, settings): i for i in todo}
-            for fut in as_completed(futures):
-                counts = fut.result()
-                if on_part:
-                    on_part(futures[fut], counts)
-        finally:  # on an error, parts not started are not started; running ones finish or fail
-            pool.shutdown(wait=True, cancel_futures=True)
+    sources = list(sources)
+    n_planned = _planned_parts(sources, stage_dir)
+    if n_planned is None:
+        jobs: Iterator[tuple[int, list[dict] | None, bool]] = _new_plan(sources, stage_dir, settings.part_size)
+        done_before: list[int] = []
     else:
-        for i in todo:
-            counts = run_part(stage_dir, i, settings)
-            if on_part:
-                on_part(i, counts)
-    return status_counts(stage_dir)
+        todo = pending_parts(stage_dir, n_planned)
+        jobs = ((i, None, k + 1 < len(todo)) for k, i in enumerate(todo))
+        done_before = sorted(set(range(n_planned)) - set(todo))
+    total = Counter(status_counts(stage_dir, done_before)) if done_before else Counter()
+    try:
+        workers = settings.workers or os.cpu_count() or 1
+        # more than one part (worker processes or not) is known as soon as the first part is written
+        first = [job for job in (next(jobs, None),) if job is not None]
+        if workers > 1 and first and first[0][2]:
+            ctx = get_context(_start_method())
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                       initializer=die_with_parent, initargs=(os.getpid(),))
+            try:
+                futures = {}
+                for i, items, _ in chain(first, jobs):  # parts start while the plan is still being written
+                    futures[pool.submit(run_part, stage_dir, i, settings, items)] = i
+                for fut in as_completed(futures):
+                    counts = fut.result()
+                    total.update(counts)
+                    if on_part:
+                        on_part(futures[fut], counts)
+            finally:  # on an error, parts not started are not started; running ones finish or fail
+                pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            for i, items, _ in chain(first, jobs):
+                counts = run_part(stage_dir, i, settings, items)
+                total.update(counts)
+                if on_part:
+                    on_part(i, counts)
+    finally:  # an unfinished new plan is dropped (its temporary directory removed); a rerun plans again
+        close = getattr(jobs, "close", None)
+        if close is not None:
+            close()
+    return dict(sorted(total.items()))
 
 
 def pending_parts(stage_dir: str | os.PathLike, n_parts: int) -> list[int]:
@@ -208,22 +277,29 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def status_counts(stage_dir: str | os.PathLike) -> dict:
-    """Counts of records by status over all finished parts."""
+def status_counts(stage_dir: str | os.PathLike, parts: Iterable[int] | None = None) -> dict:
+    """Counts of records by status over all finished parts (or over the given parts)."""
     total: Counter = Counter()
-    for p in list_parts(stage_dir):
+    paths = list_parts(stage_dir) if parts is None else [Path(stage_dir) / part_name(i) for i in parts]
+    for p in paths:
         col = pq.read_table(p, columns=["status"]).column("status")
         total.update(col.to_pylist())
     return dict(sorted(total.items()))
 
 
-def run_part(stage_dir: str | os.PathLike, index: int, settings: IngestSettings) -> dict:
-    """Process one part: fetch, check, write its raw shard, then its records (the done marker)."""
+def run_part(stage_dir: str | os.PathLike, index: int, settings: IngestSettings,
+             items: list[dict] | None = None) -> dict:
+    """Process one part: fetch, check, write its raw shard, then its records (the done marker).
+
+    `items`: the part's plan rows when the caller has them (as `_new_plan` yields them); else they
+    are read from the plan. The raw shard and the records are fsynced together, and the records are
+    renamed into place only after the shard."""
     stage_dir = Path(stage_dir)
     out = stage_dir / part_name(index)
     if out.exists():
         return {}
-    items = pq.read_table(stage_dir / "_plan" / part_name(index)).to_pylist()
+    if items is None:
+        items = pq.read_table(stage_dir / "_plan" / part_name(index)).to_pylist()
     cache = stage_dir / "_cache" / f"part-{index:05d}"
     shard_name = f"shard-{index:05d}.tar"
     records: list[dict] = []
@@ -238,13 +314,17 @@ def run_part(stage_dir: str | os.PathLike, index: int, settings: IngestSettings)
     shard_dir = ensure_dir(stage_dir / "shards")
     samples = ({"__key__": records[i]["id"], records[i]["ext"]: data, "json": _raw_meta(records[i])}
                for i, data in good)
-    with atomic_path(shard_dir / shard_name) as tmp:
-        layout = write_samples(tmp, samples)
-    for i, _ in good:
-        rec = records[i]
-        rec["raw_shard"], rec["raw_key"] = f"shards/{shard_name}", rec["id"]
-        rec["raw_offset"] = layout[rec["id"]][rec["ext"]][0]
-    write_table_atomic(records_table(records), out)
+    layout: dict = {}
+    with SyncedWrite(shard_dir / shard_name, lambda tmp: layout.update(write_samples(tmp, samples))) as shard:
+        for i, _ in good:
+            rec = records[i]
+            rec["raw_shard"], rec["raw_key"] = f"shards/{shard_name}", rec["id"]
+            rec["raw_offset"] = layout[rec["id"]][rec["ext"]][0]
+        table = records_table(records)
+        with SyncedWrite(out, lambda tmp: pq.write_table(table, tmp, compression="zstd",
+                                                          write_statistics=True)) as done_marker:
+            shard.commit()  # both files are synced before either is renamed: the shard first
+            done_marker.commit()
     shutil.rmtree(cache, ignore_errors=True)
     return dict(Counter(r["status"] for r in records))
 

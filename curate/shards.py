@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from json.encoder import encode_basestring_ascii
 import os
 import tarfile
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.parts import atomic_path, clean_temporaries, ensure_dir, write_table_atomic
-from curate.tars import TarReader, sample_nbytes, tar_file_size, write_samples
+from curate.parts import SyncedWrite, atomic_path, clean_temporaries, ensure_dir
+from curate.tars import BLOCK, RECORD, TarReader, write_members
 
 INDEX_NAME = "index.parquet"
 PLAN_NAME = "_plan.parquet"
@@ -62,36 +63,68 @@ def plan_shards(records: pa.Table, settings: ShardSettings, meta_columns: Sequen
         perm = np.random.default_rng(settings.shuffle_seed).permutation(t.num_rows)
         t = t.take(pa.array(perm))
     metas = _sample_metas(t, keep)
-    sizes = t.column("nbytes").to_numpy().tolist()
-    meta_sizes = pc.binary_length(metas).to_numpy().tolist()
-    shard_ids = np.empty(t.num_rows, dtype=np.int64)
-    cur, count, used = 0, 0, 0
-    for i, (n, m) in enumerate(zip(sizes, meta_sizes)):
-        need = sample_nbytes((n, m))
-        if count and (count >= settings.max_count or tar_file_size(used + need) > settings.max_size):
-            cur, count, used = cur + 1, 0, 0
-        shard_ids[i] = cur
-        count, used = count + 1, used + need
-    names = pa.array([shard_name(i) for i in range(cur + 1)], type=pa.string())
+    need = (2 * BLOCK + padded_np(t.column("nbytes").to_numpy()) + padded_np(pc.binary_length(metas).to_numpy()))
+    shard_ids = _cut(need.astype(np.int64), settings)
+    names = pa.array([shard_name(i) for i in range(int(shard_ids[-1]) + 1 if len(shard_ids) else 1)], type=pa.string())
     t = t.append_column("shard", names.take(pa.array(shard_ids)))
     return t.append_column("meta", metas)
+
+
+def padded_np(sizes: np.ndarray) -> np.ndarray:
+    """`curate.tars.padded` over an array."""
+    return (sizes.astype(np.int64) + BLOCK - 1) // BLOCK * BLOCK
+
+
+def _cut(need: np.ndarray, settings: ShardSettings) -> np.ndarray:
+    """Shard number of each sample (bytes `need` each, in order): a shard takes samples while it has
+    fewer than max_count and its tar file stays within max_size; a sample is never split, so one
+    larger than max_size gets a shard of its own. (tar_file_size(c) <= max_size exactly when the
+    member bytes c <= limit below; a search per shard, not a Python step per sample.)"""
+    ends = np.concatenate([[0], np.cumsum(need)])
+    limit = settings.max_size // RECORD * RECORD - 2 * BLOCK
+    shard_ids = np.empty(len(need), dtype=np.int64)
+    start, cur = 0, 0
+    while start < len(need):
+        stop = int(np.searchsorted(ends, ends[start] + limit, side="right")) - 1
+        stop = max(start + 1, min(stop, start + settings.max_count))
+        shard_ids[start:stop] = cur
+        start, cur = stop, cur + 1
+    return shard_ids
 
 
 _META_SKIP = {"raw_shard", "raw_offset", "nbytes", "ext", "key"}
 _META_JSON = json.JSONEncoder(sort_keys=True, default=str)  # json.dumps(meta, sort_keys=True, default=str)
 
 
-def _sample_metas(t: pa.Table, columns: Sequence[str], chunk: int = 65536) -> pa.ChunkedArray:
-    """The json metadata of every row: its non-null columns except the shard bookkeeping, sorted keys
-    (built a chunk of rows at a time, so Python objects exist for one chunk only)."""
-    names = [c for c in columns if c not in _META_SKIP]
-    out = []
-    for start in range(0, t.num_rows, chunk):
-        part = t.slice(start, chunk)
-        values = [part.column(c).to_pylist() for c in names]
-        out.append(pa.array([_META_JSON.encode({c: v for c, v in zip(names, row) if v is not None})
-                             for row in zip(*values)], type=pa.string()))
-    return pa.chunked_array(out, type=pa.string())
+def _sample_metas(t: pa.Table, columns: Sequence[str]) -> pa.ChunkedArray:
+    """The json metadata of every row: its non-null columns except the shard bookkeeping, sorted keys,
+    exactly as `json.dumps(row, sort_keys=True, default=str)` writes it, built a column at a time
+    (`"key": value` pieces joined by Arrow; only strings that need escaping and types other than
+    strings, integers and booleans go through the json encoder, one value at a time)."""
+    names = sorted(c for c in columns if c not in _META_SKIP)
+    if not t.num_rows or not names:
+        return pa.chunked_array([pa.array(["{}"] * t.num_rows, type=pa.string())], type=pa.string())
+    pieces = []
+    for name in names:
+        values = _json_values(t.column(name).combine_chunks())
+        head = ", " + encode_basestring_ascii(name) + ": "
+        pieces.append(pc.fill_null(pc.binary_join_element_wise(head, values, ""), ""))
+    body = pc.utf8_slice_codeunits(pc.binary_join_element_wise(*pieces, ""), 2)  # less the first ", "
+    return pa.chunked_array([pc.binary_join_element_wise("{", body, "}", "")], type=pa.string())
+
+
+_PLAIN_ASCII = r"^[\x20\x21\x23-\x5b\x5d-\x7e]*$"  # printable ASCII but '"' and backslash: JSON as it is
+
+
+def _json_values(col: pa.Array) -> pa.Array:
+    """Each value as JSON text (json.dumps(v, default=str)), null where null."""
+    if pa.types.is_integer(col.type) or pa.types.is_boolean(col.type):
+        return pc.cast(col, pa.string())
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        if pc.all(pc.match_substring_regex(col, _PLAIN_ASCII)).as_py() is not False:
+            return pc.binary_join_element_wise('"', col.cast(pa.string()), '"', "")
+        return pa.array([None if v is None else encode_basestring_ascii(v) for v in col.to_pylist()], type=pa.string())
+    return pa.array([None if v is None else _META_JSON.encode(v) for v in col.to_pylist()], type=pa.string())
 
 
 def prepare_shards(records: pa.Table, out_dir: str | os.PathLike, settings: ShardSettings = ShardSettings(),
@@ -100,15 +133,112 @@ def prepare_shards(records: pa.Table, out_dir: str | os.PathLike, settings: Shar
 
     The plan is sorted by shard, so shard i is the row range [lo, hi); it is written in row groups of
     at most `max_count` rows, so a writer reads only the groups of its shard."""
-    out = ensure_dir(out_dir)
-    clean_temporaries(out)
-    plan_path = out / PLAN_NAME
-    if not plan_path.exists():
-        planned = plan_shards(records, settings, meta_columns)
-        with atomic_path(plan_path) as tmp:
-            pq.write_table(planned, tmp, compression="zstd", write_statistics=True,
-                           row_group_size=max(1, min(settings.max_count, 65536)))
-    names = pq.read_table(plan_path, columns=["shard"]).column("shard").combine_chunks()
+    run = ShardRun(records, out_dir, settings, meta_columns, index=False)
+    run.commit_plan()
+    return run.jobs
+
+
+class ShardRun:
+    """One run of the shards stage in this process: the plan (made and saved once), the shards this
+    process writes from the plan in memory, then the index.
+
+    A new plan and its index are written at once and fsynced on background threads while the shards
+    are written (`curate.parts.SyncedWrite`); the plan is renamed into place before the first shard,
+    the index after the last, as before. A resumed run reads the saved plan once.
+    """
+
+    def __init__(self, records: pa.Table, out_dir: str | os.PathLike, settings: ShardSettings = ShardSettings(),
+                 meta_columns: Sequence[str] = (), index: bool = True) -> None:
+        self.out = ensure_dir(out_dir)
+        clean_temporaries(self.out)
+        self._plan: pa.Table | None = None
+        self._pending: dict[str, SyncedWrite] = {}
+        plan_path = self.out / PLAN_NAME
+        if plan_path.exists():
+            names = pq.read_table(plan_path, columns=["shard"]).column("shard")
+        else:
+            self._plan = plan_shards(records, settings, meta_columns)
+            group = max(1, min(settings.max_count, 65536))
+            if _parquet_round_trip(self._plan.schema):  # written on a thread of its own, while shards are written
+                plan = self._plan
+                self._pending[PLAN_NAME] = SyncedWrite(plan_path, lambda tmp: pq.write_table(
+                    plan, tmp, compression="zstd", write_statistics=True, row_group_size=group), in_background=True)
+            else:  # a type Parquet gives back otherwise (a list's child is named "element" on reading):
+                # use the plan as read, so the index has the bytes a resumed run writes
+                self._pending[PLAN_NAME] = SyncedWrite(plan_path, lambda tmp: pq.write_table(
+                    self._plan, tmp, compression="zstd", write_statistics=True, row_group_size=group))
+                self._plan = pq.read_table(self._pending[PLAN_NAME].tmp)
+            names = self._plan.column("shard")  # what was just written: not read back
+        self.jobs = _jobs(names.combine_chunks())
+        if index and not (self.out / INDEX_NAME).exists():
+            plan = self.plan()
+            self._pending[INDEX_NAME] = SyncedWrite(self.out / INDEX_NAME, lambda tmp: write_index(plan, tmp),
+                                                    in_background=True)
+
+    def plan(self) -> pa.Table:
+        """The plan table (read from disk once when this run did not make it)."""
+        if self._plan is None:
+            self._plan = pq.read_table(self.out / PLAN_NAME)
+        return self._plan
+
+    def commit_plan(self) -> None:
+        """Make the new plan durable and visible (before any shard, and before tasks elsewhere read it)."""
+        pending = self._pending.pop(PLAN_NAME, None)
+        if pending is not None:
+            with pending:
+                pending.commit()
+
+    def todo(self) -> list[tuple[str, int, int]]:
+        """The shards of the plan not on disk yet."""
+        return [job for job in self.jobs if not (self.out / job[0]).exists()]
+
+    def write(self, raw_root: str | os.PathLike, name: str, lo: int, hi: int) -> None:
+        """Write shard `name` (plan rows [lo, hi)) from the plan in memory; the plan is renamed into
+        place before the shard is."""
+        write_shard_rows(raw_root, self.out, name, self.plan().slice(lo, hi - lo), before_rename=self.commit_plan)
+
+    def finish(self) -> dict:
+        """Check every planned shard is on disk, then write the index; returns the counts."""
+        pending = self._pending.pop(INDEX_NAME, None)
+        self.commit_plan()
+        if pending is None:
+            return finish_shards(self.out, self.jobs, self._plan)
+        with pending:
+            _check_complete(self.out, self.jobs)
+            pending.commit()
+        return finish_shards(self.out, self.jobs)
+
+    def close(self) -> None:
+        """Drop what was not committed (after an error)."""
+        for pending in self._pending.values():
+            pending.__exit__(RuntimeError, None, None)
+        self._pending.clear()
+
+    def __enter__(self) -> ShardRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _parquet_round_trip(schema: pa.Schema) -> bool:
+    """Whether a table of this schema reads back from Parquet with the same schema."""
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(schema.empty_table(), buf)
+    back = pq.read_schema(pa.BufferReader(buf.getvalue()))
+    return back.to_string(show_schema_metadata=False) == schema.to_string(show_schema_metadata=False)
+
+
+def write_index(plan: pa.Table, path: str | os.PathLike) -> None:
+    """The index (the plan less the raw-shard bookkeeping and the json) as Parquet at `path`, not synced."""
+    pq.write_table(plan.drop_columns(["raw_shard", "raw_offset", "meta"]), path, compression="zstd",
+                   write_statistics=True)
+
+
+def _jobs(names: pa.Array) -> list[tuple[str, int, int]]:
+    """(shard, lo, hi) of each run of equal names in the plan's shard column."""
     if not len(names):
         return []
     changes = pc.not_equal(names.slice(0, len(names) - 1), names.slice(1)).to_numpy(zero_copy_only=False)
@@ -123,16 +253,44 @@ def write_shard(raw_root: str | os.PathLike, out_dir: str | os.PathLike, name: s
     out = Path(out_dir)
     if (out / name).exists():
         return hi - lo
-    rows = _plan_rows(out / PLAN_NAME, lo, hi)
-    if rows.num_rows and rows.column("shard")[0].as_py() != name:
-        raise ValueError(f"{out / PLAN_NAME} rows {lo}..{hi} are not shard {name}; the plan changed")
-    cols = [rows.column(c).to_pylist() for c in ("key", "raw_shard", "raw_offset", "nbytes", "ext", "meta")]
-    with TarReader(raw_root) as reader:
-        samples = ({"__key__": key, ext: reader.read(raw_shard, offset, nbytes), "json": meta}
-                   for key, raw_shard, offset, nbytes, ext, meta in zip(*cols))
-        with atomic_path(out / name) as tmp:
-            write_samples(tmp, samples)
+    write_shard_rows(raw_root, out, name, _plan_rows(out / PLAN_NAME, lo, hi))
     return hi - lo
+
+
+def write_shard_rows(raw_root: str | os.PathLike, out: Path, name: str, rows: pa.Table,
+                     before_rename: Callable[[], None] | None = None) -> None:
+    """Write shard `name` from its plan rows (read from the plan file, or sliced from the plan in memory);
+    `before_rename` runs once the shard is written, while it is fsynced, before it is renamed into place."""
+    if rows.num_rows and rows.column("shard")[0].as_py() != name:
+        raise ValueError(f"{out / PLAN_NAME} rows are not shard {name}; the plan changed")
+    keys, exts = rows.column("key").to_pylist(), rows.column("ext").to_pylist()
+    metas = rows.column("meta").cast(pa.binary()).to_pylist()
+    sizes = rows.column("nbytes").to_pylist()
+    # members of a sample in sorted-extension order (as write_samples): the image first when its
+    # extension sorts before "json" (jpg, jpeg), after it otherwise (png, webp, ...)
+    first = [ext < "json" for ext in exts]
+    names, member_sizes = [], []
+    for key, ext, meta, size, image_first in zip(keys, exts, metas, sizes, first):
+        if image_first:
+            names += (f"{key}.{ext}", f"{key}.json")
+            member_sizes += (size, len(meta))
+        else:
+            names += (f"{key}.json", f"{key}.{ext}")
+            member_sizes += (len(meta), size)
+    if "json" in exts:
+        raise ValueError(f"{out / PLAN_NAME}: an image with extension json cannot sit beside its json metadata")
+    spans = zip(rows.column("raw_shard").to_pylist(), rows.column("raw_offset").to_pylist(), sizes)
+
+    with TarReader(raw_root) as reader:
+        def data() -> Iterator[bytes]:
+            for (raw_shard, offset, size), meta, image_first in zip(spans, metas, first):
+                image = reader.read(raw_shard, offset, size)
+                yield from ((image, meta) if image_first else (meta, image))
+
+        with SyncedWrite(out / name, lambda tmp: write_members(tmp, names, member_sizes, data())) as shard:
+            if before_rename is not None:
+                before_rename()
+            shard.commit()
 
 
 def _plan_rows(plan_path: Path, lo: int, hi: int) -> pa.Table:
@@ -151,33 +309,39 @@ def _plan_rows(plan_path: Path, lo: int, hi: int) -> pa.Table:
     return f.read_row_groups(groups).slice(lo - first, hi - lo)
 
 
-def finish_shards(out_dir: str | os.PathLike, jobs: Sequence[tuple[str, int, int]]) -> dict:
-    """Write the index (once) after every shard of the plan is written; returns the counts."""
+def finish_shards(out_dir: str | os.PathLike, jobs: Sequence[tuple[str, int, int]],
+                  plan: pa.Table | None = None) -> dict:
+    """Write the index (once) after every shard of the plan is written; returns the counts.
+
+    `plan`: the plan table when the caller holds it (else it is read from `_plan.parquet`)."""
     out = Path(out_dir)
-    missing = [name for name, _, _ in jobs if not (out / name).exists()]
-    if missing:
-        raise RuntimeError(f"{len(missing)} planned shard(s) missing in {out}, e.g. {missing[0]}; rerun to finish")
+    _check_complete(out, jobs)
     if not (out / INDEX_NAME).exists():
-        index = pq.read_table(out / PLAN_NAME).drop_columns(["raw_shard", "raw_offset", "meta"])
-        write_table_atomic(index, out / INDEX_NAME)
+        with atomic_path(out / INDEX_NAME) as tmp:
+            write_index(plan if plan is not None else pq.read_table(out / PLAN_NAME), tmp)
     clean_temporaries(out)  # a writer lost with its node may have left a temporary file
     return {"samples": int(sum(hi - lo for _, lo, hi in jobs)), "shards": len(jobs),
             "bytes": int(sum((out / n).stat().st_size for n, _, _ in jobs))}
+
+
+def _check_complete(out: Path, jobs: Sequence[tuple[str, int, int]]) -> None:
+    missing = [name for name, _, _ in jobs if not (out / name).exists()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} planned shard(s) missing in {out}, e.g. {missing[0]}; rerun to finish")
 
 
 def write_shards(records: pa.Table, raw_root: str | os.PathLike, out_dir: str | os.PathLike,
                  settings: ShardSettings = ShardSettings(), meta_columns: Sequence[str] = (),
                  on_shard: Callable[[str, int], None] | None = None) -> dict:
     """Write the records' original bytes into shards under `out_dir` in this process; resumes shard by shard."""
-    jobs = prepare_shards(records, out_dir, settings, meta_columns)
-    written = 0
-    for name, lo, hi in jobs:
-        if not (Path(out_dir) / name).exists():
-            write_shard(raw_root, out_dir, name, lo, hi)
-            written += 1
-        if on_shard:
-            on_shard(name, hi - lo)
-    return {**finish_shards(out_dir, jobs), "shards_written": written}
+    with ShardRun(records, out_dir, settings, meta_columns) as run:
+        todo = {name for name, _, _ in run.todo()}
+        for name, lo, hi in run.jobs:
+            if name in todo:
+                run.write(raw_root, name, lo, hi)
+            if on_shard:
+                on_shard(name, hi - lo)
+        return {**run.finish(), "shards_written": len(todo)}
 
 
 @dataclass

@@ -37,19 +37,21 @@ def run(cfg: Config, force: bool = False) -> StageResult:
         return prev
     t0 = time.time()
     print(f"ingest: planning {len(ic.sources)} source(s) ...", file=sys.stderr)
-    n_parts = plan(ic.sources, d, ic.part_size)
-    done = len(list_parts(d))
-    with progress(n_parts, "ingest", "part") as bar:
-        bar.update(done)
-        if cfg.executor == "ray":  # one task per part (download, decode, hash, raw shard) on any node
-            from pipelines.executors import ray_map
+    if cfg.executor == "ray":  # one task per part (download, decode, hash, raw shard) on any node
+        from pipelines.executors import ray_map
 
+        n_parts = plan(ic.sources, d, ic.part_size)
+        with progress(n_parts, "ingest", "part") as bar:
+            bar.update(len(list_parts(d)))
             for _ in ray_map(run_part, [(str(d), i, settings) for i in pending_parts(d, n_parts)], cfg.ray_address):
                 bar.update(1)
-            pending_parts(d, n_parts)  # removes what a task lost with its node left half-written
-            counts = status_counts(d)
-        else:
+        pending_parts(d, n_parts)  # removes what a task lost with its node left half-written
+        counts = status_counts(d)
+    else:  # parts start while the plan is written (a new plan), or the unfinished parts of a saved one
+        with progress(None, "ingest", "part") as bar:
+            bar.update(len(list_parts(d)) if (d / "_plan").exists() else 0)
             counts = ingest(ic.sources, d, settings, on_part=lambda i, c: bar.update(1))
+        n_parts = len(list_parts(d / "_plan"))
     n_in = sum(counts.values())
     dropped = {k: v for k, v in counts.items() if k != "ok"}
     result = StageResult("ingest", str(d), key, counts={

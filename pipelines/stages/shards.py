@@ -97,7 +97,7 @@ def _expand_repeats(records: pa.Table) -> pa.Table:
 def run(cfg: Config, force: bool = False) -> StageResult:
     """Write the surviving records as curated webdataset shards with a Parquet index."""
     from curate.ingest import CORE_COLUMNS
-    from curate.shards import ShardSettings, finish_shards, prepare_shards, write_shard
+    from curate.shards import ShardRun, ShardSettings, write_shard
 
     sc = cfg.shards
     stages = ["ingest", "hashdedup", *finished_filters(cfg)]
@@ -117,21 +117,22 @@ def run(cfg: Config, force: bool = False) -> StageResult:
                 "contam_reason", "contam_set"}
     meta = [c for c in records.column_names if c not in CORE_COLUMNS and c not in dup_cols]
     settings = ShardSettings(max_size=sc.max_size, max_count=sc.max_count, shuffle_seed=sc.shuffle_seed)
-    jobs = prepare_shards(records, out, settings, meta_columns=meta)
     raw_root = str(stage_dir(cfg, "ingest"))
-    todo = [(raw_root, str(out), name, lo, hi) for name, lo, hi in jobs if not (out / name).exists()]
-    with progress(len(jobs), "shards", "shard") as bar:
-        bar.update(len(jobs) - len(todo))
-        if cfg.executor == "ray":  # one task per shard, on any node; the driver writes the index
-            from pipelines.executors import ray_map
+    with ShardRun(records, out, settings, meta_columns=meta) as shard_run:
+        jobs, todo = shard_run.jobs, shard_run.todo()
+        with progress(len(jobs), "shards", "shard") as bar:
+            bar.update(len(jobs) - len(todo))
+            if cfg.executor == "ray":  # one task per shard, on any node; the driver writes the index
+                from pipelines.executors import ray_map
 
-            for _ in ray_map(write_shard, todo, cfg.ray_address):
-                bar.update(1)
-        else:
-            for job in todo:
-                write_shard(*job)
-                bar.update(1)
-    info = finish_shards(out, jobs)
+                shard_run.commit_plan()  # the tasks read their rows from the saved plan
+                for _ in ray_map(write_shard, [(raw_root, str(out), *job) for job in todo], cfg.ray_address):
+                    bar.update(1)
+            else:  # in this process, from the plan in memory
+                for job in todo:
+                    shard_run.write(raw_root, *job)
+                    bar.update(1)
+        info = shard_run.finish()
     result = StageResult("shards", str(out), key, counts={
         "in": selected.num_rows, "out": info["samples"] - (records.num_rows - selected.num_rows), "dropped": {},
         "samples": info["samples"], "shards": info["shards"],

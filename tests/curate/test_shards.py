@@ -175,3 +175,69 @@ def test_write_samples_equals_tarfiles_archive(tmp_path):
     for s in samples:
         offset, size = layout[s["__key__"]]["jpg"]
         assert ours[offset: offset + size] == s["jpg"]
+
+
+def test_member_headers_equal_member_header():
+    import random
+
+    from curate.tars import member_header, member_headers
+
+    rng = random.Random(0)
+    names = [f"{rng.getrandbits(64):016x}.{ext}" for ext in ("jpg", "json", "webp") for _ in range(50)]
+    names += ["ünï/cödé.png", "d/" + "a" * 98 + "é", "dd/" + "x" * 99, "b" * 100, "k_r1.json", ""]
+    sizes = [rng.randrange(0, 10**7) for _ in names]
+    sizes[:4] = [0, 1, 8**11 - 1, 512]
+    got = member_headers(names, sizes)
+    assert [bytes(h) for h in got] == [member_header(n, s) for n, s in zip(names, sizes)]
+    assert member_headers([], []) == []
+
+
+def test_sample_metas_equal_json_dumps_of_each_row():
+    """The vectorised json metadata is byte for byte what json.dumps(row, sort_keys=True, default=str) gives."""
+    import datetime
+
+    import pyarrow as pa
+
+    from curate.shards import _sample_metas
+
+    n = 40
+    t = pa.table({
+        "key": [f"k{i}" for i in range(n)],
+        "id": [f"{i:016x}" for i in range(n)],
+        "uri": [["plain/a.jpg", 'qu"ote', "back\\slash", "ünïcödé ☃", "tab\tnl\n", "", "ctl\x01", None][i % 8]
+                for i in range(n)],
+        "width": pa.array([None if i % 5 == 0 else i * 7 for i in range(n)], pa.int32()),
+        "big": pa.array([-(i * 10**15) for i in range(n)], pa.int64()),
+        "phash": pa.array([2**64 - 1 - i for i in range(n)], pa.uint64()),
+        "score": [None if i % 4 == 0 else (float("nan") if i % 4 == 1 else i / 7) for i in range(n)],
+        "flag": [None if i % 3 == 0 else bool(i % 2) for i in range(n)],
+        "tags": [None if i % 6 == 0 else [f"t{i}", "ü"] for i in range(n)],
+        "when": [datetime.datetime(2020, 1, 1 + i % 28) for i in range(n)],
+        "nothing": pa.array([None] * n, pa.string()),
+        "raw_shard": ["x"] * n,  # bookkeeping, never in the json
+    })
+    want = [json.dumps({k: v for k, v in row.items() if v is not None and k not in ("key", "raw_shard")},
+                       sort_keys=True, default=str) for row in t.to_pylist()]
+    assert _sample_metas(t, t.column_names).to_pylist() == want
+    assert _sample_metas(t.slice(0, 0), t.column_names).to_pylist() == []
+
+
+def test_a_resumed_run_writes_the_same_plan_index_and_shards_with_list_columns(ingested, tmp_path):
+    """A first run writes its index from the plan in memory, a resumed run from the plan on disk:
+    the same bytes, also where Parquet gives a type back otherwise (list<item> reads as list<element>)."""
+    import pyarrow as pa
+
+    stage, records = ingested
+    n = records.num_rows
+    records = records.append_column("tags", pa.array([None if i % 3 else [f"t{i}"] for i in range(n)]))
+    records = records.append_column("caption", pa.array([None if i % 2 else f'"{i}" é' for i in range(n)]))
+    out = tmp_path / "out"
+    settings = ShardSettings(max_count=4)
+    write_shards(records, stage, out, settings, meta_columns=["tags", "caption"])
+    reference = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (out / "index.parquet").unlink()
+    (out / "shard-000002.tar").unlink()
+    info = write_shards(records, stage, out, settings, meta_columns=["tags", "caption"])
+    assert info["shards_written"] == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == reference
+    assert json.loads(_samples(out)[records.column("id")[0].as_py()]["json"])["tags"] == ["t0"]

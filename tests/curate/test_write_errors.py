@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import subprocess
 from pathlib import Path
 
@@ -127,23 +128,14 @@ class _Disk:
         return fits
 
 
-class _FullFile(io.FileIO):
-    disk: _Disk
-
-    def write(self, data) -> int:  # type: ignore[override]
-        fits = self.disk.take(len(data))
-        super().write(bytes(data)[:fits])
-        if fits < len(data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return fits
-
-
 def _inject(monkeypatch, disk: _Disk, error: int = errno.ENOSPC) -> None:
     """Route tar writes and Parquet writes of curate through the budgeted disk."""
-    def open_tar(path, mode="r", buffering=-1, **kw):
-        f = _FullFile(path, mode.replace("b", ""))
-        f.disk = disk
-        return io.BufferedWriter(f, 1 << 16)
+    def write_all(fd, pieces, nbytes):  # curate.tars hands every tar byte to this one function
+        data = b"".join(bytes(p) for p in pieces)
+        fits = disk.take(len(data))
+        os.write(fd, data[:fits])
+        if fits < len(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
 
     real = pq.write_table
 
@@ -156,7 +148,7 @@ def _inject(monkeypatch, disk: _Disk, error: int = errno.ENOSPC) -> None:
                 fh.truncate(fits)
             raise OSError(error, "injected failure")
 
-    monkeypatch.setattr(curate.tars, "open", open_tar, raising=False)
+    monkeypatch.setattr(curate.tars, "_write_all", write_all)
     monkeypatch.setattr(curate.parts.pq, "write_table", write_table)
 
 
