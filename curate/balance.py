@@ -84,8 +84,12 @@ def _tree(paths: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], list[n
     for lv in range(levels - 1, -1, -1):
         col = paths[:, lv].astype(np.int64)
         col = col - col.min(initial=0)
-        key = up * (int(col.max(initial=0)) + 1) + col
-        _, first[lv], node[lv] = np.unique(key, return_index=True, return_inverse=True)
+        key = up.astype(np.int64) * (int(col.max(initial=0)) + 1) + col
+        del col
+        _, first[lv], inverse = np.unique(key, return_index=True, return_inverse=True)
+        del key
+        node[lv] = inverse.reshape(-1).astype(np.int32 if len(first[lv]) < 2**31 else np.int64)
+        del inverse
         parent[lv] = up[first[lv]]
         up = node[lv]
     return node, parent, first

@@ -84,13 +84,16 @@ _META_SKIP = {"raw_shard", "raw_offset", "nbytes", "ext", "key"}
 _META_JSON = json.JSONEncoder(sort_keys=True, default=str)  # json.dumps(meta, sort_keys=True, default=str)
 
 
-def _sample_metas(t: pa.Table, columns: Sequence[str], chunk: int = 65536) -> pa.ChunkedArray:
+def _sample_metas(t: pa.Table, columns: Sequence[str], chunk: int = 65536, offset: int = 0) -> pa.ChunkedArray:
     """The json metadata of every row: its non-null columns except the shard bookkeeping, sorted keys
-    (built a chunk of rows at a time, so Python objects exist for one chunk only)."""
+    (built a chunk of rows at a time, so Python objects exist for one chunk only; chunks end at multiples
+    of `chunk` counted from `offset` rows before t, so a plan written range by range is chunked, hence
+    written, as one written at once)."""
     names = [c for c in columns if c not in _META_SKIP]
     out = []
-    for start in range(0, t.num_rows, chunk):
-        part = t.slice(start, chunk)
+    head = (chunk - offset % chunk) % chunk
+    for start, size in ([(0, head)] if head else []) + [(a, chunk) for a in range(head, t.num_rows, chunk)]:
+        part = t.slice(start, size)
         values = [part.column(c).to_pylist() for c in names]
         out.append(pa.array([_META_JSON.encode({c: v for c, v in zip(names, row) if v is not None})
                              for row in zip(*values)], type=pa.string()))
@@ -319,15 +322,15 @@ def _plan_external(read_part: Callable[[int], pa.Table], n_parts: int, spill: Pa
             if not np.array_equal(np.sort(o), np.arange(min(span, n - j * span))):
                 raise AssertionError(f"plan range {j} is incomplete")
             t = t.take(pa.array(np.argsort(o))).drop_columns(["_o"])
-            t, state = _cut(t, keep, settings, state)
+            t, state = _cut(t, keep, settings, state, j * span)
             writer.write_table(t, row_group_size=rows_per_group)
 
 
-def _cut(t: pa.Table, keep: Sequence[str], settings: ShardSettings,
-         state: tuple[int, int, int]) -> tuple[pa.Table, tuple[int, int, int]]:
-    """Rows in plan order with their metadata and shard; `state` (shard, count, bytes) carries the cut
-    over from the rows before."""
-    metas = _sample_metas(t, keep)
+def _cut(t: pa.Table, keep: Sequence[str], settings: ShardSettings, state: tuple[int, int, int],
+         offset: int) -> tuple[pa.Table, tuple[int, int, int]]:
+    """Rows in plan order (the first is plan row `offset`) with their metadata and shard; `state` (shard,
+    count, bytes) carries the cut over from the rows before."""
+    metas = _sample_metas(t, keep, offset=offset)
     sizes = t.column("nbytes").to_numpy().tolist()
     meta_sizes = pc.binary_length(metas).to_numpy().tolist()
     shard_ids = np.empty(t.num_rows, dtype=np.int64)

@@ -95,10 +95,10 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     rows = RowMap(stage_dir(cfg, "ingest"))
     cluster = stage_dir(cfg, "cluster")
     n_levels = sum(1 for c in pq.read_schema(list_parts(cluster)[0]).names if c.startswith("cluster_l"))
-    level1 = rows.column(cluster, "cluster_l1")
-    clustered = np.flatnonzero(pc.is_valid(level1).to_numpy(zero_copy_only=False))
-    paths = np.stack([rows.column(cluster, f"cluster_l{lv}").to_numpy(zero_copy_only=False)[clustered]
-                      for lv in range(1, n_levels + 1)], axis=1).astype(np.int32)
+    clustered = np.flatnonzero(pc.is_valid(rows.column(cluster, "cluster_l1")).to_numpy(zero_copy_only=False))
+    paths = np.empty((len(clustered), n_levels), dtype=np.int32)  # filled a level at a time, no float copies
+    for lv in range(n_levels):
+        paths[:, lv] = pc.fill_null(rows.column(cluster, f"cluster_l{lv + 1}"), 0).to_numpy()[clustered]
     n = len(clustered)
     counts = np.zeros(n, dtype=np.int32)
     by_code = np.full(n, -1, dtype=np.int32)  # selected_by as codes into by_labels (no string per record)

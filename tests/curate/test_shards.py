@@ -195,16 +195,23 @@ def _plan_records(n: int, seed: int):
         "cluster_l1": pa.array(level, mask=level == 0), "extra": ["e"] * n})
 
 
-@pytest.mark.parametrize("n, sizes, bucket_rows, seed, max_count", [
-    (500, [120, 0, 200, 180], 64, 0, 7), (500, [500], 100_000, 3, 10_000), (300, [100, 100, 100], 50, None, 9),
-    (257, [1] * 7 + [250], 16, 1, 16), (0, [0, 0], 16, 0, 5)])
-def test_streamed_plan_is_plan_shards_of_all_records(tmp_path, n, sizes, bucket_rows, seed, max_count):
+@pytest.mark.parametrize("n, sizes, bucket_rows, seed, max_count, meta_chunk", [
+    (500, [120, 0, 200, 180], 64, 0, 7, 65536), (500, [500], 100_000, 3, 10_000, 65536),
+    (300, [100, 100, 100], 50, None, 9, 65536), (257, [1] * 7 + [250], 16, 1, 16, 65536),
+    (0, [0, 0], 16, 0, 5, 65536), (500, [250, 250], 64, 0, 7, 10)])
+def test_streamed_plan_is_plan_shards_of_all_records(tmp_path, monkeypatch, n, sizes, bucket_rows, seed, max_count,
+                                                     meta_chunk):
     """The external plan (parts spilled, key ranges, plan ranges) writes the same file as plan_shards over
-    all records concatenated, whatever the part sizes and the memory bound; the jobs are its shards."""
+    all records concatenated, whatever the part sizes, the memory bound and the metadata chunks (made a
+    chunk at a time: 65536 rows, or 10 here, to have chunk ends inside the plan ranges); the jobs are its
+    shards."""
     import numpy as np
     import pyarrow as pa
 
+    import curate.shards
     from curate.shards import PLAN_NAME, plan_shards, prepare_shards_parts
+
+    monkeypatch.setattr(curate.shards._sample_metas, "__defaults__", (meta_chunk, 0))
 
     records = _plan_records(n, seed=n + (seed or 0))
     bounds = np.concatenate([[0], np.cumsum(sizes)])
