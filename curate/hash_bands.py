@@ -152,9 +152,13 @@ def _strings(values: Sequence[str | None] | pa.Array) -> pa.Array:
 class LinkedKeepers:
     """`group_linked`'s outcome in arrays (no Python object per record), for the records with a link
     (sorted global rows): keep flag, keeper (index into the linked records), exact (same known sha256
-    as the keeper; False for keepers), group and distance as `curate.hashing.DedupResult` has them."""
+    as the keeper; False for keepers), group and distance as `curate.hashing.DedupResult` has them.
 
-    def __init__(self, ids: pa.Array, sha: pa.Array | None, phash: np.ndarray, pixels: np.ndarray,
+    sha_class[i] is the first linked record with the same known sha256 as record i (i where none: no
+    hash, or a hash no other record has), as the sha256 bands' star links give it (None: exact links
+    off); so the sha256 strings are never gathered."""
+
+    def __init__(self, ids: pa.Array, sha_class: np.ndarray | None, phash: np.ndarray, pixels: np.ndarray,
                  ei: np.ndarray, ej: np.ndarray) -> None:
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
@@ -166,9 +170,13 @@ class LinkedKeepers:
             ordered = ids.take(pa.array(by_id))
             if pc.any(pc.equal(ordered.slice(1), ordered.slice(0, n - 1))).as_py():
                 raise ValueError("ids must be unique")
+            del ordered
         rank = np.empty(n, dtype=np.int64)
         rank[by_id] = np.arange(n, dtype=np.int64)
-        graph = coo_matrix((np.ones(len(ei), dtype=np.int8), (ei, ej)), shape=(n, n)).tocsr()
+        del by_id
+        index = np.int32 if n < 2**31 else np.int64
+        graph = coo_matrix((np.ones(len(ei), dtype=np.int8), (ei.astype(index), ej.astype(index))),
+                           shape=(n, n)).tocsr()
         _, labels = connected_components(graph, directed=False)
         del graph
         picked = pick_keepers(labels, np.asarray(pixels, dtype=np.int64), rank)
@@ -176,12 +184,10 @@ class LinkedKeepers:
         codes = np.asarray(phash, dtype=np.uint64)
         self.distance = hamming_u64(codes, codes[self.keeper]).astype(np.int16)
         self.distance[self.keep] = -1
-        if sha is None:
+        if sha_class is None:
             self.exact = np.zeros(n, dtype=bool)
-        else:  # None and "" are no known hash, as curate.hashing._factorize_sha has it
-            known = pc.if_else(pc.equal(sha, ""), pa.scalar(None, pa.string()), sha)
-            code = pc.dictionary_encode(known).indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-            self.exact = (code == code[self.keeper]) & (code >= 0) & ~self.keep
+        else:
+            self.exact = (sha_class == sha_class[self.keeper]) & ~self.keep
 
     def dup_of(self, lo: int, hi: int) -> pa.Array:
         """Keeper ids of linked records lo..hi (null for keepers)."""
@@ -209,9 +215,9 @@ def dedup_spilled(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     Map: part by part, the ok rows' (global row, key) pairs go to band files under out_dir (a
     `.bands.tmp-*` folder, removed at the end; a killed run's is removed by the next one), buffered up to
     buffer_bytes. Reduce: one band at a time (about band_rows records each), its links. Then only the
-    records with a link are read back (id, sha256, pHash, pixels) to choose keepers, and the parts are
-    written one at a time. Memory: one band, the links and the linked records' columns (no Python
-    object per record)."""
+    records with a link are read back (id, pHash, pixels) to choose keepers (whether a copy is exact
+    comes from the sha256 links), and the parts are written one at a time. Memory: one band, the links
+    and the linked records' columns (no Python object per record)."""
     out_dir = ensure_dir(out_dir)
     parts = [str(p) for p in parts]
     sizes = np.array([pq.ParquetFile(p).metadata.num_rows for p in parts], dtype=np.int64)
@@ -239,7 +245,7 @@ def dedup_spilled(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike
                 flush()
                 size = 0
         flush()
-        ei, ej = [], []
+        links: dict[str, tuple[list, list]] = {"sha": ([], []), "phash": ([], [])}
         for b, kind in enumerate(kinds):
             if not (spill / f"{b}.rows").exists():
                 continue
@@ -248,34 +254,40 @@ def dedup_spilled(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike
             (spill / f"{b}.rows").unlink()
             (spill / f"{b}.keys").unlink()
             a, c = band_links(kind, max_distance, (rows, keys))
-            ei.append(a)
-            ej.append(c)
+            links[kind][0].append(a)
+            links[kind][1].append(c)
             del rows, keys
     finally:
         shutil.rmtree(spill, ignore_errors=True)
-    ei_a = np.concatenate(ei) if ei else _EMPTY
-    ej_a = np.concatenate(ej) if ej else _EMPTY
-    del ei, ej
+    # sha256 links are stars: (first record of a hash, another record of it)
+    sha_i, sha_j = (np.concatenate(x) if x else _EMPTY for x in links["sha"])
+    ei_a = np.concatenate([sha_i, *links["phash"][0]])
+    ej_a = np.concatenate([sha_j, *links["phash"][1]])
+    del links
     linked = np.unique(np.concatenate([ei_a, ej_a]))  # global rows with a link, sorted
     ei_a, ej_a = np.searchsorted(linked, ei_a), np.searchsorted(linked, ej_a)
+    sha_class = None
+    if exact:
+        sha_class = np.arange(len(linked), dtype=np.int64)
+        sha_class[ej_a[:len(sha_j)]] = ei_a[:len(sha_i)]
+    del sha_i, sha_j
     part_of = np.searchsorted(offsets, linked, side="right") - 1
     cuts = np.searchsorted(part_of, np.arange(len(parts) + 1))
     del part_of
-    cols: dict[str, list] = {"id": [], "sha256": [], "phash": [], "pixels": []}
+    cols: dict[str, list] = {"id": [], "phash": [], "pixels": []}
     for k, path in enumerate(parts):
         if cuts[k + 1] > cuts[k]:
-            t = pq.read_table(path, columns=["id", "sha256", "phash", "width", "height"]).take(
+            t = pq.read_table(path, columns=["id", "phash", "width", "height"]).take(
                 pa.array(linked[cuts[k]:cuts[k + 1]] - offsets[k]))
             cols["id"].append(t.column("id").combine_chunks().cast(pa.string()))
-            cols["sha256"].append(t.column("sha256").combine_chunks().cast(pa.string()))
             cols["phash"].append(t.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64))
             cols["pixels"].append(t.column("width").to_numpy(zero_copy_only=False).astype(np.int64)
                                   * t.column("height").to_numpy(zero_copy_only=False).astype(np.int64))
+            del t
     ids = pa.concat_arrays(cols["id"]) if cols["id"] else pa.array([], pa.string())
-    sha = (pa.concat_arrays(cols["sha256"]) if cols["sha256"] else pa.array([], pa.string())) if exact else None
-    res = LinkedKeepers(ids, sha, np.concatenate(cols["phash"] or [np.zeros(0, np.uint64)]),
+    res = LinkedKeepers(ids, sha_class, np.concatenate(cols["phash"] or [np.zeros(0, np.uint64)]),
                         np.concatenate(cols["pixels"] or [np.zeros(0, np.int64)]), ei_a, ej_a)
-    del cols, ei_a, ej_a
+    del cols, ei_a, ej_a, sha_class
     n_ok = 0
     for k, path in enumerate(parts):
         lo, hi = int(cuts[k]), int(cuts[k + 1])
