@@ -91,7 +91,7 @@ def _hashdedup(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
     from curate.hash_bands import phash_fields
 
     hc = cfg.hashdedup
-    mem = cost("base_rss") + cost("hashdedup_band_bytes") + f.ok * cost("hashdedup_bytes")
+    mem = cost("base_rss") + cost("hashdedup_band_bytes") + f.ok * cost("hash_dup_share") * cost("hashdedup_bytes")
     spill = f.ok * (16 * len(phash_fields(hc.phash_max_distance)) + (72 if hc.exact else 0))  # bands on disk
     return StagePlan("hashdedup", "driver", mem, mem, f.inputs * 30 + spill, 0, f.ok * cost("hashdedup_s"), f.ok,
                      ["one process: the bands spilled to disk and reduced one at a time, then the records with a "
