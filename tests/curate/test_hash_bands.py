@@ -161,3 +161,21 @@ def test_spilled_dedup_refuses_repeated_ids_among_linked_records(tmp_path):
     paths = _write_pool(tmp_path, table.set_column(0, "id", pa.array(ids)), [30, 30])
     with pytest.raises(ValueError, match="unique"):
         dedup_spilled(paths, tmp_path / "out", 4, True, 20, 1)
+
+
+def test_spilled_dedup_of_a_pool_without_duplicates_marks_nothing(tmp_path):
+    from curate.hash_bands import dedup_spilled
+
+    rng = np.random.default_rng(5)
+    n = 50
+    table = pa.table({"id": [f"r{i:03d}" for i in range(n)], "status": ["ok"] * n,
+                      "sha256": [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)],
+                      "phash": pa.array(rng.integers(0, 2**64, n, dtype=np.uint64), pa.uint64()),
+                      "width": np.full(n, 64, np.int32), "height": np.full(n, 64, np.int32)})
+    assert (dedup(table.column("id").to_pylist(), table.column("sha256").to_pylist(),
+                  table.column("phash").to_numpy(), np.full(n, 4096), 4).group == -1).all()  # no link at all
+    paths = _write_pool(tmp_path, table, [20, 30])
+    assert dedup_spilled(paths, tmp_path / "out", 4, True, 10, 1) == (n, {}, 0)
+    for k in range(2):
+        t = pq.read_table(tmp_path / "out" / f"part-{k:05d}.parquet")
+        assert t.column("dup_of").null_count == t.num_rows and set(t.column("dup_group").to_pylist()) == {-1}
