@@ -63,13 +63,13 @@ COSTS: dict[str, Cost] = {
                           "(selected_by as codes; 240 B before)"),
     "cluster_bytes": Cost(70, "driver bytes per record (labels, distances, row maps)", f"{_SCALE10}: cluster 262 MB "
                           "at 0.95M, 882 MB at 9.7M records"),
-    "plan_s": Cost(24e-6, "driver s per selected record (shard plan, written)", f"{_SCALE10}: 121 CPU-s for "
-                   "5M selected (12.4 for 0.5M)"),
-    "plan_range_bytes": Cost(270 * 2**20, "driver bytes (shard plan: one range of 262,144 samples)",
-                             f"{_SCALE10}: the intercept of peak RSS 470 MB at 0.5M, 509 MB at 5M selected, "
+    "plan_s": Cost(18e-6, "driver s per selected record (shard plan, written)", f"{_SCALE10}: 89 CPU-s for "
+                   "5M selected (12.4 for 0.5M; 121 in another 5M run under more load)"),
+    "plan_range_bytes": Cost(260 * 2**20, "driver bytes (shard plan: one range of 262,144 samples)",
+                             f"{_SCALE10}: the intercept of peak RSS 470 MB at 0.5M, 553 MB at 5M selected, "
                              "above base_rss"),
-    "plan_bytes": Cost(9, "driver bytes per selected record (shard plan: the shuffle)", f"{_SCALE10}: the slope "
-                       "of the same two runs (1,540 B before the plan was streamed)"),
+    "plan_bytes": Cost(19, "driver bytes per selected record (shard plan: the shuffle, allocator growth)",
+                       f"{_SCALE10}: the slope of the same two runs (1,540 B before the plan was streamed)"),
     "shards_bytes_s": Cost(370e6, "bytes/s per process", "RESULTS 'Curated shards vs an fsynced copy': 370 MB/s "
                            "(python bench/shards.py --n 1000 --size 768)"),
     "base_rss": Cost(200 * 2**20, "bytes per Python process", f"{_SCALE}: the smallest stage processes, 185-262 MB"),
