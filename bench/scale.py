@@ -173,18 +173,16 @@ def generate_embed(work: Path, dim: int, seed: int = 0) -> dict:
 
 
 def shard_plan(cfg) -> dict:
-    """The shards stage up to its plan: selected records, repeats expanded, samples ordered and cut."""
-    from curate.ingest import CORE_COLUMNS
-    from curate.shards import ShardSettings, plan_shards
-    from pipelines.stages.shards import _expand_repeats, selected_records
+    """The shards stage up to its plan (`pipelines.stages.shards.plan_parts`: selected records part by part,
+    repeats expanded, samples ordered and cut, the plan written), no image read."""
+    import shutil
 
-    sc = cfg.shards
-    selected = selected_records(cfg, sc.select)
-    records = _expand_repeats(selected)
-    meta = [c for c in records.column_names if c not in CORE_COLUMNS and c.startswith(("cluster_l", "seed_"))]
-    plan = plan_shards(records, ShardSettings(max_size=sc.max_size, max_count=sc.max_count,
-                                              shuffle_seed=sc.shuffle_seed), meta)
-    return {"in": selected.num_rows, "out": plan.num_rows, "shards": len(set(plan.column("shard").to_pylist()))}
+    from pipelines.stages.shards import plan_parts
+
+    out = Path(cfg.workdir) / "shard_plan"
+    shutil.rmtree(out, ignore_errors=True)
+    jobs, selected, samples = plan_parts(cfg, out)
+    return {"in": selected, "out": samples, "shards": len(jobs)}
 
 
 def calibrate(dim: int = 64) -> dict:

@@ -55,13 +55,23 @@ class BalanceResult:
     """Repeat count per record (0/1 without a multiplier), and where each selection came from."""
 
     counts: np.ndarray  # int32 [n]
-    selected_by: np.ndarray  # str [n]: "l3:5/l2:17/l1:230" for selected records, "" otherwise
+    by_code: np.ndarray  # int32 [n]: index into by_labels of selected records, -1 otherwise
+    by_labels: np.ndarray  # str [labels]: "l3:5/l2:17/l1:230", one per tree path with a selection
     report: dict = field(default_factory=dict)
 
     @property
     def selected(self) -> np.ndarray:
         """bool [n]: selected at least once."""
         return self.counts > 0
+
+    @property
+    def selected_by(self) -> np.ndarray:
+        """str [n] (object): the tree path a selected record was chosen through, "" otherwise (a Python
+        string per record: writers take by_code and by_labels instead)."""
+        out = np.full(len(self.by_code), "", dtype=object)
+        sel = self.by_code >= 0
+        out[sel] = self.by_labels[self.by_code[sel]]
+        return out
 
 
 def _tree(paths: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
@@ -74,8 +84,12 @@ def _tree(paths: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], list[n
     for lv in range(levels - 1, -1, -1):
         col = paths[:, lv].astype(np.int64)
         col = col - col.min(initial=0)
-        key = up * (int(col.max(initial=0)) + 1) + col
-        _, first[lv], node[lv] = np.unique(key, return_index=True, return_inverse=True)
+        key = up.astype(np.int64) * (int(col.max(initial=0)) + 1) + col
+        del col
+        _, first[lv], inverse = np.unique(key, return_index=True, return_inverse=True)
+        del key
+        node[lv] = inverse.reshape(-1).astype(np.int32 if len(first[lv]) < 2**31 else np.int64)
+        del inverse
         parent[lv] = up[first[lv]]
         up = node[lv]
     return node, parent, first
@@ -104,8 +118,8 @@ def balanced_sample(
     if multiplier < 1 or target < 0:
         raise ValueError("multiplier must be >= 1 and target >= 0")
     if n == 0:
-        return BalanceResult(np.zeros(0, np.int32), np.zeros(0, object), {"target": int(target), "pool": 0,
-                                                                          "selected": 0, "shortfall": int(target)})
+        return BalanceResult(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, object),
+                             {"target": int(target), "pool": 0, "selected": 0, "shortfall": int(target)})
     rng = np.random.default_rng(seed)
     node, parent, first = _tree(paths)
     quota = np.array([min(target, n * multiplier)], dtype=np.int64)  # the root
@@ -131,15 +145,19 @@ def balanced_sample(
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n) - np.concatenate([[0], np.cumsum(size)[:-1]])[leaf[order]]
     counts = (quota[leaf] // size[leaf] + (rank < quota[leaf] % size[leaf])).astype(np.int32)
-    selected_by = np.full(n, "", dtype=object)
-    sel = np.flatnonzero(counts)
-    label = np.full(len(sel), "", dtype=object)
+    # the path a record was chosen through is its leaf's: one label per leaf with a selection
+    chosen = counts > 0
+    leaves = np.flatnonzero(np.bincount(leaf[chosen], minlength=len(quota)))
+    code_of = np.full(len(quota), -1, dtype=np.int32)
+    code_of[leaves] = np.arange(len(leaves), dtype=np.int32)
+    by_code = np.where(chosen, code_of[leaf], -1).astype(np.int32)
+    heads = first[0][leaves]
+    label = np.full(len(leaves), "", dtype=object)
     for lv in range(levels - 1, -1, -1):
-        label = label + f"l{lv + 1}:" + paths[sel, lv].astype(str).astype(object) + ("/" if lv else "")
-    selected_by[sel] = label
+        label = label + f"l{lv + 1}:" + paths[heads, lv].astype(str).astype(object) + ("/" if lv else "")
     total = int(counts.sum())
-    report.update(selected=total, unique=int(len(sel)), shortfall=int(target) - total)
-    return BalanceResult(counts, selected_by, report)
+    report.update(selected=total, unique=int(chosen.sum()), shortfall=int(target) - total)
+    return BalanceResult(counts, by_code, label, report)
 
 
 def explained_variance(points: np.ndarray, labels: np.ndarray) -> float:

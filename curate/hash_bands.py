@@ -7,20 +7,27 @@ hashes within max_distance agree on at least one field: pigeonhole). Reduce (per
 inside the band (equal sha256; pHash pairs within max_distance). Every linked pair shares a band, so
 the union of the bands' links has the components of `dedup`'s links; only records with a link are
 gathered to choose keepers (`group_linked`), and each part is written by its own task.
+
+`dedup_spilled` runs the same map/reduce in one process with the bands spilled to disk: memory is
+bounded by one band (and the records that have a link), not by the pool.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.hashing import phash_pairs
-from curate.parts import write_table_atomic
+from curate.groups import pick_keepers
+from curate.hashing import hamming_u64, phash_pairs
+from curate.parts import ensure_dir, part_name, write_table_atomic
 
 MIN_FIELD_BITS = 4  # narrower pHash fields would put most records in a few bands: use one band then
 _EMPTY = np.empty(0, np.int64)
@@ -126,8 +133,167 @@ def write_dup_part(ingest_part: str | os.PathLike, out: str | os.PathLike, posit
     d = np.full(n, -1, dtype=np.int16)
     g[~mask], d[~mask] = np.asarray(group, np.int64)[where[~mask]], np.asarray(distance, np.int16)[where[~mask]]
     table = pa.table({"id": t.column("id"),
-                      "dup_of": pa.array(list(dup_of), type=pa.string()).take(take),
-                      "dup_reason": pa.array(list(reason), type=pa.string()).take(take),
+                      "dup_of": _strings(dup_of).take(take),
+                      "dup_reason": _strings(reason).take(take),
                       "dup_group": pa.array(g), "dup_distance": pa.array(d)})
     write_table_atomic(table, out)
     return int(pc.sum(pc.equal(t.column("status"), "ok")).as_py() or 0)
+
+
+def _strings(values: Sequence[str | None] | pa.Array) -> pa.Array:
+    """A string Arrow array of a Python sequence or an Arrow array (taken as it is)."""
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks().cast(pa.string())
+    if isinstance(values, pa.Array):
+        return values.cast(pa.string())
+    return pa.array(list(values), type=pa.string())
+
+
+class LinkedKeepers:
+    """`group_linked`'s outcome in arrays (no Python object per record), for the records with a link
+    (sorted global rows): keep flag, keeper (index into the linked records), exact (same known sha256
+    as the keeper; False for keepers), group and distance as `curate.hashing.DedupResult` has them.
+
+    sha_class[i] is the first linked record with the same known sha256 as record i (i where none: no
+    hash, or a hash no other record has), as the sha256 bands' star links give it (None: exact links
+    off); so the sha256 strings are never gathered."""
+
+    def __init__(self, ids: pa.Array, sha_class: np.ndarray | None, phash: np.ndarray, pixels: np.ndarray,
+                 ei: np.ndarray, ej: np.ndarray) -> None:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        n = len(ids)
+        self.ids = ids
+        by_id = pc.sort_indices(ids).to_numpy()  # string order: Arrow compares UTF-8 bytes, i.e. code points
+        if n > 1:
+            ordered = ids.take(pa.array(by_id))
+            if pc.any(pc.equal(ordered.slice(1), ordered.slice(0, n - 1))).as_py():
+                raise ValueError("ids must be unique")
+            del ordered
+        rank = np.empty(n, dtype=np.int64)
+        rank[by_id] = np.arange(n, dtype=np.int64)
+        del by_id
+        index = np.int32 if n < 2**31 else np.int64
+        graph = coo_matrix((np.ones(len(ei), dtype=np.int8), (ei.astype(index), ej.astype(index))),
+                           shape=(n, n)).tocsr()
+        _, labels = connected_components(graph, directed=False)
+        del graph
+        picked = pick_keepers(labels, np.asarray(pixels, dtype=np.int64), rank)
+        self.keep, self.keeper, self.group = picked.keep, picked.keeper, picked.group
+        codes = np.asarray(phash, dtype=np.uint64)
+        self.distance = hamming_u64(codes, codes[self.keeper]).astype(np.int16)
+        self.distance[self.keep] = -1
+        if sha_class is None:
+            self.exact = np.zeros(n, dtype=bool)
+        else:
+            self.exact = (sha_class == sha_class[self.keeper]) & ~self.keep
+
+    def dup_of(self, lo: int, hi: int) -> pa.Array:
+        """Keeper ids of linked records lo..hi (null for keepers)."""
+        keeper = pa.array(self.keeper[lo:hi], mask=self.keep[lo:hi], type=pa.int64())
+        return self.ids.take(keeper)
+
+    def reason(self, lo: int, hi: int) -> pa.Array:
+        """"exact" / "near" of linked records lo..hi (null for keepers)."""
+        r = np.where(self.exact[lo:hi], "exact", "near").astype(object)
+        r[self.keep[lo:hi]] = None
+        return pa.array(r, type=pa.string())
+
+
+def _append(path: Path, a: np.ndarray) -> None:
+    with open(path, "ab") as fh:
+        fh.write(np.ascontiguousarray(a).tobytes())
+
+
+def dedup_spilled(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, max_distance: int, exact: bool,
+                  band_rows: int = 250_000, buffer_bytes: int = 64 << 20) -> tuple[int, dict, int]:
+    """Hash dedup of the ingest parts in this process, banded as the Ray executor does it, with exactly
+    `curate.hashing.dedup`'s outcome over all ok records; writes one hashdedup part per ingest part into
+    out_dir. Returns (ok records, dropped counts by reason, groups).
+
+    Map: part by part, the ok rows' (global row, key) pairs go to band files under out_dir (a
+    `.bands.tmp-*` folder, removed at the end; a killed run's is removed by the next one), buffered up to
+    buffer_bytes. Reduce: one band at a time (about band_rows records each), its links. Then only the
+    records with a link are read back (id, pHash, pixels) to choose keepers (whether a copy is exact
+    comes from the sha256 links), and the parts are written one at a time. Memory: one band, the links
+    and the linked records' columns (no Python object per record)."""
+    out_dir = ensure_dir(out_dir)
+    parts = [str(p) for p in parts]
+    sizes = np.array([pq.ParquetFile(p).metadata.num_rows for p in parts], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    n_bands = max(1, -(-int(offsets[-1]) // max(1, band_rows)))
+    kinds = band_kinds(max_distance, exact, n_bands)
+    spill = out_dir / f".bands.tmp-{uuid.uuid4().hex[:8]}"
+    spill.mkdir()
+    try:
+        buffered: dict[int, list] = {}
+        size = 0
+
+        def flush() -> None:
+            for b, chunks in buffered.items():
+                _append(spill / f"{b}.rows", np.concatenate([c[0] for c in chunks]))
+                _append(spill / f"{b}.keys", np.concatenate([c[1] for c in chunks]))
+            buffered.clear()
+
+        for k, path in enumerate(parts):
+            for b, (rows, keys) in enumerate(map_bands([(path, int(offsets[k]))], max_distance, exact, n_bands)):
+                if len(rows):
+                    buffered.setdefault(b, []).append((rows, keys))
+                    size += rows.nbytes + keys.nbytes
+            if size > buffer_bytes:
+                flush()
+                size = 0
+        flush()
+        links: dict[str, tuple[list, list]] = {"sha": ([], []), "phash": ([], [])}
+        for b, kind in enumerate(kinds):
+            if not (spill / f"{b}.rows").exists():
+                continue
+            rows = np.fromfile(spill / f"{b}.rows", dtype=np.int64)
+            keys = np.fromfile(spill / f"{b}.keys", dtype="S64" if kind == "sha" else np.uint64)
+            (spill / f"{b}.rows").unlink()
+            (spill / f"{b}.keys").unlink()
+            a, c = band_links(kind, max_distance, (rows, keys))
+            links[kind][0].append(a)
+            links[kind][1].append(c)
+            del rows, keys
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+    # sha256 links are stars: (first record of a hash, another record of it)
+    sha_i, sha_j = (np.concatenate(x) if x else _EMPTY for x in links["sha"])
+    ei_a = np.concatenate([sha_i, *links["phash"][0]])
+    ej_a = np.concatenate([sha_j, *links["phash"][1]])
+    del links
+    linked = np.unique(np.concatenate([ei_a, ej_a]))  # global rows with a link, sorted
+    ei_a, ej_a = np.searchsorted(linked, ei_a), np.searchsorted(linked, ej_a)
+    sha_class = None
+    if exact:
+        sha_class = np.arange(len(linked), dtype=np.int64)
+        sha_class[ej_a[:len(sha_j)]] = ei_a[:len(sha_i)]
+    del sha_i, sha_j
+    part_of = np.searchsorted(offsets, linked, side="right") - 1
+    cuts = np.searchsorted(part_of, np.arange(len(parts) + 1))
+    del part_of
+    cols: dict[str, list] = {"id": [], "phash": [], "pixels": []}
+    for k, path in enumerate(parts):
+        if cuts[k + 1] > cuts[k]:
+            t = pq.read_table(path, columns=["id", "phash", "width", "height"]).take(
+                pa.array(linked[cuts[k]:cuts[k + 1]] - offsets[k]))
+            cols["id"].append(t.column("id").combine_chunks().cast(pa.string()))
+            cols["phash"].append(t.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64))
+            cols["pixels"].append(t.column("width").to_numpy(zero_copy_only=False).astype(np.int64)
+                                  * t.column("height").to_numpy(zero_copy_only=False).astype(np.int64))
+            del t
+    ids = pa.concat_arrays(cols["id"]) if cols["id"] else pa.array([], pa.string())
+    res = LinkedKeepers(ids, sha_class, np.concatenate(cols["phash"] or [np.zeros(0, np.uint64)]),
+                        np.concatenate(cols["pixels"] or [np.zeros(0, np.int64)]), ei_a, ej_a)
+    del cols, ei_a, ej_a, sha_class
+    n_ok = 0
+    for k, path in enumerate(parts):
+        lo, hi = int(cuts[k]), int(cuts[k + 1])
+        n_ok += write_dup_part(path, out_dir / part_name(k), linked[lo:hi] - offsets[k], res.dup_of(lo, hi),
+                               res.reason(lo, hi), res.group[lo:hi], res.distance[lo:hi])
+    dropped = {"duplicate_exact": int((~res.keep & res.exact).sum()),
+               "duplicate_near": int((~res.keep & ~res.exact).sum())}
+    groups = int(len(np.unique(res.group[res.group >= 0])))
+    return n_ok, {r: c for r, c in sorted(dropped.items()) if c}, groups

@@ -11,7 +11,9 @@ import hashlib
 import json
 from json.encoder import encode_basestring_ascii
 import os
+import shutil
 import tarfile
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,10 +25,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.parts import SyncedWrite, atomic_path, clean_temporaries, ensure_dir
-from curate.tars import BLOCK, RECORD, TarReader, write_members
+from curate.tars import BLOCK, RECORD, TarReader, sample_nbytes, tar_file_size, write_members
 
 INDEX_NAME = "index.parquet"
 PLAN_NAME = "_plan.parquet"
+INDEX_ROW_GROUP = 65536  # rows per row group of the index
 NEEDED = ["id", "uri", "raw_shard", "raw_offset", "nbytes", "ext", "sha256", "width", "height"]
 
 
@@ -231,10 +234,22 @@ def _parquet_round_trip(schema: pa.Schema) -> bool:
     return back.to_string(show_schema_metadata=False) == schema.to_string(show_schema_metadata=False)
 
 
+_INDEX_DROP = ("raw_shard", "raw_offset", "meta")  # plan columns the index leaves out
+
+
 def write_index(plan: pa.Table, path: str | os.PathLike) -> None:
     """The index (the plan less the raw-shard bookkeeping and the json) as Parquet at `path`, not synced."""
-    pq.write_table(plan.drop_columns(["raw_shard", "raw_offset", "meta"]), path, compression="zstd",
-                   write_statistics=True)
+    pq.write_table(plan.drop_columns(list(_INDEX_DROP)), path, compression="zstd", write_statistics=True,
+                   row_group_size=INDEX_ROW_GROUP)
+
+
+def copy_index(plan_path: str | os.PathLike, path: str | os.PathLike) -> None:
+    """write_index of the plan file at plan_path, read a row group's worth of rows at a time."""
+    plan = pq.ParquetFile(plan_path)
+    schema = pa.schema([f for f in plan.schema_arrow if f.name not in _INDEX_DROP])
+    with pq.ParquetWriter(path, schema, compression="zstd", write_statistics=True) as writer:
+        for batch in plan.iter_batches(batch_size=INDEX_ROW_GROUP, columns=schema.names):
+            writer.write_batch(batch, row_group_size=INDEX_ROW_GROUP)
 
 
 def _jobs(names: pa.Array) -> list[tuple[str, int, int]]:
@@ -244,6 +259,241 @@ def _jobs(names: pa.Array) -> list[tuple[str, int, int]]:
     changes = pc.not_equal(names.slice(0, len(names) - 1), names.slice(1)).to_numpy(zero_copy_only=False)
     bounds = np.concatenate([[0], np.flatnonzero(changes) + 1, [len(names)]]).astype(np.int64)
     return [(names[int(lo)].as_py(), int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+PLAN_BUCKET_ROWS = 262_144  # samples held in memory at a time while planning (a key range, then a plan range)
+_SAMPLE_KEYS = 100_000     # keys sampled over all parts to cut the key ranges
+
+
+def prepare_shards_parts(read_part: Callable[[int], pa.Table], n_parts: int, out_dir: str | os.PathLike,
+                         settings: ShardSettings = ShardSettings(), meta_columns: Sequence[str] = (),
+                         bucket_rows: int = PLAN_BUCKET_ROWS) -> list[tuple[str, int, int]]:
+    """`prepare_shards` for records given part by part: `read_part(k)` (k < n_parts) returns the records
+    of part k, in order; the plan is `plan_shards` of all parts' records concatenated, row for row, and
+    the file the same as `prepare_shards` writes for them.
+
+    Memory is bounded by `bucket_rows` samples and the shuffle (4 bytes a sample; 8 while it is
+    inverted), not by the records: an external sort. Pass 1 spills each part's columns of the plan (to a
+    `.plan.tmp-*` folder in out_dir) and samples its keys; pass 2 routes the rows to key ranges cut at
+    quantiles of the sample; pass 3 sorts one key range at a time, which gives every sample its rank in
+    key order, hence its plan row through the inverse of the seeded permutation, and routes it to a range
+    of plan rows; pass 4 orders one plan range at a time, adds the JSON metadata and the shard (the
+    cutting carries over from range to range) and appends it to the plan."""
+    out = ensure_dir(out_dir)
+    clean_temporaries(out)
+    plan_path = out / PLAN_NAME
+    if not plan_path.exists():
+        spill = out / f".plan.tmp-{uuid.uuid4().hex[:8]}"
+        spill.mkdir()
+        try:
+            with atomic_path(plan_path) as tmp:
+                _plan_external(read_part, n_parts, spill, tmp, settings, meta_columns, max(1, bucket_rows))
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)
+    return plan_jobs(plan_path)
+
+
+def plan_jobs(plan_path: str | os.PathLike) -> list[tuple[str, int, int]]:
+    """Each shard's name and plan rows [lo, hi), read a row group at a time."""
+    jobs: list[tuple[str, int, int]] = []
+    start = 0
+    for batch in pq.ParquetFile(plan_path).iter_batches(columns=["shard"]):
+        names = batch.column(0)
+        if not len(names):
+            continue
+        changes = pc.not_equal(names.slice(0, len(names) - 1), names.slice(1)).to_numpy(zero_copy_only=False)
+        heads = np.concatenate([[0], np.flatnonzero(changes) + 1]).astype(np.int64)
+        for h in heads.tolist():
+            name = names[h].as_py()
+            if jobs and jobs[-1][0] == name:
+                continue
+            if jobs:
+                jobs[-1] = (jobs[-1][0], jobs[-1][1], start + h)
+            jobs.append((name, start + h, -1))
+        start += len(names)
+    if jobs:
+        jobs[-1] = (jobs[-1][0], jobs[-1][1], start)
+    return jobs
+
+
+def _plan_columns(t: pa.Table, meta_columns: Sequence[str]) -> pa.Table:
+    """A part's records as plan_shards takes them: uri from name, key (default: id), the needed columns
+    and the metadata columns present, in plan order."""
+    missing = [c for c in NEEDED if c not in t.column_names]
+    if missing:
+        raise ValueError(f"records lack columns needed for shards: {missing}")
+    if "name" in t.column_names:
+        t = t.set_column(t.column_names.index("uri"), "uri", t.column("name"))
+    if "key" not in t.column_names:
+        t = t.append_column("key", t.column("id"))
+    keep = ["key", *NEEDED] + [c for c in meta_columns if c in t.column_names and c not in (*NEEDED, "key")]
+    return t.select(keep)
+
+
+def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """t with exactly the schema's columns, in its order and types (absent ones null), as
+    pa.concat_tables(promote_options="permissive") gives them."""
+    cols = [t.column(f.name).cast(f.type) if f.name in t.column_names else pa.nulls(t.num_rows, f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+class _Spool:
+    """Tables appended to numbered Arrow IPC files, buffered up to a byte budget."""
+
+    def __init__(self, directory: Path, prefix: str, schema: pa.Schema, budget: int = 64 << 20) -> None:
+        self.directory, self.prefix, self.schema, self.budget = directory, prefix, schema, budget
+        self.writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+        self.buffer: dict[int, list[pa.Table]] = {}
+        self.size = 0
+
+    def path(self, b: int) -> Path:
+        return self.directory / f"{self.prefix}-{b}.arrow"
+
+    def add(self, b: int, t: pa.Table) -> None:
+        if t.num_rows:
+            self.buffer.setdefault(b, []).append(t)
+            self.size += t.nbytes
+            if self.size > self.budget:
+                self.flush()
+
+    def flush(self) -> None:
+        for b, tables in self.buffer.items():
+            if b not in self.writers:
+                self.writers[b] = pa.ipc.new_stream(str(self.path(b)), self.schema)
+            self.writers[b].write_table(pa.concat_tables(tables))
+        self.buffer.clear()
+        self.size = 0
+
+    def close(self) -> None:
+        self.flush()
+        for w in self.writers.values():
+            w.close()
+
+    def read(self, b: int) -> pa.Table:
+        """Everything appended to b (empty when nothing was); the file is removed."""
+        path = self.path(b)
+        if not path.exists():
+            return self.schema.empty_table()
+        with pa.OSFile(str(path)) as fh:
+            t = pa.ipc.open_stream(fh).read_all()
+        path.unlink()
+        return t
+
+
+def _plan_external(read_part: Callable[[int], pa.Table], n_parts: int, spill: Path, plan_tmp: Path,
+                   settings: ShardSettings, meta_columns: Sequence[str], bucket_rows: int) -> None:
+    # pass 1: each part's plan columns spilled, its row count, a sample of its keys
+    schemas, counts, samples = [], [], []
+    per_part = max(1, -(-_SAMPLE_KEYS // max(1, n_parts)))
+    for k in range(n_parts):
+        t = _plan_columns(read_part(k), meta_columns)
+        schemas.append(t.schema)
+        counts.append(t.num_rows)
+        with pa.OSFile(str(spill / f"part-{k}.arrow"), "wb") as fh, pa.ipc.new_stream(fh, t.schema) as w:
+            w.write_table(t)
+        if t.num_rows:
+            at = np.unique(np.linspace(0, t.num_rows - 1, min(per_part, t.num_rows)).astype(np.int64))
+            samples.append(t.column("key").take(pa.array(at)).combine_chunks().cast(pa.string()))
+        del t
+    if n_parts == 0:
+        raise ValueError("no records to plan shards for (no parts)")
+    schema = pa.unify_schemas(schemas, promote_options="permissive") if len(schemas) > 1 else schemas[0]
+    keep = ["key", *NEEDED] + [c for c in meta_columns if c in schema.names and c not in (*NEEDED, "key")]
+    schema = pa.schema([schema.field(c) for c in keep])
+    n = int(sum(counts))
+    n_keys = max(1, -(-n // bucket_rows))
+    sample = pa.concat_arrays(samples) if samples else pa.array([], pa.string())
+    sample = sample.take(pc.sort_indices(sample)).to_numpy(zero_copy_only=False)
+    cut_at = (np.arange(1, n_keys) * len(sample)) // n_keys
+    splitters = np.unique(sample[cut_at]) if len(sample) else np.empty(0, dtype=object)
+    del samples, sample
+
+    # pass 2: rows to key ranges, with their row number in the concatenation (ties keep that order)
+    work = schema.append(pa.field("_g", pa.int64()))
+    by_key = _Spool(spill, "key", work)
+    start = 0
+    for k in range(n_parts):
+        with pa.OSFile(str(spill / f"part-{k}.arrow")) as fh:
+            t = _conform(pa.ipc.open_stream(fh).read_all(), schema)
+        (spill / f"part-{k}.arrow").unlink()
+        t = t.append_column("_g", pa.array(np.arange(start, start + t.num_rows, dtype=np.int64)))
+        start += t.num_rows
+        keys = t.column("key").combine_chunks().cast(pa.string()).to_numpy(zero_copy_only=False)
+        bucket = np.searchsorted(splitters, keys, side="right") if len(splitters) else np.zeros(len(keys), np.int64)
+        order = np.argsort(bucket, kind="stable")
+        bounds = np.searchsorted(bucket[order], np.arange(len(splitters) + 2))
+        for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if hi > lo:
+                by_key.add(b, t.take(pa.array(order[lo:hi])))
+        del t, keys
+    by_key.close()
+
+    # pass 3: key order -> plan row (the inverse of the seeded permutation) -> plan ranges
+    if settings.shuffle_seed is not None and n:
+        inv = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+        np.random.default_rng(settings.shuffle_seed).shuffle(inv)  # == Generator.permutation(n), as plan_shards
+        perm, inv = inv, np.empty_like(inv)
+        step = 1 << 20
+        for lo in range(0, n, step):
+            inv[perm[lo:lo + step]] = np.arange(lo, min(n, lo + step), dtype=inv.dtype)
+        del perm
+    else:
+        inv = None
+    rows_per_group = max(1, min(settings.max_count, 65536))
+    span = rows_per_group * max(1, bucket_rows // rows_per_group)  # a plan range is whole row groups
+    by_row = _Spool(spill, "row", schema.append(pa.field("_o", pa.int64())))
+    rank = 0
+    for b in range(len(splitters) + 1):
+        t = by_key.read(b)
+        t = t.take(pc.sort_indices(t, sort_keys=[("key", "ascending"), ("_g", "ascending")]))
+        ranks = np.arange(rank, rank + t.num_rows, dtype=np.int64)
+        rank += t.num_rows
+        row = ranks if inv is None else inv[ranks].astype(np.int64)
+        t = t.drop_columns(["_g"]).append_column("_o", pa.array(row))
+        dest = row // span
+        order = np.argsort(dest, kind="stable")
+        bounds = np.searchsorted(dest[order], np.arange(-(-n // span) + 1))
+        for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if hi > lo:
+                by_row.add(j, t.take(pa.array(order[lo:hi])))
+        del t
+    by_row.close()
+    del inv
+
+    # pass 4: each plan range in order, its metadata and shards, appended to the plan
+    out_schema = schema.append(pa.field("shard", pa.string())).append(pa.field("meta", pa.string()))
+    state = (0, 0, 0)
+    with pq.ParquetWriter(plan_tmp, out_schema, compression="zstd", write_statistics=True) as writer:
+        for j in range(max(1, -(-n // span))):
+            t = by_row.read(j)
+            o = t.column("_o").to_numpy() - j * span
+            if not np.array_equal(np.sort(o), np.arange(min(span, n - j * span))):
+                raise AssertionError(f"plan range {j} is incomplete")
+            t = t.take(pa.array(np.argsort(o))).drop_columns(["_o"])
+            t, state = _cut_range(t, keep, settings, state)
+            writer.write_table(t, row_group_size=rows_per_group)
+
+
+def _cut_range(t: pa.Table, keep: Sequence[str], settings: ShardSettings,
+               state: tuple[int, int, int]) -> tuple[pa.Table, tuple[int, int, int]]:
+    """Rows in plan order with their metadata and shard; `state` (shard, count, bytes) carries the cut
+    over from the rows before (the cut of plan_shards, a range at a time)."""
+    metas = _sample_metas(t, keep)
+    sizes = t.column("nbytes").to_numpy().tolist()
+    meta_sizes = pc.binary_length(metas).to_numpy().tolist()
+    shard_ids = np.empty(t.num_rows, dtype=np.int64)
+    cur, count, used = state
+    first = cur
+    for i, (n, m) in enumerate(zip(sizes, meta_sizes)):
+        need = sample_nbytes((n, m))
+        if count and (count >= settings.max_count or tar_file_size(used + need) > settings.max_size):
+            cur, count, used = cur + 1, 0, 0
+        shard_ids[i] = cur
+        count, used = count + 1, used + need
+    names = pa.array([shard_name(i) for i in range(first, cur + 1)], type=pa.string())
+    t = t.append_column("shard", names.take(pa.array(shard_ids - first)))
+    return t.append_column("meta", metas), (cur, count, used)
 
 
 def write_shard(raw_root: str | os.PathLike, out_dir: str | os.PathLike, name: str, lo: int, hi: int) -> int:
@@ -318,7 +568,10 @@ def finish_shards(out_dir: str | os.PathLike, jobs: Sequence[tuple[str, int, int
     _check_complete(out, jobs)
     if not (out / INDEX_NAME).exists():
         with atomic_path(out / INDEX_NAME) as tmp:
-            write_index(plan if plan is not None else pq.read_table(out / PLAN_NAME), tmp)
+            if plan is not None:
+                write_index(plan, tmp)
+            else:  # the plan on disk, copied a row group at a time (same bytes as write_index)
+                copy_index(out / PLAN_NAME, tmp)
     clean_temporaries(out)  # a writer lost with its node may have left a temporary file
     return {"samples": int(sum(hi - lo for _, lo, hi in jobs)), "shards": len(jobs),
             "bytes": int(sum((out / n).stat().st_size for n, _, _ in jobs))}

@@ -44,7 +44,8 @@ class RowMap:
 
     def write(self, out_dir: str | Path, rows: np.ndarray, columns: Mapping[str, tuple[object, pa.DataType]]) -> None:
         """Write `columns` (one value per global ingest row in `rows`) as parts aligned with the ingest
-        parts: `id` plus the columns, null where a record is not in `rows`."""
+        parts: `id` plus the columns, null where a record is not in `rows` (a dictionary array, codes
+        into labels, is written as its values, of the column's type)."""
         rows = np.asarray(rows, dtype=np.int64)
         arrays = {name: values if isinstance(values, (pa.Array, pa.ChunkedArray)) else
                   pa.array(values if isinstance(values, np.ndarray) else list(values), type=t)
@@ -54,7 +55,8 @@ class RowMap:
         for k in range(len(self.parts)):
             sl = where[self.offsets[k]:self.offsets[k + 1]]
             take = pa.array(sl, mask=sl < 0, type=pa.int64())
-            table = pa.table({"id": self.ingest_ids(k), **{name: arr.take(take) for name, arr in arrays.items()}})
+            table = pa.table({"id": self.ingest_ids(k), **{name: _decoded(arr.take(take), columns[name][1])
+                                                           for name, arr in arrays.items()}})
             write_table_atomic(table, Path(out_dir) / part_name(k))
 
     def column(self, stage_dir: str | Path, name: str) -> pa.ChunkedArray:
@@ -66,6 +68,10 @@ class RowMap:
                 raise ValueError(f"{p} is not row-aligned with the ingest part {k}")
             chunks.extend(t.column(name).chunks)
         return pa.chunked_array(chunks, type=pq.read_schema(list_parts(stage_dir)[0]).field(name).type)
+
+
+def _decoded(values: pa.Array | pa.ChunkedArray, t: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    return values.cast(t) if pa.types.is_dictionary(values.type) else values
 
 
 def _ids(path: Path) -> pa.ChunkedArray:

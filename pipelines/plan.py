@@ -90,9 +90,14 @@ def _ingest(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
 
 
 def _hashdedup(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
-    mem = cost("base_rss") + f.ok * cost("hashdedup_bytes")
-    return StagePlan("hashdedup", "driver", mem, mem, f.inputs * 30, 0, f.ok * cost("hashdedup_s"), f.ok,
-                     ["one process: Python lists and a sha256 dict over every ok record"])
+    from curate.hash_bands import phash_fields
+
+    hc = cfg.hashdedup
+    mem = cost("base_rss") + cost("hashdedup_band_bytes") + f.ok * cost("hash_dup_share") * cost("hashdedup_bytes")
+    spill = f.ok * (16 * len(phash_fields(hc.phash_max_distance)) + (72 if hc.exact else 0))  # bands on disk
+    return StagePlan("hashdedup", "driver", mem, mem, f.inputs * 30 + spill, 0, f.ok * cost("hashdedup_s"), f.ok,
+                     ["one process: the bands spilled to disk and reduced one at a time, then the records with a "
+                      "link"])
 
 
 def _embed(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
@@ -274,7 +279,10 @@ def _driver_stage(stage: str, records: int, per_s: str, per_b: str, disk: float,
 
 def _shards(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
     p = _driver_stage("shards", f.selected, "plan_s", "plan_bytes", f.selected * cost("image_bytes"),
-                      "the plan (selection, order, json metadata) on the driver, then shards written in order")
+                      "the plan by an external sort on the driver (a range of samples in memory at a time, and "
+                      "the shuffle), then shards written in order")
+    p.mem_process += cost("plan_range_bytes")
+    p.mem_node += cost("plan_range_bytes")
     p.seconds += f.selected * cost("image_bytes") / cost("shards_bytes_s")
     p.network = f.selected * cost("image_bytes") * (1 - 1 / cl.nodes)
     return p

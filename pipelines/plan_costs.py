@@ -35,8 +35,14 @@ COSTS: dict[str, Cost] = {
     "ok_share": Cost(0.85, "of inputs", "ASSUMPTION: web downloads that arrive and decode"),
     "hash_dup_share": Cost(0.05, "of ok records", "ASSUMPTION: exact and pHash duplicates of a web pool"),
     "copy_dup_share": Cost(0.10, "of embedded records", "ASSUMPTION: embedding copies (DINOv2 removed a similar share)"),
-    "hashdedup_s": Cost(29e-6, "driver s per record", f"{_SCALE}: 28.6 CPU-s for 980k ok records"),
-    "hashdedup_bytes": Cost(1050, "driver bytes per record", f"{_SCALE}: peak RSS 1,152 MB"),
+    "hashdedup_s": Cost(66e-6, "driver s per ok record", f"{_SCALE10}: 644 CPU-s for 9.8M ok records (58.8 for "
+                        "0.98M; bands spilled to disk, each record searched in the 5 pHash bands of its bit fields)"),
+    "hashdedup_band_bytes": Cost(150 * 2**20, "driver bytes (one band of 250k records, the 64 MB spill buffer)",
+                                 f"{_SCALE10}: the intercept of peak RSS 356 MB at 0.98M and 411 MB at 9.8M ok "
+                                 "records, above base_rss"),
+    "hashdedup_bytes": Cost(340, "driver bytes per duplicate (its links and the linked records)", f"{_SCALE10}: "
+                            "the slope of the same two runs, 55 MB for 171k more duplicates (1,050 B per record "
+                            "before the bands)"),
     "embed_gpu_img_s": Cost(800, "img/s per GPU (ViT-L/14, 224 px, bf16)", "ASSUMPTION, not measured (no GPU "
                             "here): 155 GFLOP per image at 40% of an A100's 312 TFLOP/s bf16"),
     "embed_cpu_vits_img_s": Cost(6.3, "img/s per core (ViT-S/14)", "RESULTS 'Embedding stage': 12.6 img/s on 2 "
@@ -52,13 +58,18 @@ COSTS: dict[str, Cost] = {
     "ivf_scan_s": Cost(1.2e-9, "core-s per scanned vector-dimension (IVF k-NN)", f"{_SCALE}: dedup 112 CPU-s, "
                        "~70 of them scanning 6e10 vector-dimensions (the rest training, adding, components)"),
     "dedup_bytes": Cost(500, "driver bytes per record besides the index", f"{_SCALE}: dedup peak RSS 777 MB"),
-    "balance_s": Cost(4.3e-6, "driver s per record", f"{_SCALE}: 4.1 CPU-s for 950k records"),
-    "balance_bytes": Cost(240, "driver bytes per record", f"{_SCALE10}: balance 426 MB at 0.96M, 2,493 MB at 9.7M"),
+    "balance_s": Cost(3.7e-6, "driver s per record", f"{_SCALE10}: 35.4 CPU-s for 9.7M records"),
+    "balance_bytes": Cost(94, "driver bytes per record", f"{_SCALE10}: balance 318 MB at 0.96M, 1,140 MB at 9.7M "
+                          "(selected_by as codes; 240 B before)"),
     "cluster_bytes": Cost(70, "driver bytes per record (labels, distances, row maps)", f"{_SCALE10}: cluster 262 MB "
                           "at 0.95M, 882 MB at 9.7M records"),
-    "plan_s": Cost(17e-6, "driver s per selected record (shard plan)", f"{_SCALE}: 8.4 CPU-s for 500k selected"),
-    "plan_bytes": Cost(1540, "driver bytes per selected record (shard plan)", f"{_SCALE10}: 928 MB at 0.5M "
-                       "selected, 7,846 MB at 5M"),
+    "plan_s": Cost(18e-6, "driver s per selected record (shard plan, written)", f"{_SCALE10}: 89 CPU-s for "
+                   "5M selected (12.4 for 0.5M; 121 in another 5M run under more load)"),
+    "plan_range_bytes": Cost(260 * 2**20, "driver bytes (shard plan: one range of 262,144 samples)",
+                             f"{_SCALE10}: the intercept of peak RSS 470 MB at 0.5M, 553 MB at 5M selected, "
+                             "above base_rss"),
+    "plan_bytes": Cost(19, "driver bytes per selected record (shard plan: the shuffle, allocator growth)",
+                       f"{_SCALE10}: the slope of the same two runs (1,540 B before the plan was streamed)"),
     "shards_bytes_s": Cost(370e6, "bytes/s per process", "RESULTS 'Curated shards vs an fsynced copy': 370 MB/s "
                            "(python bench/shards.py --n 1000 --size 768)"),
     "base_rss": Cost(200 * 2**20, "bytes per Python process", f"{_SCALE}: the smallest stage processes, 185-262 MB"),

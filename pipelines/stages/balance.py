@@ -95,13 +95,14 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     rows = RowMap(stage_dir(cfg, "ingest"))
     cluster = stage_dir(cfg, "cluster")
     n_levels = sum(1 for c in pq.read_schema(list_parts(cluster)[0]).names if c.startswith("cluster_l"))
-    level1 = rows.column(cluster, "cluster_l1")
-    clustered = np.flatnonzero(pc.is_valid(level1).to_numpy(zero_copy_only=False))
-    paths = np.stack([rows.column(cluster, f"cluster_l{lv}").to_numpy(zero_copy_only=False)[clustered]
-                      for lv in range(1, n_levels + 1)], axis=1).astype(np.int32)
+    clustered = np.flatnonzero(pc.is_valid(rows.column(cluster, "cluster_l1")).to_numpy(zero_copy_only=False))
+    paths = np.empty((len(clustered), n_levels), dtype=np.int32)  # filled a level at a time, no float copies
+    for lv in range(n_levels):
+        paths[:, lv] = pc.fill_null(rows.column(cluster, f"cluster_l{lv + 1}"), 0).to_numpy()[clustered]
     n = len(clustered)
     counts = np.zeros(n, dtype=np.int32)
-    selected_by = np.array([""] * n, dtype=object)
+    by_code = np.full(n, -1, dtype=np.int32)  # selected_by as codes into by_labels (no string per record)
+    by_labels: list[str] = []
     report: dict = {"pool": n}
     if bc.target:
         depth = balanced_depth(cfg, n_levels)
@@ -110,7 +111,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
         sq = rows.column(cluster, "cluster_sq_dist").to_numpy(zero_copy_only=False)[clustered]
         res = balanced_sample(paths, bc.target, strategy=bc.strategy, multiplier=bc.multiplier, seed=bc.seed,
                               sq_dists=sq)
-        counts, selected_by = res.counts.astype(np.int32), np.asarray(res.selected_by, dtype=object)
+        counts, by_code, by_labels = res.counts.astype(np.int32), res.by_code, list(res.by_labels)
         report.update({k: v for k, v in res.report.items() if isinstance(v, (int, float, str))})
     seed_types = {"seed_set": pa.string(), "seed_id": pa.string(), "seed_sim": pa.float32()}
     seeded = {c: (pa.nulls(n, t), t) for c, t in seed_types.items()}  # no Python object per record without seeds
@@ -120,14 +121,16 @@ def run(cfg: Config, force: bool = False) -> StageResult:
         seed_set[got], seed_id[got], seed_sim[got] = sets, sids, [float(x) for x in sims]
         fresh = got[counts[got] == 0]
         counts[fresh] = 1
-        selected_by[fresh] = [f"seed:{s}" for s in seed_set[fresh]]
+        names = sorted({str(s) for s in seed_set[fresh]})
+        by_code[fresh] = len(by_labels) + np.searchsorted(np.array(names, dtype=object), seed_set[fresh])
+        by_labels += [f"seed:{s}" for s in names]
         report["retrieval"] = seed_report
         seeded = {c: (v.tolist(), seed_types[c]) for c, v in zip(seed_types, (seed_set, seed_id, seed_sim))}
     selected = counts > 0
-    by = pa.array(selected_by, type=pa.string())
-    rows.write(d, clustered, {
-        "selected": (selected, pa.bool_()), "repeats": (counts, pa.int32()),
-        "selected_by": (pc.if_else(pc.equal(by, ""), pa.scalar(None, pa.string()), by), pa.string()), **seeded})
+    by = pa.DictionaryArray.from_arrays(pa.array(by_code, mask=by_code < 0, type=pa.int32()),
+                                        pa.array(by_labels, type=pa.string()))
+    rows.write(d, clustered, {"selected": (selected, pa.bool_()), "repeats": (counts, pa.int32()),
+                              "selected_by": (by, pa.string()), **seeded})
     shortfall = max(0, bc.target - int(counts.sum())) if bc.target else 0
     result = StageResult("balance", str(d), key, counts={
         "in": n, "out": int(selected.sum()), "dropped": {"not_selected": int((~selected).sum())},

@@ -8,8 +8,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.hash_bands import write_dup_part
@@ -19,6 +17,7 @@ from pipelines.framework import stage_dir, upstream
 from pipelines.manifest import StageResult, begin, finish
 
 RAY_BAND_ROWS = 2_000_000  # records per band and per map task (bounds a task's memory)
+LOCAL_BAND_ROWS = 250_000  # records per band on the local executor (bounds the process's memory)
 
 
 def run(cfg: Config, force: bool = False) -> StageResult:
@@ -34,12 +33,12 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     parts = list_parts(stage_dir(cfg, "ingest"))
     if cfg.executor == "ray":
         n_ok, reason, groups = _run_ray(cfg, parts, d)
+        dropped: dict = {}
+        for r in reason:
+            if r:
+                dropped[f"duplicate_{r}"] = dropped.get(f"duplicate_{r}", 0) + 1
     else:
-        n_ok, reason, groups = _run_local(cfg, parts, d)
-    dropped: dict = {}
-    for r in reason:
-        if r:
-            dropped[f"duplicate_{r}"] = dropped.get(f"duplicate_{r}", 0) + 1
+        n_ok, dropped, groups = _run_local(cfg, parts, d)
     result = StageResult("hashdedup", str(d), key, counts={
         "in": n_ok, "out": n_ok - sum(dropped.values()), "dropped": dict(sorted(dropped.items())),
         "groups": groups}, seconds=time.time() - t0, outputs={"records": str(d)})
@@ -47,27 +46,13 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     return result
 
 
-def _run_local(cfg: Config, parts: list[Path], d: Path) -> tuple[int, list, int]:
-    """All ok records at once in this process; returns (ok count, reasons, groups)."""
-    from curate.hashing import dedup
+def _run_local(cfg: Config, parts: list[Path], d: Path) -> tuple[int, dict, int]:
+    """Banded in this process, the bands spilled to disk (memory bounded by a band, not the pool);
+    returns (ok count, dropped counts, groups)."""
+    from curate.hash_bands import dedup_spilled
 
     hc = cfg.hashdedup
-    cols = ["id", "status", "sha256", "phash", "width", "height"]
-    tables = [pq.read_table(p, columns=cols) for p in parts]
-    oks = [np.flatnonzero(pc.equal(t.column("status"), "ok").to_numpy(zero_copy_only=False)) for t in tables]
-    sub = pa.concat_tables([t.take(pa.array(ok)) for t, ok in zip(tables, oks)])
-    ids = sub.column("id").to_pylist()
-    sha = sub.column("sha256").to_pylist() if hc.exact else [f"#{i}" for i in ids]
-    phash = sub.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
-    pixels = (sub.column("width").to_numpy(zero_copy_only=False).astype(np.int64)
-              * sub.column("height").to_numpy(zero_copy_only=False).astype(np.int64))
-    res = dedup(ids, sha, phash, pixels, hc.phash_max_distance)
-    start = 0
-    for k, (p, ok) in enumerate(zip(parts, oks)):
-        sl = slice(start, start + len(ok))
-        write_dup_part(p, d / part_name(k), ok, res.dup_of[sl], res.reason[sl], res.group[sl], res.distance[sl])
-        start += len(ok)
-    return len(ids), res.reason, int(len(np.unique(res.group[res.group >= 0])))
+    return dedup_spilled(parts, d, hc.phash_max_distance, hc.exact, LOCAL_BAND_ROWS)
 
 
 def _run_ray(cfg: Config, parts: list[Path], d: Path) -> tuple[int, list, int]:

@@ -47,45 +47,71 @@ def _embed_failed_ids(cfg: Config, filters: list[str]) -> pa.Array:
     return pa.concat_arrays(failed) if failed else pa.array([], pa.string())
 
 
-def selected_records(cfg: Config, select: str | None = None) -> pa.Table:
-    """Records that survived: ok, not a hash or copy duplicate, not contaminated, `select` true."""
-    import pyarrow.compute as pc
+class Selection:
+    """Which records survive, part by part: ok, not a hash or copy duplicate, not contaminated, not failed
+    to embed in an embedding a filter used, `select` true."""
 
-    filters = finished_filters(cfg)
-    dirs = [stage_dir(cfg, "ingest"), stage_dir(cfg, "hashdedup")]
-    dirs += [stage_dir(cfg, s) for s in filters]
-    if select and list_parts(stage_dir(cfg, "cluster")):
-        dirs.append(stage_dir(cfg, "cluster"))  # the cluster path travels into the sample metadata
-    column = None
-    if select:
-        sel_dir, column = _find_select(cfg, select)
-        if sel_dir not in dirs:
-            dirs.append(sel_dir)
-    failed = _embed_failed_ids(cfg, filters)
-    out = []
-    for k in range(len(list_parts(dirs[0]))):
-        t = read_aligned(dirs, k)
+    def __init__(self, cfg: Config, select: str | None = None) -> None:
+        self.filters = finished_filters(cfg)
+        dirs = [stage_dir(cfg, "ingest"), stage_dir(cfg, "hashdedup")]
+        dirs += [stage_dir(cfg, s) for s in self.filters]
+        if select and list_parts(stage_dir(cfg, "cluster")):
+            dirs.append(stage_dir(cfg, "cluster"))  # the cluster path travels into the sample metadata
+        self.column = None
+        if select:
+            sel_dir, self.column = _find_select(cfg, select)
+            if sel_dir not in dirs:
+                dirs.append(sel_dir)
+        self.dirs = dirs
+        self.n_parts = len(list_parts(dirs[0]))
+        self.failed = _embed_failed_ids(cfg, self.filters)
+
+    def columns(self) -> list[str]:
+        """The column names of a part's records, in `read_aligned`'s order."""
+        names: list[str] = []
+        for d in self.dirs:
+            parts = list_parts(d)
+            for name in (pq.read_schema(parts[0]).names if parts else []):
+                if name not in names:
+                    names.append(name)
+        return names
+
+    def part(self, k: int, columns: list[str] | None = None) -> pa.Table:
+        """The surviving records of part k (all columns, or `columns` and those the selection reads)."""
+        import pyarrow.compute as pc
+
+        want = None
+        if columns is not None:
+            need = ["id", "status", "dup_of", *(DROP_FILTERS[s][0] for s in self.filters),
+                    *([self.column] if self.column else []), *columns]
+            want = {str(d): need for d in self.dirs}
+        t = read_aligned(self.dirs, k, want)
         mask = pc.and_(pc.equal(t.column("status"), "ok"), pc.is_null(t.column("dup_of")))
-        if len(failed):
-            mask = pc.and_(mask, pc.invert(pc.is_in(t.column("id"), value_set=failed)))
-        for stage in filters:
+        if len(self.failed):
+            mask = pc.and_(mask, pc.invert(pc.is_in(t.column("id"), value_set=self.failed)))
+        for stage in self.filters:
             mask = pc.and_(mask, pc.invert(dropped_by(stage, t.column(DROP_FILTERS[stage][0]))))
-        if column:
-            mask = pc.and_(mask, pc.fill_null(t.column(column), False))
-        out.append(t.filter(mask))
-    return pa.concat_tables(out, promote_options="permissive")
+        if self.column:
+            mask = pc.and_(mask, pc.fill_null(t.column(self.column), False))
+        return t.filter(mask)
+
+
+def selected_records(cfg: Config, select: str | None = None) -> pa.Table:
+    """Records that survived (`Selection`), all parts concatenated."""
+    sel = Selection(cfg, select)
+    return pa.concat_tables([sel.part(k) for k in range(sel.n_parts)], promote_options="permissive")
 
 
 
-def _expand_repeats(records: pa.Table) -> pa.Table:
-    """A record selected n > 1 times (balance multiplier) becomes n samples: <id>, <id>_r1, ..."""
+def _expand_repeats(records: pa.Table, key: bool = False) -> pa.Table:
+    """A record selected n > 1 times (balance multiplier) becomes n samples: <id>, <id>_r1, ...
+    (`key`: always add the sample key column, the id where a record is one sample)."""
     import numpy as np
 
-    if "repeats" not in records.column_names:
-        return records
-    reps = np.maximum(records.column("repeats").fill_null(1).to_numpy(zero_copy_only=False), 1)
-    if (reps == 1).all():
-        return records
+    reps = (np.maximum(records.column("repeats").fill_null(1).to_numpy(zero_copy_only=False), 1)
+            if "repeats" in records.column_names else None)
+    if reps is None or (reps == 1).all():
+        return records.append_column("key", records.column("id").cast(pa.string())) if key else records
     take = np.repeat(np.arange(records.num_rows), reps)
     nth = np.arange(len(take)) - np.repeat(np.cumsum(reps) - reps, reps)
     ids = records.column("id").to_pylist()
@@ -93,11 +119,51 @@ def _expand_repeats(records: pa.Table) -> pa.Table:
     return records.take(pa.array(take)).append_column("key", pa.array(keys, type=pa.string()))
 
 
+# columns of the pipeline's bookkeeping, never sample metadata
+_BOOKKEEPING = {"dup_of", "dup_reason", "dup_group", "dup_distance", "raw_key", "error", "status", "selected",
+                "repeats", "cluster_sq_dist", "copy_of", "copy_group", "copy_max_sim", "contaminated",
+                "contam_reason", "contam_set"}
+
+
+def plan_parts(cfg: Config, out: Path) -> tuple[list[tuple[str, int, int]], int, int]:
+    """The shard plan in `out` (made part by part, `curate.shards.prepare_shards_parts`, unless it is
+    there): returns (jobs, selected records, samples)."""
+    from curate.ingest import CORE_COLUMNS
+    from curate.shards import PLAN_NAME, ShardSettings, prepare_shards_parts
+
+    sc = cfg.shards
+    sel = Selection(cfg, sc.select)
+    meta = [c for c in sel.columns() if c not in CORE_COLUMNS and c not in _BOOKKEEPING]
+    settings = ShardSettings(max_size=sc.max_size, max_count=sc.max_count, shuffle_seed=sc.shuffle_seed)
+    n = {"selected": 0, "samples": 0}
+
+    def read_part(k: int, columns: list[str] | None = None) -> pa.Table:
+        t = sel.part(k, columns)
+        n["selected"] += t.num_rows
+        t = _expand_repeats(t, key=True)  # a record chosen n times (balance.multiplier) is n samples
+        n["samples"] += t.num_rows
+        return t
+
+    if (out / PLAN_NAME).exists():  # planned before: count what it holds
+        for k in range(sel.n_parts):
+            read_part(k, ["repeats"])
+    jobs = prepare_shards_parts(read_part, sel.n_parts, out, settings, meta)
+    return jobs, n["selected"], n["samples"]
+
+
+def _pool_records(cfg: Config) -> int:
+    """Records ingest wrote (from the Parquet footers, nothing read)."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in list_parts(stage_dir(cfg, "ingest")))
+
 
 def run(cfg: Config, force: bool = False) -> StageResult:
-    """Write the surviving records as curated webdataset shards with a Parquet index."""
-    from curate.ingest import CORE_COLUMNS
-    from curate.shards import ShardRun, ShardSettings, write_shard
+    """Write the surviving records as curated webdataset shards with a Parquet index.
+
+    Up to PLAN_BUCKET_ROWS ingested records the plan is made in memory and the shards are written from
+    it while the plan and the index are saved (`curate.shards.ShardRun`); above, it is made part by part
+    by an external sort (`plan_parts`) and each shard reads its rows from the saved plan. Both give the
+    plan of `plan_shards` over the selected records; which one runs depends only on the workdir."""
+    from curate.shards import PLAN_BUCKET_ROWS, finish_shards
 
     sc = cfg.shards
     stages = ["ingest", "hashdedup", *finished_filters(cfg)]
@@ -110,33 +176,61 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     if prev:
         return prev
     t0 = time.time()
-    selected = selected_records(cfg, sc.select)
-    records = _expand_repeats(selected)  # a record chosen n times (balance.multiplier) is n samples
-    dup_cols = {"dup_of", "dup_reason", "dup_group", "dup_distance", "raw_key", "error", "status", "selected",
-                "repeats", "cluster_sq_dist", "copy_of", "copy_group", "copy_max_sim", "contaminated",
-                "contam_reason", "contam_set"}
-    meta = [c for c in records.column_names if c not in CORE_COLUMNS and c not in dup_cols]
-    settings = ShardSettings(max_size=sc.max_size, max_count=sc.max_count, shuffle_seed=sc.shuffle_seed)
     raw_root = str(stage_dir(cfg, "ingest"))
-    with ShardRun(records, out, settings, meta_columns=meta) as shard_run:
-        jobs, todo = shard_run.jobs, shard_run.todo()
+    if _pool_records(cfg) <= PLAN_BUCKET_ROWS:
+        info, n_selected, n_samples = _write_in_memory(cfg, out, raw_root)
+    else:
+        jobs, n_selected, n_samples = plan_parts(cfg, out)
+        todo = [(raw_root, str(out), name, lo, hi) for name, lo, hi in jobs if not (out / name).exists()]
         with progress(len(jobs), "shards", "shard") as bar:
             bar.update(len(jobs) - len(todo))
-            if cfg.executor == "ray":  # one task per shard, on any node; the driver writes the index
-                from pipelines.executors import ray_map
-
-                shard_run.commit_plan()  # the tasks read their rows from the saved plan
-                for _ in ray_map(write_shard, [(raw_root, str(out), *job) for job in todo], cfg.ray_address):
-                    bar.update(1)
-            else:  # in this process, from the plan in memory
-                for job in todo:
-                    shard_run.write(raw_root, *job)
-                    bar.update(1)
-        info = shard_run.finish()
+            for _ in _write(cfg, todo):
+                bar.update(1)
+        info = finish_shards(out, jobs)
     result = StageResult("shards", str(out), key, counts={
-        "in": selected.num_rows, "out": info["samples"] - (records.num_rows - selected.num_rows), "dropped": {},
+        "in": n_selected, "out": info["samples"] - (n_samples - n_selected), "dropped": {},
         "samples": info["samples"], "shards": info["shards"],
         "bytes": info["bytes"]}, seconds=time.time() - t0,
         outputs={"shards": str(out), "index": str(out / "index.parquet")})
     finish(result, asdict(sc), inputs)
     return result
+
+
+def _write(cfg: Config, todo: list[tuple]):
+    """write_shard of every job: Ray tasks (one per shard, on any node) or in this process."""
+    from curate.shards import write_shard
+
+    if cfg.executor == "ray":
+        from pipelines.executors import ray_map
+
+        for _ in ray_map(write_shard, todo, cfg.ray_address):
+            yield
+    else:
+        for job in todo:
+            write_shard(*job)
+            yield
+
+
+def _write_in_memory(cfg: Config, out: Path, raw_root: str) -> tuple[dict, int, int]:
+    """The plan made in memory (a small pool), shards written from it; (counts, selected, samples)."""
+    from curate.ingest import CORE_COLUMNS
+    from curate.shards import ShardRun, ShardSettings
+
+    sc = cfg.shards
+    selected = selected_records(cfg, sc.select)
+    records = _expand_repeats(selected)  # a record chosen n times (balance.multiplier) is n samples
+    meta = [c for c in records.column_names if c not in CORE_COLUMNS and c not in _BOOKKEEPING]
+    settings = ShardSettings(max_size=sc.max_size, max_count=sc.max_count, shuffle_seed=sc.shuffle_seed)
+    with ShardRun(records, out, settings, meta_columns=meta) as shard_run:
+        jobs, todo = shard_run.jobs, shard_run.todo()
+        with progress(len(jobs), "shards", "shard") as bar:
+            bar.update(len(jobs) - len(todo))
+            if cfg.executor == "ray":  # the tasks read their rows from the saved plan
+                shard_run.commit_plan()
+                for _ in _write(cfg, [(raw_root, str(out), *job) for job in todo]):
+                    bar.update(1)
+            else:  # in this process, from the plan in memory
+                for job in todo:
+                    shard_run.write(raw_root, *job)
+                    bar.update(1)
+        return shard_run.finish(), selected.num_rows, records.num_rows

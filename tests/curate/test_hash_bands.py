@@ -103,3 +103,79 @@ def test_write_dup_part_fills_the_rows_without_a_value(tmp_path):
                              "dup_reason": [None, None, None, "near"], "dup_group": [-1, -1, -1, 0],
                              "dup_distance": [-1, -1, -1, 2]}
     assert t.schema.field("dup_distance").type == pa.int16()
+
+
+def _write_pool(tmp_path, table: pa.Table, sizes: list[int]) -> list:
+    paths, start = [], 0
+    for k, size in enumerate(sizes):
+        paths.append(tmp_path / f"part-{k:05d}.parquet")
+        pq.write_table(table.slice(start, size), paths[-1])
+        start += size
+    return paths
+
+
+@pytest.mark.parametrize("max_distance, exact, band_rows, buffer_bytes", [
+    (4, True, 100, 1), (4, True, 10_000, 64 << 20), (8, True, 150, 5000), (0, True, 90, 1), (-1, True, 200, 1),
+    (4, False, 120, 1), (20, True, 100, 1)])
+def test_spilled_dedup_writes_the_parts_dedup_over_all_records_gives(tmp_path, max_distance, exact, band_rows,
+                                                                     buffer_bytes):
+    """The local executor's disk-spilled bands write byte-identical parts to `dedup` over all ok records
+    (the previous local path), whatever the band size and spill buffer."""
+    from curate.hash_bands import dedup_spilled
+
+    table = _pool(700, seed=max_distance + 11)
+    paths = _write_pool(tmp_path, table, [130, 0, 250, 220, 100])
+    ref_dir, out_dir = tmp_path / "ref", tmp_path / "out"
+    ref_dir.mkdir()
+    tables = [pq.read_table(p) for p in paths]
+    oks = [np.flatnonzero(np.array(t.column("status").to_pylist(), dtype=object) == "ok") for t in tables]
+    sub = pa.concat_tables([t.take(pa.array(ok, pa.int64())) for t, ok in zip(tables, oks)])
+    ids = sub.column("id").to_pylist()
+    ref = dedup(ids, sub.column("sha256").to_pylist() if exact else [f"#{i}" for i in ids],
+                sub.column("phash").to_numpy(), sub.column("width").to_numpy().astype(np.int64) * 64, max_distance)
+    start = 0
+    for k, (p, ok) in enumerate(zip(paths, oks)):
+        sl = slice(start, start + len(ok))
+        write_dup_part(p, ref_dir / f"part-{k:05d}.parquet", ok, ref.dup_of[sl], ref.reason[sl], ref.group[sl],
+                       ref.distance[sl])
+        start += len(ok)
+
+    n_ok, dropped, groups = dedup_spilled(paths, out_dir, max_distance, exact, band_rows, buffer_bytes)
+    assert n_ok == len(ids) and groups == len(np.unique(ref.group[ref.group >= 0]))
+    want = {f"duplicate_{r}": ref.reason.count(r) for r in ("exact", "near") if ref.reason.count(r)}
+    assert dropped == want
+    if max_distance >= 4:
+        assert set(want) == ({"duplicate_exact", "duplicate_near"} if exact else {"duplicate_near"})
+    assert sorted(x.name for x in out_dir.iterdir()) == [f"part-{k:05d}.parquet" for k in range(len(paths))]
+    for k in range(len(paths)):
+        name = f"part-{k:05d}.parquet"
+        assert (out_dir / name).read_bytes() == (ref_dir / name).read_bytes(), name
+
+
+def test_spilled_dedup_refuses_repeated_ids_among_linked_records(tmp_path):
+    from curate.hash_bands import dedup_spilled
+
+    table = _pool(60, seed=3)
+    ids = table.column("id").to_pylist()
+    ids[1] = ids[0]  # rows 0 and 1 are exact copies (linked)
+    paths = _write_pool(tmp_path, table.set_column(0, "id", pa.array(ids)), [30, 30])
+    with pytest.raises(ValueError, match="unique"):
+        dedup_spilled(paths, tmp_path / "out", 4, True, 20, 1)
+
+
+def test_spilled_dedup_of_a_pool_without_duplicates_marks_nothing(tmp_path):
+    from curate.hash_bands import dedup_spilled
+
+    rng = np.random.default_rng(5)
+    n = 50
+    table = pa.table({"id": [f"r{i:03d}" for i in range(n)], "status": ["ok"] * n,
+                      "sha256": [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)],
+                      "phash": pa.array(rng.integers(0, 2**64, n, dtype=np.uint64), pa.uint64()),
+                      "width": np.full(n, 64, np.int32), "height": np.full(n, 64, np.int32)})
+    assert (dedup(table.column("id").to_pylist(), table.column("sha256").to_pylist(),
+                  table.column("phash").to_numpy(), np.full(n, 4096), 4).group == -1).all()  # no link at all
+    paths = _write_pool(tmp_path, table, [20, 30])
+    assert dedup_spilled(paths, tmp_path / "out", 4, True, 10, 1) == (n, {}, 0)
+    for k in range(2):
+        t = pq.read_table(tmp_path / "out" / f"part-{k:05d}.parquet")
+        assert t.column("dup_of").null_count == t.num_rows and set(t.column("dup_group").to_pylist()) == {-1}

@@ -241,3 +241,54 @@ def test_a_resumed_run_writes_the_same_plan_index_and_shards_with_list_columns(i
     assert info["shards_written"] == 1
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == reference
     assert json.loads(_samples(out)[records.column("id")[0].as_py()]["json"])["tags"] == ["t0"]
+
+
+def _plan_records(n: int, seed: int):
+    """Records with every column a plan needs, a name, metadata columns with nulls, and repeated ids
+    as keys of repeats (`<id>_r1`)."""
+    import numpy as np
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    ids = [f"{rng.integers(0, 2**40):010x}" for _ in range(n)]
+    keys = [i if rng.random() < 0.9 else f"{i}_r1" for i in ids]
+    level = rng.integers(0, 7, n)
+    return pa.table({
+        "id": ids, "key": keys, "uri": [f"/x/{i}.jpg" for i in ids], "name": [f"n/{i}.jpg" for i in ids],
+        "raw_shard": ["shards/shard-00000.tar"] * n, "raw_offset": rng.integers(0, 10**6, n),
+        "nbytes": rng.integers(100, 5000, n), "ext": ["jpg"] * n, "sha256": [f"{i}sha" for i in ids],
+        "width": rng.integers(10, 90, n).astype(np.int32), "height": rng.integers(10, 90, n).astype(np.int32),
+        "cluster_l1": pa.array(level, mask=level == 0), "extra": ["e"] * n})
+
+
+@pytest.mark.parametrize("n, sizes, bucket_rows, seed, max_count", [
+    (500, [120, 0, 200, 180], 64, 0, 7), (500, [500], 100_000, 3, 10_000),
+    (300, [100, 100, 100], 50, None, 9), (257, [1] * 7 + [250], 16, 1, 16),
+    (0, [0, 0], 16, 0, 5), (500, [250, 250], 64, 0, 7)])
+def test_streamed_plan_is_plan_shards_of_all_records(tmp_path, n, sizes, bucket_rows, seed, max_count):
+    """The external plan (parts spilled, key ranges, plan ranges) writes the same file as plan_shards over
+    all records concatenated, whatever the part sizes and the memory bound; the jobs are its shards."""
+    import numpy as np
+    import pyarrow as pa
+
+    from curate.shards import PLAN_NAME, plan_shards, prepare_shards_parts
+
+    records = _plan_records(n, seed=n + (seed or 0))
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    parts = [records.slice(int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
+    parts[0] = parts[0].drop_columns(["extra"])  # a metadata column absent from one part: null there
+    settings = ShardSettings(max_size=60_000, max_count=max_count, shuffle_seed=seed)
+    meta = ["cluster_l1", "extra", "absent"]
+    jobs = prepare_shards_parts(lambda k: parts[k], len(parts), tmp_path / "out", settings, meta, bucket_rows)
+    want = plan_shards(pa.concat_tables(parts, promote_options="permissive"), settings, meta)
+    pq.write_table(want, tmp_path / "want.parquet", compression="zstd", write_statistics=True,
+                   row_group_size=max(1, min(max_count, 65536)))
+    got = pq.read_table(tmp_path / "out" / PLAN_NAME)
+    assert got.equals(pq.read_table(tmp_path / "want.parquet"))
+    if n:
+        assert (tmp_path / "out" / PLAN_NAME).read_bytes() == (tmp_path / "want.parquet").read_bytes()
+        assert len(set(got.column("shard").to_pylist())) > 1
+    shards = got.column("shard").to_pylist()
+    assert [(name, lo, hi) for name, lo, hi in jobs] == [
+        (s, shards.index(s), len(shards) - shards[::-1].index(s)) for s in dict.fromkeys(shards)]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [PLAN_NAME]  # the spill is gone
