@@ -53,15 +53,9 @@ def plan_shards(records: pa.Table, settings: ShardSettings, meta_columns: Sequen
     The sample key is the record id, or a `key` column when records repeat (`<id>_r1`, ...).
     Where records have a `name` (ingest's location-independent name), it is the `uri` the shards
     and their index carry, so the same data gives byte-identical shards wherever it lives."""
-    missing = [c for c in NEEDED if c not in records.column_names]
-    if missing:
-        raise ValueError(f"records lack columns needed for shards: {missing}")
-    if "name" in records.column_names:
-        records = records.set_column(records.column_names.index("uri"), "uri", records.column("name"))
-    if "key" not in records.column_names:
-        records = records.append_column("key", records.column("id"))
-    keep = ["key", *NEEDED] + [c for c in meta_columns if c in records.column_names and c not in (*NEEDED, "key")]
-    t = records.select(keep).sort_by("key")
+    t = _plan_columns(records, meta_columns)
+    keep = t.column_names
+    t = t.sort_by("key")
     if settings.shuffle_seed is not None and t.num_rows:
         perm = np.random.default_rng(settings.shuffle_seed).permutation(t.num_rows)
         t = t.take(pa.array(perm))

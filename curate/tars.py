@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -99,55 +99,37 @@ def write_samples(path: str | os.PathLike, samples: Iterable[dict[str, bytes | s
     before the rename. A full disk or missing rights raise `curate.parts.OutputError`.
     """
     layout: dict[str, dict[str, tuple[int, int]]] = {}
-    pos = 0
-    fd = None
-    with output_errors(path):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
-            pieces: list = []
-            flushed = 0
-            for sample in samples:
-                key = str(sample["__key__"])
-                entry = {}
-                exts = [k for k in sample if k != "__key__"]
-                exts.sort()
-                for ext in exts:
-                    value = sample[ext]
-                    data = value.encode() if isinstance(value, str) else value
-                    size = len(data)
-                    pad = -size % BLOCK
-                    pieces += (member_header(f"{key}.{ext}", size), data, _ZEROS[:pad])
-                    entry[ext] = (pos + BLOCK, size)
-                    pos += BLOCK + size + pad
-                layout[key] = entry
-                if len(pieces) >= _MAX_PIECES or pos - flushed >= _FLUSH_BYTES:
-                    _write_all(fd, pieces, pos - flushed)
-                    pieces, flushed = [], pos
-            end = tar_file_size(pos)
-            pieces.append(bytes(end - pos))
-            _write_all(fd, pieces, end - flushed)
-        finally:
-            if fd is not None:
-                os.close(fd)
+
+    def members() -> Iterator[tuple[bytes, bytes, int]]:
+        pos = 0
+        for sample in samples:
+            key = str(sample["__key__"])
+            entry = {}
+            for ext in sorted(k for k in sample if k != "__key__"):
+                value = sample[ext]
+                data = value.encode() if isinstance(value, str) else value
+                size = len(data)
+                yield member_header(f"{key}.{ext}", size), data, size
+                entry[ext] = (pos + BLOCK, size)
+                pos += BLOCK + size + (-size % BLOCK)
+            layout[key] = entry
+
+    _write_tar(path, members())
     return layout
 
 
-def write_members(path: str | os.PathLike, names: Sequence[str], sizes: Sequence[int], data: Iterable[bytes]) -> None:
-    """Write a tar of regular-file members in the given order: `names[i]` holds `sizes[i]` bytes, the
-    i-th item of `data`. The bytes are those `write_samples` writes for the same members (headers
-    built for the whole batch by `member_headers`). Not fsynced (see `write_samples`)."""
-    headers = member_headers(names, sizes)
+def _write_tar(path: str | os.PathLike, members: Iterable[tuple[bytes, bytes, int]]) -> None:
+    """Write (header, data, size) members, then the end of the archive, by writev in batches (not
+    fsynced); a full disk or missing rights raise `curate.parts.OutputError`."""
     pos = flushed = 0
     fd = None
     with output_errors(path):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
             pieces: list = []
-            for header, size, chunk in zip(headers, sizes, data):
-                if len(chunk) != size:
-                    raise ValueError(f"member {len(pieces)} has {len(chunk)} bytes, not {size}")
+            for header, data, size in members:
                 pad = -size % BLOCK
-                pieces += (header, chunk, _ZEROS[:pad])
+                pieces += (header, data, _ZEROS[:pad])
                 pos += BLOCK + size + pad
                 if len(pieces) >= _MAX_PIECES or pos - flushed >= _FLUSH_BYTES:
                     _write_all(fd, pieces, pos - flushed)
@@ -158,6 +140,21 @@ def write_members(path: str | os.PathLike, names: Sequence[str], sizes: Sequence
         finally:
             if fd is not None:
                 os.close(fd)
+
+
+def write_members(path: str | os.PathLike, names: Sequence[str], sizes: Sequence[int], data: Iterable[bytes]) -> None:
+    """Write a tar of regular-file members in the given order: `names[i]` holds `sizes[i]` bytes, the
+    i-th item of `data`. The bytes are those `write_samples` writes for the same members (headers
+    built for the whole batch by `member_headers`). Not fsynced (see `write_samples`)."""
+    headers = member_headers(names, sizes)
+
+    def members() -> Iterator[tuple[bytes, bytes, int]]:
+        for i, (header, size, chunk) in enumerate(zip(headers, sizes, data)):
+            if len(chunk) != size:
+                raise ValueError(f"member {i} has {len(chunk)} bytes, not {size}")
+            yield header, chunk, size
+
+    _write_tar(path, members())
 
 
 _MAX_PIECES = 510  # pieces per writev, under IOV_MAX (1024 on Linux)
