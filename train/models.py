@@ -118,7 +118,42 @@ class DinoVisionTransformer(nn.Module):
             b, h, w, d = x.shape
             m = masks.reshape(b, h, w, 1).to(torch.bool)
             x = torch.where(m, self.mask_token.to(x.dtype).view(1, 1, 1, d), x)
-        return vit.norm_pre(vit._pos_embed(x))
+        return vit.norm_pre(vit.pos_drop(self._pos_embed(x)))
+
+    def _patch_pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """Position embeddings of an h x w patch grid, [1, h*w, D].
+
+        As the official `interpolate_pos_encoding` (and its training config: `interpolate_antialias:
+        false`, `interpolate_offset: 0.1`): at the training grid the table itself, otherwise bicubic
+        resampling *without* antialiasing at scale factor (h + 0.1) / grid. timm's own resampling
+        antialiases, which blurs the table when shrinking it for the local crops.
+        """
+        vit = self.vit
+        n_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        table = vit.pos_embed[:, n_prefix:]
+        gh, gw = vit.patch_embed.grid_size
+        if (h, w) == (gh, gw):
+            return table
+        d = table.shape[-1]
+        grid = table.float().reshape(1, gh, gw, d).permute(0, 3, 1, 2)
+        out = nn.functional.interpolate(grid, scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic",
+                                        antialias=False)
+        if out.shape[-2:] != (h, w):
+            raise RuntimeError(f"position-embedding resampling gave {tuple(out.shape[-2:])}, not {(h, w)}")
+        return out.permute(0, 2, 3, 1).reshape(1, h * w, d).to(table.dtype)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, W, D] patch tokens -> [B, prefix + H*W, D] with CLS (+ registers) and positions."""
+        vit = self.vit
+        b, h, w, d = x.shape
+        x = x.reshape(b, h * w, d) + self._patch_pos_embed(h, w)
+        cls = vit.cls_token
+        if not vit.no_embed_class:  # the CLS token has its own position embedding
+            cls = cls + vit.pos_embed[:, :1]
+        prefix = [cls.expand(b, -1, -1)]
+        if vit.reg_token is not None:
+            prefix.append(vit.reg_token.expand(b, -1, -1))
+        return torch.cat(prefix + [x], dim=1)
 
     def _split(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         n_prefix = self.vit.num_prefix_tokens
