@@ -1,6 +1,7 @@
 """Our DINOv2 trainer next to LightlySSL's DINOv2 (examples/pytorch/dinov2.py recipe) at equal budget.
 
-Both train the same ViT shape (the config's backbone, timm VisionTransformer for Lightly) on the very
+Both train the same ViT shape (the config's backbone, timm VisionTransformer for Lightly), from the same
+initial weights (ours; `--lightly-init` keeps Lightly's own xavier re-initialisation), on the very
 same batches (our multi-crop pipeline and iBOT masks, iteration by iteration), with the same lr /
 weight-decay / teacher-momentum / teacher-temperature schedules, steps interleaved in one process so
 machine load hits both alike; then teacher k-NN (k 20, T 0.07) on Fashion-MNIST. Lightly is NOT a
