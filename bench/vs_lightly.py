@@ -1,6 +1,7 @@
 """Our DINOv2 trainer next to LightlySSL's DINOv2 (examples/pytorch/dinov2.py recipe) at equal budget.
 
-Both train the same ViT shape (the config's backbone, timm VisionTransformer for Lightly) on the very
+Both train the same ViT shape (the config's backbone, timm VisionTransformer for Lightly), from the same
+initial weights (ours; `--lightly-init` keeps Lightly's own xavier re-initialisation), on the very
 same batches (our multi-crop pipeline and iBOT masks, iteration by iteration), with the same lr /
 weight-decay / teacher-momentum / teacher-temperature schedules, steps interleaved in one process so
 machine load hits both alike; then teacher k-NN (k 20, T 0.07) on Fashion-MNIST. Lightly is NOT a
@@ -28,7 +29,7 @@ import torch  # noqa: E402
 class LightlyDINOv2(torch.nn.Module):
     """Student/teacher built from Lightly's modules, shaped like our backbone and heads."""
 
-    def __init__(self, arch: dict, prototypes: int, hidden: int, bottleneck: int) -> None:
+    def __init__(self, arch: dict, prototypes: int, hidden: int, bottleneck: int, own_init: bool = False) -> None:
         super().__init__()
         from lightly.models.modules import DINOv2ProjectionHead, MaskedVisionTransformerTIMM
         from timm.models.vision_transformer import VisionTransformer
@@ -37,7 +38,10 @@ class LightlyDINOv2(torch.nn.Module):
                                 depth=arch["depth"], num_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"],
                                 init_values=arch["init_values"], num_classes=0, dynamic_img_size=True,
                                 pos_embed="learn")
-        self.student_backbone = MaskedVisionTransformerTIMM(vit=vit, antialias=False, pos_embed_initialization="skip")
+        # own_init: Lightly's own (xavier-uniform, MAE-style) re-initialisation of the timm ViT; otherwise the
+        # timm init is kept and `copy_init_from` gives it our (official, trunc-normal 0.02) initial weights.
+        self.student_backbone = MaskedVisionTransformerTIMM(vit=vit, antialias=False, pos_embed_initialization="skip",
+                                                            weight_initialization="" if own_init else "skip")
         self.student_head = DINOv2ProjectionHead(arch["embed_dim"], hidden, bottleneck, prototypes)
         self.teacher_backbone = copy.deepcopy(self.student_backbone)
         self.teacher_head = DINOv2ProjectionHead(arch["embed_dim"], hidden, bottleneck, prototypes)
@@ -46,6 +50,23 @@ class LightlyDINOv2(torch.nn.Module):
             for p in m.parameters():
                 p.requires_grad = False
             m.eval()
+
+    @torch.no_grad()
+    def copy_init_from(self, student: torch.nn.ModuleDict) -> None:
+        """Start student and teacher from our student's weights (backbone, mask token, DINO head)."""
+        head = student["dino_head"]
+        wn = head.last_layer.parametrizations.weight
+        for bb, h in ((self.student_backbone, self.student_head), (self.teacher_backbone, self.teacher_head)):
+            bb.vit.load_state_dict(student["backbone"].vit.state_dict())
+            bb.mask_token.copy_(student["backbone"].mask_token.view_as(bb.mask_token))
+            ours = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
+            theirs = [m for m in h.layers if isinstance(m, torch.nn.Linear)]
+            assert len(ours) == len(theirs)
+            for a, b in zip(ours, theirs):
+                b.weight.copy_(a.weight)
+                b.bias.copy_(a.bias)
+            h.last_layer.weight_g.copy_(wn.original0)
+            h.last_layer.weight_v.copy_(wn.original1)
 
     def teacher_features(self, x: torch.Tensor) -> dict:
         """Final-norm CLS token of the teacher (what k-NN uses)."""
@@ -87,12 +108,12 @@ def lightly_step(m: LightlyDINOv2, losses: tuple, opt, batch: dict, sched: dict,
     return {"loss": float(loss.detach()), "dino_loss": float(d.detach()), "ibot_loss": float(i.detach())}
 
 
-def build_lightly(cfg, arch: dict):
+def build_lightly(cfg, arch: dict, own_init: bool = False):
     """Lightly model, losses and AdamW (no decay on biases/norms, last layer grouped for freezing)."""
     from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
 
     h = cfg.head
-    m = LightlyDINOv2(arch, h.prototypes, h.hidden_dim, h.bottleneck_dim)
+    m = LightlyDINOv2(arch, h.prototypes, h.hidden_dim, h.bottleneck_dim, own_init)
     groups: dict = {}
     for name, p in list(m.student_backbone.named_parameters()) + [("head." + n, p) for n, p in
                                                                    m.student_head.named_parameters()]:
@@ -126,6 +147,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="/tmp/ssl_fashion")
     p.add_argument("--throughput", action="store_true", help="time steps on synthetic crops only")
+    p.add_argument("--lightly-init", action="store_true",
+                   help="keep Lightly's own xavier re-initialisation of the ViT (default: both start from our weights)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -136,7 +159,7 @@ def main() -> None:
     from train.optim import build_optimizer
 
     out: dict = {"bench": "vs_lightly", "config": args.config, "overrides": args.overrides, "iters": args.iters,
-                 "threads": args.threads, "runs": []}
+                 "threads": args.threads, "lightly_init": args.lightly_init, "runs": []}
     data = None if args.throughput else prepare(args.work)
     for seed in [int(s) for s in args.seeds.split(",")]:
         ov = ["data.num_workers=0", "progress=false", f"seed={seed}", f"optim.iterations={args.iters}",
@@ -150,10 +173,22 @@ def main() -> None:
         opt = build_optimizer(ours.student, ours.arch["depth"], cfg.optim.layerwise_decay,
                               cfg.optim.patch_embed_lr_mult, (cfg.optim.beta1, cfg.optim.beta2))
         torch.manual_seed(seed)
-        peer, peer_losses, peer_opt = build_lightly(cfg, ours.arch)
-        peer.student_backbone.train()
+        peer, peer_losses, peer_opt = build_lightly(cfg, ours.arch, args.lightly_init)
+        if not args.lightly_init:
+            peer.copy_init_from(ours.student)
         sched = build_schedules(cfg)
         builder = None if args.throughput else build_batches(cfg)
+        if data:  # k-NN of the untrained teachers (equal when both start from our weights)
+            xtr, ytr, xte, yte, _ = data
+            bank = np.random.default_rng(seed).choice(len(xtr), args.n_bank, replace=False)
+            test = np.random.default_rng(1000 + seed).choice(len(xte), args.n_test, replace=False)
+            size = cfg.eval_size or cfg.crops.global_size
+            init_knn = {f"knn_init_{name}": knn20(embed(net, xtr[bank], size), ytr[bank], embed(net, xte[test], size),
+                                                  yte[test])
+                        for name, net in (("ours", ours.teacher["backbone"]), ("lightly", _Wrap(peer)))}
+        ours.train()
+        peer.student_backbone.train()  # (the k-NN above put the whole peer in eval mode)
+        peer.student_head.train()
         t_ours = t_peer = 0.0
         h_ours, h_peer = [], []
         n = 3 if args.throughput else args.iters
@@ -170,10 +205,7 @@ def main() -> None:
         run = {"seed": seed, "s_per_step_ours": round(t_ours / max(n - 1, 1), 3),
                "s_per_step_lightly": round(t_peer / max(n - 1, 1), 3)}
         if data:
-            xtr, ytr, xte, yte, _ = data
-            bank = np.random.default_rng(seed).choice(len(xtr), args.n_bank, replace=False)
-            test = np.random.default_rng(1000 + seed).choice(len(xte), args.n_test, replace=False)
-            size = cfg.eval_size or cfg.crops.global_size
+            run.update(init_knn)
             last = max(1, min(20, n // 10))
             for name, net, hist in (("ours", ours.teacher["backbone"], h_ours),
                                     ("lightly", _Wrap(peer), h_peer)):

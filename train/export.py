@@ -45,13 +45,15 @@ def timm_kwargs(arch: dict[str, Any]) -> dict[str, Any]:
 
 
 def _resample_pos(pos: torch.Tensor, grid: int, prefix: int) -> torch.Tensor:
-    """Bicubic resampling of a [1, prefix + g*g, D] position embedding to a grid x grid one."""
+    """A [1, prefix + g*g, D] position embedding resampled to a grid x grid one, as our backbone
+    resamples it at run time (`resample_pos_grid`), so an export at another size embeds alike."""
     old = int(round(math.sqrt(pos.shape[1] - prefix)))
     if old == grid:
         return pos
-    from timm.layers import resample_abs_pos_embed
+    from train.models import resample_pos_grid
 
-    return resample_abs_pos_embed(pos, new_size=[grid, grid], old_size=[old, old], num_prefix_tokens=prefix)
+    patch = resample_pos_grid(pos[:, prefix:], (old, old), (grid, grid))
+    return torch.cat([pos[:, :prefix], patch], dim=1)
 
 
 def to_timm(sd: dict[str, torch.Tensor], arch: dict[str, Any], img_size: int = EXPORT_IMG_SIZE) -> dict[str, torch.Tensor]:

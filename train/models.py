@@ -54,6 +54,26 @@ def resolve_arch(
     return kwargs
 
 
+def resample_pos_grid(table: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """Patch position embeddings [1, gh*gw, D] on an `old` (gh, gw) grid -> [1, h*w, D] on a `new` one.
+
+    As the official `interpolate_pos_encoding` under its training config (`interpolate_antialias:
+    false`, `interpolate_offset: 0.1`): the table itself on the same grid, otherwise bicubic
+    resampling *without* antialiasing at scale factor (h + 0.1) / gh. (timm's own dynamic-size
+    resampling antialiases, which blurs the table when it shrinks it for the local crops.)
+    """
+    (gh, gw), (h, w) = old, new
+    if (h, w) == (gh, gw):
+        return table
+    d = table.shape[-1]
+    grid = table.float().reshape(1, gh, gw, d).permute(0, 3, 1, 2)
+    out = nn.functional.interpolate(grid, scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic",
+                                    antialias=False)
+    if tuple(out.shape[-2:]) != (h, w):
+        raise RuntimeError(f"position-embedding resampling gave {tuple(out.shape[-2:])}, not {(h, w)}")
+    return out.permute(0, 2, 3, 1).reshape(1, h * w, d).to(table.dtype)
+
+
 def _swiglu_ratio(embed_dim: int, mlp_ratio: float) -> float:
     """Packed-SwiGLU ratio giving DINOv2's hidden width: 2 * round8(int(dim * ratio * 2/3))."""
     hidden = (int(embed_dim * mlp_ratio * 2 / 3) + 7) // 8 * 8
@@ -118,7 +138,26 @@ class DinoVisionTransformer(nn.Module):
             b, h, w, d = x.shape
             m = masks.reshape(b, h, w, 1).to(torch.bool)
             x = torch.where(m, self.mask_token.to(x.dtype).view(1, 1, 1, d), x)
-        return vit.norm_pre(vit._pos_embed(x))
+        return vit.norm_pre(vit.pos_drop(self._pos_embed(x)))
+
+    def _patch_pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """Position embeddings of an h x w patch grid, [1, h*w, D] (see `resample_pos_grid`)."""
+        vit = self.vit
+        n_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        return resample_pos_grid(vit.pos_embed[:, n_prefix:], tuple(vit.patch_embed.grid_size), (h, w))
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, W, D] patch tokens -> [B, prefix + H*W, D] with CLS (+ registers) and positions."""
+        vit = self.vit
+        b, h, w, d = x.shape
+        x = x.reshape(b, h * w, d) + self._patch_pos_embed(h, w)
+        cls = vit.cls_token
+        if not vit.no_embed_class:  # the CLS token has its own position embedding
+            cls = cls + vit.pos_embed[:, :1]
+        prefix = [cls.expand(b, -1, -1)]
+        if vit.reg_token is not None:
+            prefix.append(vit.reg_token.expand(b, -1, -1))
+        return torch.cat(prefix + [x], dim=1)
 
     def _split(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         n_prefix = self.vit.num_prefix_tokens

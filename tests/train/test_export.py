@@ -107,3 +107,20 @@ def test_init_weights_starts_training_from_a_timm_file(tiny_cfg, tmp_path):
     with pytest.raises(FileNotFoundError):
         build_model(tiny_cfg("bad", f"init_weights={os.path.join(str(tmp_path), 'missing.pth')}"))
 
+
+
+@pytest.mark.parametrize("reg", [0, 2])
+def test_timm_export_at_another_size_uses_the_backbones_resampling(reg):
+    """The exported position table at another size is the one our backbone itself uses at that size
+    (official resampling, no antialias), so the export embeds as the trained backbone does there."""
+    torch.manual_seed(0)
+    a = resolve_arch("vit_tiny", 4, 16, reg, 1e-5, 0.0, embed_dim=24, num_heads=2, depth=1)
+    bb = build_backbone(a).eval()
+    prefix = 0 if reg else 1
+    for size in (8, 24, 36):
+        g = size // 4
+        pos = to_timm(bb.state_dict(), a, img_size=size)["pos_embed"]
+        assert pos.shape == (1, prefix + g * g, 24)
+        with torch.no_grad():
+            torch.testing.assert_close(pos[:, prefix:], bb._patch_pos_embed(g, g), atol=0, rtol=0)
+            torch.testing.assert_close(pos[:, :prefix], bb.vit.pos_embed[:, :prefix])

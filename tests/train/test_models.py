@@ -118,3 +118,48 @@ def test_load_backbone_round_trip(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"junk")
     with pytest.raises(Exception):
         load_backbone(str(tmp_path / "bad.pt"))
+
+
+def _official_pos(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The official `interpolate_pos_encoding` with the training config's interpolate_antialias=false and
+    interpolate_offset=0.1 (facebookresearch/dinov2 models/vision_transformer.py), written out here."""
+    import math
+
+    n = pos.shape[1] - 1
+    side = int(math.sqrt(n))
+    if n == h * w and h == w == side:
+        return pos
+    patch = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patch = torch.nn.functional.interpolate(patch, scale_factor=((h + 0.1) / side, (w + 0.1) / side),
+                                            mode="bicubic", antialias=False)
+    return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
+
+
+@pytest.mark.parametrize("side", [8, 12, 16, 24])  # local crops (smaller grid), the training grid, larger
+def test_position_embedding_resampling_matches_official(side):
+    """Local crops use the official bicubic resampling without antialiasing (timm's default antialiases,
+    which blurs a shrunk table: the local crops of every step saw blurred positions)."""
+    torch.manual_seed(0)
+    m = _tiny().eval()
+    x = torch.randn(2, 3, side, side)
+    g = side // 4
+    with torch.no_grad():
+        tokens = m._tokens(x, None)
+        emb = m.vit.patch_embed(x).reshape(2, g * g, 24)
+        ref = torch.cat([m.vit.cls_token.expand(2, -1, -1), emb], dim=1) + _official_pos(m.vit.pos_embed, g, g)
+    torch.testing.assert_close(tokens, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_position_embedding_resampling_with_registers():
+    """Registers (timm no_embed_class): no position for the prefix tokens, the patch table resampled as above."""
+    torch.manual_seed(0)
+    m = _tiny(reg_tokens=2).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        tokens = m._tokens(x, None)
+        emb = m.vit.patch_embed(x).reshape(1, 4, 24)
+        table = torch.cat([torch.zeros(1, 1, 24), m.vit.pos_embed], dim=1)  # a dummy CLS slot for the helper
+        ref_patch = emb + _official_pos(table, 2, 2)[:, 1:]
+    torch.testing.assert_close(tokens[:, 0], m.vit.cls_token[:, 0].expand(1, -1))
+    torch.testing.assert_close(tokens[:, 1:3], m.vit.reg_token.expand(1, -1, -1))
+    torch.testing.assert_close(tokens[:, 3:], ref_patch, atol=1e-6, rtol=1e-6)
