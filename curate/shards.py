@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.parts import SyncedWrite, atomic_path, clean_temporaries, ensure_dir
-from curate.tars import BLOCK, RECORD, TarReader, sample_nbytes, tar_file_size, write_members
+from curate.tars import BLOCK, RECORD, TarReader, write_members
 
 INDEX_NAME = "index.parquet"
 PLAN_NAME = "_plan.parquet"
@@ -59,12 +59,7 @@ def plan_shards(records: pa.Table, settings: ShardSettings, meta_columns: Sequen
     if settings.shuffle_seed is not None and t.num_rows:
         perm = np.random.default_rng(settings.shuffle_seed).permutation(t.num_rows)
         t = t.take(pa.array(perm))
-    metas = _sample_metas(t, keep)
-    need = (2 * BLOCK + padded_np(t.column("nbytes").to_numpy()) + padded_np(pc.binary_length(metas).to_numpy()))
-    shard_ids = _cut(need.astype(np.int64), settings)
-    names = pa.array([shard_name(i) for i in range(int(shard_ids[-1]) + 1 if len(shard_ids) else 1)], type=pa.string())
-    t = t.append_column("shard", names.take(pa.array(shard_ids)))
-    return t.append_column("meta", metas)
+    return _add_shards(t, keep, settings)[0]
 
 
 def padded_np(sizes: np.ndarray) -> np.ndarray:
@@ -72,21 +67,44 @@ def padded_np(sizes: np.ndarray) -> np.ndarray:
     return (sizes.astype(np.int64) + BLOCK - 1) // BLOCK * BLOCK
 
 
-def _cut(need: np.ndarray, settings: ShardSettings) -> np.ndarray:
-    """Shard number of each sample (bytes `need` each, in order): a shard takes samples while it has
-    fewer than max_count and its tar file stays within max_size; a sample is never split, so one
-    larger than max_size gets a shard of its own. (tar_file_size(c) <= max_size exactly when the
+def _cut(need: np.ndarray, settings: ShardSettings,
+         state: tuple[int, int, int] = (0, 0, 0)) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Shard number of each sample (bytes `need` each, in order) and the state after the last: a shard
+    takes samples while it has fewer than max_count and its tar file stays within max_size; a sample is
+    never split, so one larger than max_size gets a shard of its own. `state` (shard, samples, bytes)
+    carries an open shard over from samples cut before. (tar_file_size(c) <= max_size exactly when the
     member bytes c <= limit below; a search per shard, not a Python step per sample.)"""
     ends = np.concatenate([[0], np.cumsum(need)])
     limit = settings.max_size // RECORD * RECORD - 2 * BLOCK
     shard_ids = np.empty(len(need), dtype=np.int64)
-    start, cur = 0, 0
+    cur, count, used = state
+    start = 0
     while start < len(need):
-        stop = int(np.searchsorted(ends, ends[start] + limit, side="right")) - 1
-        stop = max(start + 1, min(stop, start + settings.max_count))
+        stop = int(np.searchsorted(ends, ends[start] + limit - used, side="right")) - 1
+        stop = min(stop, start + settings.max_count - count)
+        if stop <= start:  # the next sample does not fit the open shard
+            if count:
+                cur, count, used = cur + 1, 0, 0
+                continue
+            stop = start + 1
         shard_ids[start:stop] = cur
-        start, cur = stop, cur + 1
-    return shard_ids
+        count, used = count + stop - start, used + int(ends[stop] - ends[start])
+        if stop < len(need):  # it stopped because the next sample does not fit
+            cur, count, used = cur + 1, 0, 0
+        start = stop
+    return shard_ids, (cur, count, used)
+
+
+def _add_shards(t: pa.Table, keep: Sequence[str], settings: ShardSettings,
+                state: tuple[int, int, int] = (0, 0, 0)) -> tuple[pa.Table, tuple[int, int, int]]:
+    """Rows in plan order with their shard and json metadata columns; `state` carries the cut over from
+    the rows before (plan_shards cuts all rows at once, the external plan a range at a time)."""
+    metas = _sample_metas(t, keep)
+    need = 2 * BLOCK + padded_np(t.column("nbytes").to_numpy()) + padded_np(pc.binary_length(metas).to_numpy())
+    shard_ids, after = _cut(need.astype(np.int64), settings, state)
+    names = pa.array([shard_name(i) for i in range(state[0], after[0] + 1)], type=pa.string())
+    t = t.append_column("shard", names.take(pa.array(shard_ids - state[0])))
+    return t.append_column("meta", metas), after
 
 
 _META_SKIP = {"raw_shard", "raw_offset", "nbytes", "ext", "key"}
@@ -465,29 +483,8 @@ def _plan_external(read_part: Callable[[int], pa.Table], n_parts: int, spill: Pa
             if not np.array_equal(np.sort(o), np.arange(min(span, n - j * span))):
                 raise AssertionError(f"plan range {j} is incomplete")
             t = t.take(pa.array(np.argsort(o))).drop_columns(["_o"])
-            t, state = _cut_range(t, keep, settings, state)
+            t, state = _add_shards(t, keep, settings, state)
             writer.write_table(t, row_group_size=rows_per_group)
-
-
-def _cut_range(t: pa.Table, keep: Sequence[str], settings: ShardSettings,
-               state: tuple[int, int, int]) -> tuple[pa.Table, tuple[int, int, int]]:
-    """Rows in plan order with their metadata and shard; `state` (shard, count, bytes) carries the cut
-    over from the rows before (the cut of plan_shards, a range at a time)."""
-    metas = _sample_metas(t, keep)
-    sizes = t.column("nbytes").to_numpy().tolist()
-    meta_sizes = pc.binary_length(metas).to_numpy().tolist()
-    shard_ids = np.empty(t.num_rows, dtype=np.int64)
-    cur, count, used = state
-    first = cur
-    for i, (n, m) in enumerate(zip(sizes, meta_sizes)):
-        need = sample_nbytes((n, m))
-        if count and (count >= settings.max_count or tar_file_size(used + need) > settings.max_size):
-            cur, count, used = cur + 1, 0, 0
-        shard_ids[i] = cur
-        count, used = count + 1, used + need
-    names = pa.array([shard_name(i) for i in range(first, cur + 1)], type=pa.string())
-    t = t.append_column("shard", names.take(pa.array(shard_ids - first)))
-    return t.append_column("meta", metas), (cur, count, used)
 
 
 def write_shard(raw_root: str | os.PathLike, out_dir: str | os.PathLike, name: str, lo: int, hi: int) -> int:

@@ -292,3 +292,31 @@ def test_streamed_plan_is_plan_shards_of_all_records(tmp_path, n, sizes, bucket_
     assert [(name, lo, hi) for name, lo, hi in jobs] == [
         (s, shards.index(s), len(shards) - shards[::-1].index(s)) for s in dict.fromkeys(shards)]
     assert [p.name for p in (tmp_path / "out").iterdir()] == [PLAN_NAME]  # the spill is gone
+
+
+def test_cut_follows_the_per_sample_rule_and_carries_an_open_shard_over():
+    """The shard cut (a search per shard) equals the rule taken one sample at a time (a new shard when
+    the open one holds max_count samples or the sample would take its tar file over max_size; an
+    oversized sample alone), also when the samples come in pieces with the state carried over."""
+    import numpy as np
+
+    from curate.shards import _cut
+    from curate.tars import tar_file_size
+
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        settings = ShardSettings(max_size=int(rng.integers(3_000, 40_000)), max_count=int(rng.integers(1, 9)))
+        need = (rng.integers(1, 40, 300) * 512).astype(np.int64)  # sample bytes, whole blocks; some oversized
+        want, cur, count, used = [], 0, 0, 0
+        for n in need.tolist():
+            if count and (count >= settings.max_count or tar_file_size(used + n) > settings.max_size):
+                cur, count, used = cur + 1, 0, 0
+            want.append(cur)
+            count, used = count + 1, used + n
+        assert _cut(need, settings)[0].tolist() == want
+        cuts = np.sort(rng.choice(np.arange(1, 300), 5, replace=False))
+        got, state = [], (0, 0, 0)
+        for piece in np.split(need, cuts):
+            ids, state = _cut(piece, settings, state)
+            got += ids.tolist()
+        assert got == want and state[0] == want[-1]
