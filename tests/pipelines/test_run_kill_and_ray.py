@@ -1,6 +1,6 @@
 """`curate run` as a whole: SIGKILL at several points then a rerun, and the Ray executor (a local
-Ray, and a simulated 3-node cluster that loses a worker node mid-stage), all giving the outputs of an
-uninterrupted local run."""
+Ray, and simulated 3-node clusters that lose a worker node mid-stage: during ingest tasks, embedding
+actors and copy-graph index holders), all giving the outputs of an uninterrupted local run."""
 
 import json
 import os
@@ -239,3 +239,72 @@ def test_embedding_survives_losing_a_worker_node_mid_stage(setup):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+# Installed on one simulated worker node only: every copy-graph query range that starts there says
+# so in a file and then hangs, as on a node that stopped answering with its index loaded.
+STUCK_HOLDER_SITE = """
+import os, sys
+if "default_worker.py" in " ".join(sys.argv):
+    import time
+    from pathlib import Path
+
+    import curate.dedup
+
+    def knn_edges(*args, **kwargs):
+        Path(os.environ["CURATE_TEST_STUCK"], f"started-{os.getpid()}").touch()
+        while True:
+            time.sleep(1)
+
+    curate.dedup.knn_edges = knn_edges
+"""
+
+
+def test_copy_graph_survives_losing_the_node_of_an_index_holder_mid_query(setup, tmp_path):
+    """Head + 2 workers; the index holder on one worker hangs in its first query range. That node is
+    removed while the range is out: the holder dies with it, its range goes back to the queue, the
+    other holders answer it, and the edges equal one local search, bit for bit."""
+    import threading
+
+    import numpy as np
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from curate.dedup import as_parts, knn_edges, pool_index, valid_rows
+    from curate.index import IndexSpec
+    from pipelines.stages.dedup import _ray_edges
+
+    root, _, _ = setup
+    emb_dir = root / "ref" / "embed" / "pixels-12"
+    parts = as_parts(str(emb_dir))
+    index = pool_index(parts, IndexSpec(kind="flat"))
+    ok = valid_rows(parts)
+    ref = knn_edges(str(emb_dir), 8, 0.5, index=index)  # a low threshold: most k-NN pairs are edges
+    stuck = tmp_path / "stuck"
+    stuck.mkdir()
+    (stuck / "sitecustomize.py").write_text(STUCK_HOLDER_SITE)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    node = cluster.add_node(num_cpus=1, env_vars={"CURATE_TEST_STUCK": str(stuck),
+                                                  "PYTHONPATH": os.pathsep.join([str(stuck), str(ROOT)])})
+    cluster.add_node(num_cpus=1)
+    removed = []
+
+    def remove_when_stuck():
+        end = time.time() + 120
+        while not list(stuck.glob("started-*")) and time.time() < end:
+            time.sleep(0.05)
+        if list(stuck.glob("started-*")):
+            cluster.remove_node(node)
+            removed.append(time.time())
+
+    watcher = threading.Thread(target=remove_when_stuck, daemon=True)
+    watcher.start()
+    try:
+        i, j, sim = _ray_edges(emb_dir, index, ok, type("Dedup", (), {"k": 8}), 0.5, tmp_path, cluster.address)
+    finally:
+        watcher.join(timeout=130)
+        ray.shutdown()
+        cluster.shutdown()
+    assert removed, "no query range started on the stuck node"
+    assert len(ref[0]) > 300
+    assert np.array_equal(i, ref[0]) and np.array_equal(j, ref[1]) and sim.tobytes() == ref[2].tobytes()
