@@ -304,6 +304,42 @@ def verify_pairs(
                         keypoints, abstained, stats)
 
 
+def merge_results(results: Sequence[VerifyResult], positions: np.ndarray) -> VerifyResult:
+    """One VerifyResult from results on pieces of a pair list: the pieces concatenated are the pairs at
+    `positions` of the whole list, in that order (e.g. the list sorted and cut into pieces verified apart).
+    Verdicts do not depend on the piece a pair was in (module doc); stats add up, and "images" counts
+    the distinct images of all pieces (features_computed counts each piece's own cache)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    n = len(positions)
+    if sum(len(r.i) for r in results) != n:
+        raise ValueError(f"the pieces hold {sum(len(r.i) for r in results)} pairs, the positions {n}")
+
+    def place(values: list[np.ndarray], dtype) -> np.ndarray:
+        out = np.zeros(n, dtype=dtype)
+        if n:
+            out[positions] = np.concatenate(values).astype(dtype, copy=False)
+        return out
+
+    fields_ = {name: place([getattr(r, name) for r in results], dtype) for name, dtype in
+               (("i", np.int64), ("j", np.int64), ("verified", bool), ("inliers", np.int32), ("share", np.float32),
+                ("mirrored", bool), ("keypoints", np.int32), ("abstained", bool))}
+    reason: list[str | None] = [None] * n
+    for pos, r in zip(positions.tolist(), (x for res in results for x in res.reason)):
+        reason[pos] = r
+    stats: dict = {"pairs": n, "verified": int(fields_["verified"].sum()),
+                   "images": len(np.union1d(fields_["i"], fields_["j"])), "pieces": len(results)}
+    for key in ("features_computed", "seconds", "feature_seconds", "match_seconds"):
+        stats[key] = round(sum(r.stats.get(key, 0) for r in results), 3)
+    stats["ms_per_pair"] = round(1000 * stats["seconds"] / max(n, 1), 2)
+    reasons: dict[str, int] = {}
+    for r in results:
+        for k, v in r.stats.get("reasons", {}).items():
+            reasons[k] = reasons.get(k, 0) + v
+    stats["reasons"] = dict(sorted(reasons.items()))
+    stats["abstained"] = int(fields_["abstained"].sum())
+    return VerifyResult(reason=reason, stats=stats, **fields_)
+
+
 def _verify_one(a: int, b: int, cache: FeatureCache, s: VerifySettings) -> PairScore:
     """One pair: direct match, then the mirror of b when allowed and the direct match failed."""
     fa, fb = cache.get(a), cache.get(b)

@@ -26,11 +26,9 @@ from pipelines.manifest import StageResult, begin, finish, read_manifest
 
 def _mapper(cfg: Config):
     """Pool parts as Ray tasks with executor ray, else local calls (the same function, the same pairs)."""
-    if cfg.executor != "ray":
-        return None
-    from pipelines.executors import ray_mapper
+    from pipelines.executors import stage_mapper
 
-    return ray_mapper(cfg.ray_address)
+    return stage_mapper(cfg.executor, cfg.ray_address)
 
 
 def _verified_matches(cfg: Config, emb_dir, eval_sets: dict, d, spec) -> tuple[dict, dict]:
@@ -38,28 +36,27 @@ def _verified_matches(cfg: Config, emb_dir, eval_sets: dict, d, spec) -> tuple[d
     evaluation image's candidate_k nearest pool images above decontaminate.candidate_cosine."""
     from curate.dedup import as_parts, eval_matches, pair_sims
     from curate.parts import read_table
-    from curate.verify import verify_pairs
-    from pipelines.copy_images import ShardImages, pool_images, verify_settings
+    from pipelines.copy_images import verify_image_pairs, verify_settings
 
     pool = as_parts(str(emb_dir))
+    pool_ingest = stage_dir(cfg, "ingest")
+    pool_rows = RowMap(pool_ingest, emb_dir).emb_rows
+    mapper = _mapper(cfg)
     direct, stats = {}, {}
-    with pool_images(cfg, emb_dir) as pool_imgs:
-        for name, (vecs, ev_ids) in eval_sets.items():
-            ev = as_parts(vecs)
-            p, e = eval_matches(pool, ev, cfg.decontaminate.candidate_cosine, cfg.dedup.candidate_k, spec,
-                                mapper=_mapper(cfg))
-            ingest_dir = d / "eval_sets" / name / "ingest"
-            # eval vector i is the image of id ev_ids[i] (images that failed to embed have no vector)
-            ev_rows = pc.index_in(pa.array(ev_ids, pa.string()), value_set=read_table(ingest_dir, ["id"]).column("id"))
-            with ShardImages(ingest_dir, ev_rows.to_numpy(zero_copy_only=False)) as ev_imgs:
-                n = pool.n
-                res = verify_pairs(p, n + e, lambda r: pool_imgs.load(r) if r < n else ev_imgs.load(r - n),
-                                   verify_settings(cfg))
-            sims = pair_sims(pool, res.i, ev, res.j - n)
-            take = res.verified | (res.abstained & (sims > cfg.decontaminate.threshold))
-            score = np.where(res.verified, res.share, sims)
-            direct[name] = (res.i[take], res.j[take] - n, score[take])
-            stats[name] = {**res.stats, "linked_too_flat_cosine": int((take & ~res.verified).sum())}
+    for name, (vecs, ev_ids) in eval_sets.items():
+        ev = as_parts(vecs)
+        p, e = eval_matches(pool, ev, cfg.decontaminate.candidate_cosine, cfg.dedup.candidate_k, spec, mapper=mapper)
+        ingest_dir = d / "eval_sets" / name / "ingest"
+        # eval vector i is the image of id ev_ids[i] (images that failed to embed have no vector)
+        ev_rows = pc.index_in(pa.array(ev_ids, pa.string()), value_set=read_table(ingest_dir, ["id"]).column("id"))
+        n = pool.n  # pool rows first, then the evaluation images
+        res = verify_image_pairs([(pool_ingest, pool_rows), (ingest_dir, ev_rows.to_numpy(zero_copy_only=False))],
+                                 p, n + e, verify_settings(cfg), mapper)
+        sims = pair_sims(pool, res.i, ev, res.j - n)
+        take = res.verified | (res.abstained & (sims > cfg.decontaminate.threshold))
+        score = np.where(res.verified, res.share, sims)
+        direct[name] = (res.i[take], res.j[take] - n, score[take])
+        stats[name] = {**res.stats, "linked_too_flat_cosine": int((take & ~res.verified).sum())}
     return direct, stats
 
 

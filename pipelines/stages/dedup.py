@@ -112,21 +112,24 @@ def _verified_edges(cfg: Config, emb_dir: Path, valid: np.ndarray, threshold: fl
     """Candidates (content and mirrored pHash neighbours, embedding k-NN) verified by local features;
     a pair too flat to judge (few keypoints) is linked when its cosine is > threshold."""
     from curate.dedup import as_parts, pair_sims
-    from curate.verify import candidate_pairs, embedding_candidates, phash_candidates, verify_pairs
-    from pipelines.copy_images import pool_images, verify_settings
+    from curate.verify import candidate_pairs, embedding_candidates, phash_candidates
+    from pipelines.copy_images import content_hashes, verify_image_pairs, verify_settings
+    from pipelines.executors import stage_mapper
 
     dc = cfg.dedup
     n = len(valid)
+    mapper = stage_mapper(cfg.executor, cfg.ray_address)  # decoding, hashing and verifying as Ray tasks with executor ray
+    ingest = stage_dir(cfg, "ingest")
+    emb_rows = RowMap(ingest, emb_dir).emb_rows
     sources = [embedding_candidates(str(emb_dir), dc.candidate_k, dc.candidate_cosine, valid=valid,
                                     index_spec=index_spec(cfg))]
-    with pool_images(cfg, emb_dir) as images:
-        ph, mirror, decoded, hash_seconds = images.content_hashes()
-        i, j, cost = phash_candidates(ph, dc.candidate_phash, mirror)
-        usable = decoded & valid
-        take = usable[i] & usable[j]
-        sources.append((i[take], j[take], cost[take]))
-        ci, cj, cstats = candidate_pairs(n, *sources, max_pairs_per_image=dc.max_pairs_per_image)
-        res = verify_pairs(ci, cj, images.load, verify_settings(cfg))
+    ph, mirror, decoded, hash_seconds = content_hashes(ingest, emb_rows, mapper)
+    i, j, cost = phash_candidates(ph, dc.candidate_phash, mirror)
+    usable = decoded & valid
+    take = usable[i] & usable[j]
+    sources.append((i[take], j[take], cost[take]))
+    ci, cj, cstats = candidate_pairs(n, *sources, max_pairs_per_image=dc.max_pairs_per_image)
+    res = verify_image_pairs([(ingest, emb_rows)], ci, cj, verify_settings(cfg), mapper)
     parts = as_parts(str(emb_dir))
     sims = pair_sims(parts, res.i, parts, res.j)
     flat = res.abstained & (sims > threshold)

@@ -152,6 +152,30 @@ def test_local_verification_is_the_default_and_finds_flips_and_crops(tmp_path):
     assert manifest["config"]["threshold_choice"]["threshold_how"] == "given"
     assert manifest["config"]["verify_settings"]["max_side"] == 512
 
+    # cut into jobs, as Ray tasks run them (executor ray), hashing and verification give the same values
+    import numpy as np
+
+    from curate.dedup import local_map
+    from pipelines.aligned import RowMap
+    from pipelines.copy_images import content_hashes, verify_image_pairs, verify_settings
+
+    ingest, emb_dir = tmp_path / "w" / "ingest", tmp_path / "w" / "embed" / "pixels-16"
+    emb_rows = RowMap(ingest, emb_dir).emb_rows
+    whole, cut = content_hashes(ingest, emb_rows, rows_per_job=10**6), content_hashes(ingest, emb_rows, local_map, 7)
+    assert whole[2].all() and all(np.array_equal(x, y) for x, y in zip(whole[:3], cut[:3]))
+    rng = np.random.default_rng(0)
+    n = len(emb_rows)
+    i, j = rng.integers(0, n, 40), rng.integers(0, n, 40)  # both orders of a pair, in no order
+    keep = i != j
+    i, j = i[keep], j[keep]
+    one = verify_image_pairs([(ingest, emb_rows)], i, j, verify_settings(cfg))
+    jobs = verify_image_pairs([(ingest, emb_rows)], i, j, verify_settings(cfg), local_map, pairs_per_job=3)
+    assert jobs.stats["pieces"] == -(-len(i) // 3) and one.stats["pieces"] == 1
+    assert np.array_equal(one.i, np.minimum(i, j)) and np.array_equal(one.j, np.maximum(i, j))
+    for name in ("i", "j", "verified", "inliers", "share", "mirrored", "keypoints", "abstained"):
+        assert np.array_equal(getattr(one, name), getattr(jobs, name)), name
+    assert one.reason == jobs.reason and one.stats["images"] == jobs.stats["images"]
+
 
 def test_eval_set_changes_and_unrun_or_stale_decontamination_are_never_silent(cfg, tmp_path):
     """Images added to an evaluation set redo decontamination; a configured decontamination that has
