@@ -187,11 +187,6 @@ def verify_settings(cfg: Config):
     return VerifySettings(max_side=cfg.dedup.verify_max_side, max_features=cfg.dedup.verify_max_features)
 
 
-def pool_images(cfg: Config, emb_dir: Path) -> ShardImages:
-    """The pool images behind the rows of the embedding in emb_dir."""
-    return ShardImages(stage_dir(cfg, "ingest"), RowMap(stage_dir(cfg, "ingest"), emb_dir).emb_rows)
-
-
 def embedder_fn(cfg: Config, model: str):
     """The embedding model as images -> L2-normalised float32 [n, d] (batched, cfg.embed device/precision)."""
     import torch
@@ -220,6 +215,7 @@ def calibration_sample(cfg: Config, emb_dir: Path, valid: np.ndarray) -> tuple[l
     ok = np.flatnonzero(valid)
     rng = np.random.default_rng(0)
     chosen = np.sort(ok[rng.choice(len(ok), min(cfg.dedup.calibrate_sample, len(ok)), replace=False)])
-    with pool_images(cfg, emb_dir) as images:
-        originals = [images.load(int(r)) for r in chosen]
+    ingest = stage_dir(cfg, "ingest")
+    with ShardImages(ingest, RowMap(ingest, emb_dir).emb_rows[chosen]) as images:  # the sample's rows only
+        originals = [images.load(k) for k in range(len(chosen))]
     return originals, make_calibration_set(originals, seed=0)
