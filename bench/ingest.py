@@ -1,12 +1,14 @@
 """Folder ingest throughput vs a bare PIL decode loop on the same files, in the same run.
 
     python bench/ingest.py [--n 3000] [--size 128x96] [--repeat 3] [--rss 10000,100000] [--exact]
+    python bench/ingest.py --plan-rss 1000000,4000000
 
 Ratio = ingest images/s / bare decode images/s, for 1 process each and for 2 processes each,
 each pair timed back to back, --repeat times (the first ingest also pays the one-time imports
 of the process: pyarrow loads pandas). --exact: ingest with phash_exact (full decode, imagehash).
 With --rss, also runs `curate ingest` in subprocesses on folders of those sizes and reports the
-peak RSS of the largest process (memory must not grow with the pool).
+peak RSS of the largest process (memory must not grow with the pool). --plan-rss 1000000,4000000
+measures only the planner on URL lists of those sizes (10% repeats), each in a fresh process.
 """
 
 from __future__ import annotations
@@ -68,17 +70,48 @@ def rss_for(n: int, tmp: Path) -> dict:
             "peak_rss_mb_largest_process": round(int(out.stdout.split()[-1]) / 1024, 1)}
 
 
+PLAN_CHILD = """
+import resource, shutil, sys, time
+from curate.ingest import plan
+urls, work = sys.argv[1], sys.argv[2]
+t = time.process_time()
+parts = plan([urls], work, 10000)
+print(time.process_time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, parts)
+"""
+
+
+def plan_rss_for(n: int, tmp: Path, repeats: float = 0.1) -> dict:
+    """Peak RSS of planning a URL list of n lines (a share `repeats` of them repeating earlier URLs) in a
+    fresh process: the planner keeps a count of every name seen, to number the repeats."""
+    urls = tmp / f"urls{n}.txt"
+    distinct = max(1, int(n * (1 - repeats)))
+    with open(urls, "w") as f:
+        f.writelines(f"http://127.0.0.1:9/img/{i % distinct}.jpg\n" for i in range(n))
+    work = tmp / f"plan_work{n}"
+    shutil.rmtree(work, ignore_errors=True)
+    out = subprocess.run([sys.executable, "-c", PLAN_CHILD, str(urls), str(work)], check=True, cwd=ROOT,
+                         capture_output=True, text=True).stdout.split()
+    shutil.rmtree(work, ignore_errors=True)
+    urls.unlink()
+    return {"urls": n, "repeats": repeats, "cpu_s": round(float(out[0]), 2), "peak_rss_mb": round(int(out[1]) / 1024, 1),
+            "parts": int(out[2])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--part-size", type=int, default=500)
     ap.add_argument("--size", default="128x96", help="image size WxH of the generated JPEGs")
     ap.add_argument("--rss", default="", help="comma-separated folder sizes for the memory check")
+    ap.add_argument("--plan-rss", default="", help="comma-separated URL-list sizes: peak RSS of the planner alone")
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--exact", action="store_true", help="ingest with phash_exact=True")
     args = ap.parse_args()
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="bench_ingest_"))
+    if args.plan_rss:  # the planner's memory only
+        emit("ingest_plan", plans=[plan_rss_for(int(n), tmp) for n in args.plan_rss.split(",") if n])
+        return
     size = tuple(int(v) for v in args.size.split("x"))
     folder = tmp / f"folder{args.size}"
     paths = [str(p) for p in make_folder(folder, args.n, size=size)]

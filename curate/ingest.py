@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -77,7 +78,11 @@ def make_id(name: str) -> str:
     The name is the URL for URLs, "<source name>/<relative path>" for folder files and
     "<source name>::<member>" for tar members (see curate.sources), so moving data keeps ids.
     """
-    return hashlib.blake2b(name.encode("utf-8", errors="surrogatepass"), digest_size=8).hexdigest()
+    return _name_digest(name).hex()
+
+
+def _name_digest(name: str) -> bytes:
+    return hashlib.blake2b(name.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
 
 
 def plan(sources: Iterable[str], stage_dir: str | os.PathLike, part_size: int) -> int:
@@ -113,7 +118,7 @@ def _new_plan(sources: list[str], stage_dir: str | os.PathLike,
     ensure_dir(stage_dir)
     clean_temporaries(stage_dir)
     _remove_unplanned_outputs(stage_dir)
-    seen: dict[str, int] = {}
+    seen = SeenNames()
     with atomic_path(plan_dir) as tmp:
         tmp.mkdir()
         (tmp / "sources.json").write_text(json.dumps(_source_locations(sources)))
@@ -122,10 +127,10 @@ def _new_plan(sources: list[str], stage_dir: str | os.PathLike,
         for source, name in zip(sources, source_names(sources)):
             for item in iter_source(source, name):
                 if len(rows) == part_size:  # a full part, and more to come
-                    yield n_parts, _write_plan_part(rows, tmp / part_name(n_parts)), True
+                    yield n_parts, _write_plan_part(_with_ids(rows, seen), tmp / part_name(n_parts)), True
                     rows, n_parts = [], n_parts + 1
-                rows.append(_plan_row(item, seen))
-        yield n_parts, _write_plan_part(rows, tmp / part_name(n_parts)), False
+                rows.append({name: getattr(item, name) for name in _PLAN_FIELDS})  # asdict without deep copies
+        yield n_parts, _write_plan_part(_with_ids(rows, seen), tmp / part_name(n_parts)), False
 
 
 def _write_plan_part(rows: list[dict], path: Path) -> list[dict]:
@@ -165,18 +170,67 @@ def _check_planned_sources(plan_dir: Path, where: list[str]) -> None:
 _PLAN_FIELDS = [f.name for f in fields(PlanItem)]
 
 
-def _plan_row(item: PlanItem, seen: dict[str, int]) -> dict:
-    row = {name: getattr(item, name) for name in _PLAN_FIELDS}  # asdict without its deep copies (str/int fields)
-    base = make_id(item.name)
-    count = seen.get(base, 0)
-    seen[base] = count + 1
-    if count:
-        row["id"] = make_id(f"{item.name}#{count}")
-        if not row["status"]:
-            row["status"], row["error"] = "duplicate_uri", f"same source name as record {base}"
-    else:
-        row["id"] = base
-    return row
+class SeenNames:
+    """How many times each record's base id (make_id of its name: a 64-bit hash) has been seen, for
+    numbering repeated names. Every distinct id is kept once, as a uint64, in sorted arrays merged like
+    a log-structured merge tree (8 bytes per distinct name, where a dict of id strings took ~150);
+    counts above one, i.e. the repeated names only, in a dict."""
+
+    def __init__(self) -> None:
+        self.levels: list[np.ndarray] = []  # sorted, disjoint; sizes shrink at least 2x from one to the next
+        self.more: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return sum(len(lv) for lv in self.levels)
+
+    def _counts(self, keys: np.ndarray) -> np.ndarray:
+        """Times seen so far of each of the distinct `keys`."""
+        count = np.zeros(len(keys), dtype=np.int64)
+        for lv in self.levels:
+            at = np.minimum(np.searchsorted(lv, keys), len(lv) - 1)
+            count[lv[at] == keys] = 1
+        for k in np.flatnonzero(count):
+            count[k] = self.more.get(int(keys[k]), 1)
+        return count
+
+    def take(self, keys: np.ndarray) -> np.ndarray:
+        """For a batch of keys in stream order: how many times each one's key was seen before it (earlier
+        batches and earlier in this batch); the batch is then recorded."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        if not len(keys):
+            return np.zeros(0, dtype=np.int64)
+        uniq, inv, cnt = np.unique(keys, return_inverse=True, return_counts=True)
+        inv = inv.reshape(-1)
+        base = self._counts(uniq)
+        order = np.argsort(inv, kind="stable")  # positions grouped by key, in stream order within each
+        rank = np.empty(len(keys), dtype=np.int64)
+        rank[order] = np.arange(len(keys)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        total = base + cnt
+        for k in np.flatnonzero(total > 1):
+            self.more[int(uniq[k])] = int(total[k])
+        fresh = uniq[base == 0]
+        if len(fresh):
+            self.levels.append(fresh)
+            while len(self.levels) > 1 and len(self.levels[-2]) <= 2 * len(self.levels[-1]):
+                top = self.levels.pop()
+                self.levels[-1] = np.sort(np.concatenate([self.levels[-1], top]), kind="stable")
+        return base[inv] + rank
+
+
+def _with_ids(rows: list[dict], seen: SeenNames) -> list[dict]:
+    """Give the plan rows of a part their ids: make_id(name), or make_id(name#k) for the k-th repeat of
+    a name (status duplicate_uri, unless the row already has a status)."""
+    digests = [_name_digest(row["name"]) for row in rows]
+    before = seen.take(np.frombuffer(b"".join(digests), dtype=">u8").astype(np.uint64))
+    for row, digest, count in zip(rows, digests, before.tolist()):
+        base = digest.hex()  # make_id(name)
+        if count:
+            row["id"] = make_id(f"{row['name']}#{count}")
+            if not row["status"]:
+                row["status"], row["error"] = "duplicate_uri", f"same source name as record {base}"
+        else:
+            row["id"] = base
+    return rows
 
 
 def ingest(sources: Iterable[str], stage_dir: str | os.PathLike, settings: IngestSettings = IngestSettings(),

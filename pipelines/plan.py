@@ -84,9 +84,12 @@ def _ingest(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
     nodes = 1 if cores == cl.cpus_per_node else cl.nodes
     down = f.inputs * cost("image_bytes")
     seconds = max(f.inputs * cost("ingest_s") / min(cores, workers * nodes), down / (nodes * cost("net_bytes_s")))
-    return StagePlan("ingest", "node" if nodes == 1 else "cluster", cost("ingest_rss"), workers * cost("ingest_rss"),
+    planner = cost("ingest_rss") + f.inputs * cost("ingest_plan_bytes")  # the driver, numbering repeated names
+    return StagePlan("ingest", "node" if nodes == 1 else "cluster", max(cost("ingest_rss"), planner),
+                     workers * cost("ingest_rss") + planner,
                      f.ok * cost("image_bytes") + f.inputs * cost("record_bytes"), down, seconds, f.inputs,
-                     [f"downloads {fmt_bytes(down)} (URL sources) at {fmt_bytes(cost('net_bytes_s'))}/s per node"])
+                     [f"downloads {fmt_bytes(down)} (URL sources) at {fmt_bytes(cost('net_bytes_s'))}/s per node",
+                      f"the planner holds 8 bytes per distinct input name ({fmt_bytes(planner)} with its process)"])
 
 
 def _hashdedup(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:

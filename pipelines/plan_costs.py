@@ -29,6 +29,9 @@ COSTS: dict[str, Cost] = {
                      "process, 512x384 JPEG (python bench/ingest.py --n 2000 --size 512x384 --repeat 3)"),
     "ingest_rss": Cost(196 * 2**20, "bytes per worker", "RESULTS 'Ingest': peak RSS 196 MiB at 100k files "
                        "(python bench/ingest.py --n 3000 --rss 10000,100000)"),
+    "ingest_plan_bytes": Cost(20, "driver bytes per input (the planner's count of names seen)", "python "
+                              "bench/ingest.py --plan-rss 1000000,4000000 (10% repeated URLs): peak RSS 221 MB "
+                              "and 281 MB, the slope (RESULTS 'Every stage on Ray')"),
     "image_bytes": Cost(110e3, "bytes per image", "ASSUMPTION: mean size of a web JPEG (not measured here)"),
     "record_bytes": Cost(80, "bytes per record on disk", f"{_SCALE}: 80 MB of ingest parts"),
     "net_bytes_s": Cost(1.25e9, "bytes/s per node", "ASSUMPTION: 10 Gbit/s per node to the internet and between nodes"),

@@ -395,3 +395,29 @@ def test_parts_of_a_plan_that_never_completed_are_redone(tmp_path):
     ingest([str(tmp_path / "raw")], tmp_path / "fresh", FAST)
     assert _tree(tmp_path / "w") == _tree(tmp_path / "fresh")
     assert str(first.resolve()) not in read_table(tmp_path / "w").column("uri").to_pylist()
+
+
+def test_seen_names_count_repeats_like_a_dict_across_batches():
+    """SeenNames (sorted uint64 levels + a dict of repeats) numbers every key as a dict of counts would,
+    whatever the batch cut, with keys repeated within and across batches and at the uint64 extremes."""
+    import numpy as np
+
+    from curate.ingest import SeenNames
+
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, 2**63, 3000, dtype=np.uint64) * np.uint64(2)  # even keys spread over uint64
+    keys = np.concatenate([keys, np.array([0, 2**64 - 1, 2**64 - 1], dtype=np.uint64)])
+    stream = keys[rng.integers(0, len(keys), 20000)]  # ~6 occurrences per key
+    stream[100:110] = stream[99]  # a run of one key inside a batch
+    expected, counts = [], {}
+    for k in stream.tolist():
+        expected.append(counts.get(k, 0))
+        counts[k] = counts.get(k, 0) + 1
+    for cut in (1, 7, 1000, 20000):
+        seen, got = SeenNames(), []
+        for lo in range(0, len(stream), cut):
+            got.extend(seen.take(stream[lo:lo + cut]).tolist())
+        assert got == expected, cut
+        assert len(seen) == len(counts) and len(seen.levels) <= 2 * np.log2(len(counts)) + 1
+        assert all(np.all(lv[1:] > lv[:-1]) for lv in seen.levels)  # sorted and distinct
+        assert seen.more == {k: c for k, c in counts.items() if c > 1}
