@@ -12,6 +12,10 @@ Fashion-MNIST test split trained on the curated subset and on a random subset of
 drawn from the raw pool; mean and sd over seeds. Prints one JSON line.
 
 Run: python bench/balance_fashion.py [--seeds 0,1,2] [--levels 100,10] [--sampling r]
+     python bench/balance_fashion.py --embed bootstrap[:PRESET] [--boot-iters 600] [--boot-set key=value ...]
+The bootstrap embedder (as `embed.model: bootstrap` in `curate run`): per seed, a DINOv2 ViT of the
+trainer preset (default tiny) trained on the pool's kept images (after the filter and dedup), its
+teacher's CLS token embeds the pool. The k-NN score stays on raw pixels whatever embeds the tree.
 """
 
 from __future__ import annotations
@@ -105,6 +109,41 @@ def class_stats(y: np.ndarray) -> tuple[float, float]:
     return h, float(counts.max() / counts.min()) if counts.min() else float("inf")
 
 
+def bootstrap_embed(x: np.ndarray, keep: np.ndarray, seed: int, spec: str, iters: int, overrides: list[str],
+                    work: str) -> tuple[np.ndarray, dict]:
+    """Train the preset on the kept pool images (PNG shards), embed every pool image with its teacher's
+    CLS token (L2-normalised); and the run's summary (seconds, DINO term against ln K)."""
+    import os
+    import shutil
+
+    import ssl_fashion
+    import torch
+
+    from train.cli import resolve_config_path
+    from train.config import load_config
+    from train.loop import train
+
+    preset = spec.split(":", 1)[1] if ":" in spec else "tiny"
+    root = os.path.join(work, f"boot-{seed}")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(os.path.join(root, "shards"))
+    ssl_fashion.write_shards(x[keep], os.path.join(root, "shards"))
+    cfg = load_config(resolve_config_path(preset), [
+        f"data.path={root}/shards", "data.num_workers=0", "progress=false", f"seed={seed}",
+        f"optim.iterations={iters}", f"checkpoint_every={iters}", f"output_dir={root}/train", "resume=false",
+        *overrides])
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    summary = train(cfg)
+    seconds = time.perf_counter() - t0
+    feats = ssl_fashion.embed(summary["model"].teacher["backbone"], x, cfg.eval_size or cfg.crops.global_size)
+    feats = torch.nn.functional.normalize(feats, dim=1).numpy()
+    hist = summary["history"]
+    last = hist[-max(1, min(20, len(hist) // 10)):]
+    dino = float(np.mean([h["dino_loss"] for h in last]))
+    return feats, {"train_s": round(seconds, 1), "dino_below_lnK": round(float(np.log(cfg.head.prototypes)) - dino, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
@@ -113,6 +152,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="resampling steps per level, the first fit included")
     ap.add_argument("--sampling", default="r", choices=["r", "c"])
     ap.add_argument("--min-explained", type=float, default=0.45)
+    ap.add_argument("--embed", default="pixels", help="pixels | bootstrap[:PRESET]: what embeds the tree")
+    ap.add_argument("--boot-iters", type=int, default=600)
+    ap.add_argument("--boot-set", action="append", default=[], help="trainer key=value override (repeatable)")
+    ap.add_argument("--work", default="/tmp/balance_fashion")
     args = ap.parse_args()
     images, labels = read_idx(DATA / "train-images-idx3-ubyte.gz"), read_idx(DATA / "train-labels-idx1-ubyte.gz")
     test_x = embed_pixels(read_idx(DATA / "t10k-images-idx3-ubyte.gz"))
@@ -131,7 +174,12 @@ def main() -> None:
         res = dedup([ids[i] for i in np.flatnonzero(ok)], [shas[i] for i in np.flatnonzero(ok)],
                     codes[ok], np.full(int(ok.sum()), 784))
         keep = np.flatnonzero(ok)[res.keep]
-        emb = embed_pixels(x)
+        pix = embed_pixels(x)  # the k-NN score's features
+        emb = pix
+        if args.embed.startswith("bootstrap"):
+            emb, boot = bootstrap_embed(x, keep, seed, args.embed, args.boot_iters, args.boot_set, args.work)
+            for key, v in boot.items():
+                rows.setdefault(key, []).append(v)
         sizes = [len(keep), *ks[:-1]]
         levels = [LevelSpec(k, args.iters, args.steps, max(1, m // k // 2), args.sampling) for k, m in zip(ks, sizes)]
         tree = hierarchical_kmeans(emb[keep], levels, seed=seed)
@@ -146,7 +194,7 @@ def main() -> None:
             rows[prefix + "ratio"].append(ratio)
             rows[prefix + ("junk" if prefix else "junk_kept")].append(float((kind[pick] == 3).mean()))
             rows[prefix + ("exact" if prefix else "exact_kept")].append(len(sha_sel) - len(set(sha_sel)))
-            rows[prefix + "knn"].append(knn_top1(emb[pick], y[pick], test_x, test_y))
+            rows[prefix + "knn"].append(knn_top1(pix[pick], y[pick], test_x, test_y))
         rows["depth"].append(depth)
         rows["lowinfo_dropped"].append(int((~ok).sum()))
         rows["dedup_dropped"].append(int((~res.keep).sum()))
@@ -155,7 +203,8 @@ def main() -> None:
               f"{rows['random_entropy'][-1]:.4f}, knn {rows['knn'][-1]:.2f} vs {rows['random_knn'][-1]:.2f}, "
               f"junk {rows['junk_kept'][-1]:.4f}, exact copies kept {rows['exact_kept'][-1]}, depth {depth} "
               f"({rows['seconds'][-1]:.0f} s)", flush=True)
-    emit("balance_fashion", pool=n, levels=ks, iters=args.iters, steps=args.steps, sampling=args.sampling,
+    emit("balance_fashion", pool=n, embed=args.embed, boot_iters=args.boot_iters if args.embed != "pixels" else None,
+         boot_set=args.boot_set, levels=ks, iters=args.iters, steps=args.steps, sampling=args.sampling,
          min_explained=args.min_explained, **{k: mean_sd([float(v) for v in vals]) for k, vals in rows.items()})
 
 
