@@ -141,23 +141,28 @@ def test_ray_executor_gives_every_stage_output_of_the_local_run(setup):
     assert _figures(root / "ray") == _figures(root / "ref")
 
 
-# Installed on one simulated worker node only (through its PYTHONPATH): every ingest part that starts
-# there says so in a file and then hangs, as on a node that stopped responding mid-task.
-STUCK_NODE_SITE = """
+def _stuck_site(module: str, name: str) -> str:
+    """A sitecustomize.py installed on one simulated worker node only (through its PYTHONPATH): every
+    call of module.name that starts there says so in a file and then hangs, as on a node that stopped
+    responding mid-task."""
+    return f"""
 import os, sys
 if "default_worker.py" in " ".join(sys.argv):
     import time
     from pathlib import Path
 
-    import curate.ingest
+    import {module}
 
-    def run_part(*args, **kwargs):
-        Path(os.environ["CURATE_TEST_STUCK"], f"started-{os.getpid()}").touch()
+    def {name}(*args, **kwargs):
+        Path(os.environ["CURATE_TEST_STUCK"], f"started-{{os.getpid()}}").touch()
         while True:
             time.sleep(1)
 
-    curate.ingest.run_part = run_part
+    {module}.{name} = {name}
 """
+
+
+STUCK_NODE_SITE = _stuck_site("curate.ingest", "run_part")  # every ingest part hangs there
 
 
 def test_curate_run_on_three_nodes_survives_losing_a_worker_mid_stage(setup, monkeypatch, tmp_path):
@@ -241,23 +246,7 @@ def test_embedding_survives_losing_a_worker_node_mid_stage(setup):
         cluster.shutdown()
 
 
-# Installed on one simulated worker node only: every copy-graph query range that starts there says
-# so in a file and then hangs, as on a node that stopped answering with its index loaded.
-STUCK_HOLDER_SITE = """
-import os, sys
-if "default_worker.py" in " ".join(sys.argv):
-    import time
-    from pathlib import Path
-
-    import curate.dedup
-
-    def knn_edges(*args, **kwargs):
-        Path(os.environ["CURATE_TEST_STUCK"], f"started-{os.getpid()}").touch()
-        while True:
-            time.sleep(1)
-
-    curate.dedup.knn_edges = knn_edges
-"""
+STUCK_HOLDER_SITE = _stuck_site("curate.dedup", "knn_edges")  # every copy-graph query range hangs there
 
 
 def test_copy_graph_survives_losing_the_node_of_an_index_holder_mid_query(setup, tmp_path):
