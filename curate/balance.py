@@ -99,7 +99,17 @@ def unique_leaves(paths: np.ndarray, weights: np.ndarray | None = None) -> tuple
     paths = paths.reshape(len(paths), -1) if paths.ndim == 1 else paths
     if not len(paths):
         return np.zeros((0, paths.shape[1]), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    leaves, inverse = np.unique(paths[:, ::-1].astype(np.int64), axis=0, return_inverse=True)
+    top = paths[:, ::-1].astype(np.int64)  # top level first: lexicographic order = tree order
+    lo = top.min(axis=0)
+    span = top.max(axis=0) - lo + 1
+    if float(np.prod(span.astype(np.float64))) < 2.0**62:  # one int64 code per path: a 1-d unique
+        code = np.zeros(len(top), np.int64)
+        for c in range(top.shape[1]):
+            code = code * span[c] + (top[:, c] - lo[c])
+        _, first, inverse = np.unique(code, return_index=True, return_inverse=True)
+        leaves = top[first]
+    else:
+        leaves, inverse = np.unique(top, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     sizes = np.bincount(inverse, weights=weights, minlength=len(leaves)).astype(np.int64)
     return np.ascontiguousarray(leaves[:, ::-1]), sizes, inverse

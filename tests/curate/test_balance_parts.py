@@ -173,3 +173,16 @@ def test_seed_retrievals_count_once_where_balance_did_not_pick(tmp_path):
         fresh = r in unpicked
         assert row["selected_by"] == (f"seed:{sets[got == r][0]}" if fresh else base.selected_by[rows == r][0])
     assert sum(1 for x in t if x["seed_set"] is not None) == 5
+
+
+@pytest.mark.parametrize("scale", [1, 2**30])  # one int64 code per path, or (too wide for it) rows
+def test_unique_leaves_are_the_sorted_paths_top_level_first(scale):
+    from curate.balance import unique_leaves
+
+    paths, _, _ = pool(4, 500, ties=False)
+    paths = paths * scale + np.array([0, 7, -3])
+    leaves, sizes, leaf = unique_leaves(paths)
+    want = sorted({tuple(p[::-1]) for p in paths.tolist()})
+    assert [tuple(x[::-1]) for x in leaves.tolist()] == want
+    assert np.array_equal(leaves[leaf], paths) and sizes.sum() == 500
+    assert sizes.tolist() == [sum(1 for p in paths.tolist() if tuple(p[::-1]) == w) for w in want]
