@@ -58,11 +58,12 @@ def read_part(part: str, offset: int, s: Settings) -> tuple[np.ndarray, np.ndarr
     return pos, paths, order_keys(s.strategy, pos + offset, sq, s.seed)
 
 
-def part_leaves(s: Settings, part: str, offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Pass 1 on one part: its leaf paths, records per leaf, smallest and largest key per leaf."""
-    _, paths, key = read_part(part, offset, s)
+def part_leaves(s: Settings, part: str, offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Pass 1 on one part: its leaf paths, records per leaf, smallest and largest key per leaf, and the
+    last global row of a clustered record (-1 if none)."""
+    pos, paths, key = read_part(part, offset, s)
     leaves, sizes, leaf = unique_leaves(paths)
-    return leaves, sizes, *_key_range(leaf, key, len(leaves))
+    return leaves, sizes, *_key_range(leaf, key, len(leaves)), int(pos[-1]) + offset if len(pos) else -1
 
 
 def _key_range(leaf: np.ndarray, key: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,7 +140,7 @@ def part_probe(s: Settings, index: LeafIndex, iv: Intervals, part: str, offset: 
     b = ~take
     sb, kb, rb = sl[b], k[b], r[b]
     by_key = iv.lo_k[sb] < iv.hi_k[sb]
-    bins = np.where(by_key, (kb - iv.lo_k[sb]) // np.maximum(iv.width[sb], np.uint64(1)),
+    bins = np.where(by_key, (kb - iv.lo_k[sb]) // iv.width[sb],
                     ((rb - iv.lo_r[sb]) // iv.width[sb].astype(np.int64)).astype(np.uint64)).astype(np.int64)
     cells, counts = np.unique(sb * iv.bins + bins, return_counts=True)
     return (cells, counts), (sl[take], k[take], r[take])
@@ -150,14 +151,15 @@ def _bin_width(lo: int, hi: int, bins: int) -> int:
 
 
 def find_thresholds(mapper: Mapper, jobs: Sequence[PartJob], s: Settings, index: LeafIndex, sizes: np.ndarray,
-                    need: np.ndarray, lo_key: np.ndarray, hi_key: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+                    need: np.ndarray, lo_key: np.ndarray, hi_key: np.ndarray,
+                    row_max: int = ROW_MAX) -> tuple[np.ndarray, np.ndarray, int]:
     """Per leaf, the (key, row) of its need-th record in (key, row) order (need 0: none, key 0 row -1);
-    exact, whatever the part split. Returns (key, row, passes)."""
+    exact, whatever the part split; rows are 0..row_max. Returns (key, row, passes)."""
     thr_k = np.zeros(len(need), np.uint64)
     thr_r = np.full(len(need), -1, np.int64)
     todo = [int(x) for x in np.flatnonzero(need > 0)]
     # per active leaf, as Python ints: [leaf, lo_k, lo_r, hi_k, hi_r, below, inside]
-    state = {leaf: [leaf, int(lo_key[leaf]), 0, int(hi_key[leaf]), ROW_MAX, 0, int(sizes[leaf])] for leaf in todo}
+    state = {leaf: [leaf, int(lo_key[leaf]), 0, int(hi_key[leaf]), row_max, 0, int(sizes[leaf])] for leaf in todo}
     passes = 0
     while state:
         passes += 1
@@ -204,7 +206,7 @@ def find_thresholds(mapper: Mapper, jobs: Sequence[PartJob], s: Settings, index:
                 new_lo, new_hi = lo_k + b * w, min(hi_k, lo_k + (b + 1) * w - 1)
                 a[1], a[3] = new_lo, new_hi
                 a[2] = lo_r if new_lo == lo_k else 0
-                a[4] = hi_r if new_hi == hi_k else ROW_MAX
+                a[4] = hi_r if new_hi == hi_k else row_max
             else:
                 w = _bin_width(lo_r, hi_r, bins)
                 a[2], a[4] = lo_r + b * w, min(hi_r, lo_r + (b + 1) * w - 1)
@@ -316,12 +318,12 @@ def balance_parts(ingest_parts: Sequence[str | Path], cluster_parts: Sequence[st
     sel = Selection(None, np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.int64),
                     np.zeros(0, np.int32), [], {})
     if target:
-        leaves, sizes, lo_key, hi_key = _all_leaves(mapper, jobs, s)
+        leaves, sizes, lo_key, hi_key, row_max = _all_leaves(mapper, jobs, s)
         quota, report = tree_quotas(leaves, sizes, target, multiplier, seed)
         report = with_strategy(report, strategy)
         index = LeafIndex(leaves)
         thr_k, thr_r, passes = find_thresholds(mapper, jobs, s, index, sizes, quota % np.maximum(sizes, 1),
-                                               lo_key, hi_key)
+                                               lo_key, hi_key, max(row_max, 0))
         picked = np.flatnonzero(quota > 0)
         code_of = np.full(len(quota), -1, np.int32)
         code_of[picked] = np.arange(len(picked), dtype=np.int32)
@@ -341,15 +343,18 @@ def balance_parts(ingest_parts: Sequence[str | Path], cluster_parts: Sequence[st
 
 
 def _all_leaves(mapper: Mapper, jobs: list[PartJob], s: Settings):
-    """Pass 1: the leaves of all parts (sorted paths), their sizes and key ranges, merged as parts finish."""
+    """Pass 1: the leaves of all parts (sorted paths), their sizes and key ranges, merged as parts finish,
+    and the last row of a clustered record."""
     acc: list[tuple] = []
     merged = (np.zeros((0, s.depth), np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.uint64))
-    for _, got in mapper(part_leaves, jobs, (s,)):
+    row_max = -1
+    for _, (*got, last) in mapper(part_leaves, jobs, (s,)):
         acc.append(got)
+        row_max = max(row_max, last)
         if len(acc) >= 32:
             merged = _merge([merged, *acc])
             acc = []
-    return _merge([merged, *acc])
+    return (*_merge([merged, *acc]), row_max)
 
 
 def _merge(parts: list[tuple]) -> tuple:

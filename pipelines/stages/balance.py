@@ -7,7 +7,6 @@ import time
 from dataclasses import asdict
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
