@@ -5,7 +5,8 @@ Balancing: the root quota is the target; each node splits its quota over its chi
 integer cap (`water_fill`): x = the largest integer with sum(min(x, size_child)) <= quota, each
 child gets min(x, size_child), and the remaining quota - sum goes one each to children larger
 than x, in a seeded random order. Down to the level-1 clusters, where records are picked
-closest-to-centroid first ('c') or at random ('r'). The target is met exactly when the pool
+closest-to-centroid first ('c') or at random ('r': a hash of the seed and the record's global ingest
+row, so any part computes its records' keys alone; ties go to the lower row). The target is met exactly when the pool
 allows it; otherwise everything is selected and the shortfall is reported.
 
 Repeats (multiplier m >= 1): every record may be chosen up to m times (child sizes count m
@@ -74,25 +75,106 @@ class BalanceResult:
         return out
 
 
-def _tree(paths: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """Per level (0 = finest): node of each record, parent node of each node, first record of each node."""
-    n, levels = paths.shape
+def _leaf_nodes(leaf_paths: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per level (0 = finest), over unique leaf paths [m, L]: the node of each leaf and the parent node of
+    each node; nodes are numbered in the lexicographic order of their path prefixes, top level first."""
+    m, levels = leaf_paths.shape
     node: list[np.ndarray] = [np.zeros(0, np.int64)] * levels
     parent: list[np.ndarray] = [np.zeros(0, np.int64)] * levels
-    first: list[np.ndarray] = [np.zeros(0, np.int64)] * levels
-    up = np.zeros(n, dtype=np.int64)  # the root
+    up = np.zeros(m, dtype=np.int64)  # the root
     for lv in range(levels - 1, -1, -1):
-        col = paths[:, lv].astype(np.int64)
+        col = leaf_paths[:, lv].astype(np.int64)
         col = col - col.min(initial=0)
-        key = up.astype(np.int64) * (int(col.max(initial=0)) + 1) + col
-        del col
-        _, first[lv], inverse = np.unique(key, return_index=True, return_inverse=True)
-        del key
-        node[lv] = inverse.reshape(-1).astype(np.int32 if len(first[lv]) < 2**31 else np.int64)
-        del inverse
-        parent[lv] = up[first[lv]]
+        key = up * (int(col.max(initial=0)) + 1) + col
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        node[lv] = inverse.reshape(-1).astype(np.int64)
+        parent[lv] = up[first]
         up = node[lv]
-    return node, parent, first
+    return node, parent
+
+
+def unique_leaves(paths: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(leaf paths [m, L] in lexicographic order top level first, records per leaf, leaf of each row)."""
+    paths = np.asarray(paths)
+    paths = paths.reshape(len(paths), -1) if paths.ndim == 1 else paths
+    if not len(paths):
+        return np.zeros((0, paths.shape[1]), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    top = paths[:, ::-1].astype(np.int64)  # top level first: lexicographic order = tree order
+    lo = top.min(axis=0)
+    span = top.max(axis=0) - lo + 1
+    if float(np.prod(span.astype(np.float64))) < 2.0**62:  # one int64 code per path: a 1-d unique
+        code = np.zeros(len(top), np.int64)
+        for c in range(top.shape[1]):
+            code = code * span[c] + (top[:, c] - lo[c])
+        _, first, inverse = np.unique(code, return_index=True, return_inverse=True)
+        leaves = top[first]
+    else:
+        leaves, inverse = np.unique(top, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    sizes = np.bincount(inverse, weights=weights, minlength=len(leaves)).astype(np.int64)
+    return np.ascontiguousarray(leaves[:, ::-1]), sizes, inverse
+
+
+def tree_quotas(leaf_paths: np.ndarray, leaf_sizes: np.ndarray, target: int, multiplier: int = 1,
+                seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Quota of every leaf (water_fill top-down over the tree the leaf paths [m, L] make, column 0 =
+    cluster_l1, rows in `unique_leaves` order) and the report; O(leaves), no per-record state."""
+    leaf_paths = np.asarray(leaf_paths)
+    leaf_sizes = np.asarray(leaf_sizes, dtype=np.int64)
+    levels = leaf_paths.shape[1]
+    n = int(leaf_sizes.sum())
+    rng = np.random.default_rng(seed)
+    node, parent = _leaf_nodes(leaf_paths)
+    quota = np.array([min(target, n * multiplier)], dtype=np.int64)  # the root
+    report: dict = {"target": int(target), "pool": n, "multiplier": multiplier, "root_cap": None,
+                    "root_cap_plus_one": 0,
+                    "nodes_per_level": {f"l{lv + 1}": len(parent[lv]) for lv in range(levels)}}
+    for lv in range(levels - 1, -1, -1):
+        sizes = np.bincount(node[lv], weights=leaf_sizes, minlength=len(parent[lv])).astype(np.int64) * multiplier
+        order = np.argsort(parent[lv], kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(parent[lv], minlength=len(quota)))])
+        child_quota = np.zeros(len(parent[lv]), dtype=np.int64)
+        for p in np.flatnonzero(quota):
+            kids = order[bounds[p] : bounds[p + 1]]
+            child_quota[kids], cap = water_fill(sizes[kids], int(quota[p]), rng)
+            if lv == levels - 1:
+                report["root_cap"] = cap
+                report["root_cap_plus_one"] = int((child_quota[kids] > np.minimum(sizes[kids], cap)).sum())
+        quota = child_quota
+    return quota, report
+
+
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A bijective 64-bit mixer (splitmix64's finaliser), wrapping uint64 arithmetic."""
+    with np.errstate(over="ignore"):
+        z = x + _MIX[0]
+        z = (z ^ (z >> np.uint64(30))) * _MIX[1]
+        z = (z ^ (z >> np.uint64(27))) * _MIX[2]
+        return z ^ (z >> np.uint64(31))
+
+
+def order_keys(strategy: str, rows: np.ndarray, sq_dists: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    """uint64 keys whose order (then the row, for ties) is the pick order inside a leaf: 'c' = the
+    distance to the level-1 centroid (float order), 'r' = a hash of (seed, row), the same whichever
+    part or process computes it."""
+    if strategy == "c":
+        f = np.asarray(sq_dists, dtype=np.float64) + 0.0  # -0.0 -> +0.0
+        u = f.view(np.uint64)
+        return np.where(u >> np.uint64(63), ~u, u | np.uint64(1 << 63))
+    s = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    return _splitmix64(np.asarray(rows, dtype=np.int64).astype(np.uint64) ^ s)
+
+
+def leaf_labels(leaf_paths: np.ndarray) -> np.ndarray:
+    """The selected_by label of each leaf: "l3:5/l2:17/l1:230" (top level first)."""
+    levels = leaf_paths.shape[1]
+    label = np.full(len(leaf_paths), "", dtype=object)
+    for lv in range(levels - 1, -1, -1):
+        label = label + f"l{lv + 1}:" + leaf_paths[:, lv].astype(str).astype(object) + ("/" if lv else "")
+    return label
 
 
 def balanced_sample(
@@ -103,61 +185,55 @@ def balanced_sample(
     sq_dists: np.ndarray | None = None,
     multiplier: int = 1,
     seed: int = 0,
+    rows: np.ndarray | None = None,
 ) -> BalanceResult:
-    """Select `target` records top-down over the tree given by paths [n, L] (column 0 = cluster_l1).
+    """Select `target` records top-down over the tree given by paths [n, L] (column 0 = cluster_l1), in
+    memory (curate/balance_parts.py does the same over parts with O(clusters) state).
 
     strategy 'c' needs sq_dists (to the level-1 centroid); multiplier > 1 allows repeats (module doc).
+    rows: each record's stable identity (its global ingest row; default 0..n-1): the 'r' key and ties.
     """
     paths = np.asarray(paths)
     paths = paths.reshape(len(paths), -1) if paths.ndim == 1 else paths
     n, levels = paths.shape
-    if strategy not in ("r", "c"):
-        raise ValueError(f"unknown strategy {strategy!r} (r | c)")
-    if strategy == "c" and sq_dists is None:
-        raise ValueError("strategy 'c' needs sq_dists (distance of each record to its level-1 centroid)")
-    if multiplier < 1 or target < 0:
-        raise ValueError("multiplier must be >= 1 and target >= 0")
+    check_settings(strategy, sq_dists is not None, multiplier, target)
     if n == 0:
         return BalanceResult(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, object),
                              {"target": int(target), "pool": 0, "selected": 0, "shortfall": int(target)})
-    rng = np.random.default_rng(seed)
-    node, parent, first = _tree(paths)
-    quota = np.array([min(target, n * multiplier)], dtype=np.int64)  # the root
-    report: dict = {"target": int(target), "pool": n, "multiplier": multiplier, "strategy": strategy,
-                    "root_cap": None, "root_cap_plus_one": 0,
-                    "nodes_per_level": {f"l{lv + 1}": len(first[lv]) for lv in range(levels)}}
-    for lv in range(levels - 1, -1, -1):
-        sizes = np.bincount(node[lv], minlength=len(first[lv])) * multiplier
-        order = np.argsort(parent[lv], kind="stable")
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(parent[lv], minlength=len(quota)))])
-        child_quota = np.zeros(len(first[lv]), dtype=np.int64)
-        for p in np.flatnonzero(quota):
-            kids = order[bounds[p] : bounds[p + 1]]
-            child_quota[kids], cap = water_fill(sizes[kids], int(quota[p]), rng)
-            if lv == levels - 1:
-                report["root_cap"] = cap
-                report["root_cap_plus_one"] = int((child_quota[kids] > np.minimum(sizes[kids], cap)).sum())
-        quota = child_quota
-    leaf = node[0]
-    key = sq_dists.astype(np.float64) if strategy == "c" else rng.random(n)
-    order = np.lexsort((key, leaf))
-    size = np.bincount(leaf, minlength=len(quota))
+    rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    leaves, size, leaf = unique_leaves(paths)
+    quota, report = tree_quotas(leaves, size, target, multiplier, seed)
+    report = with_strategy(report, strategy)
+    key = order_keys(strategy, rows, sq_dists, seed)
+    order = np.lexsort((rows, key, leaf))
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n) - np.concatenate([[0], np.cumsum(size)[:-1]])[leaf[order]]
     counts = (quota[leaf] // size[leaf] + (rank < quota[leaf] % size[leaf])).astype(np.int32)
     # the path a record was chosen through is its leaf's: one label per leaf with a selection
     chosen = counts > 0
-    leaves = np.flatnonzero(np.bincount(leaf[chosen], minlength=len(quota)))
+    picked = np.flatnonzero(quota > 0)
     code_of = np.full(len(quota), -1, dtype=np.int32)
-    code_of[leaves] = np.arange(len(leaves), dtype=np.int32)
+    code_of[picked] = np.arange(len(picked), dtype=np.int32)
     by_code = np.where(chosen, code_of[leaf], -1).astype(np.int32)
-    heads = first[0][leaves]
-    label = np.full(len(leaves), "", dtype=object)
-    for lv in range(levels - 1, -1, -1):
-        label = label + f"l{lv + 1}:" + paths[heads, lv].astype(str).astype(object) + ("/" if lv else "")
     total = int(counts.sum())
     report.update(selected=total, unique=int(chosen.sum()), shortfall=int(target) - total)
-    return BalanceResult(counts, by_code, label, report)
+    return BalanceResult(counts, by_code, leaf_labels(leaves[picked]), report)
+
+
+def with_strategy(report: dict, strategy: str) -> dict:
+    """The tree report with the strategy after the multiplier (the order the manifest has always had)."""
+    head = {k: report[k] for k in ("target", "pool", "multiplier")}
+    return {**head, "strategy": strategy, **{k: v for k, v in report.items() if k not in head}}
+
+
+def check_settings(strategy: str, have_dists: bool, multiplier: int, target: int) -> None:
+    """Refuse settings balanced sampling cannot run with (a clear ValueError)."""
+    if strategy not in ("r", "c"):
+        raise ValueError(f"unknown strategy {strategy!r} (r | c)")
+    if strategy == "c" and not have_dists:
+        raise ValueError("strategy 'c' needs sq_dists (distance of each record to its level-1 centroid)")
+    if multiplier < 1 or target < 0:
+        raise ValueError("multiplier must be >= 1 and target >= 0")
 
 
 def explained_variance(points: np.ndarray, labels: np.ndarray) -> float:

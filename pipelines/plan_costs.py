@@ -61,9 +61,11 @@ COSTS: dict[str, Cost] = {
     "ivf_scan_s": Cost(1.2e-9, "core-s per scanned vector-dimension (IVF k-NN)", f"{_SCALE}: dedup 112 CPU-s, "
                        "~70 of them scanning 6e10 vector-dimensions (the rest training, adding, components)"),
     "dedup_bytes": Cost(500, "driver bytes per record besides the index", f"{_SCALE}: dedup peak RSS 777 MB"),
-    "balance_s": Cost(3.7e-6, "driver s per record", f"{_SCALE10}: 35.4 CPU-s for 9.7M records"),
-    "balance_bytes": Cost(94, "driver bytes per record", f"{_SCALE10}: balance 318 MB at 0.96M, 1,140 MB at 9.7M "
-                          "(selected_by as codes; 240 B before)"),
+    "balance_s": Cost(3.2e-6, "core-s per record (four passes over the cluster parts)", f"{_SCALE10}: 30.7 and "
+                      "31.6 CPU-s for 9.7M records, local executor (RESULTS 'Balance streamed over parts')"),
+    "balance_bytes": Cost(1, "driver bytes per record (O(clusters): leaf sizes, cut-offs, histograms)",
+                          f"{_SCALE10}: balance 251-255 MB at 0.96M, 257-261 MB at 9.7M records with N/1,000 leaves "
+                          "(94 B per record before it was streamed)"),
     "cluster_bytes": Cost(70, "driver bytes per record (labels, distances, row maps)", f"{_SCALE10}: cluster 262 MB "
                           "at 0.95M, 882 MB at 9.7M records"),
     "plan_s": Cost(18e-6, "driver s per selected record (shard plan, written)", f"{_SCALE10}: 89 CPU-s for "

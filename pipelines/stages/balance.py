@@ -7,11 +7,10 @@ import time
 from dataclasses import asdict
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.parts import list_parts
+from curate.parts import list_parts, part_name
 from pipelines.aligned import RowMap
 from pipelines.config import Config, fingerprint
 from pipelines.embedding import embed_reference_set, resolve_embedding
@@ -75,9 +74,38 @@ def balanced_depth(cfg: Config, n_levels: int) -> int:
     return structured_levels(centroids, min_explained=cfg.balance.min_explained)
 
 
+def _mapper(cfg: Config):
+    """Parts as Ray tasks with executor ray, else local calls (the same functions, the same parts)."""
+    if cfg.executor != "ray":
+        return None
+    from pipelines.executors import ray_mapper
+
+    return ray_mapper(cfg.ray_address)
+
+
+def _seeds_by_part(cfg: Config, rows: RowMap, n_levels: int) -> tuple[dict, list[str], dict]:
+    """Seed retrievals on the driver (O(pool) only while retrieving), split by ingest part:
+    {part: (positions, seed set, seed id, similarity)}, the seed set names in order, the report."""
+    cluster = stage_dir(cfg, "cluster")
+    clustered = np.flatnonzero(pc.is_valid(rows.column(cluster, "cluster_l1")).to_numpy(zero_copy_only=False))
+    l1 = pc.fill_null(rows.column(cluster, "cluster_l1"), 0).to_numpy()[clustered]
+    got, sets, sids, sims, seed_report = retrieve_seeds(cfg, clustered, l1)
+    del l1
+    at = clustered[got]
+    part = np.searchsorted(rows.offsets, at, side="right") - 1
+    out = {}
+    for k in np.unique(part):
+        w = np.flatnonzero(part == k)
+        out[int(k)] = (at[w] - rows.offsets[k], np.asarray(sets, dtype=object)[w], np.asarray(sids, dtype=object)[w],
+                       np.asarray(sims, dtype=np.float32)[w])
+    return out, [s.name for s in cfg.balance.seeds], seed_report
+
+
 def run(cfg: Config, force: bool = False) -> StageResult:
-    """Select `target` records balanced over the cluster tree, plus seed-set retrievals."""
-    from curate.balance import balanced_sample
+    """Select `target` records balanced over the cluster tree, plus seed-set retrievals: passes over
+    the cluster parts (curate/balance_parts.py), as Ray tasks with executor ray; O(clusters) here."""
+    from curate.balance import check_settings
+    from curate.balance_parts import balance_parts
 
     bc = cfg.balance
     inputs = upstream(cfg, "ingest", "cluster")
@@ -92,48 +120,31 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     if prev:
         return prev
     t0 = time.time()
+    check_settings(bc.strategy, True, bc.multiplier, bc.target)
     rows = RowMap(stage_dir(cfg, "ingest"))
     cluster = stage_dir(cfg, "cluster")
-    n_levels = sum(1 for c in pq.read_schema(list_parts(cluster)[0]).names if c.startswith("cluster_l"))
-    clustered = np.flatnonzero(pc.is_valid(rows.column(cluster, "cluster_l1")).to_numpy(zero_copy_only=False))
-    paths = np.empty((len(clustered), n_levels), dtype=np.int32)  # filled a level at a time, no float copies
-    for lv in range(n_levels):
-        paths[:, lv] = pc.fill_null(rows.column(cluster, f"cluster_l{lv + 1}"), 0).to_numpy()[clustered]
-    n = len(clustered)
-    counts = np.zeros(n, dtype=np.int32)
-    by_code = np.full(n, -1, dtype=np.int32)  # selected_by as codes into by_labels (no string per record)
-    by_labels: list[str] = []
+    cluster_parts = list_parts(cluster)
+    if len(cluster_parts) != len(rows.parts):
+        raise ValueError(f"{cluster} has {len(cluster_parts)} parts, the ingest stage {len(rows.parts)}")
+    n_levels = sum(1 for c in pq.read_schema(cluster_parts[0]).names if c.startswith("cluster_l"))
+    depth = balanced_depth(cfg, n_levels) if bc.target else n_levels
+    seeds, seed_report = None, None
+    if bc.seeds:
+        seeds, names, seed_report = _seeds_by_part(cfg, rows, n_levels)
+    res = balance_parts(rows.parts, cluster_parts, [d / part_name(k) for k in range(len(rows.parts))],
+                        rows.offsets[:-1], bc.target, depth=depth, strategy=bc.strategy, multiplier=bc.multiplier,
+                        seed=bc.seed, seeds=seeds, seed_sets=sorted(names) if bc.seeds else (),
+                        mapper=_mapper(cfg))
+    n = res.clustered
     report: dict = {"pool": n}
     if bc.target:
-        depth = balanced_depth(cfg, n_levels)
-        paths = paths[:, :depth]
         report.update({"levels_balanced": depth, "levels": n_levels})
-        sq = rows.column(cluster, "cluster_sq_dist").to_numpy(zero_copy_only=False)[clustered]
-        res = balanced_sample(paths, bc.target, strategy=bc.strategy, multiplier=bc.multiplier, seed=bc.seed,
-                              sq_dists=sq)
-        counts, by_code, by_labels = res.counts.astype(np.int32), res.by_code, list(res.by_labels)
         report.update({k: v for k, v in res.report.items() if isinstance(v, (int, float, str))})
-    seed_types = {"seed_set": pa.string(), "seed_id": pa.string(), "seed_sim": pa.float32()}
-    seeded = {c: (pa.nulls(n, t), t) for c, t in seed_types.items()}  # no Python object per record without seeds
-    if bc.seeds:
-        seed_set, seed_id, seed_sim = (np.full(n, None, dtype=object) for _ in range(3))
-        got, sets, sids, sims, seed_report = retrieve_seeds(cfg, clustered, paths[:, 0])
-        seed_set[got], seed_id[got], seed_sim[got] = sets, sids, [float(x) for x in sims]
-        fresh = got[counts[got] == 0]
-        counts[fresh] = 1
-        names = sorted({str(s) for s in seed_set[fresh]})
-        by_code[fresh] = len(by_labels) + np.searchsorted(np.array(names, dtype=object), seed_set[fresh])
-        by_labels += [f"seed:{s}" for s in names]
+    if seed_report is not None:
         report["retrieval"] = seed_report
-        seeded = {c: (v.tolist(), seed_types[c]) for c, v in zip(seed_types, (seed_set, seed_id, seed_sim))}
-    selected = counts > 0
-    by = pa.DictionaryArray.from_arrays(pa.array(by_code, mask=by_code < 0, type=pa.int32()),
-                                        pa.array(by_labels, type=pa.string()))
-    rows.write(d, clustered, {"selected": (selected, pa.bool_()), "repeats": (counts, pa.int32()),
-                              "selected_by": (by, pa.string()), **seeded})
-    shortfall = max(0, bc.target - int(counts.sum())) if bc.target else 0
+    shortfall = max(0, bc.target - res.repeats) if bc.target else 0
     result = StageResult("balance", str(d), key, counts={
-        "in": n, "out": int(selected.sum()), "dropped": {"not_selected": int((~selected).sum())},
+        "in": n, "out": res.selected, "dropped": {"not_selected": n - res.selected},
         "target": bc.target, "shortfall": shortfall}, seconds=time.time() - t0, outputs={"selection": str(d)})
     if bc.target and report["levels_balanced"] < n_levels:
         result.notes.append(f"balanced over cluster levels 1..{report['levels_balanced']} of {n_levels}: the levels "
