@@ -52,8 +52,8 @@ def _embedding(cfg: Config, name: str | None, embs: dict) -> tuple[str, int, flo
 
 
 # Stages whose heavy part runs as Ray tasks or actors over the nodes with `executor: ray` (the code as it
-# is: ingest, hash dedup, balance and the shards run on one machine; update this as stages move to Ray).
-ON_RAY = {"embed", "dedup", "cluster"}
+# is: ingest, hash dedup and the shard plan run on one machine; update this as stages move to Ray).
+ON_RAY = {"embed", "dedup", "cluster", "balance"}
 MODELS_VITS = 0.075  # ViT-S/14's forward cost relative to ViT-L/14 (plan_costs.MODELS)
 CHUNK_TEMPS = 3  # float32 chunk copies a k-means or k-NN pass holds at once (read, convert, search input)
 
@@ -280,6 +280,16 @@ def _driver_stage(stage: str, records: int, per_s: str, per_b: str, disk: float,
     return StagePlan(stage, "driver", mem, mem, disk, 0, records * cost(per_s), records, [note])
 
 
+def _balance(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
+    on_ray = "balance" in ON_RAY and cfg.executor == "ray"
+    p = _driver_stage("balance", f.clustered, "balance_s", "balance_bytes", f.clustered * 20,
+                      "passes over the cluster parts (leaf sizes, cut-off histograms, one write per part), "
+                      + ("one Ray task per part" if on_ray else "in one process") + "; the driver holds O(clusters)")
+    if on_ray:
+        p.where, p.seconds = "cluster", p.seconds / (cl.nodes * cl.cpus_per_node)
+    return p
+
+
 def _shards(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
     p = _driver_stage("shards", f.selected, "plan_s", "plan_bytes", f.selected * cost("image_bytes"),
                       "the plan by an external sort on the driver (a range of samples in memory at a time, and "
@@ -311,8 +321,7 @@ def plan(cfg: Config, records: int, cluster: Cluster, dims: dict[str, int] | Non
         out.append(_decontaminate(cfg, f, cluster, embs, eval_images))
     if enabled(cfg, "cluster"):
         out.append(_cluster(cfg, f, cluster, embs))
-        out.append(_driver_stage("balance", f.clustered, "balance_s", "balance_bytes", f.clustered * 20,
-                                 "the tree walk over every clustered record on the driver"))
+        out.append(_balance(cfg, f, cluster))
     out.append(_shards(cfg, f, cluster))
     for p in out:
         if p.mem_node > cluster.mem:

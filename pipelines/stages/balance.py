@@ -74,15 +74,6 @@ def balanced_depth(cfg: Config, n_levels: int) -> int:
     return structured_levels(centroids, min_explained=cfg.balance.min_explained)
 
 
-def _mapper(cfg: Config):
-    """Parts as Ray tasks with executor ray, else local calls (the same functions, the same parts)."""
-    if cfg.executor != "ray":
-        return None
-    from pipelines.executors import ray_mapper
-
-    return ray_mapper(cfg.ray_address)
-
-
 def _seeds_by_part(cfg: Config, rows: RowMap, n_levels: int) -> tuple[dict, list[str], dict]:
     """Seed retrievals on the driver (O(pool) only while retrieving), split by ingest part:
     {part: (positions, seed set, seed id, similarity)}, the seed set names in order, the report."""
@@ -106,6 +97,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     the cluster parts (curate/balance_parts.py), as Ray tasks with executor ray; O(clusters) here."""
     from curate.balance import check_settings
     from curate.balance_parts import balance_parts
+    from pipelines.executors import stage_mapper
 
     bc = cfg.balance
     inputs = upstream(cfg, "ingest", "cluster")
@@ -134,7 +126,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     res = balance_parts(rows.parts, cluster_parts, [d / part_name(k) for k in range(len(rows.parts))],
                         rows.offsets[:-1], bc.target, depth=depth, strategy=bc.strategy, multiplier=bc.multiplier,
                         seed=bc.seed, seeds=seeds, seed_sets=sorted(names) if bc.seeds else (),
-                        mapper=_mapper(cfg))
+                        mapper=stage_mapper(cfg.executor, cfg.ray_address))
     n = res.clustered
     report: dict = {"pool": n}
     if bc.target:
