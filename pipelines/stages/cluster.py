@@ -74,16 +74,17 @@ def _npy_rows(path: Path) -> int:
 
 
 def _chunk_pass(vectors: PartVectors, start: int, stop: int, part: int, centroids: np.ndarray,
-                out_dir: str | None) -> StepStats:
+                out_dir: str | None, keep: bool) -> StepStats | tuple[StepStats, np.ndarray, np.ndarray]:
     """A Lloyd pass over rows [start, stop) of the vectors, one chunk (a Ray task): its statistics; its labels
-    and squared distances written to out_dir as part `part` of an Assignment directory when one is given."""
+    and squared distances written to out_dir as part `part` of an Assignment directory when one is given, else
+    returned with the statistics when `keep` (a level >= 2: O(clusters) labels)."""
     from curate.kmeans import part_step
     from curate.kmeans_parts import write_assignment_part
 
     stats, labels, dists = part_step(vectors.rows(start, stop), centroids, start, max(1, stop - start))
     if out_dir is not None:
         write_assignment_part(out_dir, part, labels, dists)
-    return stats
+    return (stats, labels, dists) if keep and out_dir is None else stats
 
 
 def _ray_step_fn(vectors: PartVectors, chunk: int, address: str | None):
@@ -103,11 +104,11 @@ def _ray_step_fn(vectors: PartVectors, chunk: int, address: str | None):
     shared = ray.put(vectors)
 
     def step(centroids: np.ndarray, out: Assignment | None = None) -> StepStats:
-        if out is not None and out.dir is None:
-            raise ValueError("a Ray pass writes its labels to an Assignment directory")
         ref = ray.put(centroids)
-        target = None if out is None else str(out.dir)
-        refs = [remote.remote(shared, int(a), int(b), i, ref, target) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        target = None if out is None or out.dir is None else str(out.dir)
+        keep = out is not None and out.dir is None  # labels come back to the driver (levels >= 2 only)
+        refs = [remote.remote(shared, int(a), int(b), i, ref, target, keep)
+                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
         position = {r: i for i, r in enumerate(refs)}
         total = StepAccumulator(len(centroids), centroids.shape[1])
         early, turn, waiting = {}, 0, refs
@@ -115,11 +116,28 @@ def _ray_step_fn(vectors: PartVectors, chunk: int, address: str | None):
             ready, waiting = ray.wait(waiting, num_returns=1)
             early[position[ready[0]]] = _get(ready[0])
             while turn in early:
-                total.add_stats(early.pop(turn))
+                got = early.pop(turn)
+                if keep:
+                    got, labels, dists = got
+                    out.put(turn, labels, dists)
+                total.add_stats(got)
                 turn += 1
         return total.result()
 
     return step
+
+
+def _ray_upper_step_fn(rows_dir: Path, chunk: int, address: str | None):
+    """Levels >= 2 on Ray: the level below's centroids saved as an .npy (in the stage's scratch directory, on
+    storage every node sees), read chunk by chunk by the same tasks as level 1's passes."""
+
+    def make(level: int, points: np.ndarray) -> tuple[PartVectors, object]:
+        path = rows_dir / f"points_l{level}.npy"
+        save_npy_atomic(path, np.ascontiguousarray(points, dtype=np.float32))
+        vectors = PartVectors([path])
+        return vectors, _ray_step_fn(vectors, chunk, address)
+
+    return make
 
 
 def write_part(upper: list[np.ndarray], k1: int, layout: np.ndarray, assign_dir: str, ingest_path: str, out_path: str,
@@ -173,8 +191,9 @@ def run(cfg: Config, force: bool = False) -> StageResult:
                          "lower cluster.levels")
     on_ray = cfg.executor == "ray"
     step_fn = _ray_step_fn(vectors, cc.chunk_size, cfg.ray_address) if on_ray else None
+    upper = _ray_upper_step_fn(rows_dir, cc.chunk_size, cfg.ray_address) if on_ray else None
     tree = hierarchical_kmeans(vectors, levels, seed=cc.seed, checkpoint_dir=d / "_ckpt",
-                               chunk_size=cc.chunk_size, step_fn=step_fn)
+                               chunk_size=cc.chunk_size, step_fn=step_fn, upper_step_fn=upper)
     for level, c in enumerate(tree.centroids, start=1):
         np.save(d / f"centroids_l{level}.npy", c)
     k1 = levels[0].n_clusters

@@ -167,7 +167,7 @@ def _outputs(d):
     return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name.startswith(("part-", "centroids_"))}
 
 
-def test_streamed_stage_writes_the_bytes_of_the_whole_array_computation(cfg, tmp_path):
+def test_streamed_stage_writes_the_bytes_of_the_whole_array_computation(cfg, tmp_path, monkeypatch):
     """Labels per chunk on disk (chunks of 16 rows spanning the 40-row parts), parts written one by one: the same
     files as the computation holding every label, with copy-dedup drops and failed embeddings left null."""
     from pipelines.run import run_stage
@@ -185,6 +185,12 @@ def test_streamed_stage_writes_the_bytes_of_the_whole_array_computation(cfg, tmp
         "copy_duplicate"]
     ckpt = tmp_path / "w" / "cluster" / "_ckpt"
     assert len(list((ckpt / "assign_l1_step0").glob("labels-*.npy"))) == -(-results["cluster"].counts["out"] // 16)
+    from pipelines.stages import cluster
+
+    passes = []  # every level's passes go through the Ray step: level 1 over the parts, level 2 over its points
+    real = cluster._ray_step_fn
+    monkeypatch.setattr(cluster, "_ray_step_fn", lambda v, *a: passes.append(v.n) or real(v, *a))
     cfg.executor = "ray"  # the same stage as Ray tasks (a local Ray): the same bytes
     run_stage("cluster", cfg, force=True)
     assert _outputs(tmp_path / "w" / "cluster") == got
+    assert passes == [results["cluster"].counts["out"], 12]
