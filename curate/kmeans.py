@@ -2,7 +2,9 @@
 
 The per-iteration work is split into a pure map (`shard_step`: assign a block and sum it per
 cluster in float64) and a reduce (`reduce_stats` + `update_centroids`), so that a distributed
-driver can run the map over parts on workers; `lloyd` takes that driver as its `step_fn`.
+driver can run the map over parts on workers; `lloyd` takes that driver as its `step_fn`
+(step(centroids, out=None) -> StepStats; a pass that keeps its labels puts chunk i's labels and
+distances into part i of `out`, an `kmeans_parts.Assignment`, in memory or in a directory).
 Sums of float16 inputs in float64 are exact (every float16 is a multiple of 2**-24), so the
 centroids do not depend on the chunk size, the number of workers or the reduction order.
 

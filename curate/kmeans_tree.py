@@ -307,7 +307,8 @@ class Checkpoints:
         """Centroids, assignment and objectives saved at (level, step)."""
         c = np.load(self.dir / f"centroids_l{level}_step{step}.npy")
         part_dir = self._part_dir(level, step)
-        if part_dir is not None:
+        legacy = self.dir / f"assign_l{level}_step{step}.npy"  # whole arrays, as checkpoints were before parts
+        if part_dir is not None and not (legacy.exists() and not part_dir.exists()):
             out = Assignment(sizes, part_dir)
             if not out.complete():
                 raise ValueError(f"{part_dir} lacks parts of a finished step")

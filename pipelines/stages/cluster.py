@@ -1,5 +1,11 @@
-"""cluster: hierarchical k-means over an embedding (local, or Lloyd passes spread over Ray):
-`cluster_l1..lN` and `cluster_sq_dist` per record, `centroids_lK.npy` per level."""
+"""cluster: hierarchical k-means over an embedding (local, or every level's Lloyd passes as Ray tasks):
+`cluster_l1..lN` and `cluster_sq_dist` per record, `centroids_lK.npy` per level.
+
+The driver holds O(parts + clusters): the rows to cluster are found part by part (their positions in
+`_rows/`), level 1's labels and distances live in the checkpoint directory one file pair per chunk of
+`chunk_size` rows (written by the process that ran the chunk), resampling draws its samples part by
+part, and each output part is written from its own rows (by a Ray task on ray). Passes read the same
+chunks whichever executor runs them, so local and Ray write the same bytes."""
 
 from __future__ import annotations
 

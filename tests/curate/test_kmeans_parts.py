@@ -2,6 +2,8 @@
 PartVectors read what the arrays hold, and a tree whose level-1 labels live in a directory of parts (the
 cluster stage's layout) equals the in-memory tree bit for bit, also when resumed after a kill mid-pass."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -184,3 +186,31 @@ def test_kill_mid_pass_then_resume_gives_the_same_tree(tmp_path, kill_pass):
     assert np.array_equal(again.paths(), ref.paths()) and again.sq_dists.tobytes() == ref.sq_dists.tobytes()
     assert all(a.tobytes() == b.tobytes() for a, b in zip(again.centroids, ref.centroids))
     assert again.objectives == ref.objectives
+
+
+def test_resume_from_whole_array_checkpoints_of_before(tmp_path):
+    """A run checkpointed by the code before parts (assign_l1_step{S}.npy) resumes to the same tree."""
+    x = blobs(900, 8, 5, seed=8)
+    levels = [LevelSpec(15, 4, resampling_steps=3, sample_size=4), LevelSpec(3, 4)]
+    ref = hierarchical_kmeans(x, levels, seed=2, chunk_size=200, checkpoint_dir=tmp_path / "new")
+    killed, old = tmp_path / "k", tmp_path / "old"
+    old.mkdir()
+
+    class Stop(Exception):
+        pass
+
+    def hook(level, step):
+        if (level, step) == (1, 1):
+            raise Stop
+
+    with pytest.raises(Stop):
+        hierarchical_kmeans(x, levels, seed=2, chunk_size=200, checkpoint_dir=killed, on_checkpoint=hook)
+    labels, dists = Assignment(chunk_sizes(900, 200), killed / "assign_l1_step1").arrays()
+    np.save(old / "assign_l1_step1.npy", labels)
+    np.save(old / "dists_l1_step1.npy", dists)
+    np.save(old / "centroids_l1_step1.npy", np.load(killed / "centroids_l1_step1.npy"))
+    (old / "state.json").write_text((killed / "state.json").read_text())
+    assert json.loads((old / "state.json").read_text())["step"] == 1
+    again = hierarchical_kmeans(x, levels, seed=2, chunk_size=200, checkpoint_dir=old)
+    assert np.array_equal(again.paths(), ref.paths()) and again.objectives == ref.objectives
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(again.centroids, ref.centroids))
