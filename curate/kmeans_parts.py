@@ -91,7 +91,8 @@ class Assignment:
                 break
             if hi > start:
                 labels, dists = self.get(i)
-                got.append((labels[max(start, lo) - lo : min(stop, hi) - lo], dists[max(start, lo) - lo : min(stop, hi) - lo]))
+                a, b = max(start, lo) - lo, min(stop, hi) - lo
+                got.append((labels[a:b], dists[a:b]))
         if not got:
             return np.zeros(0, np.int32), np.zeros(0, np.float32)
         return np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])

@@ -242,7 +242,8 @@ def split_fit(
                 save_npy_atomic(tmp / f"within-dists-{j:05d}.npy", dist)
         first += int(ks[j])
     if within is not None:
-        at = np.concatenate([np.zeros((1, spec.split), np.int64), np.cumsum(counts, axis=0)])  # part p's first in split j
+        # at[i, j]: where chunk i's points start among split j's
+        at = np.concatenate([np.zeros((1, spec.split), np.int64), np.cumsum(counts, axis=0)])
         for i in range(n_parts):
             labels, dists = np.empty(sizes[i], dtype=np.int32), np.empty(sizes[i], dtype=np.float32)
             local = np.asarray(order_of(i)) - int(np.sum(sizes[:i]))

@@ -29,7 +29,8 @@ from pipelines.executors import _get
 from pipelines.manifest import StageResult, begin, finish, read_manifest
 
 
-def _part_rows(ingest_path: Path, emb_meta: Path, filters: list[tuple[str, Path]]) -> tuple[np.ndarray, np.ndarray, int]:
+def _part_rows(ingest_path: Path, emb_meta: Path,
+               filters: list[tuple[str, Path]]) -> tuple[np.ndarray, np.ndarray, int]:
     """One part's rows to cluster: (positions in the embedding part, their positions in the ingest part, how many
     embedding rows the filters let through). A row is clustered when it embedded fine and was not dropped by
     copy dedup or decontamination (when those ran), so balancing picks only images that reach the shards; the

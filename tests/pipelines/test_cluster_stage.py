@@ -131,8 +131,8 @@ def test_balance_levels_auto_goes_over_the_structured_levels_only(cfg, tmp_path)
         run_stage("balance", cfg, force=True)
 
 
-STREAMED_LEVELS = [LevelConfig(12, n_iters=4, split=3, resampling_steps=1), LevelConfig(4, n_iters=4, resampling_steps=3,
-                                                                                   sample_size=2, sampling="r")]
+STREAMED_LEVELS = [LevelConfig(12, n_iters=4, split=3, resampling_steps=1),
+                   LevelConfig(4, n_iters=4, resampling_steps=3, sample_size=2, sampling="r")]
 
 
 def _whole_array_cluster(cfg, out):
