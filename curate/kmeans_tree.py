@@ -17,8 +17,8 @@ reference's split mode: no pass ever holds all n_clusters centroids, so k can be
 
 Checkpoints (optional directory): centroids_l{L}_step{S}.npy (S = 0 after the fit, S = s after
 resampling step s); level 1's labels and distances as a directory assign_l1_step{S}/ of one
-labels-XXXXX.npy / dists-XXXXX.npy pair per part (written by the pass that ran the part, so no
-process holds all of them), higher levels' as assign_l{L}_step{S}.npy and dists_l{L}_step{S}.npy;
+labels-XXXXX.npy / dists-XXXXX.npy pair per chunk of chunk_size rows (written by the pass that read
+the chunk, so no process holds all of them), higher levels' as assign_l{L}_step{S}.npy and dists_l{L}_step{S}.npy;
 centroids_l{L}.npy (and assign_l{L}.npy for L >= 2) when level L is done, and state.json (the
 run's settings and the last finished step) written last; all atomically (temp file + os.replace).
 Every random draw is seeded by (seed, level, step), so a resumed run ends exactly like an
@@ -104,11 +104,6 @@ class TreeResult:
     def paths(self) -> np.ndarray:
         """int32 [n, L]: cluster_l1 .. cluster_lL of every point (column 0 is the finest level)."""
         return cluster_paths(self.assignments)
-
-    def part_paths(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(int32 [n_i, L] paths, float32 squared distances) of the points of part i."""
-        labels, dists = self.level1.get(i)
-        return cluster_paths([labels, *self.upper]), dists
 
 
 def level_settings(spec: LevelSpec) -> dict:
