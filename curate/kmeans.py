@@ -257,11 +257,25 @@ def _sq_to(x: np.ndarray, sq: np.ndarray, c: np.ndarray, chunk_size: int) -> Ite
 
 
 def kmeans_plusplus(
-    x: np.ndarray, k: int, seed: Seed, chunk_size: int = DEFAULT_CHUNK, n_candidates: int | None = None
+    x: np.ndarray, k: int, seed: Seed, chunk_size: int = DEFAULT_CHUNK, n_candidates: int | None = None,
+    blas_threads: int | None = 1,
 ) -> np.ndarray:
     """Greedy k-means++ seeding on in-memory rows x: at each step draw n_candidates points by D^2
     sampling (default 2 + ln k) and keep the one that lowers the potential most (1: plain k-means++).
+
+    Its matrix products are thin (rows x dim x a few candidates), where BLAS threads cost more than they
+    give: they run on `blas_threads` threads (None: BLAS's own setting). A gemm's elements do not depend on
+    how its threads split it, so the centres are the same (tested).
     """
+    from threadpoolctl import threadpool_limits
+
+    if blas_threads is None:
+        return _kmeans_plusplus(x, k, seed, chunk_size, n_candidates)
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        return _kmeans_plusplus(x, k, seed, chunk_size, n_candidates)
+
+
+def _kmeans_plusplus(x: np.ndarray, k: int, seed: Seed, chunk_size: int, n_candidates: int | None) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     m = len(x)
     if k > m:

@@ -276,3 +276,21 @@ def test_split_within_keeps_points_in_their_split():
     assert (labels != glob.assignments[0]).any()  # a real difference: some points sit nearer another split's centroid
     with pytest.raises(ValueError, match="cannot resample"):
         LevelSpec(24, 5, split=4, split_assign="within", resampling_steps=2, sample_size=3)
+
+
+@pytest.mark.parametrize("shape", [(3000, 16, 40), (5000, 96, 12)])
+def test_kmeans_plusplus_on_one_blas_thread_picks_the_same_centres(shape):
+    """k-means++ runs its thin products on one BLAS thread (faster here); the centres equal those of BLAS's own
+    thread count and those of several threads forced."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    m, d, k = shape
+    x = np.random.default_rng(m).standard_normal((m, d)).astype(np.float32)
+    one = kmeans_plusplus(x, k, seed=4, chunk_size=1000)
+    assert one.tobytes() == kmeans_plusplus(x, k, seed=4, chunk_size=1000, blas_threads=None).tobytes()
+    assert one.tobytes() == kmeans_plusplus(x, k, seed=4, chunk_size=1000, blas_threads=4).tobytes()
+    assert any(p["user_api"] == "blas" for p in threadpool_info())  # the limit has a library to act on
+    with threadpool_limits(limits=2, user_api="blas"):  # the caller's setting is restored afterwards
+        before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        kmeans_plusplus(x[:200], 5, seed=0)
+        assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before
