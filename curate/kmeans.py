@@ -2,7 +2,9 @@
 
 The per-iteration work is split into a pure map (`shard_step`: assign a block and sum it per
 cluster in float64) and a reduce (`reduce_stats` + `update_centroids`), so that a distributed
-driver can run the map over parts on workers; `lloyd` takes that driver as its `step_fn`.
+driver can run the map over parts on workers; `lloyd` takes that driver as its `step_fn`
+(step(centroids, out=None) -> StepStats; a pass that keeps its labels puts chunk i's labels and
+distances into part i of `out`, an `kmeans_parts.Assignment`, in memory or in a directory).
 Sums of float16 inputs in float64 are exact (every float16 is a multiple of 2**-24), so the
 centroids do not depend on the chunk size, the number of workers or the reduction order.
 
@@ -30,6 +32,7 @@ from curate.kmeans_stats import (  # noqa: F401 (re-exported)
     partial_sums,
     reduce_stats,
 )
+from curate.kmeans_parts import Assignment, PartVectors, chunk_sizes
 from curate.parts import list_parts
 
 DEFAULT_CHUNK = 65_536
@@ -117,7 +120,7 @@ def as_vectors(source: str | os.PathLike | np.ndarray | Sequence[np.ndarray] | V
         return ArrayVectors.from_dir(source)
     if isinstance(source, np.ndarray) or (isinstance(source, (list, tuple)) and source):
         return ArrayVectors(source)
-    if isinstance(source, Vectors):
+    if isinstance(source, (Vectors, PartVectors)):
         return source
     raise TypeError(f"cannot read vectors from {type(source).__name__}")
 
@@ -165,30 +168,40 @@ def shard_step(
     return StepStats(sums, counts, float(dists.sum(dtype=np.float64)), far_dist, far_row), labels, dists
 
 
-StepFn = Callable[[np.ndarray], tuple[StepStats, np.ndarray, np.ndarray]]
+StepFn = Callable[..., StepStats]
+"""step(centroids, out=None) -> StepStats: one assignment pass over all the points; when `out` (an Assignment
+with the pass's part sizes) is given, every part's labels and squared distances are put into it."""
 
 
 def local_step_fn(vectors: Vectors, chunk_size: int = DEFAULT_CHUNK, gpu: bool | None = None) -> StepFn:
-    """A step function running shard_step chunk by chunk in this process."""
+    """A step function running shard_step chunk by chunk in this process; chunk i's labels are part i of `out`
+    (whose layout is chunk_sizes(n, chunk_size))."""
 
-    def step(centroids: np.ndarray) -> tuple[StepStats, np.ndarray, np.ndarray]:
+    def step(centroids: np.ndarray, out: Assignment | None = None) -> StepStats:
         index = make_index(centroids, gpu)
         k = len(centroids)
-        labels = np.empty(vectors.n, dtype=np.int32)
-        dists = np.empty(vectors.n, dtype=np.float32)
         total = StepAccumulator(k, vectors.dim)
-        for start, x in vectors.chunks(chunk_size):
+        for i, (start, x) in enumerate(vectors.chunks(chunk_size)):
             lab, d = assign_chunk(x, centroids, index)
-            labels[start : start + len(x)], dists[start : start + len(x)] = lab, d
+            if out is not None:
+                out.put(i, lab, d)
             counts = np.bincount(lab, minlength=k)
             _, partial = partial_sums(x, lab, counts)
             rows = np.arange(start, start + len(x), dtype=np.int64)
             total.add(counts, partial, float(d.sum(dtype=np.float64)), *farthest(lab, d, rows, k))
         if total.stats is None:
             raise ValueError("no vectors to cluster")
-        return total.result(), labels, dists
+        return total.result()
 
     return step
+
+
+def assign_all(step: StepFn, centroids: np.ndarray, n: int, chunk_size: int = DEFAULT_CHUNK) -> tuple[
+        StepStats, np.ndarray, np.ndarray]:
+    """(stats, labels, squared distances) of a pass over n rows read chunk_size at a time, labels in memory."""
+    out = Assignment(chunk_sizes(n, chunk_size))
+    stats = step(centroids, out)
+    return (stats, *out.arrays())
 
 
 def part_step(
@@ -196,7 +209,8 @@ def part_step(
     chunk_size: int = DEFAULT_CHUNK, gpu: bool | None = None,
 ) -> tuple[StepStats, np.ndarray, np.ndarray]:
     """shard_step over a whole part (e.g. one memory-mapped .npy on a worker), chunk by chunk; global rows."""
-    stats, labels, dists = local_step_fn(as_vectors(source), chunk_size, gpu)(centroids)
+    vectors = as_vectors(source)
+    stats, labels, dists = assign_all(local_step_fn(vectors, chunk_size, gpu), centroids, vectors.n, chunk_size)
     stats.far_row[stats.far_row >= 0] += row_offset
     return stats, labels, dists
 
@@ -243,11 +257,25 @@ def _sq_to(x: np.ndarray, sq: np.ndarray, c: np.ndarray, chunk_size: int) -> Ite
 
 
 def kmeans_plusplus(
-    x: np.ndarray, k: int, seed: Seed, chunk_size: int = DEFAULT_CHUNK, n_candidates: int | None = None
+    x: np.ndarray, k: int, seed: Seed, chunk_size: int = DEFAULT_CHUNK, n_candidates: int | None = None,
+    blas_threads: int | None = 1,
 ) -> np.ndarray:
     """Greedy k-means++ seeding on in-memory rows x: at each step draw n_candidates points by D^2
     sampling (default 2 + ln k) and keep the one that lowers the potential most (1: plain k-means++).
+
+    Its matrix products are thin (rows x dim x a few candidates), where BLAS threads cost more than they
+    give: they run on `blas_threads` threads (None: BLAS's own setting). A gemm's elements do not depend on
+    how its threads split it, so the centres are the same (tested).
     """
+    from threadpoolctl import threadpool_limits
+
+    if blas_threads is None:
+        return _kmeans_plusplus(x, k, seed, chunk_size, n_candidates)
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        return _kmeans_plusplus(x, k, seed, chunk_size, n_candidates)
+
+
+def _kmeans_plusplus(x: np.ndarray, k: int, seed: Seed, chunk_size: int, n_candidates: int | None) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     m = len(x)
     if k > m:
@@ -300,10 +328,19 @@ class KMeansResult:
     """Centroids, the final assignment and the objective (inertia) of every assignment pass."""
 
     centroids: np.ndarray  # float32 [k, d]
-    labels: np.ndarray  # int32 [n]: nearest final centroid
-    sq_dists: np.ndarray  # float32 [n]: squared distance to it
+    assignment: Assignment  # per part: nearest final centroid (int32) and squared distance to it (float32)
     objective: list[float] = field(default_factory=list)  # inertia per iteration, then of the final pass
     repaired: list[int] = field(default_factory=list)  # empty clusters re-seeded, all iterations
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int32 [n]: nearest final centroid of every point (all parts concatenated)."""
+        return self.assignment.arrays()[0]
+
+    @property
+    def sq_dists(self) -> np.ndarray:
+        """float32 [n]: squared distance of every point to its centroid."""
+        return self.assignment.arrays()[1]
 
 
 def lloyd(
@@ -315,10 +352,12 @@ def lloyd(
     gpu: bool | None = None,
     step_fn: StepFn | None = None,
     on_iter: Callable[[int, np.ndarray, float], None] | None = None,
+    out: Assignment | None = None,
 ) -> KMeansResult:
     """n_iters Lloyd updates from init_centroids, then a final assignment pass (n_iters + 1 passes).
 
-    step_fn(centroids) -> (StepStats, labels, dists) replaces the local pass (e.g. a Ray map + reduce).
+    step_fn (StepFn) replaces the local pass (e.g. a Ray map + reduce); the final pass's labels go to `out`
+    (e.g. an Assignment directory), in memory when it is None.
     """
     vectors = as_vectors(vectors)
     step = step_fn or local_step_fn(vectors, chunk_size, gpu)
@@ -326,15 +365,16 @@ def lloyd(
     objective: list[float] = []
     repaired: list[int] = []
     for it in range(n_iters):
-        stats, _, _ = step(centroids)
+        stats = step(centroids)
         objective.append(stats.inertia)
         centroids, fixed = update_centroids(stats, centroids, vectors.take)
         repaired += fixed
         if on_iter is not None:
             on_iter(it, centroids, stats.inertia)
-    stats, labels, dists = step(centroids)
+    assignment = out if out is not None else Assignment(chunk_sizes(vectors.n, chunk_size))
+    stats = step(centroids, assignment)
     objective.append(stats.inertia)
-    return KMeansResult(centroids, labels, dists, objective, repaired)
+    return KMeansResult(centroids, assignment, objective, repaired)
 
 
 def kmeans(
@@ -348,8 +388,9 @@ def kmeans(
     chunk_size: int = DEFAULT_CHUNK,
     gpu: bool | None = None,
     step_fn: StepFn | None = None,
+    out: Assignment | None = None,
 ) -> KMeansResult:
     """k-means: seeded init on a deterministic sample, then `lloyd`; same seed -> same result."""
     vectors = as_vectors(vectors)
     c0 = initial_centroids(vectors, k, init, seed, init_sample_size)
-    return lloyd(vectors, c0, n_iters, chunk_size=chunk_size, gpu=gpu, step_fn=step_fn)
+    return lloyd(vectors, c0, n_iters, chunk_size=chunk_size, gpu=gpu, step_fn=step_fn, out=out)

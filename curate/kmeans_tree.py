@@ -15,17 +15,22 @@ k_j sub-clusters, the largest-remainder apportionment of n_clusters proportional
 (split_assign "global"), or each point keeps its sub-cluster inside its split ("within", the
 reference's split mode: no pass ever holds all n_clusters centroids, so k can be 10M).
 
-Checkpoints (optional directory): centroids_l{L}_step{S}.npy, assign_l{L}_step{S}.npy,
-dists_l{L}_step{S}.npy (S = 0 after the fit, S = s after resampling step s), centroids_l{L}.npy and
-assign_l{L}.npy when level L is done, and state.json (the run's settings and the last finished
-step) written last; all atomically (temp file + os.replace). Every random draw is seeded by
-(seed, level, step), so a resumed run ends exactly like an uninterrupted one.
+Checkpoints (optional directory): centroids_l{L}_step{S}.npy (S = 0 after the fit, S = s after
+resampling step s); level 1's labels and distances as a directory assign_l1_step{S}/ of one
+labels-XXXXX.npy / dists-XXXXX.npy pair per chunk of chunk_size rows (written by the pass that read
+the chunk, so no process holds all of them), higher levels' as assign_l{L}_step{S}.npy and dists_l{L}_step{S}.npy;
+centroids_l{L}.npy (and assign_l{L}.npy for L >= 2) when level L is done, and state.json (the
+run's settings and the last finished step) written last; all atomically (temp file + os.replace).
+Every random draw is seeded by (seed, level, step), so a resumed run ends exactly like an
+uninterrupted one. Resampling draws its per-cluster samples part by part
+(`kmeans_parts.sample_per_cluster_parts`: the rows `sample_per_cluster` picks from whole arrays).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +47,7 @@ from curate.kmeans import (
     kmeans,
     local_step_fn,
 )
+from curate.kmeans_parts import Assignment, chunk_sizes, complement_rows, sample_per_cluster_parts, save_npy_atomic
 
 
 @dataclass(frozen=True)
@@ -77,12 +83,23 @@ class LevelSpec:
 
 @dataclass
 class TreeResult:
-    """Per-level centroids and assignments; assignments[0] is per point, assignments[l] per level-l centroid."""
+    """Per-level centroids and assignments: level 1's per point, part by part (in memory or a directory), and
+    upper[l - 1] mapping each level-l centroid to its level-(l+1) cluster."""
 
     centroids: list[np.ndarray]
-    assignments: list[np.ndarray]
-    sq_dists: np.ndarray  # float32 [n]: squared distance of each point to its level-1 centroid
+    level1: Assignment  # labels and squared distances of every point to its level-1 centroid, per part
+    upper: list[np.ndarray]
     objectives: list[list[float]] = field(default_factory=list)  # per level: inertia of every assignment pass
+
+    @property
+    def assignments(self) -> list[np.ndarray]:
+        """[level-1 label of every point (all parts), level-2 cluster of every level-1 centroid, ...]."""
+        return [self.level1.arrays()[0], *self.upper]
+
+    @property
+    def sq_dists(self) -> np.ndarray:
+        """float32 [n]: squared distance of each point to its level-1 centroid (all parts)."""
+        return self.level1.arrays()[1]
 
     def paths(self) -> np.ndarray:
         """int32 [n, L]: cluster_l1 .. cluster_lL of every point (column 0 is the finest level)."""
@@ -148,58 +165,100 @@ def sample_per_cluster(
 
 
 def resampling_step(
-    data: Vectors, labels: np.ndarray, dists: np.ndarray, spec: LevelSpec, seed: Seed, step: StepFn,
-    chunk_size: int = DEFAULT_CHUNK, gpu: bool | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """One resampling step: sample per cluster, a fresh k-means on the union, reassign all points.
+    data: Vectors, assignment: Assignment, spec: LevelSpec, seed: Seed, step: StepFn,
+    chunk_size: int = DEFAULT_CHUNK, gpu: bool | None = None, out: Assignment | None = None,
+) -> tuple[np.ndarray, Assignment, float]:
+    """One resampling step: sample per cluster (part by part), a fresh k-means on the union, reassign all points.
 
-    Returns the new centroids, labels, squared distances and the inertia of the reassignment.
+    Returns the new centroids, the new assignment (`out`, or one in memory) and the inertia of the reassignment.
     """
     k = spec.n_clusters
-    rows = sample_per_cluster(labels, dists, k, spec.sample_size, spec.sampling, [*seed, 0])
+    rng = _rng_of([*seed, 0]) if spec.sampling == "r" else None
+    rows = sample_per_cluster_parts(assignment, k, spec.sample_size, spec.sampling, rng)
     if len(rows) < k:  # empty clusters left too few samples: top up with random other points
-        rest = np.setdiff1d(np.arange(data.n), rows)
-        extra = _rng_of([*seed, 1]).choice(rest, size=min(len(rest), k - len(rows)), replace=False)
-        rows = np.sort(np.concatenate([rows, extra]))
+        rest = data.n - len(rows)  # the draw of rng.choice(setdiff1d(arange(n), rows)), without listing it
+        picks = _rng_of([*seed, 1]).choice(rest, size=min(rest, k - len(rows)), replace=False)
+        rows = np.sort(np.concatenate([rows, complement_rows(rows, picks)]))
     y = ArrayVectors(data.take(rows))
     fit = kmeans(y, k, spec.n_iters, init=spec.init, seed=[*seed, 2], init_sample_size=spec.init_sample_size,
                  chunk_size=chunk_size, gpu=gpu)
-    full, labels, dists = step(fit.centroids)
-    return fit.centroids, labels, dists, full.inertia
+    out = out if out is not None else Assignment(assignment.sizes)
+    full = step(fit.centroids, out)
+    return fit.centroids, out, full.inertia
 
 
 def split_fit(
     data: Vectors, spec: LevelSpec, seed: Seed, step: StepFn, chunk_size: int = DEFAULT_CHUNK, gpu: bool | None = None,
-    within: list | None = None,
+    within: Assignment | None = None, scratch: str | os.PathLike | None = None,
 ) -> tuple[np.ndarray, list[float]]:
     """k-means with spec.split clusters, then k-means with apportion(sizes) clusters inside each one.
 
-    `within` (a list) receives the labels and squared distances of every point inside its own split."""
+    `within` (an Assignment) receives the labels and squared distances of every point inside its own split.
+    With `scratch` (a directory), the coarse labels, each part's rows ordered by split and the within
+    labels live there, part by part (removed at the end), not in memory."""
+    sizes = chunk_sizes(data.n, chunk_size)
+    tmp = Path(scratch) if scratch is not None else None
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    coarse_out = Assignment(sizes, tmp / "coarse" if tmp is not None else None)
     coarse = kmeans(data, spec.split, spec.n_iters, init=spec.init, seed=[*seed, 0],
-                    init_sample_size=spec.init_sample_size, chunk_size=chunk_size, gpu=gpu, step_fn=step)
-    sizes = np.bincount(coarse.labels, minlength=spec.split)
-    ks = apportion(sizes, spec.n_clusters)
-    order = np.argsort(coarse.labels, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
+                    init_sample_size=spec.init_sample_size, chunk_size=chunk_size, gpu=gpu, step_fn=step,
+                    out=coarse_out)
+    n_parts = len(sizes)
+    counts = np.zeros((n_parts, spec.split), dtype=np.int64)  # points of part p in split j
+    orders: list[np.ndarray] = []  # per part: its global rows ordered by split (stable), when in memory
+    for i, offset, labels, _ in coarse_out:
+        order = np.argsort(labels, kind="stable").astype(np.int64) + offset
+        counts[i] = np.bincount(labels, minlength=spec.split)
+        if tmp is None:
+            orders.append(order)
+        else:
+            save_npy_atomic(tmp / f"order-{i:05d}.npy", order)
+
+    def order_of(i: int) -> np.ndarray:
+        return orders[i] if tmp is None else np.load(tmp / f"order-{i:05d}.npy", mmap_mode="r")
+
+    starts = np.concatenate([np.zeros((n_parts, 1), np.int64), np.cumsum(counts, axis=1)], axis=1)
+    ks = apportion(counts.sum(axis=0), spec.n_clusters)
     parts = []
-    if within is not None:
-        labels, dists = np.empty(data.n, dtype=np.int32), np.empty(data.n, dtype=np.float32)
+    inside: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     first = 0
     for j in np.flatnonzero(ks):
-        rows = order[bounds[j] : bounds[j + 1]]
+        rows = np.concatenate([order_of(i)[starts[i, j] : starts[i, j + 1]] for i in np.flatnonzero(counts[:, j])])
         sub = kmeans(data.take(rows), int(ks[j]), spec.n_iters, init=spec.init, seed=[*seed, 1, int(j)],
                      init_sample_size=spec.init_sample_size, chunk_size=chunk_size, gpu=gpu)
         parts.append(sub.centroids)
         if within is not None:
-            labels[rows], dists[rows] = sub.labels + first, sub.sq_dists
+            lab, dist = (sub.labels + first).astype(np.int32), sub.sq_dists
+            if tmp is None:
+                inside[int(j)] = (lab, dist)
+            else:
+                save_npy_atomic(tmp / f"within-labels-{j:05d}.npy", lab)
+                save_npy_atomic(tmp / f"within-dists-{j:05d}.npy", dist)
         first += int(ks[j])
     if within is not None:
-        within.extend([labels, dists])
+        # at[i, j]: where chunk i's points start among split j's
+        at = np.concatenate([np.zeros((1, spec.split), np.int64), np.cumsum(counts, axis=0)])
+        for i in range(n_parts):
+            labels, dists = np.empty(sizes[i], dtype=np.int32), np.empty(sizes[i], dtype=np.float32)
+            local = np.asarray(order_of(i)) - int(np.sum(sizes[:i]))
+            for j in np.flatnonzero(counts[i]):
+                lab, dist = inside[int(j)] if tmp is None else (
+                    np.load(tmp / f"within-labels-{j:05d}.npy", mmap_mode="r"),
+                    np.load(tmp / f"within-dists-{j:05d}.npy", mmap_mode="r"))
+                where = local[starts[i, j] : starts[i, j + 1]]
+                labels[where], dists[where] = lab[at[i, j] : at[i + 1, j]], dist[at[i, j] : at[i + 1, j]]
+            within.put(i, labels, dists)
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
     return np.concatenate(parts), coarse.objective
 
 
 class Checkpoints:
-    """Atomic per-(level, step) files in a directory, and the state.json that marks what is done."""
+    """Atomic per-(level, step) files in a directory, and the state.json that marks what is done.
+
+    Level 1's labels and distances are a directory per step (assign_l1_step{S}/, one file pair per part,
+    written by whichever process ran the part); other levels' are whole arrays."""
 
     def __init__(self, directory: str | os.PathLike | None, run: dict) -> None:
         self.dir = Path(directory) if directory is not None else None
@@ -229,26 +288,54 @@ class Checkpoints:
             return 10**9
         return self.state["step"] if self.state["level"] == level else -1
 
-    def load(self, level: int, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[float]]:
-        """Centroids, labels, distances and objectives saved at (level, step)."""
-        names = [f"centroids_l{level}_step{step}", f"assign_l{level}_step{step}", f"dists_l{level}_step{step}"]
-        c, a, d = (np.load(self.dir / f"{n}.npy") for n in names)
-        return c, a, d, list(self.state["objectives"][str(level)])
+    def _part_dir(self, level: int, step: int) -> Path | None:
+        return self.dir / f"assign_l{level}_step{step}" if self.dir is not None and level == 1 else None
 
-    def save(self, level: int, step: int, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], objective: list[float],
+    def scratch(self, level: int) -> Path | None:
+        """A scratch directory for level 1's split mode (None: in memory)."""
+        return self.dir / f"split_l{level}" if self.dir is not None and level == 1 else None
+
+    def assignment(self, level: int, step: int, sizes: np.ndarray) -> Assignment:
+        """Where the pass of (level, step) puts its labels: level 1's part directory, else memory."""
+        return Assignment(sizes, self._part_dir(level, step))
+
+    def load(self, level: int, step: int, sizes: np.ndarray) -> tuple[np.ndarray, Assignment, list[float]]:
+        """Centroids, assignment and objectives saved at (level, step)."""
+        c = np.load(self.dir / f"centroids_l{level}_step{step}.npy")
+        part_dir = self._part_dir(level, step)
+        legacy = self.dir / f"assign_l{level}_step{step}.npy"  # whole arrays, as checkpoints were before parts
+        if part_dir is not None and not (legacy.exists() and not part_dir.exists()):
+            out = Assignment(sizes, part_dir)
+            if not out.complete():
+                raise ValueError(f"{part_dir} lacks parts of a finished step")
+        else:
+            labels, dists = (np.load(self.dir / f"{p}_l{level}_step{step}.npy") for p in ("assign", "dists"))
+            out = Assignment(sizes)
+            for i, (lo, hi) in enumerate(zip(out.offsets[:-1], out.offsets[1:])):
+                out.put(i, labels[lo:hi], dists[lo:hi])
+        return c, out, list(self.state["objectives"][str(level)])
+
+    def save(self, level: int, step: int, centroids: np.ndarray, assignment: Assignment, objective: list[float],
              final: bool) -> None:
-        """Write the step's arrays, then the state; drop the previous step's per-point arrays."""
+        """Write the step's arrays (level 1's parts are already in place), then the state; drop the previous
+        step's per-point arrays."""
         self.state.update(level=level, step=step)
         self.state["objectives"][str(level)] = list(objective)
         if self.dir is None:
             return
-        for prefix, arr in zip(("centroids", "assign", "dists"), arrays):
+        arrays = {"centroids": centroids}
+        if assignment.dir is None:
+            arrays["assign"], arrays["dists"] = assignment.arrays()
+        for prefix, arr in arrays.items():
             self._write(f"{prefix}_l{level}_step{step}.npy", lambda fh, a=arr: np.save(fh, a))
             if final and prefix != "dists":
                 self._write(f"{prefix}_l{level}.npy", lambda fh, a=arr: np.save(fh, a))
         self._write("state.json", lambda fh: fh.write(json.dumps(self.state, indent=1).encode()))
         for prefix in ("assign", "dists"):
             (self.dir / f"{prefix}_l{level}_step{step - 1}.npy").unlink(missing_ok=True)
+        previous = self._part_dir(level, step - 1)
+        if previous is not None and step > 0:
+            shutil.rmtree(previous, ignore_errors=True)
 
 
 def hierarchical_kmeans(
@@ -261,55 +348,68 @@ def hierarchical_kmeans(
     gpu: bool | None = None,
     step_fn: StepFn | None = None,
     on_checkpoint: Callable[[int, int], None] | None = None,
+    upper_step_fn: Callable[[int, np.ndarray], tuple[Vectors, StepFn]] | None = None,
 ) -> TreeResult:
     """Fit the levels bottom-up, each with its resampling steps; resumes from checkpoint_dir at the last finished step.
 
-    step_fn runs level 1's full-data passes (e.g. distributed); on_checkpoint(level, step) follows each step.
+    step_fn runs level 1's full-data passes (e.g. distributed); upper_step_fn(level, points) gives the points of
+    a level >= 2 (the centroids below) as vectors with parts and a step function over them (e.g. the same Ray
+    mechanism); on_checkpoint(level, step) follows each step. With checkpoint_dir, level 1's labels and
+    distances live there part by part (the driver never holds them all).
     """
     vectors = as_vectors(vectors)
     run = {"n": vectors.n, "dim": vectors.dim, "seed": seed, "levels": [level_settings(s) for s in levels],
            "resampling": "refit"}
     ckpt = Checkpoints(checkpoint_dir, run)
     centroids: list[np.ndarray] = []
-    assignments: list[np.ndarray] = []
+    upper: list[np.ndarray] = []
     objectives: list[list[float]] = []
-    level1_dists = np.zeros(0, np.float32)
+    level1: Assignment | None = None
     for level, spec in enumerate(levels, start=1):
-        data = vectors if level == 1 else ArrayVectors(centroids[-1])
-        step = step_fn if (level == 1 and step_fn is not None) else local_step_fn(data, chunk_size, gpu)
+        if level == 1:
+            data = vectors
+            step = step_fn if step_fn is not None else local_step_fn(data, chunk_size, gpu)
+        elif upper_step_fn is not None:
+            data, step = upper_step_fn(level, centroids[-1])
+        else:
+            data = ArrayVectors(centroids[-1])
+            step = local_step_fn(data, chunk_size, gpu)
+        sizes = chunk_sizes(data.n, chunk_size)
         last = ckpt.done(level)
         if last >= 0:
             start = min(last, spec.n_steps - 1)
-            c, labels, dists, obj = ckpt.load(level, start)
+            c, assignment, obj = ckpt.load(level, start, sizes)
             start += 1
         else:
+            assignment = ckpt.assignment(level, 0, sizes)
             if spec.split:
-                within: list | None = [] if spec.split_assign == "within" else None
-                c, obj = split_fit(data, spec, [seed, level], step, chunk_size, gpu, within)
-                if within is None:
-                    stats, labels, dists = step(c)
-                    obj = obj + [stats.inertia]
+                within = spec.split_assign == "within"
+                c, obj = split_fit(data, spec, [seed, level], step, chunk_size, gpu, assignment if within else None,
+                                   ckpt.scratch(level))
+                if within:
+                    obj = obj + [float(sum(d.sum(dtype=np.float64) for _, _, _, d in assignment))]
                 else:
-                    labels, dists = within
-                    obj = obj + [float(dists.sum(dtype=np.float64))]
+                    obj = obj + [step(c, assignment).inertia]
             else:
                 res = kmeans(data, spec.n_clusters, spec.n_iters, init=spec.init, seed=[seed, level, 0],
-                             init_sample_size=spec.init_sample_size, chunk_size=chunk_size, gpu=gpu, step_fn=step)
-                c, labels, dists, obj = res.centroids, res.labels, res.sq_dists, res.objective
-            ckpt.save(level, 0, (c, labels, dists), obj, spec.n_steps == 1)
+                             init_sample_size=spec.init_sample_size, chunk_size=chunk_size, gpu=gpu, step_fn=step,
+                             out=assignment)
+                c, obj = res.centroids, res.objective
+            ckpt.save(level, 0, c, assignment, obj, spec.n_steps == 1)
             if on_checkpoint is not None:
                 on_checkpoint(level, 0)
             start = 1
         for s in range(start, spec.n_steps):
-            c, labels, dists, inertia = resampling_step(data, labels, dists, spec, [seed, level, 2, s], step,
-                                                        chunk_size, gpu)
+            c, assignment, inertia = resampling_step(data, assignment, spec, [seed, level, 2, s], step, chunk_size,
+                                                     gpu, ckpt.assignment(level, s, sizes))
             obj = obj + [inertia]
-            ckpt.save(level, s, (c, labels, dists), obj, s == spec.n_steps - 1)
+            ckpt.save(level, s, c, assignment, obj, s == spec.n_steps - 1)
             if on_checkpoint is not None:
                 on_checkpoint(level, s)
         centroids.append(c)
-        assignments.append(labels)
         objectives.append(obj)
         if level == 1:
-            level1_dists = dists
-    return TreeResult(centroids, assignments, level1_dists, objectives)
+            level1 = assignment
+        else:
+            upper.append(assignment.arrays()[0])
+    return TreeResult(centroids, level1, upper, objectives)

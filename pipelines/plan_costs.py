@@ -66,8 +66,9 @@ COSTS: dict[str, Cost] = {
     "balance_bytes": Cost(1, "driver bytes per record (O(clusters): leaf sizes, cut-offs, histograms)",
                           f"{_SCALE10}: balance 251-255 MB at 0.96M, 257-261 MB at 9.7M records with N/1,000 leaves "
                           "(94 B per record before it was streamed)"),
-    "cluster_bytes": Cost(70, "driver bytes per record (labels, distances, row maps)", f"{_SCALE10}: cluster 262 MB "
-                          "at 0.95M, 882 MB at 9.7M records"),
+    "cluster_bytes": Cost(8, "driver bytes per record (none held: labels per chunk on disk; the slope bounds it)",
+                          f"{_SCALE10}: cluster 268 MB at 0.96M, 338 MB at 9.7M records (70 B per record before "
+                          "labels, distances and row maps left the driver)"),
     "plan_s": Cost(18e-6, "driver s per selected record (shard plan, written)", f"{_SCALE10}: 89 CPU-s for "
                    "5M selected (12.4 for 0.5M; 121 in another 5M run under more load)"),
     "plan_range_bytes": Cost(260 * 2**20, "driver bytes (shard plan: one range of 262,144 samples)",

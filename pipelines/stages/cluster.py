@@ -1,80 +1,181 @@
-"""cluster: hierarchical k-means over an embedding (local, or Lloyd passes spread over Ray):
-`cluster_l1..lN` and `cluster_sq_dist` per record, `centroids_lK.npy` per level."""
+"""cluster: hierarchical k-means over an embedding (local, or every level's Lloyd passes as Ray tasks):
+`cluster_l1..lN` and `cluster_sq_dist` per record, `centroids_lK.npy` per level.
+
+The driver holds O(parts + clusters): the rows to cluster are found part by part (their positions in
+`_rows/`), level 1's labels and distances live in the checkpoint directory one file pair per chunk of
+`chunk_size` rows (written by the process that ran the chunk), resampling draws its samples part by
+part, and each output part is written from its own rows (by a Ray task on ray). Passes read the same
+chunks whichever executor runs them, so local and Ray write the same bytes."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from pipelines.aligned import RowMap, embedding_status
+from curate.kmeans_parts import Assignment, PartVectors, save_npy_atomic
+from curate.kmeans_stats import StepStats
+from curate.parts import list_parts, part_name, write_table_atomic
 from pipelines.config import Config, fingerprint
 from pipelines.embedding import resolve_embedding
 from pipelines.framework import DROP_FILTERS, dropped_by, finished_filters, stage_dir, upstream
+from pipelines.executors import _get
 from pipelines.manifest import StageResult, begin, finish, read_manifest
 
 
-def _valid(cfg: Config, emb_dir: Path, rows: RowMap) -> tuple[np.ndarray, int]:
-    """Rows of the embedding to cluster: embedded fine, and not dropped by copy dedup or
-    decontamination (when those ran), so balancing picks only images that reach the shards; and how
-    many rows the filters let through (the stage's "in": those that failed to embed drop here)."""
-    keep = np.ones(len(rows.emb_rows), dtype=bool)
-    for stage in finished_filters(cfg):
-        dropped = dropped_by(stage, rows.column(stage_dir(cfg, stage), DROP_FILTERS[stage][0]))
-        keep &= ~dropped.to_numpy(zero_copy_only=False).astype(bool)[rows.emb_rows]
-    return np.flatnonzero(keep & embedding_status(emb_dir)), int(keep.sum())
+def _part_rows(ingest_path: Path, emb_meta: Path,
+               filters: list[tuple[str, Path]]) -> tuple[np.ndarray, np.ndarray, int]:
+    """One part's rows to cluster: (positions in the embedding part, their positions in the ingest part, how many
+    embedding rows the filters let through). A row is clustered when it embedded fine and was not dropped by
+    copy dedup or decontamination (when those ran), so balancing picks only images that reach the shards; the
+    stage's "in" counts what the filters let through (those that failed to embed drop here)."""
+    ids = pq.read_table(ingest_path, columns=["id"]).column("id")
+    emb = pq.read_table(emb_meta, columns=["id", "status"])
+    where = pc.index_in(emb.column("id"), value_set=ids)
+    if where.null_count:
+        raise ValueError(f"{emb_meta} holds ids that are not in the ingest part {ingest_path.name}")
+    emb_pos = where.to_numpy().astype(np.int64)
+    keep = np.ones(len(ids), dtype=bool)
+    for stage, part in filters:
+        t = pq.read_table(part, columns=["id", DROP_FILTERS[stage][0]])
+        if not t.column("id").equals(ids):
+            raise ValueError(f"{part} is not row-aligned with the ingest part {ingest_path.name}")
+        keep &= ~dropped_by(stage, t.column(DROP_FILTERS[stage][0])).to_numpy(zero_copy_only=False).astype(bool)
+    kept = keep[emb_pos]
+    ok = pc.equal(emb.column("status"), "ok").to_numpy(zero_copy_only=False).astype(bool)
+    valid = np.flatnonzero(kept & ok)
+    return valid, emb_pos[valid], int(kept.sum())
 
 
-def _ray_step_fn(emb_dir: Path, valid: np.ndarray, chunk: int, address: str | None):
-    """A Lloyd pass as Ray tasks, one per embedding part; the driver adds the parts' statistics in part
-    order as they arrive (the same sums as local), holding only those that arrive ahead of their turn."""
+def _prepare(cfg: Config, emb_dir: Path, rows_dir: Path) -> tuple[PartVectors, list[Path], int]:
+    """The vectors to cluster, part by part: each embedding part restricted to its valid rows (positions
+    written to rows_dir/emb-XXXXX.npy, and their ingest positions to ing-XXXXX.npy); the ingest parts; and the
+    stage's "in". One part at a time is read: nothing O(records) stays on the driver."""
+    ingest = list_parts(stage_dir(cfg, "ingest"))
+    metas, arrays = list_parts(emb_dir), list_parts(emb_dir, ".npy")
+    if len(metas) != len(ingest) or len(arrays) != len(ingest):
+        raise ValueError(f"{emb_dir} has {len(metas)} parts, the ingest stage {len(ingest)}")
+    filters = [(stage, list_parts(stage_dir(cfg, stage))) for stage in finished_filters(cfg)]
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    positions, sizes, n_in = [], [], 0
+    for k, (ing, meta, arr) in enumerate(zip(ingest, metas, arrays)):
+        valid, ing_pos, kept = _part_rows(ing, meta, [(stage, parts[k]) for stage, parts in filters])
+        n_in += kept
+        save_npy_atomic(rows_dir / f"ing-{k:05d}.npy", ing_pos)
+        whole = len(valid) == _npy_rows(arr)
+        if not whole:
+            save_npy_atomic(rows_dir / f"emb-{k:05d}.npy", valid)
+        positions.append(None if whole else rows_dir / f"emb-{k:05d}.npy")
+        sizes.append(len(valid))
+    return PartVectors(arrays, positions, sizes), ingest, n_in
+
+
+def _npy_rows(path: Path) -> int:
+    return int(np.load(path, mmap_mode="r").shape[0])
+
+
+def _chunk_pass(vectors: PartVectors, start: int, stop: int, part: int, centroids: np.ndarray,
+                out_dir: str | None, keep: bool) -> StepStats | tuple[StepStats, np.ndarray, np.ndarray]:
+    """A Lloyd pass over rows [start, stop) of the vectors, one chunk (a Ray task): its statistics; its labels
+    and squared distances written to out_dir as part `part` of an Assignment directory when one is given, else
+    returned with the statistics when `keep` (a level >= 2: O(clusters) labels)."""
+    from curate.kmeans import part_step
+    from curate.kmeans_parts import write_assignment_part
+
+    stats, labels, dists = part_step(vectors.rows(start, stop), centroids, start, max(1, stop - start))
+    if out_dir is not None:
+        write_assignment_part(out_dir, part, labels, dists)
+    return (stats, labels, dists) if keep and out_dir is None else stats
+
+
+def _ray_step_fn(vectors: PartVectors, chunk: int, address: str | None):
+    """A Lloyd pass as Ray tasks, one per chunk of rows (the chunks the local pass reads, so the same labels);
+    the tasks write their chunks' labels and distances (when the pass keeps them) and return statistics, which
+    the driver adds in chunk order as they arrive (the same sums as local), holding only those that arrive
+    ahead of their turn."""
     import ray
 
-    from curate.index import EmbeddingParts
     from curate.kmeans import StepAccumulator
-    from pipelines.executors import init_ray
+    from curate.kmeans_parts import chunk_sizes
+    from pipelines.executors import TASK_RETRIES, init_ray
 
     init_ray(address)
-    parts = EmbeddingParts(emb_dir)  # parts in numeric order, with their row offsets
-    paths, offsets = [str(p) for p in parts.paths], np.asarray(parts.offsets)
-    jobs = []
-    for p, lo, hi in zip(paths, offsets[:-1], offsets[1:]):
-        a, b = np.searchsorted(valid, [lo, hi])
-        if b > a:  # the part's valid rows go to the object store once, not with every pass
-            jobs.append((p, ray.put(valid[a:b] - lo), int(a)))
+    remote = ray.remote(_chunk_pass).options(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=False)
+    bounds = np.concatenate([[0], np.cumsum(chunk_sizes(vectors.n, chunk))]).astype(np.int64)
+    shared = ray.put(vectors)
 
-    @ray.remote(num_cpus=1)
-    def part_pass(path, rows, offset, centroids):
-        from curate.kmeans import part_step
-
-        x = np.load(path, mmap_mode="r")[rows]
-        return part_step(x, centroids, offset, chunk)
-
-    def step(centroids: np.ndarray):
+    def step(centroids: np.ndarray, out: Assignment | None = None) -> StepStats:
         ref = ray.put(centroids)
-        refs = [part_pass.remote(p, r, o, ref) for p, r, o in jobs]
+        target = None if out is None or out.dir is None else str(out.dir)
+        keep = out is not None and out.dir is None  # labels come back to the driver (levels >= 2 only)
+        refs = [remote.remote(shared, int(a), int(b), i, ref, target, keep)
+                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
         position = {r: i for i, r in enumerate(refs)}
         total = StepAccumulator(len(centroids), centroids.shape[1])
-        labels, dists, early, turn, waiting = [None] * len(refs), [None] * len(refs), {}, 0, refs
+        early, turn, waiting = {}, 0, refs
         while waiting:
             ready, waiting = ray.wait(waiting, num_returns=1)
-            i = position[ready[0]]
-            early[i], labels[i], dists[i] = ray.get(ready[0])
+            early[position[ready[0]]] = _get(ready[0])
             while turn in early:
-                total.add_stats(early.pop(turn))
+                got = early.pop(turn)
+                if keep:
+                    got, labels, dists = got
+                    out.put(turn, labels, dists)
+                total.add_stats(got)
                 turn += 1
-        return total.result(), np.concatenate(labels), np.concatenate(dists)
+        return total.result()
 
     return step
+
+
+def _ray_upper_step_fn(rows_dir: Path, chunk: int, address: str | None):
+    """Levels >= 2 on Ray: the level below's centroids saved as an .npy (in the stage's scratch directory, on
+    storage every node sees), read chunk by chunk by the same tasks as level 1's passes."""
+
+    def make(level: int, points: np.ndarray) -> tuple[PartVectors, object]:
+        path = rows_dir / f"points_l{level}.npy"
+        save_npy_atomic(path, np.ascontiguousarray(points, dtype=np.float32))
+        vectors = PartVectors([path])
+        return vectors, _ray_step_fn(vectors, chunk, address)
+
+    return make
+
+
+def write_part(upper: list[np.ndarray], k1: int, layout: np.ndarray, assign_dir: str, ingest_path: str, out_path: str,
+               ing_positions: str, start: int, stop: int) -> np.ndarray:
+    """The stage's output part aligned with one ingest part, whose clustered rows are rows [start, stop) of the
+    level-1 Assignment (directory, chunk layout): id, cluster_l1..lL and cluster_sq_dist of those rows, null
+    elsewhere; returns the part's level-1 cluster sizes (int64 [k1])."""
+    from curate.kmeans_tree import cluster_paths
+
+    labels, dists = Assignment(layout, assign_dir).range(start, stop)
+    ids = pq.read_table(ingest_path, columns=["id"]).column("id")
+    m = len(ids)
+    pos = np.load(ing_positions)
+    mask = np.ones(m, dtype=bool)
+    mask[pos] = False
+    paths = cluster_paths([labels, *upper])
+    columns = {}
+    for level in range(paths.shape[1]):
+        v = np.zeros(m, dtype=np.int32)
+        v[pos] = paths[:, level]
+        columns[f"cluster_l{level + 1}"] = pa.array(v, mask=mask, type=pa.int32())
+    v = np.zeros(m, dtype=np.float32)
+    v[pos] = dists
+    columns["cluster_sq_dist"] = pa.array(v, mask=mask, type=pa.float32())
+    write_table_atomic(pa.table({"id": ids, **columns}), out_path)
+    return np.bincount(labels, minlength=k1).astype(np.int64)
 
 
 def run(cfg: Config, force: bool = False) -> StageResult:
     """Hierarchical k-means: cluster_l1..lN of every embedded record, centroids per level."""
     from curate.kmeans_tree import LevelSpec, hierarchical_kmeans
-    from curate.vectors import EmbeddingParts
 
     cc = cfg.cluster
     emb_dir = resolve_embedding(cfg, cc.embedding)
@@ -89,28 +190,38 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     if prev:
         return prev
     t0 = time.time()
-    rows = RowMap(stage_dir(cfg, "ingest"), emb_dir)
-    valid, n_in = _valid(cfg, emb_dir, rows)
-    base = EmbeddingParts(emb_dir)
-    vectors = base if len(valid) == base.n else base.subset(valid)
+    rows_dir = d / "_rows"
+    vectors, ingest, n_in = _prepare(cfg, emb_dir, rows_dir)
     levels = [LevelSpec(**asdict(lv)) for lv in cc.levels]
-    if len(valid) < levels[0].n_clusters:
-        raise ValueError(f"{len(valid)} embedded images cannot make {levels[0].n_clusters} level-1 clusters; "
+    if vectors.n < levels[0].n_clusters:
+        raise ValueError(f"{vectors.n} embedded images cannot make {levels[0].n_clusters} level-1 clusters; "
                          "lower cluster.levels")
-    step_fn = _ray_step_fn(emb_dir, valid, cc.chunk_size, cfg.ray_address) if cfg.executor == "ray" else None
+    on_ray = cfg.executor == "ray"
+    step_fn = _ray_step_fn(vectors, cc.chunk_size, cfg.ray_address) if on_ray else None
+    upper = _ray_upper_step_fn(rows_dir, cc.chunk_size, cfg.ray_address) if on_ray else None
     tree = hierarchical_kmeans(vectors, levels, seed=cc.seed, checkpoint_dir=d / "_ckpt",
-                               chunk_size=cc.chunk_size, step_fn=step_fn)
+                               chunk_size=cc.chunk_size, step_fn=step_fn, upper_step_fn=upper)
     for level, c in enumerate(tree.centroids, start=1):
         np.save(d / f"centroids_l{level}.npy", c)
-    paths = tree.paths()
-    columns = {f"cluster_l{level}": (paths[:, level - 1], pa.int32()) for level in range(1, paths.shape[1] + 1)}
-    columns["cluster_sq_dist"] = (tree.sq_dists.astype(np.float32), pa.float32())
-    rows.write(d, rows.emb_rows[valid], columns)
-    sizes = np.bincount(paths[:, 0], minlength=levels[0].n_clusters)
+    k1 = levels[0].n_clusters
+    shared = (tree.upper, k1, tree.level1.sizes, str(tree.level1.dir))
+    jobs = [(str(ing), str(d / part_name(k)), str(rows_dir / f"ing-{k:05d}.npy"), int(vectors.offsets[k]),
+             int(vectors.offsets[k + 1])) for k, ing in enumerate(ingest)]
+    if on_ray:
+        from pipelines.executors import ray_map
+
+        results = ray_map(write_part, jobs, cfg.ray_address, shared=shared)
+    else:
+        results = ((i, write_part(*shared, *job)) for i, job in enumerate(jobs))
+    sizes = np.zeros(k1, dtype=np.int64)
+    for _, part_sizes in results:
+        sizes += part_sizes
+    shutil.rmtree(rows_dir, ignore_errors=True)
     result = StageResult("cluster", str(d), key, counts={
-        "in": n_in, "out": int(len(valid)), "dropped": {"embed_error": n_in - len(valid)} if n_in > len(valid) else {},
+        "in": n_in, "out": vectors.n, "dropped": {"embed_error": n_in - vectors.n} if n_in > vectors.n else {},
         "levels": "/".join(str(lv.n_clusters) for lv in levels),
         "l1_sizes": f"min {int(sizes.min())} median {int(np.median(sizes))} max {int(sizes.max())}"},
         seconds=time.time() - t0, outputs={"clusters": str(d)})
     finish(result, asdict(cc), inputs)
     return result
+

@@ -8,6 +8,7 @@ from curate.kmeans import (
     StepStats,
     accumulate,
     as_vectors,
+    assign_all,
     assign_chunk,
     initial_centroids,
     kmeans,
@@ -19,6 +20,7 @@ from curate.kmeans import (
     shard_step,
     update_centroids,
 )
+from curate.kmeans_parts import Assignment
 from curate.kmeans_tree import LevelSpec, apportion, hierarchical_kmeans, sample_per_cluster
 
 
@@ -98,16 +100,17 @@ def test_distributed_reduce_equals_local_step():
     cents = initial_centroids(as_vectors(x), 9, seed=0)
     cuts = [0, 700, 1900, 2500]  # three "workers" of unequal size
 
-    def distributed(c: np.ndarray) -> tuple[StepStats, np.ndarray, np.ndarray]:
+    def distributed(c: np.ndarray, out: Assignment | None = None) -> StepStats:
         outs = [shard_step(x[a:b], c, row_offset=a) for a, b in zip(cuts, cuts[1:])][::-1]
-        return reduce_stats(o[0] for o in outs), np.concatenate([o[1] for o in outs[::-1]]), \
-            np.concatenate([o[2] for o in outs[::-1]])
+        if out is not None:  # lloyd's layout: one part per chunk of DEFAULT_CHUNK rows, here one
+            out.put(0, np.concatenate([o[1] for o in outs[::-1]]), np.concatenate([o[2] for o in outs[::-1]]))
+        return reduce_stats(o[0] for o in outs)
 
-    local, lab, dist = local_step_fn(as_vectors(x), chunk_size=512)(cents)
+    local, lab, dist = assign_all(local_step_fn(as_vectors(x), chunk_size=512), cents, len(x), 512)
     parts = [part_step(x[a:b], cents, row_offset=a, chunk_size=100) for a, b in zip(cuts, cuts[1:])]
     merged = reduce_stats(p[0] for p in parts)
     assert np.array_equal(merged.sums, local.sums) and np.array_equal(merged.far_row, local.far_row)
-    remote, rlab, rdist = distributed(cents)
+    remote, rlab, rdist = assign_all(distributed, cents, len(x))
     assert np.array_equal(local.sums, remote.sums) and np.array_equal(local.counts, remote.counts)
     assert np.array_equal(local.far_row, remote.far_row) and np.array_equal(lab, rlab)
     assert np.array_equal(update_centroids(local, cents)[0], update_centroids(remote, cents)[0])
@@ -230,7 +233,10 @@ def test_checkpoint_resume_gives_identical_results(tmp_path):
         assert np.array_equal(again.paths(), reference.paths())
         assert all(np.array_equal(a, b) for a, b in zip(again.centroids, reference.centroids))
         assert again.objectives == reference.objectives
-    assert (ckpt / "centroids_l1_step0.npy").exists() and (ckpt / "assign_l1.npy").exists()
+    assert (ckpt / "centroids_l1_step0.npy").exists() and (ckpt / "assign_l2.npy").exists()
+    # level 1's labels: one directory per step, of one file pair per chunk; only the last step's is kept
+    assert sorted(p.name for p in ckpt.glob("assign_l1_step*")) == ["assign_l1_step2"]
+    assert sorted(p.name for p in (ckpt / "assign_l1_step2").iterdir()) == ["dists-00000.npy", "labels-00000.npy"]
     assert json.loads((ckpt / "state.json").read_text())["level"] == 2
     with pytest.raises(ValueError, match="another run"):
         hierarchical_kmeans(x, LEVELS, seed=3, checkpoint_dir=ckpt)
@@ -270,3 +276,21 @@ def test_split_within_keeps_points_in_their_split():
     assert (labels != glob.assignments[0]).any()  # a real difference: some points sit nearer another split's centroid
     with pytest.raises(ValueError, match="cannot resample"):
         LevelSpec(24, 5, split=4, split_assign="within", resampling_steps=2, sample_size=3)
+
+
+@pytest.mark.parametrize("shape", [(3000, 16, 40), (5000, 96, 12)])
+def test_kmeans_plusplus_on_one_blas_thread_picks_the_same_centres(shape):
+    """k-means++ runs its thin products on one BLAS thread (faster here); the centres equal those of BLAS's own
+    thread count and those of several threads forced."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    m, d, k = shape
+    x = np.random.default_rng(m).standard_normal((m, d)).astype(np.float32)
+    one = kmeans_plusplus(x, k, seed=4, chunk_size=1000)
+    assert one.tobytes() == kmeans_plusplus(x, k, seed=4, chunk_size=1000, blas_threads=None).tobytes()
+    assert one.tobytes() == kmeans_plusplus(x, k, seed=4, chunk_size=1000, blas_threads=4).tobytes()
+    assert any(p["user_api"] == "blas" for p in threadpool_info())  # the limit has a library to act on
+    with threadpool_limits(limits=2, user_api="blas"):  # the caller's setting is restored afterwards
+        before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        kmeans_plusplus(x[:200], 5, seed=0)
+        assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before

@@ -6,6 +6,7 @@ import tarfile
 
 import numpy as np
 import pyarrow.parquet as pq
+import pyarrow as pa
 import pytest
 
 from curate.parts import read_table
@@ -128,3 +129,68 @@ def test_balance_levels_auto_goes_over_the_structured_levels_only(cfg, tmp_path)
     cfg.balance.levels = "4"
     with pytest.raises(ValueError, match="levels 1..3"):
         run_stage("balance", cfg, force=True)
+
+
+STREAMED_LEVELS = [LevelConfig(12, n_iters=4, split=3, resampling_steps=1),
+                   LevelConfig(4, n_iters=4, resampling_steps=3, sample_size=2, sampling="r")]
+
+
+def _whole_array_cluster(cfg, out):
+    """The stage as it was computed before it streamed (every label in memory, RowMap.write), as a reference."""
+    from curate.kmeans_tree import LevelSpec, hierarchical_kmeans
+    from curate.vectors import EmbeddingParts
+    from pipelines.aligned import RowMap, embedding_status
+    from pipelines.framework import dropped_by
+
+    from pipelines.embedding import resolve_embedding
+
+    w = cfg.workdir
+    emb = resolve_embedding(cfg, cfg.cluster.embedding)
+    rows = RowMap(f"{w}/ingest", emb)
+    keep = ~dropped_by("dedup", rows.column(f"{w}/dedup", "copy_of")).to_numpy(zero_copy_only=False).astype(bool)
+    valid = np.flatnonzero(keep[rows.emb_rows] & embedding_status(emb))
+    levels = [LevelSpec(**{k: getattr(lv, k) for k in ("n_clusters", "n_iters", "resampling_steps", "sample_size",
+                                                      "sampling", "init", "split", "split_assign")})
+              for lv in cfg.cluster.levels]
+    tree = hierarchical_kmeans(EmbeddingParts(emb).subset(valid), levels, seed=cfg.cluster.seed,
+                               chunk_size=cfg.cluster.chunk_size)
+    paths = tree.paths()
+    columns = {f"cluster_l{lv + 1}": (paths[:, lv], pa.int32()) for lv in range(paths.shape[1])}
+    columns["cluster_sq_dist"] = (tree.sq_dists, pa.float32())
+    out.mkdir()
+    rows.write(out, rows.emb_rows[valid], columns)
+    for lv, c in enumerate(tree.centroids, start=1):
+        np.save(out / f"centroids_l{lv}.npy", c)
+
+
+def _outputs(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name.startswith(("part-", "centroids_"))}
+
+
+def test_streamed_stage_writes_the_bytes_of_the_whole_array_computation(cfg, tmp_path, monkeypatch):
+    """Labels per chunk on disk (chunks of 16 rows spanning the 40-row parts), parts written one by one: the same
+    files as the computation holding every label, with copy-dedup drops and failed embeddings left null."""
+    from pipelines.run import run_stage
+
+    cfg.dedup.threshold, cfg.dedup.verify = 0.75, "none"  # many merged (as in the test above), so the clustered
+    cfg.dedup.max_component_share = cfg.dedup.max_removed_share = 1.0  # rows are a subset of the parts
+    cfg.cluster.levels, cfg.cluster.chunk_size = STREAMED_LEVELS, 16
+    results = {r.stage: r for r in run_pipeline(cfg, until="cluster")}
+    assert results["dedup"].counts["dropped"].get("copy_duplicate", 0) > 0
+    _whole_array_cluster(cfg, tmp_path / "ref")
+    got = _outputs(tmp_path / "w" / "cluster")
+    assert len(got) == 3 + 2 and got == _outputs(tmp_path / "ref")
+    assert not (tmp_path / "w" / "cluster" / "_rows").exists()
+    assert read_table(tmp_path / "w" / "cluster").column("cluster_l1").null_count == results["dedup"].counts["dropped"][
+        "copy_duplicate"]
+    ckpt = tmp_path / "w" / "cluster" / "_ckpt"
+    assert len(list((ckpt / "assign_l1_step0").glob("labels-*.npy"))) == -(-results["cluster"].counts["out"] // 16)
+    from pipelines.stages import cluster
+
+    passes = []  # every level's passes go through the Ray step: level 1 over the parts, level 2 over its points
+    real = cluster._ray_step_fn
+    monkeypatch.setattr(cluster, "_ray_step_fn", lambda v, *a: passes.append(v.n) or real(v, *a))
+    cfg.executor = "ray"  # the same stage as Ray tasks (a local Ray): the same bytes
+    run_stage("cluster", cfg, force=True)
+    assert _outputs(tmp_path / "w" / "cluster") == got
+    assert passes == [results["cluster"].counts["out"], 12]

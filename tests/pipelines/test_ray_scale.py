@@ -43,21 +43,31 @@ def emb_dir(tmp_path_factory):
     return root
 
 
-def test_ray_kmeans_pass_equals_local(two_nodes, emb_dir):
-    from curate.kmeans import local_step_fn
+def test_ray_kmeans_pass_equals_local(two_nodes, emb_dir, tmp_path):
+    """Tasks per chunk of valid rows (chunks spanning parts) write their labels where the local pass puts them."""
+    from curate.kmeans import assign_all, local_step_fn
+    from curate.kmeans_parts import Assignment, PartVectors, chunk_sizes
     from curate.vectors import EmbeddingParts
     from pipelines.stages.cluster import _ray_step_fn
 
     base = EmbeddingParts(emb_dir)
     valid = np.setdiff1d(np.arange(base.n), [3, 250, 251, 900])
     sub = base.subset(valid)
+    positions = []
+    for p, (lo, hi) in enumerate(zip(base.offsets[:-1], base.offsets[1:])):
+        np.save(tmp_path / f"rows-{p:05d}.npy", valid[(valid >= lo) & (valid < hi)] - lo)
+        positions.append(tmp_path / f"rows-{p:05d}.npy")
+    vectors = PartVectors(base.paths, positions)
     centroids = sub.take(np.arange(0, 40) * 30)
-    got, labels, dists = _ray_step_fn(emb_dir, valid, 64, two_nodes)(centroids)
-    ref, ref_labels, ref_dists = local_step_fn(sub, 64)(centroids)
+    out = Assignment(chunk_sizes(vectors.n, 64), tmp_path / "labels")
+    got = _ray_step_fn(vectors, 64, two_nodes)(centroids, out)
+    ref, ref_labels, ref_dists = assign_all(local_step_fn(sub, 64), centroids, sub.n, 64)
     assert got.sums.tobytes() == ref.sums.tobytes() and np.array_equal(got.counts, ref.counts)
     assert np.array_equal(got.far_row, ref.far_row) and np.array_equal(got.far_dist, ref.far_dist)
     assert got.inertia == ref.inertia
-    assert np.array_equal(labels, ref_labels) and np.array_equal(dists, ref_dists)
+    labels, dists = Assignment(out.sizes, tmp_path / "labels").arrays()  # read back from the tasks' files
+    assert np.array_equal(labels, ref_labels) and dists.tobytes() == ref_dists.tobytes()
+    assert len(list((tmp_path / "labels").glob("labels-*.npy"))) == len(out.sizes) == 24
 
 
 def test_ray_copy_graph_with_an_index_per_node_equals_local(two_nodes, emb_dir, tmp_path):

@@ -1,0 +1,216 @@
+"""k-means state held part by part: the streamed resampling draw picks the rows the whole-array one picks,
+PartVectors read what the arrays hold, and a tree whose level-1 labels live in a directory of parts (the
+cluster stage's layout) equals the in-memory tree bit for bit, also when resumed after a kill mid-pass."""
+
+import json
+
+import numpy as np
+import pytest
+
+from curate.kmeans import ArrayVectors, kmeans, local_step_fn
+from curate.kmeans_parts import (
+    Assignment,
+    PartVectors,
+    chunk_sizes,
+    complement_rows,
+    sample_per_cluster_parts,
+)
+from curate.kmeans_tree import LevelSpec, hierarchical_kmeans, resampling_step, sample_per_cluster
+
+
+@pytest.fixture(autouse=True)
+def one_thread(one_faiss_thread):
+    """faiss on one thread for every test here (see conftest)."""
+
+
+def blobs(n: int, dim: int, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((k, dim))
+    x = centres[rng.integers(0, k, n)] + 0.4 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def split(labels: np.ndarray, dists: np.ndarray, sizes: list[int]) -> Assignment:
+    out = Assignment(sizes)
+    for i, (a, b) in enumerate(zip(out.offsets[:-1], out.offsets[1:])):
+        out.put(i, labels[a:b], dists[a:b])
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[50], [5, 0, 13, 1, 31], [1] * 50])
+@pytest.mark.parametrize("size", [1, 3, 100])
+def test_streamed_sample_equals_whole_arrays(sizes, size):
+    rng = np.random.default_rng(len(sizes) + size)
+    labels = rng.choice([0, 1, 2, 4, 5, 6], size=50).astype(np.int32)  # cluster 3 (and 7) empty
+    dists = rng.integers(0, 4, 50).astype(np.float32) / 4  # many ties: broken by row
+    parts = split(labels, dists, sizes)
+    closest = sample_per_cluster(labels, dists, 8, size, "c", 0)
+    assert np.array_equal(sample_per_cluster_parts(parts, 8, size, "c", None), closest)
+    for seed in ([4, 0], [9, 1, 2]):
+        whole = sample_per_cluster(labels, dists, 8, size, "r", seed)
+        assert np.array_equal(sample_per_cluster_parts(parts, 8, size, "r", np.random.default_rng(seed)), whole)
+    if size == 3:
+        assert len(closest) == sum(min(3, c) for c in np.bincount(labels))  # the draw is not vacuous
+
+
+def test_complement_rows_equals_setdiff():
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 200):
+        taken = np.sort(rng.choice(n, size=rng.integers(0, n), replace=False))
+        rest = np.setdiff1d(np.arange(n), taken)
+        assert np.array_equal(complement_rows(taken, np.arange(len(rest))), rest)
+
+
+def test_resampling_top_up_draws_what_the_whole_array_code_drew():
+    """Too few samples (empty clusters): the top-up is rng.choice over the rows not sampled, as before."""
+    x = blobs(600, 8, 5, seed=1)
+    labels = (np.arange(600) % 3).astype(np.int32)  # 3 of 10 clusters used: 3 samples, 7 topped up
+    dists = np.random.default_rng(2).random(600).astype(np.float32)
+    spec = LevelSpec(10, 4, resampling_steps=2, sample_size=1, sampling="c")
+    data = ArrayVectors(x)
+    c, out, inertia = resampling_step(data, split(labels, dists, [250, 250, 100]), spec, [0, 1, 2, 1],
+                                      local_step_fn(data, 250))
+    rows = sample_per_cluster(labels, dists, 10, 1, "c", [0, 1, 2, 1, 0])
+    rest = np.setdiff1d(np.arange(600), rows)
+    extra = np.random.default_rng([0, 1, 2, 1, 1]).choice(rest, size=7, replace=False)
+    expected = kmeans(x[np.sort(np.concatenate([rows, extra]))], 10, 4, seed=[0, 1, 2, 1, 2])
+    assert len(rows) == 3 and np.array_equal(c, expected.centroids)
+    assert out.sizes.tolist() == [250, 250, 100] and len(out.arrays()[0]) == 600
+
+
+def test_assignment_directory_parts_and_ranges(tmp_path):
+    labels = np.arange(10, dtype=np.int32)
+    dists = labels.astype(np.float32) / 2
+    disk = Assignment([4, 0, 6], tmp_path / "a")
+    assert not disk.complete()
+    disk.put(0, labels[:4], dists[:4])
+    disk.put(2, labels[4:], dists[4:])
+    assert disk.complete() and sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "dists-00000.npy", "dists-00002.npy", "labels-00000.npy", "labels-00002.npy"]
+    again = Assignment([4, 0, 6], tmp_path / "a")
+    for a, b in [(0, 10), (3, 5), (4, 4), (5, 10), (0, 1)]:
+        got = again.range(a, b)
+        assert np.array_equal(got[0], labels[a:b]) and np.array_equal(got[1], dists[a:b])
+    assert np.array_equal(again.counts(12), np.bincount(labels, minlength=12))
+    with pytest.raises(ValueError, match="holds 6 points"):
+        disk.put(2, labels[:5], dists[:5])
+    assert chunk_sizes(10, 4).tolist() == [4, 4, 2] and chunk_sizes(8, 4).tolist() == [4, 4]
+
+
+def test_part_vectors_read_the_listed_rows(tmp_path):
+    x = blobs(300, 6, 3, seed=3)
+    keep = [np.arange(0, 100, 3), None, np.array([], dtype=np.int64), np.array([0, 49])]
+    bounds = [0, 100, 180, 230, 300]
+    paths, positions, want = [], [], []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        np.save(tmp_path / f"part-{i:05d}.npy", x[a:b])
+        paths.append(tmp_path / f"part-{i:05d}.npy")
+        if keep[i] is None:
+            positions.append(None)
+            want.append(x[a:b])
+        else:
+            np.save(tmp_path / f"rows-{i:05d}.npy", keep[i])
+            positions.append(tmp_path / f"rows-{i:05d}.npy")
+            want.append(x[a:b][keep[i]])
+    want = np.concatenate(want).astype(np.float32)
+    v = PartVectors(paths, positions)
+    assert v.n == len(want) and v.part_sizes.tolist() == [34, 80, 0, 2]
+    assert np.array_equal(v.rows(0, v.n), want) and np.array_equal(v.rows(30, 40), want[30:40])
+    rows = np.array([115, 0, 33, 34, 34, 114])
+    assert np.array_equal(v.take(rows), want[rows])
+    assert np.array_equal(np.vstack([b for _, b in v.chunks(7)]), want)
+
+
+TREES = {
+    "resample": [LevelSpec(30, 5, resampling_steps=3, sample_size=6, sampling="c"), LevelSpec(5, 5, 2, 2, "r")],
+    "random": [LevelSpec(25, 5, resampling_steps=2, sample_size=4, sampling="r"), LevelSpec(4, 4)],
+    "split": [LevelSpec(24, 5, split=3), LevelSpec(4, 5, resampling_steps=2, sample_size=3)],
+    "within": [LevelSpec(24, 5, split=3, split_assign="within"), LevelSpec(4, 5)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(TREES))
+def test_tree_over_part_files_equals_the_in_memory_tree(tmp_path, name):
+    x = blobs(1500, 8, 6, seed=4)
+    valid = np.flatnonzero(np.random.default_rng(5).random(1500) > 0.1)
+    paths, positions = [], []
+    for i, (a, b) in enumerate([(0, 400), (400, 420), (420, 1500)]):
+        np.save(tmp_path / f"part-{i:05d}.npy", x[a:b])
+        rows = valid[(valid >= a) & (valid < b)] - a
+        np.save(tmp_path / f"rows-{i:05d}.npy", rows)
+        paths.append(tmp_path / f"part-{i:05d}.npy")
+        positions.append(tmp_path / f"rows-{i:05d}.npy")
+    v = PartVectors(paths, positions)
+    levels = TREES[name]
+    ref = hierarchical_kmeans(x[valid], levels, seed=7, chunk_size=97)
+    got = hierarchical_kmeans(v, levels, seed=7, chunk_size=97, checkpoint_dir=tmp_path / "ck")
+    assert got.level1.dir is not None and not got.level1._mem  # the labels live in files, chunk by chunk
+    assert len(list(got.level1.dir.glob("labels-*.npy"))) == len(chunk_sizes(len(valid), 97))
+    assert not list((tmp_path / "ck").glob("split_l1"))  # split mode's scratch files are gone
+    assert np.array_equal(got.paths(), ref.paths()) and got.sq_dists.tobytes() == ref.sq_dists.tobytes()
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(got.centroids, ref.centroids))
+    assert got.objectives == ref.objectives
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kill_pass", [1, 2, 3])  # level 1: the fit's last pass, each resampling reassignment
+def test_kill_mid_pass_then_resume_gives_the_same_tree(tmp_path, kill_pass):
+    """A run killed while a pass writes its parts (some written, the step not finished) resumes to the same
+    result; the partial directory is rewritten, never read."""
+    x = blobs(1200, 8, 5, seed=6)
+    levels = [LevelSpec(20, 4, resampling_steps=3, sample_size=5, sampling="r"), LevelSpec(4, 4, 2, 2)]
+    ref = hierarchical_kmeans(x, levels, seed=1, chunk_size=100)
+    base = local_step_fn(ArrayVectors(x), 100)
+    calls = []
+
+    class Dying(Assignment):
+        def put(self, i, labels, dists):
+            if i == 5:
+                raise Killed
+            super().put(i, labels, dists)
+
+    def step(centroids, out=None):
+        calls.append(out is not None)
+        if out is not None and sum(calls) == kill_pass:
+            doomed = Dying(out.sizes, out.dir)
+            base(centroids, doomed)
+        return base(centroids, out)
+
+    with pytest.raises(Killed):
+        hierarchical_kmeans(x, levels, seed=1, chunk_size=100, checkpoint_dir=tmp_path, step_fn=step)
+    assert len(list(tmp_path.glob(f"assign_l1_step{kill_pass - 1}/labels-*.npy"))) == 5  # killed half-way
+    again = hierarchical_kmeans(x, levels, seed=1, chunk_size=100, checkpoint_dir=tmp_path)
+    assert np.array_equal(again.paths(), ref.paths()) and again.sq_dists.tobytes() == ref.sq_dists.tobytes()
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(again.centroids, ref.centroids))
+    assert again.objectives == ref.objectives
+
+
+def test_resume_from_whole_array_checkpoints_of_before(tmp_path):
+    """A run checkpointed by the code before parts (assign_l1_step{S}.npy) resumes to the same tree."""
+    x = blobs(900, 8, 5, seed=8)
+    levels = [LevelSpec(15, 4, resampling_steps=3, sample_size=4), LevelSpec(3, 4)]
+    ref = hierarchical_kmeans(x, levels, seed=2, chunk_size=200, checkpoint_dir=tmp_path / "new")
+    killed, old = tmp_path / "k", tmp_path / "old"
+    old.mkdir()
+
+    class Stop(Exception):
+        pass
+
+    def hook(level, step):
+        if (level, step) == (1, 1):
+            raise Stop
+
+    with pytest.raises(Stop):
+        hierarchical_kmeans(x, levels, seed=2, chunk_size=200, checkpoint_dir=killed, on_checkpoint=hook)
+    labels, dists = Assignment(chunk_sizes(900, 200), killed / "assign_l1_step1").arrays()
+    np.save(old / "assign_l1_step1.npy", labels)
+    np.save(old / "dists_l1_step1.npy", dists)
+    np.save(old / "centroids_l1_step1.npy", np.load(killed / "centroids_l1_step1.npy"))
+    (old / "state.json").write_text((killed / "state.json").read_text())
+    assert json.loads((old / "state.json").read_text())["step"] == 1
+    again = hierarchical_kmeans(x, levels, seed=2, chunk_size=200, checkpoint_dir=old)
+    assert np.array_equal(again.paths(), ref.paths()) and again.objectives == ref.objectives
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(again.centroids, ref.centroids))
