@@ -36,6 +36,7 @@ from curate.kmeans_parts import Assignment, PartVectors, chunk_sizes
 from curate.parts import list_parts
 
 DEFAULT_CHUNK = 65_536
+PP_FLOP_PER_THREAD = 1 << 24  # k-means++: a BLAS thread per this many multiply-adds of a chunk's product
 Seed = int | Sequence[int]
 
 
@@ -258,17 +259,23 @@ def _sq_to(x: np.ndarray, sq: np.ndarray, c: np.ndarray, chunk_size: int) -> Ite
 
 def kmeans_plusplus(
     x: np.ndarray, k: int, seed: Seed, chunk_size: int = DEFAULT_CHUNK, n_candidates: int | None = None,
-    blas_threads: int | None = 1,
+    blas_threads: int | str | None = "auto",
 ) -> np.ndarray:
     """Greedy k-means++ seeding on in-memory rows x: at each step draw n_candidates points by D^2
     sampling (default 2 + ln k) and keep the one that lowers the potential most (1: plain k-means++).
 
-    Its matrix products are thin (rows x dim x a few candidates), where BLAS threads cost more than they
-    give: they run on `blas_threads` threads (None: BLAS's own setting). A gemm's elements do not depend on
-    how its threads split it, so the centres are the same (tested).
+    Its matrix products are thin (a chunk of rows x dim x a few candidates); where one is small, BLAS
+    threads cost more than they give. They run on `blas_threads` threads: "auto" gives one thread per
+    PP_FLOP_PER_THREAD of a chunk's product, up to the cores (1 on small samples, all cores on a
+    paper-scale level 2), None BLAS's own setting. A gemm's elements do not depend on how its threads
+    split it, so the centres are the same (tested).
     """
     from threadpoolctl import threadpool_limits
 
+    if blas_threads == "auto":
+        trials = n_candidates or 2 + int(np.log(max(k, 1)))
+        work = min(len(x), chunk_size) * (x.shape[1] if x.ndim == 2 else 1) * trials
+        blas_threads = int(max(1, min(os.cpu_count() or 1, work // PP_FLOP_PER_THREAD)))
     if blas_threads is None:
         return _kmeans_plusplus(x, k, seed, chunk_size, n_candidates)
     with threadpool_limits(limits=blas_threads, user_api="blas"):

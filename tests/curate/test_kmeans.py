@@ -280,13 +280,14 @@ def test_split_within_keeps_points_in_their_split():
 
 @pytest.mark.parametrize("shape", [(3000, 16, 40), (5000, 96, 12)])
 def test_kmeans_plusplus_on_one_blas_thread_picks_the_same_centres(shape):
-    """k-means++ runs its thin products on one BLAS thread (faster here); the centres equal those of BLAS's own
-    thread count and those of several threads forced."""
+    """k-means++ runs its thin products on few BLAS threads ("auto": one here, the products are small); the
+    centres equal those of one thread, of BLAS's own thread count and of several threads forced."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
     m, d, k = shape
     x = np.random.default_rng(m).standard_normal((m, d)).astype(np.float32)
-    one = kmeans_plusplus(x, k, seed=4, chunk_size=1000)
+    one = kmeans_plusplus(x, k, seed=4, chunk_size=1000, blas_threads=1)
+    assert one.tobytes() == kmeans_plusplus(x, k, seed=4, chunk_size=1000).tobytes()  # auto
     assert one.tobytes() == kmeans_plusplus(x, k, seed=4, chunk_size=1000, blas_threads=None).tobytes()
     assert one.tobytes() == kmeans_plusplus(x, k, seed=4, chunk_size=1000, blas_threads=4).tobytes()
     assert any(p["user_api"] == "blas" for p in threadpool_info())  # the limit has a library to act on
