@@ -191,6 +191,12 @@ def test_streamed_stage_writes_the_bytes_of_the_whole_array_computation(cfg, tmp
     real = cluster._ray_step_fn
     monkeypatch.setattr(cluster, "_ray_step_fn", lambda v, *a: passes.append(v.n) or real(v, *a))
     cfg.executor = "ray"  # the same stage as Ray tasks (a local Ray): the same bytes
-    run_stage("cluster", cfg, force=True)
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        run_stage("cluster", cfg, force=True)
+    finally:  # later tests start Ray their own way
+        ray.shutdown()
     assert _outputs(tmp_path / "w" / "cluster") == got
     assert passes == [results["cluster"].counts["out"], 12]
