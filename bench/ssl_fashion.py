@@ -3,7 +3,7 @@
 Teacher k-NN (k 20, T 0.07; bank of n-bank train images, the whole test split) of the trained
 network, next to raw pixels and the untrained network of the same shape, and how far the DINO
 term ends below ln(K). Needs the idx gz files under /usr/share/datasets/fashion-mnist.
-Usage: python bench/ssl_fashion.py [--config tiny] [--iters 600] [--seeds 0,1,2] [key=value ...]
+Usage: python bench/ssl_fashion.py [--config tiny] [--iters 600] [--seeds 0,1,2] [--curve 150,300] [key=value ...]
 Prints one JSON line (per-seed lines go to stderr).
 """
 from __future__ import annotations
@@ -95,23 +95,40 @@ def run_seed(seed: int, iters: int, overrides: list[str], work: str, data, n_ban
     xtr, ytr, xte, yte, shard_dir = data
     ov = [f"data.path={shard_dir}", "data.num_workers=0", "progress=false", f"seed={seed}",
           f"optim.iterations={iters}", f"checkpoint_every={iters}", f"output_dir={work}/run-{seed}-{ARGS.tag}",
-          "resume=false", f"optim.warmup_iters={iters // 10}", f"loss.warmup_teacher_temp_iters={iters // 3}",
-          f"head.freeze_last_layer_iters={iters // 20}"] + overrides
+          "resume=false"]
+    if not ARGS.own_schedules:  # warm-ups sized to the run (the tiny config's are for 2,000 iterations)
+        ov += [f"optim.warmup_iters={iters // 10}", f"loss.warmup_teacher_temp_iters={iters // 3}",
+               f"head.freeze_last_layer_iters={iters // 20}"]
+    ov += overrides
     cfg = load_config(resolve_config_path(ARGS.config), ov)
-    t0 = time.perf_counter()
-    summary = train(cfg)
-    train_s = time.perf_counter() - t0
-    torch.manual_seed(cfg.seed)
-    untrained = build_model(cfg).teacher["backbone"]
     bank = np.random.default_rng(seed).choice(len(xtr), n_bank, replace=False)
     test = np.random.default_rng(1000 + seed).choice(len(xte), ARGS.n_test, replace=False)
     xte, yte = xte[test], yte[test]
     size = cfg.eval_size or cfg.crops.global_size
+
+    def knn_of(net) -> float:
+        return knn20(embed(net, xtr[bank], size), ytr[bank], embed(net, xte, size), yte)
+
+    # --curve: stop at those iterations (after a checkpoint), score the teacher, resume exactly
+    stops = sorted({int(i) for i in ARGS.curve.split(",") if i and 0 < int(i) < iters}) + [iters]
+    hist, curve, train_s = [], [], 0.0
+    for k, stop in enumerate(stops):
+        if k:
+            cfg.resume = True
+        t0 = time.perf_counter()
+        summary = train(cfg, stop_at=stop)
+        train_s += time.perf_counter() - t0
+        hist += summary["history"]
+        if stop < iters:
+            curve.append({"iteration": stop, "knn": knn_of(summary["model"].teacher["backbone"]),
+                          "dino": round(float(np.mean([h["dino_loss"] for h in summary["history"][-10:]])), 4)})
+            print(json.dumps({"seed": seed, **curve[-1]}), file=sys.stderr, flush=True)
+    torch.manual_seed(cfg.seed)
+    untrained = build_model(cfg).teacher["backbone"]
     res = {"seed": seed, "train_s": round(train_s, 1), "s_per_iter": round(train_s / iters, 4),
-           "knn_trained": knn20(embed(summary["model"].teacher["backbone"], xtr[bank], size), ytr[bank],
-                                embed(summary["model"].teacher["backbone"], xte, size), yte),
-           "knn_untrained": knn20(embed(untrained, xtr[bank], size), ytr[bank], embed(untrained, xte, size), yte)}
-    hist = summary["history"]
+           "knn_trained": knn_of(summary["model"].teacher["backbone"]), "knn_untrained": knn_of(untrained)}
+    if curve:
+        res["curve"] = curve
     last = hist[-max(1, min(20, len(hist) // 10)):]
     res["dino_last"] = round(float(np.mean([h["dino_loss"] for h in last])), 4)
     res["ibot_last"] = round(float(np.mean([h["ibot_loss"] for h in last])), 4)
@@ -131,6 +148,10 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default="run")
+    p.add_argument("--own-schedules", action="store_true",
+                   help="keep the config's warm-up and last-layer-freeze lengths (default: iters/10, /3, /20)")
+    p.add_argument("--curve", default="", help="comma list of iterations at which the teacher k-NN is also "
+                   "scored (the run stops there after a checkpoint and resumes exactly)")
     p.add_argument("--work", default="/tmp/ssl_fashion")
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     ARGS = p.parse_args()
@@ -151,6 +172,7 @@ def main() -> None:
         return {"mean": round(float(v.mean()), 4), "std": round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 4)}
 
     print(json.dumps({"bench": "ssl_fashion", "config": ARGS.config, "overrides": ARGS.overrides,
+                      "own_schedules": ARGS.own_schedules,
                       "iterations": ARGS.iters, "threads": ARGS.threads, "n_bank": ARGS.n_bank,
                       "n_test": ARGS.n_test, "knn_k": 20, "knn_T": 0.07, "raw_pixels": pixels,
                       "trained": stat("knn_trained"), "untrained": stat("knn_untrained"),

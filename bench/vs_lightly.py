@@ -8,7 +8,9 @@ machine load hits both alike; then teacher k-NN (k 20, T 0.07) on Fashion-MNIST.
 project dependency: run with an environment that has it, e.g.
   python -m venv --system-site-packages /work/venv-lightly && /work/venv-lightly/bin/pip install lightly
   PYTHONPATH=. /work/venv-lightly/bin/python bench/vs_lightly.py --iters 150 --seeds 0
-`--throughput` instead times steps only (synthetic crops) at the given config and crop sizes.
+`--throughput` instead times `--steps` alternating steps of each (synthetic crops, the first one a
+warm-up, untimed) at the given config and crop sizes. Step times are medians; the ours/Lightly ratio is
+taken step by step (median, min, max).
 Prints one JSON line.
 """
 from __future__ import annotations
@@ -147,6 +149,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="/tmp/ssl_fashion")
     p.add_argument("--throughput", action="store_true", help="time steps on synthetic crops only")
+    p.add_argument("--steps", type=int, default=5,
+                   help="with --throughput: steps of each trainer (alternating); the first, a warm-up, is not timed")
     p.add_argument("--lightly-init", action="store_true",
                    help="keep Lightly's own xavier re-initialisation of the ViT (default: both start from our weights)")
     p.add_argument("overrides", nargs="*")
@@ -189,9 +193,9 @@ def main() -> None:
         ours.train()
         peer.student_backbone.train()  # (the k-NN above put the whole peer in eval mode)
         peer.student_head.train()
-        t_ours = t_peer = 0.0
+        times_ours, times_peer = [], []
         h_ours, h_peer = [], []
-        n = 3 if args.throughput else args.iters
+        n = args.steps if args.throughput else args.iters
         for it in range(n):
             batch = synthetic_batch(cfg, it) if builder is None else builder(it)
             s = sched.at(it)
@@ -200,10 +204,18 @@ def main() -> None:
             t1 = time.perf_counter()
             h_peer.append(lightly_step(peer, peer_losses, peer_opt, batch, s, cfg.crops.n_local))
             t2 = time.perf_counter()
-            if it or args.throughput:
-                t_ours, t_peer = t_ours + t1 - t0, t_peer + t2 - t1
-        run = {"seed": seed, "s_per_step_ours": round(t_ours / max(n - 1, 1), 3),
-               "s_per_step_lightly": round(t_peer / max(n - 1, 1), 3)}
+            if it:  # the first step of each (allocations, lazy init) is a warm-up
+                times_ours.append(t1 - t0)
+                times_peer.append(t2 - t1)
+        ratios = [a / b for a, b in zip(times_ours, times_peer)]
+        run = {"seed": seed, "s_per_step_ours": round(float(np.median(times_ours)), 3) if times_ours else None,
+               "s_per_step_lightly": round(float(np.median(times_peer)), 3) if times_peer else None,
+               "step_ratio_ours_over_lightly": {"median": round(float(np.median(ratios)), 3),
+                                               "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+               if ratios else None}
+        if args.throughput:
+            run["steps_s_ours"] = [round(t, 3) for t in times_ours]
+            run["steps_s_lightly"] = [round(t, 3) for t in times_peer]
         if data:
             run.update(init_knn)
             last = max(1, min(20, n // 10))

@@ -19,6 +19,10 @@ class ModelConfig:
     reg_tokens: int = 0
     init_values: float = 1.0e-5
     drop_path_rate: float = 0.3
+    # Backbone initialisation: "trunc_normal" (official: truncated normal std 0.02 for every Linear and
+    # the position embedding, timm's ViT init) or "xavier" (a deliberate alternative for small budgets:
+    # xavier-uniform Linear layers and patch projection, as MAE / LightlySSL; heads keep theirs).
+    init: str = "trunc_normal"
 
 
 @dataclass
@@ -174,6 +178,8 @@ def validate(cfg: TrainConfig) -> None:
     """Check value ranges that the type system cannot express."""
     if cfg.loss.centering not in ("centering", "sinkhorn_knopp"):
         raise ValueError("loss.centering must be 'centering' or 'sinkhorn_knopp'")
+    if cfg.model.init not in ("trunc_normal", "xavier"):
+        raise ValueError("model.init must be 'trunc_normal' (official) or 'xavier'")
     if cfg.data.source not in ("shards", "folder"):
         raise ValueError("data.source must be 'shards' or 'folder'")
     if len(cfg.crops.blur_probs) != 3:

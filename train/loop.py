@@ -49,9 +49,16 @@ def _build_ssl(cfg: TrainConfig, cls: type = SSLMetaArch, **extra: Any) -> SSLMe
     arch = resolve_arch(m.arch, m.patch_size, cfg.crops.global_size, m.reg_tokens, m.init_values,
                         m.drop_path_rate, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
                         mlp_ratio=m.mlp_ratio, ffn=m.ffn)
-    return cls(arch, h.prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers, h.ibot_separate_head,
-                       h.ibot_prototypes, h.ibot_bottleneck_dim, lo.centering, lo.center_momentum, lo.sinkhorn_iterations,
-                       lo.student_temp, lo.dino_weight, lo.ibot_weight, lo.koleo_weight, **extra)
+    model = cls(arch, h.prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers, h.ibot_separate_head,
+                h.ibot_prototypes, h.ibot_bottleneck_dim, lo.centering, lo.center_momentum, lo.sinkhorn_iterations,
+                lo.student_temp, lo.dino_weight, lo.ibot_weight, lo.koleo_weight, **extra)
+    if m.init == "xavier":  # the EMA copy (teacher; distillation: student_ema) starts equal to the student
+        from train.models import xavier_init_
+
+        xavier_init_(model.student["backbone"])
+        ema = getattr(model, "student_ema", model.teacher)
+        ema["backbone"].load_state_dict(model.student["backbone"].state_dict())
+    return model
 
 
 def build_schedules(cfg: TrainConfig, global_batch: int = 0) -> Schedules:

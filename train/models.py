@@ -180,6 +180,27 @@ class DinoVisionTransformer(nn.Module):
         return outs
 
 
+@torch.no_grad()
+def xavier_init_(backbone: DinoVisionTransformer) -> None:
+    """Re-initialise a backbone the MAE / LightlySSL way: xavier-uniform for every Linear layer and for
+    the patch projection (as a Linear over the flattened patch), zero biases, unit LayerNorms, CLS
+    token normal(0.02). Position embeddings, registers, mask token and LayerScale are left as built.
+    """
+    for m in backbone.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    w = backbone.vit.patch_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(backbone.vit.patch_embed.proj.bias)
+    if backbone.vit.cls_token is not None:
+        nn.init.normal_(backbone.vit.cls_token, std=0.02)
+
+
 def build_backbone(arch: dict[str, Any]) -> DinoVisionTransformer:
     """Build a backbone from a full kwargs dict (see `resolve_arch`)."""
     return DinoVisionTransformer(**arch)

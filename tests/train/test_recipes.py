@@ -33,6 +33,9 @@ RECIPE: dict[str, tuple[str, dict]] = {
     "model.patch_size": ("eval/vit*14_pretrain.yaml, train/vit{l,g}14.yaml: student.patch_size", _all(14)),
     "model.ffn": (f"{DEF}: student.ffn_layer mlp; train/vit{{l,g}}14.yaml: swiglufused", _sb_lg("mlp", "swiglu")),
     "model.reg_tokens": (f"{DEF}: student.num_register_tokens", _all(0)),
+    "model.init": ("dinov2/models/vision_transformer.py: init_weights_vit_timm (trunc_normal_ std 0.02 on every "
+                   "Linear) and DinoVisionTransformer.init_weights (pos_embed trunc_normal_ std 0.02)",
+                   _all("trunc_normal")),
     "model.init_values": (f"{DEF}: student.layerscale", _all(1e-5)),
     "model.drop_path_rate": (f"{DEF} 0.3; train/vit{{l,g}}14.yaml 0.4: student.drop_path_rate", _sb_lg(0.3, 0.4)),
     "model.embed_dim": ("preset (null)", _all(None)),

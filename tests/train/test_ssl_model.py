@@ -61,3 +61,36 @@ def test_last_layer_frozen_then_trained(tiny_cfg):
     assert torch.equal(last, before) and not torch.equal(other, other_before)
     _step(model, opt, _batch(6), sched.at(1), cfg, torch.device("cpu"))
     assert not torch.equal(last, before)
+
+
+def test_xavier_init_option_and_official_default(tiny_cfg):
+    """`model.init: xavier` re-initialises the backbone (MAE / LightlySSL style) with the teacher an exact
+    copy; the default stays the official init and draws the very same weights as before the option."""
+    import math
+
+    import pytest
+
+    from train.models import build_backbone
+
+    torch.manual_seed(0)
+    official = build_model(tiny_cfg("a"))
+    torch.manual_seed(0)
+    ref = build_backbone(official.arch)  # the model's first draws: the backbone as built before the option
+    assert all(torch.equal(a, b) for a, b in zip(official.student["backbone"].state_dict().values(),
+                                                 ref.state_dict().values()))
+    torch.manual_seed(0)
+    xav = build_model(tiny_cfg("b", "model.init=xavier"))
+    s, t = xav.student["backbone"], xav.teacher["backbone"]
+    assert all(torch.equal(a, b) for a, b in zip(s.state_dict().values(), t.state_dict().values()))
+    fc1_off, fc1 = official.student["backbone"].vit.blocks[0].mlp.fc1, s.vit.blocks[0].mlp.fc1
+    bound = math.sqrt(6.0 / (fc1.in_features + fc1.out_features))  # xavier-uniform bound
+    assert fc1.weight.abs().max() <= bound and fc1.weight.abs().max() > 0.9 * bound
+    assert abs(float(fc1.weight.detach().std()) - bound / math.sqrt(3)) < 0.1 * bound
+    assert abs(float(fc1_off.weight.detach().std()) - 0.02) < 0.003  # official: truncated normal, std 0.02
+    proj = s.vit.patch_embed.proj.weight
+    pbound = math.sqrt(6.0 / (proj.shape[0] + proj[0].numel()))  # as a Linear over the flat patch
+    assert proj.abs().max() <= pbound and proj.abs().max() > 0.9 * pbound
+    # the heads keep their init: equal to the official model's (same seed, drawn before the re-init)
+    assert torch.equal(xav.student["dino_head"].mlp[0].weight, official.student["dino_head"].mlp[0].weight)
+    with pytest.raises(ValueError, match="model.init"):
+        tiny_cfg("c", "model.init=kaiming")
