@@ -173,7 +173,7 @@ _PLAN_FIELDS = [f.name for f in fields(PlanItem)]
 class SeenNames:
     """How many times each record's base id (make_id of its name: a 64-bit hash) has been seen, for
     numbering repeated names. Every distinct id is kept once, as a uint64, in sorted arrays merged like
-    a log-structured merge tree (8 bytes per distinct name, where a dict of id strings took ~150);
+    a log-structured merge tree (8 bytes per distinct name, where a dict of id strings took ~100);
     counts above one, i.e. the repeated names only, in a dict."""
 
     def __init__(self) -> None:

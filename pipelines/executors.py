@@ -65,6 +65,7 @@ def ray_mapper(address: str | None = None) -> Callable[..., Iterator[tuple[int, 
         return ray_map(fn, jobs, address, shared=shared)
     return mapper
 
+
 def stage_mapper(executor: str, address: str | None = None) -> Callable[..., Iterator[tuple[int, Any]]] | None:
     """The Mapper a stage passes to curate: Ray tasks with executor ray; None (local calls, the same
     function on the same jobs) otherwise."""
