@@ -32,7 +32,7 @@ from curate.kmeans_stats import (  # noqa: F401 (re-exported)
     partial_sums,
     reduce_stats,
 )
-from curate.kmeans_parts import Assignment, PartVectors, chunk_sizes
+from curate.kmeans_parts import Assignment, PartedRows, PartVectors, chunk_sizes
 from curate.parts import list_parts
 
 DEFAULT_CHUNK = 65_536
@@ -60,7 +60,7 @@ def _drop_pages(a: np.ndarray) -> None:
         mm.madvise(mmap.MADV_DONTNEED)
 
 
-class ArrayVectors:
+class ArrayVectors(PartedRows):
     """One or several 2-D arrays (in RAM or memory-mapped .npy parts) seen as one matrix, in order."""
 
     def __init__(self, arrays: np.ndarray | Sequence[np.ndarray]) -> None:
@@ -82,36 +82,10 @@ class ArrayVectors:
             raise FileNotFoundError(f"no part-XXXXX.npy files in {directory}")
         return cls([np.load(p, mmap_mode="r") for p in paths])
 
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """Global rows [start, stop) as a new float32 array (may span parts)."""
-        out = np.empty((max(0, stop - start), self.dim), dtype=np.float32)
-        for i, a in enumerate(self.arrays):
-            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
-            a0, a1 = max(start, lo), min(stop, hi)
-            if a0 < a1:
-                out[a0 - start : a1 - start] = a[a0 - lo : a1 - lo]
-                _drop_pages(a)
-        return out
-
-    def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (first row, float32 block) covering every row once, in order."""
-        if size < 1:
-            raise ValueError("chunk size must be at least 1")
-        for start in range(0, self.n, size):
-            yield start, self.rows(start, min(self.n, start + size))
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """float32 copies of the given global rows, in the order given."""
-        rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows, kind="stable")
-        srt = rows[order]
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        bounds = np.searchsorted(srt, self.offsets)
-        for i, a in enumerate(self.arrays):
-            b0, b1 = int(bounds[i]), int(bounds[i + 1])
-            if b0 < b1:
-                out[order[b0:b1]] = a[srt[b0:b1] - self.offsets[i]]
-                _drop_pages(a)
+    def part_rows(self, i: int, a: int = 0, b: int | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+        arr = self.arrays[i]
+        out = np.array(arr[a:b] if rows is None else arr[rows], dtype=np.float32)  # a copy, then the pages go
+        _drop_pages(arr)
         return out
 
 

@@ -128,7 +128,51 @@ class Assignment:
         return total
 
 
-class PartVectors:
+class PartedRows:
+    """Parts seen as one matrix, in order: rows, chunks and take over `part_rows`; subclasses set dim,
+    n and offsets (first global row of each part, then n)."""
+
+    dim: int
+    n: int
+    offsets: np.ndarray
+
+    def part_rows(self, i: int, a: int = 0, b: int | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+        """float32 copies of part i's rows [a, b) (or of its rows `rows`, part-local), in order."""
+        raise NotImplementedError
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Global rows [start, stop) as a new float32 array (may span parts)."""
+        start, stop = max(0, start), min(self.n, stop)
+        out = np.empty((max(0, stop - start), self.dim), dtype=np.float32)
+        for i in range(len(self.offsets) - 1):
+            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+            a0, a1 = max(start, lo), min(stop, hi)
+            if a0 < a1:
+                out[a0 - start : a1 - start] = self.part_rows(i, a0 - lo, a1 - lo)
+        return out
+
+    def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first row, float32 block) covering every row once, in order."""
+        if size < 1:
+            raise ValueError("chunk size must be at least 1")
+        for start in range(0, self.n, size):
+            yield start, self.rows(start, min(self.n, start + size))
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 copies of the given global rows, in the order given (each part read once)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        bounds = np.searchsorted(srt, self.offsets)
+        for i in range(len(self.offsets) - 1):
+            b0, b1 = int(bounds[i]), int(bounds[i + 1])
+            if b0 < b1:
+                out[order[b0:b1]] = self.part_rows(i, rows=srt[b0:b1] - self.offsets[i])
+        return out
+
+
+class PartVectors(PartedRows):
     """float16 (or float32) .npy parts, each optionally restricted to the rows listed in a .npy of positions,
     seen as one matrix whose parts are those rows. Every read memory-maps the files it needs and lets go of
     them, so the resident set is one read, not the files."""
@@ -161,37 +205,6 @@ class PartVectors:
         if rows is None and self.positions[i] is None:
             return np.asarray(x[a:b], dtype=np.float32)
         return np.asarray(x[np.asarray(sel, dtype=np.int64)], dtype=np.float32)
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """Global rows [start, stop) as float32 (may span parts)."""
-        start, stop = max(0, start), min(self.n, stop)
-        out = np.empty((max(0, stop - start), self.dim), dtype=np.float32)
-        for i in range(len(self.part_sizes)):
-            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
-            a0, a1 = max(start, lo), min(stop, hi)
-            if a0 < a1:
-                out[a0 - start : a1 - start] = self.part_rows(i, a0 - lo, a1 - lo)
-        return out
-
-    def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, float32 block) covering every row once, in order."""
-        if size < 1:
-            raise ValueError("chunk size must be at least 1")
-        for start in range(0, self.n, size):
-            yield start, self.rows(start, min(self.n, start + size))
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """float32 copies of the given global rows, in the order given (each part read once)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows, kind="stable")
-        srt = rows[order]
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        bounds = np.searchsorted(srt, self.offsets)
-        for i in range(len(self.part_sizes)):
-            b0, b1 = int(bounds[i]), int(bounds[i + 1])
-            if b0 < b1:
-                out[order[b0:b1]] = self.part_rows(i, rows=srt[b0:b1] - self.offsets[i])
-        return out
 
 
 def chunk_sizes(n: int, chunk_size: int) -> np.ndarray:
