@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from curate.parts import list_parts, read_table
+from curate.parts import read_table
 from pipelines.aligned import RowMap
 from pipelines.config import Config
 from pipelines.framework import stage_dir
@@ -74,9 +74,8 @@ class ShardImages:
 
 def _rows_of(ingest_dir: str | Path, rows: np.ndarray, columns: list[str]) -> pa.Table:
     """Columns of the given global ingest rows (any order), reading only the parts that hold them."""
-    parts = list_parts(ingest_dir)
-    sizes = [pq.ParquetFile(p).metadata.num_rows for p in parts]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    layout = RowMap(ingest_dir)  # the parts and their first global rows (from Parquet metadata)
+    parts, offsets = layout.parts, layout.offsets
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     if len(rows) and (rows.min() < 0 or rows.max() >= offsets[-1]):
         raise IndexError(f"ingest rows out of range 0..{offsets[-1] - 1} in {ingest_dir}")

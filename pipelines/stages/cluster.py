@@ -207,14 +207,11 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     shared = (tree.upper, k1, tree.level1.sizes, str(tree.level1.dir))
     jobs = [(str(ing), str(d / part_name(k)), str(rows_dir / f"ing-{k:05d}.npy"), int(vectors.offsets[k]),
              int(vectors.offsets[k + 1])) for k, ing in enumerate(ingest)]
-    if on_ray:
-        from pipelines.executors import ray_map
+    from curate.dedup import local_map
+    from pipelines.executors import stage_mapper
 
-        results = ray_map(write_part, jobs, cfg.ray_address, shared=shared)
-    else:
-        results = ((i, write_part(*shared, *job)) for i, job in enumerate(jobs))
-    sizes = np.zeros(k1, dtype=np.int64)
-    for _, part_sizes in results:
+    sizes = np.zeros(k1, dtype=np.int64)  # one write per part: a Ray task on ray
+    for _, part_sizes in (stage_mapper(cfg.executor, cfg.ray_address) or local_map)(write_part, jobs, shared):
         sizes += part_sizes
     shutil.rmtree(rows_dir, ignore_errors=True)
     result = StageResult("cluster", str(d), key, counts={
@@ -224,4 +221,3 @@ def run(cfg: Config, force: bool = False) -> StageResult:
         seconds=time.time() - t0, outputs={"clusters": str(d)})
     finish(result, asdict(cc), inputs)
     return result
-

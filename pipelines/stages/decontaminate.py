@@ -20,15 +20,9 @@ from pipelines.aligned import RowMap, embedding_ids
 from pipelines.copy_images import verify_mode
 from pipelines.config import Config, fingerprint
 from pipelines.embedding import embed_reference_set, resolve_embedding
+from pipelines.executors import stage_mapper
 from pipelines.framework import enabled, source_fingerprint, stage_dir, upstream
 from pipelines.manifest import StageResult, begin, finish, read_manifest
-
-
-def _mapper(cfg: Config):
-    """Pool parts as Ray tasks with executor ray, else local calls (the same function, the same pairs)."""
-    from pipelines.executors import stage_mapper
-
-    return stage_mapper(cfg.executor, cfg.ray_address)
 
 
 def _verified_matches(cfg: Config, emb_dir, eval_sets: dict, d, spec) -> tuple[dict, dict]:
@@ -41,7 +35,7 @@ def _verified_matches(cfg: Config, emb_dir, eval_sets: dict, d, spec) -> tuple[d
     pool = as_parts(str(emb_dir))
     pool_ingest = stage_dir(cfg, "ingest")
     pool_rows = RowMap(pool_ingest, emb_dir).emb_rows
-    mapper = _mapper(cfg)
+    mapper = stage_mapper(cfg.executor, cfg.ray_address)
     direct, stats = {}, {}
     for name, (vecs, ev_ids) in eval_sets.items():
         ev = as_parts(vecs)
@@ -103,7 +97,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     if verify_mode(cfg) == "local":
         direct, verify_stats = _verified_matches(cfg, emb_dir, eval_sets, d, spec)
     res = decontaminate(str(emb_dir), ids, pool_groups, eval_sets, threshold=xc.threshold, index_spec=spec,
-                        given_pairs=direct, mapper=_mapper(cfg))
+                        given_pairs=direct, mapper=stage_mapper(cfg.executor, cfg.ray_address))
     contam_set = np.full(len(ids), None, dtype=object)
     id_array = pa.array(ids, type=pa.string())
     matches = {}
