@@ -52,7 +52,7 @@ def ray_map(fn: Callable[..., Any], jobs: Sequence[tuple], address: str | None =
                 return
             done, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(done[0])
-            yield i, _get(done[0])
+            yield i, ray_get(done[0])
     finally:
         for ref in pending:  # an error (or an abandoned generator) stops the stage's other tasks
             ray.cancel(ref)
@@ -72,7 +72,7 @@ def stage_mapper(executor: str, address: str | None = None) -> Callable[..., Ite
     return ray_mapper(address) if executor == "ray" else None
 
 
-def _get(ref: Any) -> Any:
+def ray_get(ref: Any) -> Any:
     """ray.get, raising a task's own error as itself (its message stays one clear line, e.g. a full disk)."""
     import ray
     from ray.exceptions import RayTaskError
@@ -109,7 +109,7 @@ def ray_shuffle(map_fn: Callable[..., list], map_jobs: Sequence[tuple], reduce_f
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             r = pending.pop(done[0])
-            yield r, _get(done[0])
+            yield r, ray_get(done[0])
     finally:
         for ref in pending:
             ray.cancel(ref)

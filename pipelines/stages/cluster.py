@@ -25,7 +25,7 @@ from curate.parts import list_parts, part_name, write_table_atomic
 from pipelines.config import Config, fingerprint
 from pipelines.embedding import resolve_embedding
 from pipelines.framework import DROP_FILTERS, dropped_by, finished_filters, stage_dir, upstream
-from pipelines.executors import _get
+from pipelines.executors import ray_get
 from pipelines.manifest import StageResult, begin, finish, read_manifest
 
 
@@ -121,7 +121,7 @@ def _ray_step_fn(vectors: PartVectors, chunk: int, address: str | None):
         early, turn, waiting = {}, 0, refs
         while waiting:
             ready, waiting = ray.wait(waiting, num_returns=1)
-            early[position[ready[0]]] = _get(ready[0])
+            early[position[ready[0]]] = ray_get(ready[0])
             while turn in early:
                 got = early.pop(turn)
                 if keep:
