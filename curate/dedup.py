@@ -224,6 +224,101 @@ def components(n: int, i: np.ndarray, j: np.ndarray, method: str = "scipy", chun
 
 
 @dataclass
+class CopyGraph:
+    """Copy groups over the records that have an edge, and nothing per other record: what a stage
+    needs at any pool size (O(edges) memory). Every node is in a group of >= 2 records; every record
+    that is not a node is kept, in no group (-1), with no similarity (NaN)."""
+
+    n: int  # records in the pool
+    nodes: np.ndarray  # int64 rows with at least one edge, sorted
+    node_ids: np.ndarray  # str id of each node
+    keeper: np.ndarray  # int64 per node: the position (in nodes) of its group's keeper
+    group: np.ndarray  # int64 per node: its group, numbered by each group's smallest id
+    max_sim: np.ndarray  # float32 per node: highest similarity to another group member
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray]
+    groups: pa.Table  # group, keeper, members, size, max_sim
+    stats: dict = field(default_factory=dict)
+    warning: str | None = None
+
+    @property
+    def keep(self) -> np.ndarray:
+        """Per node: whether it is its group's keeper."""
+        return self.keeper == np.arange(len(self.nodes))
+
+    def dropped(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the records removed and their keepers' ids."""
+        drop = ~self.keep
+        return self.nodes[drop], self.node_ids[self.keeper[drop]]
+
+
+def group_edges(
+    n: int,
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray],
+    node_info: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    valid: int | None = None,
+    k: int = DEFAULT_K,
+    threshold: float = DEFAULT_THRESHOLD,
+    max_component: int = DEFAULT_MAX_COMPONENT,
+    method: str = "scipy",
+    limits: SafetyLimits | None = SafetyLimits(),
+    decision: str | None = None,
+    index_kind: str = "given edges",
+) -> CopyGraph:
+    """Connected components of the edges (i, j, sim) among n records and one keeper per component,
+    holding only the records that have an edge: `node_info(rows)` gives those rows' ids (str) and
+    pixel counts. The keeper has the most pixels, then the smallest id; groups are numbered by their
+    smallest id (as copy_dedup, which is this over all records). Warns past max_component, raises
+    CopyDedupRefused past `limits` (None allows any result)."""
+    i, j, sim = (np.asarray(edges[0], dtype=np.int64), np.asarray(edges[1], dtype=np.int64),
+                 np.asarray(edges[2], dtype=np.float32))
+    if len(i) and (min(i.min(), j.min()) < 0 or max(i.max(), j.max()) >= n):
+        raise ValueError(f"edges name rows outside 0..{n - 1}")
+    nodes = np.unique(np.concatenate([i, j]))
+    ci, cj = np.searchsorted(nodes, i), np.searchsorted(nodes, j)
+    node_ids, pixels = node_info(nodes)
+    node_ids, pixels = np.asarray(node_ids, dtype=str), np.asarray(pixels, dtype=np.int64).reshape(-1)
+    if len(node_ids) != len(nodes) or len(pixels) != len(nodes):
+        raise ValueError(f"node_info gave {len(node_ids)} ids and {len(pixels)} pixel counts for {len(nodes)} rows")
+    node_ids, rank = id_ranks(node_ids)
+    labels = components(len(nodes), ci, cj, method)
+    picked = pick_keepers(labels, pixels, rank)
+    sizes, multi = picked.sizes, picked.multi  # every component here has >= 2 records: multi is all of them
+    max_sim = np.full(len(nodes), -np.inf, dtype=np.float32)
+    np.maximum.at(max_sim, ci, sim)
+    np.maximum.at(max_sim, cj, sim)
+    group_max = np.full(len(multi), -np.inf, dtype=np.float32)
+    np.maximum.at(group_max, picked.group[ci], sim)  # both ends of an edge are in the same group
+    members = np.lexsort((rank, picked.group))
+    offsets = np.concatenate([[0], np.cumsum(sizes[multi])]).astype(np.int32)
+    groups = pa.table({
+        "group": pa.array(np.arange(len(multi), dtype=np.int64)),
+        "keeper": pa.array(node_ids[picked.keeper_of[multi]].tolist(), type=pa.string()),
+        "members": pa.ListArray.from_arrays(pa.array(offsets), pa.array(node_ids[members].tolist(), type=pa.string())),
+        "size": pa.array(sizes[multi].astype(np.int64)),
+        "max_sim": pa.array(group_max),
+    })
+    largest = int(sizes.max()) if len(nodes) else int(n > 0)
+    dropped = int(len(nodes) - picked.keep.sum())
+    valid = n if valid is None else int(valid)
+    hist_sizes, hist_counts = np.unique(sizes[multi], return_counts=True)
+    stats = {
+        "n": n, "valid": valid, "invalid": n - valid, "pairs": int(len(i)),
+        "groups": int(len(multi)), "in_groups": int(len(nodes)), "dropped": dropped,
+        "kept": n - dropped, "largest_component": largest, "k": k, "threshold": threshold,
+        "decision": decision or f"cosine > {threshold}", "index_kind": index_kind,
+        "component_sizes": {int(s): int(c) for s, c in zip(hist_sizes, hist_counts)},
+    }
+    warning = None
+    if largest > max_component:
+        warning = (f"largest duplicate component has {largest} records (> max_component={max_component}): "
+                   f"threshold {threshold} probably chains distinct images; calibrate it (curate.calibrate)")
+        warnings.warn(warning, LargeComponentWarning, stacklevel=2)
+    if limits is not None:
+        check_safety(stats, limits)
+    return CopyGraph(n, nodes, node_ids, picked.keeper, picked.group, max_sim, (i, j, sim), groups, stats, warning)
+
+
+@dataclass
 class CopyDedupResult:
     """Per-record outcome of copy_dedup, aligned with the input rows, plus groups and stats."""
 
@@ -277,62 +372,32 @@ def copy_dedup(
     pairs from curate.verify) skips the search. Raises CopyDedupRefused when the result passes
     `limits` (check_safety); limits=None allows any result. `decision` names what made the given
     edges (e.g. "local verification") in stats and messages; by default the cosine threshold.
+    This is group_edges with every record's outcome spelled out (O(records) memory).
     """
     parts = as_parts(vectors)
     n = parts.n
-    id_arr, rank = _id_rank(ids, n)
+    id_arr, _ = _id_rank(ids, n)
     pix = np.zeros(n, dtype=np.int64) if pixels is None else np.asarray(pixels, dtype=np.int64).reshape(-1)
     if len(pix) != n:
         raise ValueError(f"got {len(pix)} pixel counts for {n} vectors")
     ok = valid_rows(parts, valid)
     if edges is None:
         index = index or pool_index(parts, index_spec)
-        i, j, sim = _edges(parts, ok, k, threshold, index, chunk, 0, n)
-    else:
-        i, j, sim = edges
-    labels = components(n, i, j, method)
-
-    picked = pick_keepers(labels, pix, rank)
-    keeper, keep, group = picked.keeper, picked.keep, picked.group
-    sizes, multi, keeper_of = picked.sizes, picked.multi, picked.keeper_of
-
-    max_sim = np.full(n, -np.inf, dtype=np.float32)
-    np.maximum.at(max_sim, i, sim)
-    np.maximum.at(max_sim, j, sim)
-    max_sim[np.isinf(max_sim)] = np.nan
-    group_max = np.full(len(multi), -np.inf, dtype=np.float32)
-    np.maximum.at(group_max, group[i], sim)  # both ends of an edge are in the same group
+        edges = _edges(parts, ok, k, threshold, index, chunk, 0, n)
+    graph = group_edges(n, edges, lambda rows: (id_arr[rows], pix[rows]), valid=int(ok.sum()), k=k,
+                        threshold=threshold, max_component=max_component, method=method, limits=limits,
+                        decision=decision, index_kind=index.kind if index is not None else "given edges")
+    keep = np.ones(n, dtype=bool)
+    keep[graph.nodes] = graph.keep
+    group = np.full(n, -1, dtype=np.int64)
+    group[graph.nodes] = graph.group
+    max_sim = np.full(n, np.nan, dtype=np.float32)
+    max_sim[graph.nodes] = graph.max_sim
     dup_of = np.full(n, None, dtype=object)  # a Python string only for the dropped records
-    dup_of[~keep] = id_arr[keeper[~keep]]
-
-    members = np.flatnonzero(group >= 0)
-    members = members[np.lexsort((rank[members], group[members]))]
-    offsets = np.concatenate([[0], np.cumsum(sizes[multi])]).astype(np.int32)
-    groups = pa.table({
-        "group": pa.array(np.arange(len(multi), dtype=np.int64)),
-        "keeper": pa.array(id_arr[keeper_of[multi]].tolist(), type=pa.string()),
-        "members": pa.ListArray.from_arrays(pa.array(offsets), pa.array(id_arr[members].tolist(), type=pa.string())),
-        "size": pa.array(sizes[multi].astype(np.int64)),
-        "max_sim": pa.array(group_max),
-    })
-    largest = int(sizes.max()) if n else 0
-    hist_sizes, hist_counts = np.unique(sizes[multi], return_counts=True)
-    stats = {
-        "n": n, "valid": int(ok.sum()), "invalid": int(n - ok.sum()), "pairs": int(len(i)),
-        "groups": int(len(multi)), "in_groups": int(len(members)), "dropped": int(n - keep.sum()),
-        "kept": int(keep.sum()), "largest_component": largest, "k": k, "threshold": threshold,
-        "decision": decision or f"cosine > {threshold}",
-        "index_kind": index.kind if index is not None else "given edges",
-        "component_sizes": {int(s): int(c) for s, c in zip(hist_sizes, hist_counts)},
-    }
-    warning = None
-    if largest > max_component:
-        warning = (f"largest duplicate component has {largest} records (> max_component={max_component}): "
-                   f"threshold {threshold} probably chains distinct images; calibrate it (curate.calibrate)")
-        warnings.warn(warning, LargeComponentWarning, stacklevel=2)
-    if limits is not None:
-        check_safety(stats, limits)
-    return CopyDedupResult(id_arr, keep, dup_of.tolist(), group, max_sim, ok, (i, j, sim), groups, stats, warning)
+    rows, keepers = graph.dropped()
+    dup_of[rows] = keepers
+    return CopyDedupResult(id_arr, keep, dup_of.tolist(), group, max_sim, ok, graph.edges, graph.groups, graph.stats,
+                           graph.warning)
 
 
 @dataclass

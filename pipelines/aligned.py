@@ -5,7 +5,7 @@ join is "part k, these positions", done with Arrow/numpy per part, never a dict 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +32,7 @@ class RowMap:
                 raise ValueError(f"{emb_dir} has {len(emb_parts)} parts, the ingest stage {len(self.parts)}")
             rows = []
             for k, (ing, emb) in enumerate(zip(self.parts, emb_parts)):
-                pos = pc.index_in(_ids(emb), value_set=_ids(ing))
-                if pos.null_count:
-                    raise ValueError(f"{emb} holds ids that are not in the ingest part {ing.name}")
-                rows.append(pos.to_numpy().astype(np.int64) + self.offsets[k])
+                rows.append(emb_positions(ing, emb)[1] + self.offsets[k])
             self.emb_rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
 
     def ingest_ids(self, k: int) -> pa.ChunkedArray:
@@ -53,10 +50,8 @@ class RowMap:
         where = np.full(self.n, -1, dtype=np.int64)
         where[rows] = np.arange(len(rows))
         for k in range(len(self.parts)):
-            sl = where[self.offsets[k]:self.offsets[k + 1]]
-            take = pa.array(sl, mask=sl < 0, type=pa.int64())
-            table = pa.table({"id": self.ingest_ids(k), **{name: _decoded(arr.take(take), columns[name][1])
-                                                           for name, arr in arrays.items()}})
+            table = _aligned_table(self.ingest_ids(k), where[self.offsets[k]:self.offsets[k + 1]], arrays,
+                                   {name: t for name, (_, t) in columns.items()})
             write_table_atomic(table, Path(out_dir) / part_name(k))
 
     def column(self, stage_dir: str | Path, name: str) -> pa.ChunkedArray:
@@ -68,6 +63,89 @@ class RowMap:
                 raise ValueError(f"{p} is not row-aligned with the ingest part {k}")
             chunks.extend(t.column(name).chunks)
         return pa.chunked_array(chunks, type=pq.read_schema(list_parts(stage_dir)[0]).field(name).type)
+
+
+def _aligned_table(ids: pa.ChunkedArray, where: np.ndarray, arrays: Mapping[str, pa.Array | pa.ChunkedArray],
+                   types: Mapping[str, pa.DataType]) -> pa.Table:
+    """One aligned part: `id` plus, per ingest row, arrays[name][where[row]] (null where -1)."""
+    take = pa.array(where, mask=where < 0, type=pa.int64())
+    return pa.table({"id": ids, **{name: _decoded(arr.take(take), types[name]) for name, arr in arrays.items()}})
+
+
+class EmbeddingLayout:
+    """An embedding's rows part by part (it holds, per ingest part, a subsequence of that part's rows),
+    from the parts' Parquet metadata only: O(parts) memory, for stages that must not hold an array
+    per record (RowMap.emb_rows). Global embedding rows are in part order."""
+
+    def __init__(self, ingest_dir: str | Path, emb_dir: str | Path) -> None:
+        self.ingest_parts = list_parts(ingest_dir)
+        self.emb_parts = list_parts(emb_dir)
+        if len(self.emb_parts) != len(self.ingest_parts):
+            raise ValueError(f"{emb_dir} has {len(self.emb_parts)} parts, the ingest stage {len(self.ingest_parts)}")
+        self.sizes = np.array([pq.ParquetFile(p).metadata.num_rows for p in self.emb_parts], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.n = int(self.offsets[-1])
+
+    def split(self, rows: np.ndarray) -> list[tuple[int, int, int]]:
+        """(part, lo, hi) for each part holding some of the sorted global rows: rows[lo:hi] are in it."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (np.any(rows[1:] < rows[:-1]) or rows[0] < 0 or rows[-1] >= self.n):
+            raise ValueError(f"rows must be sorted embedding rows in 0..{self.n - 1}")
+        cuts = np.searchsorted(rows, self.offsets)
+        return [(k, int(cuts[k]), int(cuts[k + 1])) for k in range(len(self.emb_parts)) if cuts[k + 1] > cuts[k]]
+
+    def values(self, rows: np.ndarray, columns: Sequence[str], mapper=None) -> dict[str, np.ndarray]:
+        """The ingest columns of the given sorted embedding rows (one job per part holding some; with a
+        mapper, as its tasks), as numpy arrays (strings as str arrays, nulls as they convert)."""
+        from curate.dedup import local_map
+
+        rows = np.asarray(rows, dtype=np.int64)
+        spans = self.split(rows)
+        jobs = [(str(self.ingest_parts[k]), str(self.emb_parts[k]), rows[lo:hi] - self.offsets[k]) for k, lo, hi in spans]
+        got = dict((mapper or local_map)(part_values, jobs, (tuple(columns),)))
+        out = {}
+        for c in columns:
+            chunks = [got[t][c] for t in range(len(jobs))]
+            out[c] = np.concatenate(chunks) if chunks else np.zeros(0, dtype=str if c == "id" else np.int64)
+        return out
+
+
+def emb_positions(ingest_part: str | Path, emb_part: str | Path) -> tuple[pa.ChunkedArray, np.ndarray]:
+    """The ingest part's ids and, per row of the embedding part, its position in the ingest part."""
+    ingest_ids = _ids(Path(ingest_part))
+    pos = pc.index_in(_ids(Path(emb_part)), value_set=ingest_ids)
+    if pos.null_count:
+        raise ValueError(f"{emb_part} holds ids that are not in the ingest part {Path(ingest_part).name}")
+    return ingest_ids, pos.to_numpy().astype(np.int64)
+
+
+def part_values(columns: Sequence[str], ingest_part: str, emb_part: str, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """Ingest `columns` at the given rows of an embedding part (positions within that part)."""
+    _, at = emb_positions(ingest_part, emb_part)
+    table = pq.read_table(ingest_part, columns=list(columns)).take(pa.array(at[positions], type=pa.int64()))
+    out = {}
+    for c in columns:
+        col = table.column(c)
+        values = col.to_numpy(zero_copy_only=False)  # nulls become None (objects) or NaN: callers fill them
+        out[c] = np.asarray(values, dtype=str) if pa.types.is_string(col.type) else values
+    return out
+
+
+def write_emb_part(ingest_part: str, emb_part: str, out: str, positions: np.ndarray,
+                   columns: Mapping[str, tuple[np.ndarray, object, pa.DataType]]) -> int:
+    """Write one aligned part (`id` plus `columns`) for the ingest part: each column is `fill` at every
+    embedded row, its values at the embedded rows `positions` (within the embedding part), and null at
+    rows that are not embedded; the same bytes as RowMap.write of the whole columns. Returns the rows."""
+    ingest_ids, at = emb_positions(ingest_part, emb_part)
+    where = np.full(len(ingest_ids), -1, dtype=np.int64)
+    where[at] = np.arange(len(at))
+    arrays = {}
+    for name, (values, fill, t) in columns.items():
+        full = np.full(len(at), fill, dtype=object if t == pa.string() else np.asarray(values).dtype)
+        full[positions] = values
+        arrays[name] = pa.array(full if full.dtype != object else full.tolist(), type=t)
+    write_table_atomic(_aligned_table(ingest_ids, where, arrays, {n: t for n, (_, _, t) in columns.items()}), out)
+    return len(ingest_ids)
 
 
 def _decoded(values: pa.Array | pa.ChunkedArray, t: pa.DataType) -> pa.Array | pa.ChunkedArray:

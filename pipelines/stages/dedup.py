@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from curate.parts import write_table_atomic
-from pipelines.aligned import RowMap, embedding_ids
+from pipelines.aligned import RowMap
 from pipelines.config import Config, fingerprint
 from pipelines.embedding import resolve_embedding
 from pipelines.framework import stage_dir, upstream
@@ -51,20 +50,31 @@ class _IndexHolder:
 RANGES_PER_HOLDER = 8  # query ranges per node: a lost node's share is redone by the others in small pieces
 
 
-def _ray_edges(emb_dir: Path, index, ok: np.ndarray, dc, threshold: float, work: Path, address: str | None):
-    """k-NN graph queries over Ray: the index saved once and loaded once per node (one actor each), the
-    valid rows computed once on the driver; query ranges queued to the actors, a range whose actor dies
-    (its node lost) goes back to the queue; edges merged (the same as one local run)."""
+def _save_pool_index(emb_dir: str, spec, path: str) -> str:
+    """Build the pool's copy-graph index and save it (a Ray task: the driver never holds the index)."""
+    from curate.dedup import as_parts, pool_index
+
+    index = pool_index(as_parts(emb_dir), spec)
+    index.save(path)
+    return index.kind
+
+
+def _ray_edges(emb_dir: Path, spec, ok: np.ndarray, dc, threshold: float, work: Path, address: str | None):
+    """k-NN graph queries over Ray: the index built and saved by one task and loaded once per node (one
+    actor each), the valid rows computed once on the driver; query ranges queued to the actors, a range
+    whose actor dies (its node lost) goes back to the queue; edges merged (the same as one local run).
+    Returns the edges and the index kind."""
     import ray
     from ray.exceptions import RayActorError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from curate.dedup import merge_edges
-    from pipelines.executors import init_ray
+    from pipelines.executors import TASK_RETRIES, init_ray, ray_get
 
     init_ray(address)
     path = work / "_index.faiss"
-    index.save(path)
+    kind = ray_get(ray.remote(_save_pool_index).options(num_cpus=1, max_retries=TASK_RETRIES).remote(
+        str(emb_dir), spec, str(path)))
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
     holders = [ray.remote(_IndexHolder).options(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(
         node, soft=True)).remote(str(path), str(emb_dir)) for node in nodes]
@@ -91,7 +101,7 @@ def _ray_edges(emb_dir: Path, index, ok: np.ndarray, dc, threshold: float, work:
             ray.kill(holder)
         path.unlink(missing_ok=True)
         path.with_name(path.name + ".json").unlink(missing_ok=True)
-    return merge_edges(*out)
+    return merge_edges(*out), kind
 
 
 def _threshold(cfg: Config, emb_dir: Path, model: str, valid: np.ndarray):
@@ -141,10 +151,51 @@ def _verified_edges(cfg: Config, emb_dir: Path, valid: np.ndarray, threshold: fl
     return edges, info
 
 
+def _node_info(layout, mapper):
+    """node_info for group_edges: ids and pixel counts of the given embedding rows, read part by part."""
+
+    def info(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        v = layout.values(rows, ["id", "width", "height"], mapper)
+        w, h = (np.nan_to_num(np.asarray(v[c], dtype=np.float64)).astype(np.int64) for c in ("width", "height"))
+        return v["id"], w * h
+
+    return info
+
+
+def _write_parts(d: Path, layout, graph, mapper) -> None:
+    """The stage's parts, one job (a task with executor ray) per ingest part, each given only its part's
+    group members: `copy_of` (keeper id of a removed record), `copy_group` (-1: none), `copy_max_sim`."""
+    from curate.dedup import local_map
+    from curate.parts import part_name
+    from pipelines.aligned import write_emb_part
+
+    copy_of = np.full(len(graph.nodes), None, dtype=object)
+    copy_of[~graph.keep] = graph.node_ids[graph.keeper[~graph.keep]]
+    cuts = np.searchsorted(graph.nodes, layout.offsets)
+    jobs = []
+    for k in range(len(layout.emb_parts)):
+        lo, hi = cuts[k], cuts[k + 1]
+        columns = {"copy_of": (copy_of[lo:hi], None, pa.string()), "copy_group": (graph.group[lo:hi], -1, pa.int64()),
+                   "copy_max_sim": (graph.max_sim[lo:hi], np.nan, pa.float32())}
+        jobs.append((str(layout.ingest_parts[k]), str(layout.emb_parts[k]), str(d / part_name(k)),
+                     graph.nodes[lo:hi] - layout.offsets[k], columns))
+    for _ in (mapper or local_map)(write_emb_part, jobs):
+        pass
+
+
 def run(cfg: Config, force: bool = False) -> StageResult:
-    """Copy groups: `copy_of` (keeper id), `copy_group`, `copy_max_sim`; refuses a wiping result."""
-    from curate.dedup import CopyDedupRefused, SafetyLimits, as_parts, copy_dedup, pool_index, valid_rows
+    """Copy groups: `copy_of` (keeper id), `copy_group`, `copy_max_sim`; refuses a wiping result.
+
+    The driver holds the edges, the records that have one (ids, pixels, groups) and one byte per record
+    (which rows may form edges), never an id or an int64 per record; ids and pixel counts are read, and
+    the parts written, part by part (Ray tasks with executor ray). With verify none under Ray the pool
+    index is built by a task and searched by one actor per node, so the driver never holds it.
+    (verify local still holds per-record pHashes and candidates: it decodes every image anyway.)
+    """
+    from curate.dedup import CopyDedupRefused, SafetyLimits, as_parts, group_edges, knn_edges, pool_index, valid_rows
+    from pipelines.aligned import EmbeddingLayout
     from pipelines.copy_images import verify_mode
+    from pipelines.executors import stage_mapper
     from pipelines.manifest import STARTED
 
     dc = cfg.dedup
@@ -160,12 +211,10 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     if prev:
         return prev
     t0 = time.time()
-    ids = embedding_ids(emb_dir)
-    rows = RowMap(stage_dir(cfg, "ingest"), emb_dir)
-    ingest = stage_dir(cfg, "ingest")
-    width, height = (pc.fill_null(rows.column(ingest, c), 0).to_numpy().astype(np.int64) for c in ("width", "height"))
-    pixels = (width * height)[rows.emb_rows]
-    valid = valid_rows(as_parts(str(emb_dir)))
+    layout = EmbeddingLayout(stage_dir(cfg, "ingest"), emb_dir)
+    mapper = stage_mapper(cfg.executor, cfg.ray_address)
+    parts = as_parts(str(emb_dir))
+    valid = valid_rows(parts)
     limits = SafetyLimits(max_component_share=dc.max_component_share, max_removed_share=dc.max_removed_share)
     notes = []
     try:
@@ -185,32 +234,31 @@ def run(cfg: Config, force: bool = False) -> StageResult:
                          "to verify are not linked (give dedup.threshold to link them)")
         if mode == "local":
             edges, extra = _verified_edges(cfg, emb_dir, valid, choice.threshold)
-            extra["threshold_choice"] = choice.manifest()
-            res = copy_dedup(str(emb_dir), ids, pixels, k=dc.k, threshold=choice.threshold, max_component=dc.max_component,
-                             edges=edges, limits=limits,
-                             decision=f"local verification (cosine > {choice.threshold:.4g} where too flat)")
+            decision, index_kind = f"local verification (cosine > {choice.threshold:.4g} where too flat)", "given edges"
         else:
-            extra = {"threshold_choice": choice.manifest()}
-            edges = None
+            extra, decision = {}, None
             if cfg.executor == "ray":
-                parts = as_parts(str(emb_dir))
-                edges = _ray_edges(emb_dir, pool_index(parts, index_spec(cfg)), valid, dc, choice.threshold, d,
-                                   cfg.ray_address)
-            res = copy_dedup(str(emb_dir), ids, pixels, k=dc.k, threshold=choice.threshold,
-                             max_component=dc.max_component, index_spec=index_spec(cfg), edges=edges, limits=limits)
+                edges, index_kind = _ray_edges(emb_dir, index_spec(cfg), valid, dc, choice.threshold, d, cfg.ray_address)
+            else:
+                index = pool_index(parts, index_spec(cfg))
+                edges = knn_edges(parts, dc.k, choice.threshold, index=index, checked=valid)
+                index_kind = index.kind
+                del index
+        extra["threshold_choice"] = choice.manifest()
+        graph = group_edges(parts.n, edges, _node_info(layout, mapper), valid=int(valid.sum()), k=dc.k,
+                            threshold=choice.threshold, max_component=dc.max_component, limits=limits,
+                            decision=decision, index_kind=index_kind)
     except CopyDedupRefused:
         (d / STARTED).unlink(missing_ok=True)  # nothing committed: other settings may run here next
         raise
-    rows.write(d, rows.emb_rows, {
-        "copy_of": (res.dup_of, pa.string()), "copy_group": (res.group, pa.int64()),
-        "copy_max_sim": (res.max_sim, pa.float32())})
-    write_table_atomic(res.groups, d / "groups.parquet")
-    st = res.stats
+    _write_parts(d, layout, graph, mapper)
+    write_table_atomic(graph.groups, d / "groups.parquet")
+    st = graph.stats
     counts = {"in": st["n"], "out": st["kept"], "dropped": {"copy_duplicate": st["dropped"]} if st["dropped"] else {},
               "groups": st["groups"], "pairs": st["pairs"], "largest_component": st["largest_component"],
               "decision": st["decision"]}
-    if res.warning:
-        counts["warning"] = res.warning
+    if graph.warning:
+        counts["warning"] = graph.warning
     result = StageResult("dedup", str(d), key, counts=counts, seconds=time.time() - t0,
                          outputs={"records": str(d), "groups": str(d / "groups.parquet")}, notes=notes)
     finish(result, {**config, "stats": st, **extra}, inputs)

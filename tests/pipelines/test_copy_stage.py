@@ -2,6 +2,7 @@
 
 import json
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -221,3 +222,50 @@ def test_local_dedup_goes_on_when_calibration_finds_no_cosine(tmp_path):
     assert any("pairs too flat to verify are not linked" in n for n in dedup.notes)
     manifest = json.loads((tmp_path / "w" / "dedup" / "_MANIFEST.json").read_text())
     assert manifest["config"]["threshold_choice"]["threshold_how"] == "none (calibration found none)"
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_dedup_parts_equal_the_whole_table_copy_dedup(cfg, tmp_path, executor):
+    """The stage holds only the records with an edge and writes part by part (as Ray tasks with
+    executor ray); its parts and groups are the bytes of copy_dedup over every record written whole."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from curate.dedup import copy_dedup
+    from curate.index import IndexSpec
+    from curate.parts import list_parts
+    from pipelines.aligned import RowMap, embedding_ids
+
+    (tmp_path / "raw" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # an ingest row with no embedding
+    cfg.ingest.part_size = 16  # several parts, most with some group members, the broken row in one
+    cfg.dedup.verify = "none"
+    cfg.executor = executor
+    if executor == "ray":
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        res = {r.stage: r for r in run_pipeline(cfg, until="dedup")}["dedup"]
+    finally:
+        if executor == "ray":
+            ray.shutdown()
+    from pipelines.embedding import resolve_embedding
+
+    w = tmp_path / "w"
+    emb = resolve_embedding(cfg, None)
+    rows = RowMap(w / "ingest", emb)
+    assert len(rows.emb_rows) < rows.n and len(list_parts(w / "ingest")) >= 3
+    width, height = (pc.fill_null(rows.column(w / "ingest", c), 0).to_numpy().astype(np.int64) for c in ("width", "height"))
+    whole = copy_dedup(str(emb), embedding_ids(emb), (width * height)[rows.emb_rows], k=cfg.dedup.k, threshold=0.9,
+                       index_spec=IndexSpec(kind=cfg.dedup.index, nprobe=cfg.dedup.nprobe))
+    assert whole.stats["dropped"] == res.counts["dropped"]["copy_duplicate"] == 6
+    rows.write(tmp_path / "whole", rows.emb_rows, {
+        "copy_of": (whole.dup_of, pa.string()), "copy_group": (whole.group, pa.int64()),
+        "copy_max_sim": (whole.max_sim, pa.float32())})
+    stage = list_parts(w / "dedup")
+    assert [p.name for p in stage] == [p.name for p in list_parts(tmp_path / "whole")]
+    for p in stage:
+        assert p.read_bytes() == (tmp_path / "whole" / p.name).read_bytes(), p.name
+    whole_groups = tmp_path / "groups.parquet"
+    pq.write_table(whole.groups, whole_groups)
+    assert pq.read_table(w / "dedup" / "groups.parquet").equals(pq.read_table(whole_groups))

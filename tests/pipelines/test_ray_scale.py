@@ -80,7 +80,8 @@ def test_ray_copy_graph_with_an_index_per_node_equals_local(two_nodes, emb_dir, 
     parts = as_parts(str(emb_dir))
     index = pool_index(parts, IndexSpec(kind="flat"))
     ok = valid_rows(parts)
-    i, j, sim = _ray_edges(emb_dir, index, ok, SimpleNamespace(k=8), 0.9, tmp_path, two_nodes)
+    (i, j, sim), kind = _ray_edges(emb_dir, IndexSpec(kind="flat"), ok, SimpleNamespace(k=8), 0.9, tmp_path, two_nodes)
+    assert kind == "flat"  # built by a task from the spec, the same index as the local one
     ri, rj, rsim = knn_edges(str(emb_dir), 8, 0.9, index=index)
     assert len(ri) > 150 and 3 not in set(ri) | set(rj)
     assert np.array_equal(i, ri) and np.array_equal(j, rj) and sim.tobytes() == rsim.tobytes()

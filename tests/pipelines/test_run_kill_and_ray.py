@@ -292,7 +292,8 @@ def test_copy_graph_survives_losing_the_node_of_an_index_holder_mid_query(setup,
     watcher = threading.Thread(target=remove_when_stuck, daemon=True)
     watcher.start()
     try:
-        i, j, sim = _ray_edges(emb_dir, index, ok, type("Dedup", (), {"k": 8}), 0.5, tmp_path, cluster.address)
+        (i, j, sim), _ = _ray_edges(emb_dir, IndexSpec(kind="flat"), ok, type("Dedup", (), {"k": 8}), 0.5, tmp_path,
+                                    cluster.address)
     finally:
         watcher.join(timeout=130)
         ray.shutdown()
