@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from curate.kmeans_parts import Assignment, PartVectors, save_npy_atomic
 from curate.kmeans_stats import StepStats
 from curate.parts import list_parts, part_name, write_table_atomic
-from pipelines.config import Config, fingerprint
+from pipelines.config import ClusterConfig, Config, fingerprint
 from pipelines.embedding import resolve_embedding
 from pipelines.framework import DROP_FILTERS, dropped_by, finished_filters, stage_dir, upstream
 from pipelines.executors import ray_get
@@ -180,7 +180,12 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     cc = cfg.cluster
     emb_dir = resolve_embedding(cfg, cc.embedding)
     inputs = {**upstream(cfg, "ingest", *finished_filters(cfg)), "embedding": read_manifest(emb_dir)["key"]}
-    config = {k: v for k, v in asdict(cc).items() if k != "chunk_size"}  # chunking does not change results
+    config = asdict(cc)
+    # the chunk layout is that of level 1's checkpointed labels, and faiss may break a near-tie differently
+    # in another query batch: a changed chunk_size redoes the stage (the default stays out of the key, so
+    # keys made before it was keyed stay valid)
+    if config["chunk_size"] == ClusterConfig.chunk_size:
+        del config["chunk_size"]
     for lv in config["levels"]:  # the default split_assign stays out of the key (keys made before it stay valid)
         if lv.get("split_assign") == "global":
             del lv["split_assign"]

@@ -200,3 +200,13 @@ def test_streamed_stage_writes_the_bytes_of_the_whole_array_computation(cfg, tmp
         ray.shutdown()
     assert _outputs(tmp_path / "w" / "cluster") == got
     assert passes == [results["cluster"].counts["out"], 12]
+    cfg.executor = "local"
+    [again] = run_stage("cluster", cfg)  # the same settings: the finished stage is reused
+    assert again.skipped and again.key == results["cluster"].key
+    cfg.cluster.chunk_size = 24  # another chunk layout (level 1's checkpointed labels) is another run
+    from pipelines.manifest import StageConflict
+
+    with pytest.raises(StageConflict, match="other settings"):
+        run_stage("cluster", cfg)
+    [redone] = run_stage("cluster", cfg, force=True)
+    assert not redone.skipped and redone.key != again.key and _outputs(tmp_path / "w" / "cluster") == got
