@@ -44,10 +44,13 @@ def levels_for(n: int) -> list[dict]:
             {"n_clusters": max(2, k1 // 10), "n_iters": 10, "resampling_steps": 2, "sample_size": 3, "sampling": "c"}]
 
 
-def config_overrides(work: Path, n: int, k: int) -> list[str]:
-    """The settings every stage of the run uses (copy-descriptor dedup: no images to verify)."""
+def config_overrides(work: Path, n: int, k: int, ray_address: str | None = None) -> list[str]:
+    """The settings every stage of the run uses (copy-descriptor dedup: no images to verify); with a Ray
+    address, executor ray on that cluster (its workers are not the stage's children: the measured RSS is
+    the driver's)."""
     levels = json.dumps(levels_for(n)).replace(" ", "")
-    return [f"workdir={work}", f"embed.name={EMBEDDING}", "embed.model=synthetic", f"dedup.embedding={EMBEDDING}",
+    ray = ["executor=ray", f"ray_address={ray_address}"] if ray_address else []
+    return [*ray, f"workdir={work}", f"embed.name={EMBEDDING}", "embed.model=synthetic", f"dedup.embedding={EMBEDDING}",
             "dedup.copy_descriptor=true", "dedup.verify=none", "dedup.threshold=0.95", f"dedup.k={k}",
             "dedup.nprobe=8", f"cluster.embedding={EMBEDDING}", f"cluster.levels={levels}",
             f"balance.target={n // 2}", "balance.strategy=r", "balance.levels=all", "shards.select=balance:selected"]
@@ -382,6 +385,8 @@ def main() -> None:
     ap.add_argument("--calibrate", action="store_true", help="only measure the per-core rates `curate plan` uses")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in order")
     ap.add_argument("--max-rss-gb", type=float, default=8.0, help="stop a stage whose RSS passes this")
+    ap.add_argument("--ray-address", help="run the stages with executor ray on this running cluster "
+                    "(`ray start --head`); the RSS measured is then the driver's")
     ap.add_argument("--compare", type=Path, help="scale.json of a smaller run: RSS and time ratios per stage")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -397,7 +402,7 @@ def main() -> None:
         ap.error("--work is required")
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "scale.yaml").write_text(to_yaml(load_config(None, config_overrides(args.work, args.records,
-                                                                                      args.k))))
+                                                                                      args.k, args.ray_address))))
     result_path = args.work / "scale.json"
     done = json.loads(result_path.read_text()) if result_path.exists() else {"records": args.records, "stages": {}}
     for stage in args.stages.split(","):

@@ -481,6 +481,86 @@ def eval_matches(pool: EmbeddingParts, ev: EmbeddingParts, threshold: float, k: 
     return keys // max(ev.n, 1), keys % max(ev.n, 1)
 
 
+@dataclass
+class DecontamRows:
+    """Decontamination over the pool rows it removes only (O(matches + their components))."""
+
+    removed: np.ndarray  # int64 sorted pool rows removed
+    reason: np.ndarray  # per removed row: "direct" (matches an evaluation image) or "component"
+    first_set: np.ndarray  # per removed row: the first evaluation set (in name order) that removed it
+    pairs: dict[str, pa.Table]  # per evaluation set: pool_id, eval_id, sim (sim > threshold)
+    removed_ids: dict[str, pa.Table]  # per evaluation set: pool_id, reason
+    stats: dict = field(default_factory=dict)
+
+
+def decontaminate_rows(
+    pool: EmbeddingParts,
+    ids_of: Callable[[np.ndarray], np.ndarray],
+    groups_of: Callable[[np.ndarray], np.ndarray] | None,
+    members_of: Callable[[np.ndarray], np.ndarray] | None,
+    eval_sets: Mapping[str, tuple[Vectors, Sequence[str]]],
+    threshold: float = DECONTAM_THRESHOLD,
+    k: int | None = None,
+    index_spec: IndexSpec | None = None,
+    valid: np.ndarray | None = None,
+    chunk: int = QUERY_CHUNK,
+    given_pairs: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+    mapper: Mapper | None = None,
+) -> DecontamRows:
+    """decontaminate holding only the matched rows and their components: `ids_of(rows)` gives sorted
+    rows' ids, `groups_of(rows)` their copy groups (-1: none) and `members_of(groups)` the sorted rows of
+    those groups (both None: no copy groups)."""
+    removed_by: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    pairs, removed, stats = {}, {}, {}
+    for name in sorted(eval_sets):
+        vecs, eval_ids = eval_sets[name]
+        ev = as_parts(vecs)
+        ev_id, _ = _id_rank(eval_ids, ev.n)
+        if given_pairs is not None:
+            p, e, sim = (np.asarray(a) for a in given_pairs[name])
+            p, e, sim = p.astype(np.int64), e.astype(np.int64), sim.astype(np.float32)
+        else:
+            p, e = eval_matches(pool, ev, threshold, k, index_spec, valid, mapper, chunk)
+            sim = pair_sims(pool, p, ev, e)
+            hit = sim > threshold
+            p, e, sim = p[hit], e[hit], sim[hit].astype(np.float32)
+        if len(p) and (p.min() < 0 or p.max() >= pool.n):
+            raise ValueError(f"pairs of {name!r} name pool rows outside 0..{pool.n - 1}")
+        direct = np.unique(p)
+        component = np.zeros(0, dtype=np.int64)
+        if groups_of is not None and len(direct):
+            hit_groups = np.unique(np.asarray(groups_of(direct), dtype=np.int64))
+            hit_groups = hit_groups[hit_groups >= 0]
+            if len(hit_groups):
+                component = np.setdiff1d(np.asarray(members_of(hit_groups), dtype=np.int64), direct)
+        gone = np.union1d(direct, component)
+        gone_ids = np.asarray(ids_of(gone), dtype=str) if len(gone) else np.zeros(0, dtype=str)
+        p_ids = gone_ids[np.searchsorted(gone, p)]
+        order = np.lexsort((ev_id[e], p_ids))
+        pairs[name] = pa.table({"pool_id": pa.array(p_ids[order].tolist(), type=pa.string()),
+                                "eval_id": pa.array(ev_id[e][order].tolist(), type=pa.string()),
+                                "sim": pa.array(sim[order])})
+        by_id = np.argsort(gone_ids, kind="stable")
+        is_direct = np.isin(gone, direct)
+        removed[name] = pa.table({"pool_id": pa.array(gone_ids[by_id].tolist(), type=pa.string()),
+                                  "reason": pa.array(np.where(is_direct[by_id], "direct", "component").tolist(),
+                                                     type=pa.string())})
+        stats[name] = {"eval_images": ev.n, "pairs": int(len(p)), "direct": int(len(direct)),
+                       "component": int(len(component)), "removed": int(len(gone))}
+        removed_by[name] = (gone, direct)
+    gone_all = np.unique(np.concatenate([g for g, _ in removed_by.values()] + [np.zeros(0, dtype=np.int64)]))
+    direct_all = np.unique(np.concatenate([d for _, d in removed_by.values()] + [np.zeros(0, dtype=np.int64)]))
+    first_set = np.full(len(gone_all), None, dtype=object)
+    for name, (gone, _) in removed_by.items():  # in name order: a row removed by several sets is the first one's
+        at = np.searchsorted(gone_all, gone)
+        first_set[at[first_set[at] == None]] = name  # noqa: E711 (elementwise on an object array)
+    reason = np.where(np.isin(gone_all, direct_all), "direct", "component").astype(object)
+    stats["total"] = {"pool": pool.n, "removed": int(len(gone_all)), "direct": int(len(direct_all)),
+                      "threshold": threshold, "search": "given pairs" if given_pairs is not None else
+                      "evaluation index, pool streamed by part"}
+    return DecontamRows(gone_all, reason, first_set, pairs, removed, stats)
+
+
 def decontaminate(
     pool_vectors: Vectors,
     pool_ids: Sequence[str],
@@ -500,47 +580,19 @@ def decontaminate(
     streamed through it part by part (eval_matches; `mapper` runs the parts, e.g. as Ray tasks): every
     pair above threshold when k is None, else each evaluation image's k nearest pool images above it.
     pool_groups is CopyDedupResult.group (-1: no component). `given_pairs` gives each set's matching
-    (pool row, eval row, score) pairs instead (e.g. verified).
+    (pool row, eval row, score) pairs instead (e.g. verified). This is decontaminate_rows with every
+    record's outcome spelled out (O(records) memory).
     """
     pool = as_parts(pool_vectors)
     id_arr, _ = _id_rank(pool_ids, pool.n)
     groups = np.full(pool.n, -1, dtype=np.int64) if pool_groups is None else np.asarray(pool_groups, dtype=np.int64)
     if groups.shape != (pool.n,):
         raise ValueError(f"pool_groups must have shape ({pool.n},), got {groups.shape}")
-    direct_all = np.zeros(pool.n, dtype=bool)
-    removed_all = np.zeros(pool.n, dtype=bool)
-    pairs, removed, stats = {}, {}, {}
-    for name in sorted(eval_sets):
-        vecs, eval_ids = eval_sets[name]
-        ev = as_parts(vecs)
-        ev_id, _ = _id_rank(eval_ids, ev.n)
-        if given_pairs is not None:
-            p, e, sim = (np.asarray(a) for a in given_pairs[name])
-            sim = sim.astype(np.float32)
-        else:
-            p, e = eval_matches(pool, ev, threshold, k, index_spec, valid, mapper, chunk)
-            sim = pair_sims(pool, p, ev, e)
-            hit = sim > threshold
-            p, e, sim = p[hit], e[hit], sim[hit].astype(np.float32)
-        direct = np.zeros(pool.n, dtype=bool)
-        direct[p] = True
-        hit_groups = np.unique(groups[direct])
-        component = np.isin(groups, hit_groups[hit_groups >= 0]) & ~direct
-        order = np.lexsort((ev_id[e], id_arr[p]))
-        pairs[name] = pa.table({"pool_id": pa.array(id_arr[p][order].tolist(), type=pa.string()),
-                                "eval_id": pa.array(ev_id[e][order].tolist(), type=pa.string()),
-                                "sim": pa.array(sim[order])})
-        gone = np.flatnonzero(direct | component)
-        gone = gone[np.argsort(id_arr[gone], kind="stable")]
-        removed[name] = pa.table({"pool_id": pa.array(id_arr[gone].tolist(), type=pa.string()),
-                                  "reason": pa.array(np.where(direct[gone], "direct", "component").tolist(),
-                                                     type=pa.string())})
-        stats[name] = {"eval_images": ev.n, "pairs": int(len(p)), "direct": int(direct.sum()),
-                       "component": int(component.sum()), "removed": int(len(gone))}
-        direct_all |= direct
-        removed_all |= direct | component
-    reason = np.where(direct_all, "direct", np.where(removed_all, "component", None)).tolist()
-    stats["total"] = {"pool": pool.n, "removed": int(removed_all.sum()), "direct": int(direct_all.sum()),
-                      "threshold": threshold, "search": "given pairs" if given_pairs is not None else
-                      "evaluation index, pool streamed by part"}
-    return DecontamResult(~removed_all, reason, pairs, removed, stats)
+    res = decontaminate_rows(pool, lambda rows: id_arr[rows], lambda rows: groups[rows],
+                             lambda g: np.flatnonzero(np.isin(groups, g)), eval_sets, threshold, k, index_spec, valid,
+                             chunk, given_pairs, mapper)
+    keep = np.ones(pool.n, dtype=bool)
+    keep[res.removed] = False
+    reason = np.full(pool.n, None, dtype=object)
+    reason[res.removed] = res.reason
+    return DecontamResult(keep, reason.tolist(), res.pairs, res.removed_ids, res.stats)

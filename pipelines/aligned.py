@@ -110,6 +110,23 @@ class EmbeddingLayout:
         return out
 
 
+    def rows_where(self, column: str, values: np.ndarray, mapper=None) -> np.ndarray:
+        """Sorted global embedding rows whose `column` (in the parts this layout reads as its ingest parts,
+        e.g. another stage's aligned parts) is one of `values`; one job per part."""
+        from curate.dedup import local_map
+
+        jobs = [(str(self.ingest_parts[k]), str(self.emb_parts[k])) for k in range(len(self.emb_parts))]
+        got = dict((mapper or local_map)(part_rows_in, jobs, (column, np.asarray(values))))
+        return np.concatenate([got[k] + self.offsets[k] for k in range(len(jobs))] + [np.zeros(0, dtype=np.int64)])
+
+    def count_set(self, column: str, mapper=None) -> int:
+        """How many embedded rows have `column` set (not null)."""
+        from curate.dedup import local_map
+
+        jobs = [(str(self.ingest_parts[k]), str(self.emb_parts[k])) for k in range(len(self.emb_parts))]
+        return int(sum(c for _, c in (mapper or local_map)(part_count_set, jobs, (column,))))
+
+
 def emb_positions(ingest_part: str | Path, emb_part: str | Path) -> tuple[pa.ChunkedArray, np.ndarray]:
     """The ingest part's ids and, per row of the embedding part, its position in the ingest part."""
     ingest_ids = _ids(Path(ingest_part))
@@ -127,8 +144,22 @@ def part_values(columns: Sequence[str], ingest_part: str, emb_part: str, positio
     for c in columns:
         col = table.column(c)
         values = col.to_numpy(zero_copy_only=False)  # nulls become None (objects) or NaN: callers fill them
-        out[c] = np.asarray(values, dtype=str) if pa.types.is_string(col.type) else values
+        out[c] = np.asarray(values, dtype=str) if pa.types.is_string(col.type) and not col.null_count else values
     return out
+
+
+def part_rows_in(column: str, values: np.ndarray, aligned_part: str, emb_part: str) -> np.ndarray:
+    """Positions within the embedding part of its rows whose `column` (of the aligned part) is in values."""
+    _, at = emb_positions(aligned_part, emb_part)
+    col = pq.read_table(aligned_part, columns=[column]).column(column).take(pa.array(at, type=pa.int64()))
+    return np.flatnonzero(pc.fill_null(pc.is_in(col, value_set=pa.array(values)), False).to_numpy(zero_copy_only=False))
+
+
+def part_count_set(column: str, aligned_part: str, emb_part: str) -> int:
+    """How many rows of the embedding part have `column` (of the aligned part) set."""
+    _, at = emb_positions(aligned_part, emb_part)
+    col = pq.read_table(aligned_part, columns=[column]).column(column).take(pa.array(at, type=pa.int64()))
+    return len(col) - col.null_count
 
 
 def write_emb_part(ingest_part: str, emb_part: str, out: str, positions: np.ndarray,

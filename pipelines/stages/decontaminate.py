@@ -4,7 +4,7 @@ is indexed (flat and exact below 200,000 images, else IVF-Flat with dedup.nprobe
 parts stream through it (Ray tasks with executor ray), so no pool index is built. A pool image copies
 an evaluation image when local verification says so (dedup.verify local: candidates above
 decontaminate.candidate_cosine; the cosine decides pairs too flat to judge), else when its cosine is
-> decontaminate.threshold."""
+> decontaminate.threshold. Memory holds one part, the candidates and the records removed."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.parts import write_table_atomic
-from pipelines.aligned import RowMap, embedding_ids
+from pipelines.aligned import EmbeddingLayout, RowMap
 from pipelines.copy_images import verify_mode
 from pipelines.config import Config, fingerprint
 from pipelines.embedding import embed_reference_set, resolve_embedding
@@ -54,10 +54,32 @@ def _verified_matches(cfg: Config, emb_dir, eval_sets: dict, d, spec) -> tuple[d
     return direct, stats
 
 
+def _write_parts(d, layout, res, mapper) -> None:
+    """The stage's parts, one job (a task with executor ray) per ingest part given only its removed rows:
+    `contaminated`, `contam_reason` ("direct" or "component"), `contam_set` (the first set that removed it)."""
+    from curate.dedup import local_map
+    from curate.parts import part_name
+    from pipelines.aligned import write_emb_part
+
+    cuts = np.searchsorted(res.removed, layout.offsets)
+    jobs = []
+    for k in range(len(layout.emb_parts)):
+        lo, hi = cuts[k], cuts[k + 1]
+        columns = {"contaminated": (np.ones(hi - lo, dtype=bool), False, pa.bool_()),
+                   "contam_reason": (res.reason[lo:hi], None, pa.string()),
+                   "contam_set": (res.first_set[lo:hi], None, pa.string())}
+        jobs.append((str(layout.ingest_parts[k]), str(layout.emb_parts[k]), str(d / part_name(k)),
+                     res.removed[lo:hi] - layout.offsets[k], columns))
+    for _ in (mapper or local_map)(write_emb_part, jobs):
+        pass
+
+
 def run(cfg: Config, force: bool = False) -> StageResult:
     """Drop pool images that copy an evaluation image (verified locally, or cosine > threshold with
-    verify none) and their copy component."""
-    from curate.dedup import decontaminate
+    verify none) and their copy component. The driver holds the matched records and their components,
+    never an id or a value per record: ids, copy groups and members are read, and the parts written, part
+    by part (Ray tasks with executor ray); verify local still maps every pool row to its image."""
+    from curate.dedup import as_parts, decontaminate_rows
     from curate.index import IndexSpec
 
     xc = cfg.decontaminate
@@ -80,14 +102,22 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     if prev:
         return prev
     t0 = time.time()
-    ids = embedding_ids(emb_dir)
-    rows = RowMap(stage_dir(cfg, "ingest"), emb_dir)
-    pool_groups = None  # without copy dedup every image is its own component
-    alive = np.ones(len(ids), dtype=bool)  # survived copy dedup, so the funnel chains stage to stage
+    layout = EmbeddingLayout(stage_dir(cfg, "ingest"), emb_dir)
+    mapper = stage_mapper(cfg.executor, cfg.ray_address)
+    alive = layout.n  # survived copy dedup, so the funnel chains stage to stage
     if with_groups:
-        group = rows.column(stage_dir(cfg, "dedup"), "copy_group")
-        pool_groups = pc.fill_null(group, -1).to_numpy().astype(np.int64)[rows.emb_rows]
-        alive = pc.is_null(rows.column(stage_dir(cfg, "dedup"), "copy_of")).to_numpy(zero_copy_only=False)[rows.emb_rows]
+        copies = EmbeddingLayout(stage_dir(cfg, "dedup"), emb_dir)  # the dedup parts, read by the same layout
+
+        def groups_of(rows):
+            return np.nan_to_num(np.asarray(copies.values(rows, ["copy_group"], mapper)["copy_group"], dtype=np.float64),
+                                 nan=-1).astype(np.int64)
+
+        def members_of(groups):
+            return copies.rows_where("copy_group", groups, mapper)
+
+        alive -= copies.count_set("copy_of", mapper)
+    else:  # without copy dedup every image is its own component
+        groups_of = members_of = None
     eval_sets = {s.name: embed_reference_set(cfg, emb_dir, s.name, s.source, d / "eval_sets" / s.name)
                  for s in xc.eval_sets}
     # the evaluation sets' index: exact flat up to AUTO_FLAT_MAX_N images, IVF-Flat (dedup.nprobe) above;
@@ -96,26 +126,24 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     direct, verify_stats = None, {}
     if verify_mode(cfg) == "local":
         direct, verify_stats = _verified_matches(cfg, emb_dir, eval_sets, d, spec)
-    res = decontaminate(str(emb_dir), ids, pool_groups, eval_sets, threshold=xc.threshold, index_spec=spec,
-                        given_pairs=direct, mapper=stage_mapper(cfg.executor, cfg.ray_address))
-    contam_set = np.full(len(ids), None, dtype=object)
-    id_array = pa.array(ids, type=pa.string())
+    res = decontaminate_rows(as_parts(str(emb_dir)), lambda rows: layout.values(rows, ["id"], mapper)["id"], groups_of,
+                             members_of, eval_sets, threshold=xc.threshold, index_spec=spec, given_pairs=direct,
+                             mapper=mapper)
     matches = {}
-    for name, table in res.removed.items():  # a record removed by several sets is credited to the first
-        at = pc.index_in(table.column("pool_id"), value_set=id_array).to_numpy().astype(np.int64)
-        first = at[contam_set[at] == None]  # noqa: E711 (elementwise on an object array)
-        contam_set[first] = name
+    for name, table in res.pairs.items():
         path = d / f"matches-{name}.parquet"
-        write_table_atomic(res.pairs[name], path)
+        write_table_atomic(table, path)
         matches[f"matches[{name}]"] = str(path)
-    rows.write(d, rows.emb_rows, {
-        "contaminated": (~res.keep, pa.bool_()), "contam_reason": (res.reason, pa.string()),
-        "contam_set": (contam_set.tolist(), pa.string())})
-    removed = alive & ~res.keep
-    reason = np.array(res.reason, dtype=object)
-    dropped = {f"contaminated_{r}": int((removed & (reason == r)).sum()) for r in ("direct", "component")}
+    _write_parts(d, layout, res, mapper)
+    # removed records that copy dedup had kept: the funnel counts only those
+    gone_alive = np.ones(len(res.removed), dtype=bool)
+    if with_groups and len(res.removed):
+        gone_alive = pc.is_null(pa.array(copies.values(res.removed, ["copy_of"], mapper)["copy_of"],
+                                         type=pa.string(), from_pandas=True)).to_numpy(zero_copy_only=False)
+    dropped = {f"contaminated_{r}": int((gone_alive & (res.reason == r)).sum()) for r in ("direct", "component")}
+    removed = int(gone_alive.sum())
     result = StageResult("decontaminate", str(d), key, counts={
-        "in": int(alive.sum()), "out": int(alive.sum() - removed.sum()), "dropped": {k: v for k, v in dropped.items() if v}},
+        "in": int(alive), "out": int(alive - removed), "dropped": {k: v for k, v in dropped.items() if v}},
         seconds=time.time() - t0, outputs={"records": str(d), **matches})
     finish(result, {**asdict(xc), "verify": verify_mode(cfg), "stats": res.stats, "verify_stats": verify_stats}, inputs)
     return result

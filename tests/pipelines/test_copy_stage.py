@@ -269,3 +269,63 @@ def test_dedup_parts_equal_the_whole_table_copy_dedup(cfg, tmp_path, executor):
     whole_groups = tmp_path / "groups.parquet"
     pq.write_table(whole.groups, whole_groups)
     assert pq.read_table(w / "dedup" / "groups.parquet").equals(pq.read_table(whole_groups))
+
+
+def test_decontaminate_parts_equal_the_whole_table_decontamination(cfg, tmp_path):
+    """The stage holds only the removed records and writes part by part (Ray tasks with executor ray): its
+    parts and matches are the bytes of decontaminate over every record, written whole."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import ray
+
+    from curate.dedup import decontaminate
+    from curate.index import IndexSpec
+    from curate.parts import list_parts
+    from pipelines.aligned import RowMap, embedding_ids
+    from pipelines.embedding import resolve_embedding
+    from pipelines.run import run_stage
+
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    for i in (2, 30, 41):  # 2 has a pool copy: its component goes too
+        (ev / f"e{i}.jpg").write_bytes(reencode(resized(make_image(4000 + i, (72, 72)), 0.9), 85))
+    (tmp_path / "raw" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # an ingest row with no embedding
+    cfg.decontaminate.eval_sets = [EvalSetConfig(name="bench", source=str(ev))]
+    cfg.decontaminate.threshold, cfg.dedup.verify, cfg.ingest.part_size = 0.9, "none", 16
+    results = {r.stage: r for r in run_pipeline(cfg, until="decontaminate")}
+    w = tmp_path / "w"
+    emb = resolve_embedding(cfg, None)
+    rows = RowMap(w / "ingest", emb)
+    assert len(rows.emb_rows) < rows.n and len(list_parts(w / "ingest")) >= 3
+    group = pc.fill_null(rows.column(w / "dedup", "copy_group"), -1).to_numpy().astype(np.int64)[rows.emb_rows]
+    alive = pc.is_null(rows.column(w / "dedup", "copy_of")).to_numpy(zero_copy_only=False)[rows.emb_rows]
+    ids = embedding_ids(emb)
+    from pipelines.embedding import embed_reference_set
+
+    sets = {"bench": embed_reference_set(cfg, emb, "bench", str(ev), w / "decontaminate" / "eval_sets" / "bench")}
+    whole = decontaminate(str(emb), ids, group, sets, threshold=0.9, index_spec=IndexSpec(kind="auto", nprobe=cfg.dedup.nprobe))
+    contam_set = np.where(whole.keep, None, "bench").astype(object)
+    rows.write(tmp_path / "whole", rows.emb_rows, {
+        "contaminated": (~whole.keep, pa.bool_()), "contam_reason": (whole.reason, pa.string()),
+        "contam_set": (contam_set.tolist(), pa.string())})
+    counts = results["decontaminate"].counts
+    assert counts["in"] == int(alive.sum()) and counts["out"] == int((alive & whole.keep).sum())
+    reason = np.array(whole.reason, dtype=object)
+    expected = {f"contaminated_{r}": int((alive & (reason == r)).sum()) for r in ("direct", "component")}
+    assert counts["dropped"] == {k: v for k, v in expected.items() if v} and sum(expected.values()) == 3
+
+    def same_bytes():
+        stage = list_parts(w / "decontaminate")
+        assert [p.name for p in stage] == [p.name for p in list_parts(tmp_path / "whole")]
+        assert all(p.read_bytes() == (tmp_path / "whole" / p.name).read_bytes() for p in stage)
+        assert pq.read_table(w / "decontaminate" / "matches-bench.parquet").equals(whole.pairs["bench"])
+
+    same_bytes()
+    cfg.executor = "ray"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        [again] = run_stage("decontaminate", cfg, force=True)
+    finally:
+        ray.shutdown()
+    assert again.counts == counts
+    same_bytes()
