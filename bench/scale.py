@@ -257,6 +257,30 @@ def planted_cluster(work: Path, n: int, seed: int = 0) -> dict:
     return result.counts
 
 
+def calibrate_dedup(sizes: tuple[int, ...] = (200_000, 1_000_000)) -> dict:
+    """Driver bytes per record with an edge in copy dedup (`dedup_node_bytes` of the plan): group_edges over
+    10M records of which `m` have an edge (pairs: a copy and its keeper), ids of 26 characters as ours,
+    peak of the traced allocations (numpy and Python) with the keeper ids the stage writes."""
+    import tracemalloc
+
+    from curate.dedup import group_edges
+
+    out = {}
+    for m in sizes:
+        rng = np.random.default_rng(0)
+        nodes = np.sort(rng.choice(10_000_000, m, replace=False))
+        edges = (nodes[0::2], nodes[1::2], rng.random(m // 2).astype(np.float32))
+        tracemalloc.start()
+        g = group_edges(10_000_000, edges, lambda rows: (np.char.add("ingest-000123/", rows.astype("U12")),
+                                                         rng.integers(1, 9, len(rows)) * 1000), limits=None)
+        copy_of = np.full(len(g.nodes), None, dtype=object)
+        copy_of[~g.keep] = g.node_ids[g.keeper[~g.keep]]
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        out[m] = round(peak / m, 1)
+    return {"dedup_node_bytes": out}
+
+
 def run_child(stage: str, work: Path, args: argparse.Namespace) -> dict:
     """One stage in this process; returns its counts."""
     from pipelines.config import load_config
@@ -385,6 +409,8 @@ def main() -> None:
     ap.add_argument("--calibrate", action="store_true", help="only measure the per-core rates `curate plan` uses")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in order")
     ap.add_argument("--max-rss-gb", type=float, default=8.0, help="stop a stage whose RSS passes this")
+    ap.add_argument("--calibrate-dedup", action="store_true", help="only measure copy dedup's driver bytes per "
+                    "record with an edge (the plan's dedup_node_bytes)")
     ap.add_argument("--ray-address", help="run the stages with executor ray on this running cluster "
                     "(`ray start --head`); the RSS measured is then the driver's")
     ap.add_argument("--compare", type=Path, help="scale.json of a smaller run: RSS and time ratios per stage")
@@ -395,6 +421,9 @@ def main() -> None:
         return
     if args.calibrate:
         print(json.dumps({"bench": "scale-calibrate", **calibrate()}))
+        return
+    if args.calibrate_dedup:
+        print(json.dumps({"bench": "scale-calibrate-dedup", **calibrate_dedup()}))
         return
     from pipelines.config import load_config, to_yaml
 

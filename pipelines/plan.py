@@ -149,22 +149,34 @@ def _search_seconds(spec, n_index: int, n_queries: int, d: int, cl: Cluster, spr
 
 
 def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
+    """The pool index (built by a task and held once per node under Ray; in the driver otherwise) and, on
+    the driver, the copy graph: one byte per record plus the records that have an edge (each copy and
+    its keeper: at most twice the copy share)."""
     spec_name, d, _, known = _embedding(cfg, cfg.dedup.embedding, embs)
     spec, index = _index(cfg, f.kept, d)
     spread = cfg.executor == "ray"
     train = (spec.train_size or 0) * d * 4
-    driver = cost("base_rss") + index + train + f.kept * cost("dedup_bytes")
-    # Ray: one index per node, shared by that node's query tasks
-    node = max(driver, index + cl.cpus_per_node * cost("base_rss")) if spread else driver
+    nodes = min(f.kept, 2 * f.kept * cost("copy_dup_share"))
+    graph = f.kept * cost("dedup_valid_bytes") + nodes * cost("dedup_node_bytes")
+    builder = cost("base_rss") + index + train  # the process that builds the index
+    driver = cost("base_rss") + graph + (0 if spread else index + train)
+    # Ray: one index per node, shared by that node's query actor
+    node = max(driver, builder, index + cl.cpus_per_node * cost("base_rss")) if spread else driver
     notes = [f"{spec.kind} index of {f.kept:,} x {d} ({fmt_bytes(index)})"
              + (f", nlist {spec.nlist}, nprobe {spec.nprobe}" if spec.nlist else "")
-             + ("" if known else f"; embedding {spec_name!r} not in the config: d={d} assumed")]
+             + ("" if known else f"; embedding {spec_name!r} not in the config: d={d} assumed"),
+             f"copy graph on the driver: {fmt_bytes(graph)} (up to {nodes:,.0f} records with an edge)"]
     if cfg.dedup.verify == "local" or (cfg.dedup.verify == "auto" and not cfg.dedup.copy_descriptor):
-        notes.append("local verification of candidate pairs is not estimated (decodes images: ~ms per pair)")
-    if driver > cl.mem:
+        notes.append("local verification of candidate pairs is not estimated (decodes images: ~ms per pair; "
+                     "its candidates and pHashes are per record)")
+    if builder > cl.mem:
         raise PlanRefused(f"dedup.index: the {spec.kind} index of {f.kept:,} x {d} vectors needs "
-                          f"{fmt_bytes(driver)} in one process (index {fmt_bytes(index)}), over "
+                          f"{fmt_bytes(builder)} in one process (index {fmt_bytes(index)}), over "
                           f"{cl.mem_per_node_gb:g} GB per node; use ivf_pq (or a smaller embedding)")
+    if driver > cl.mem:
+        raise PlanRefused(f"dedup: the copy graph ({nodes:,.0f} records with an edge) and the index need "
+                          f"{fmt_bytes(driver)} in the driver, over {cl.mem_per_node_gb:g} GB per node; run with "
+                          "executor ray (the index then stays off the driver)")
     seconds = _search_seconds(spec, f.kept, f.kept, d, cl, spread) + f.kept * 2e-6
     return StagePlan("dedup", "cluster" if spread else "driver", driver, node, f.kept * 40, (cl.nodes - 1) * index
                      if spread else 0, seconds, f.kept, notes)

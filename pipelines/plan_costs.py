@@ -60,7 +60,12 @@ COSTS: dict[str, Cost] = {
     "kmeans_rec_s": Cost(2.5e-8, "core-s per record and dimension per pass (read, sums)", f"{_CAL}: 2.0-2.9e-8"),
     "ivf_scan_s": Cost(1.2e-9, "core-s per scanned vector-dimension (IVF k-NN)", f"{_SCALE}: dedup 112 CPU-s, "
                        "~70 of them scanning 6e10 vector-dimensions (the rest training, adding, components)"),
-    "dedup_bytes": Cost(500, "driver bytes per record besides the index", f"{_SCALE}: dedup peak RSS 777 MB"),
+    "dedup_valid_bytes": Cost(1, "driver bytes per record (which rows may form edges)", "the bool mask "
+                              "curate.dedup.valid_rows holds (bench/scale.py dedup: RESULTS 'Copy dedup over the "
+                              "records with an edge')"),
+    "dedup_node_bytes": Cost(400, "driver bytes per record with an edge (ids, groups, edges, the groups table)",
+                             "python bench/scale.py --calibrate-dedup: 503 and 375 B per node traced at 200k "
+                             "and 1M nodes (26-character ids, groups of two)"),
     "balance_s": Cost(3.2e-6, "core-s per record (four passes over the cluster parts)", f"{_SCALE10}: 30.7 and "
                       "31.6 CPU-s for 9.7M records, local executor (RESULTS 'Balance streamed over parts')"),
     "balance_bytes": Cost(1, "driver bytes per record (O(clusters): leaf sizes, cut-offs, histograms)",
