@@ -95,8 +95,9 @@ class EmbeddingLayout:
         return [(k, int(cuts[k]), int(cuts[k + 1])) for k in range(len(self.emb_parts)) if cuts[k + 1] > cuts[k]]
 
     def values(self, rows: np.ndarray, columns: Sequence[str], mapper=None) -> dict[str, np.ndarray]:
-        """The ingest columns of the given sorted embedding rows (one job per part holding some; with a
-        mapper, as its tasks), as numpy arrays (strings as str arrays, nulls as they convert)."""
+        """Columns of the parts this layout reads as its ingest parts (the ingest stage's, or another stage's
+        parts aligned with them) at the given sorted embedding rows: one job per part holding some (with a
+        mapper, its tasks); numpy arrays (strings without nulls as str arrays, nulls as they convert)."""
         from curate.dedup import local_map
 
         rows = np.asarray(rows, dtype=np.int64)
@@ -108,7 +109,6 @@ class EmbeddingLayout:
             chunks = [got[t][c] for t in range(len(jobs))]
             out[c] = np.concatenate(chunks) if chunks else np.zeros(0, dtype=str if c == "id" else np.int64)
         return out
-
 
     def rows_where(self, column: str, values: np.ndarray, mapper=None) -> np.ndarray:
         """Sorted global embedding rows whose `column` (in the parts this layout reads as its ingest parts,
