@@ -25,7 +25,7 @@ from curate.parts import list_parts, part_name, write_table_atomic
 from pipelines.config import ClusterConfig, Config, fingerprint
 from pipelines.embedding import resolve_embedding
 from pipelines.framework import DROP_FILTERS, dropped_by, finished_filters, stage_dir, upstream
-from pipelines.executors import ray_get
+from pipelines.executors import ray_get, stage_mapper
 from pipelines.manifest import StageResult, begin, finish, read_manifest
 
 
@@ -202,10 +202,12 @@ def run(cfg: Config, force: bool = False) -> StageResult:
         raise ValueError(f"{vectors.n} embedded images cannot make {levels[0].n_clusters} level-1 clusters; "
                          "lower cluster.levels")
     on_ray = cfg.executor == "ray"
+    mapper = stage_mapper(cfg.executor, cfg.ray_address)  # split mode's jobs and the part writes: Ray tasks on ray
     step_fn = _ray_step_fn(vectors, cc.chunk_size, cfg.ray_address) if on_ray else None
     upper = _ray_upper_step_fn(rows_dir, cc.chunk_size, cfg.ray_address) if on_ray else None
     tree = hierarchical_kmeans(vectors, levels, seed=cc.seed, checkpoint_dir=d / "_ckpt",
-                               chunk_size=cc.chunk_size, step_fn=step_fn, upper_step_fn=upper)
+                               chunk_size=cc.chunk_size, step_fn=step_fn, upper_step_fn=upper,
+                               split_mapper=mapper)
     for level, c in enumerate(tree.centroids, start=1):
         np.save(d / f"centroids_l{level}.npy", c)
     k1 = levels[0].n_clusters
@@ -213,10 +215,9 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     jobs = [(str(ing), str(d / part_name(k)), str(rows_dir / f"ing-{k:05d}.npy"), int(vectors.offsets[k]),
              int(vectors.offsets[k + 1])) for k, ing in enumerate(ingest)]
     from curate.dedup import local_map
-    from pipelines.executors import stage_mapper
 
     sizes = np.zeros(k1, dtype=np.int64)  # one write per part: a Ray task on ray
-    for _, part_sizes in (stage_mapper(cfg.executor, cfg.ray_address) or local_map)(write_part, jobs, shared):
+    for _, part_sizes in (mapper or local_map)(write_part, jobs, shared):
         sizes += part_sizes
     shutil.rmtree(rows_dir, ignore_errors=True)
     result = StageResult("cluster", str(d), key, counts={

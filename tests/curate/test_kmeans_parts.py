@@ -214,3 +214,78 @@ def test_resume_from_whole_array_checkpoints_of_before(tmp_path):
     again = hierarchical_kmeans(x, levels, seed=2, chunk_size=200, checkpoint_dir=old)
     assert np.array_equal(again.paths(), ref.paths()) and again.objectives == ref.objectives
     assert all(a.tobytes() == b.tobytes() for a, b in zip(again.centroids, ref.centroids))
+
+
+def _split_fit_before(data, spec, seed, step, chunk_size, within=None):
+    """split_fit as it was before its jobs (session 21): a chunks x splits count table on the driver, each
+    split's rows gathered chunk by chunk and its k-means run in this process; kept as the reference."""
+    from curate.kmeans_tree import apportion
+
+    sizes = chunk_sizes(data.n, chunk_size)
+    coarse_out = Assignment(sizes)
+    coarse = kmeans(data, spec.split, spec.n_iters, init=spec.init, seed=[*seed, 0],
+                    init_sample_size=spec.init_sample_size, chunk_size=chunk_size, step_fn=step, out=coarse_out)
+    counts = np.zeros((len(sizes), spec.split), dtype=np.int64)
+    orders = []
+    for i, offset, labels, _ in coarse_out:
+        orders.append(np.argsort(labels, kind="stable").astype(np.int64) + offset)
+        counts[i] = np.bincount(labels, minlength=spec.split)
+    starts = np.concatenate([np.zeros((len(sizes), 1), np.int64), np.cumsum(counts, axis=1)], axis=1)
+    ks = apportion(counts.sum(axis=0), spec.n_clusters)
+    parts, inside, first = [], {}, 0
+    for j in np.flatnonzero(ks):
+        rows = np.concatenate([orders[i][starts[i, j] : starts[i, j + 1]] for i in np.flatnonzero(counts[:, j])])
+        sub = kmeans(data.take(rows), int(ks[j]), spec.n_iters, init=spec.init, seed=[*seed, 1, int(j)],
+                     init_sample_size=spec.init_sample_size, chunk_size=chunk_size)
+        parts.append(sub.centroids)
+        inside[int(j)] = ((sub.labels + first).astype(np.int32), sub.sq_dists)
+        first += int(ks[j])
+    if within is not None:
+        at = np.concatenate([np.zeros((1, spec.split), np.int64), np.cumsum(counts, axis=0)])
+        for i in range(len(sizes)):
+            labels, dists = np.empty(sizes[i], dtype=np.int32), np.empty(sizes[i], dtype=np.float32)
+            local = orders[i] - int(np.sum(sizes[:i]))
+            for j in np.flatnonzero(counts[i]):
+                lab, dist = inside[int(j)]
+                where = local[starts[i, j] : starts[i, j + 1]]
+                labels[where], dists[where] = lab[at[i, j] : at[i + 1, j]], dist[at[i, j] : at[i + 1, j]]
+            within.put(i, labels, dists)
+    return np.concatenate(parts), coarse.objective, counts.sum(axis=0)
+
+
+@pytest.mark.parametrize("bucket_points,route_chunks,scratch", [(10**9, 64, False), (60, 2, False), (60, 2, True),
+                                                                (1, 1, True), (400, 3, True)])
+def test_split_mode_in_buckets_of_splits_equals_the_split_by_split_fit(tmp_path, monkeypatch, bucket_points,
+                                                                        route_chunks, scratch):
+    """Split mode's jobs (routing by buckets of splits, one k-means job per bucket, within labels gathered per
+    chunk; files or memory; one bucket, many, one split each) give the bytes of the split-by-split fit."""
+    from curate import kmeans_tree
+    from curate.kmeans_tree import split_fit
+
+    monkeypatch.setattr(kmeans_tree, "BUCKET_POINTS", (bucket_points, bucket_points))
+    monkeypatch.setattr(kmeans_tree, "ROUTE_CHUNKS", route_chunks)
+    x = ArrayVectors(blobs(1300, 8, 7, seed=9).astype(np.float32))
+    spec = LevelSpec(40, 4, split=9, split_assign="within")
+    chunk = 101
+    ref_within = Assignment(chunk_sizes(x.n, chunk))
+    ref = _split_fit_before(x, spec, [3, 1], local_step_fn(x, chunk), chunk, ref_within)
+    got_within = Assignment(chunk_sizes(x.n, chunk), tmp_path / "within" if scratch else None)
+    calls = []
+
+    def mapper(fn, jobs, shared=()):  # a Mapper that records the jobs it runs (the stage passes Ray's)
+        calls.append((fn.__name__, len(jobs)))
+        for i, job in enumerate(list(jobs)[::-1]):  # out of order, as tasks finish
+            yield len(jobs) - 1 - i, fn(*shared, *job)
+
+    got = split_fit(x, spec, [3, 1], local_step_fn(x, chunk), chunk, within=got_within,
+                    scratch=tmp_path / "scratch" if scratch else None, mapper=mapper)
+    assert got[0].tobytes() == ref[0].tobytes() and got[1] == ref[1]
+    for i in range(len(ref_within)):
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(got_within.get(i), ref_within.get(i)))
+    assert [name for name, _ in calls] == (["route_chunks", "fit_bucket", "within_chunk"] if scratch else [])
+    if scratch:  # jobs: chunks / route_chunks routings, one fit per bucket (9 splits), one gather per chunk
+        n_chunks = len(chunk_sizes(x.n, chunk))
+        buckets = len(kmeans_tree.split_buckets(ref[2], bucket_points)) - 1
+        assert (buckets == 9) if bucket_points < 100 else (1 < buckets < 9)  # one split each, or several
+        assert [n for _, n in calls] == [-(-n_chunks // route_chunks), buckets, n_chunks]
+    assert not (tmp_path / "scratch").exists()
