@@ -206,11 +206,11 @@ def _decontaminate(cfg: Config, f: _Flow, cl: Cluster, embs: dict, eval_images: 
                       "--eval-images, default an assumed 100,000); the pool streams through it part by part"])
 
 
-def _pp_seconds(n: int, k: int, d: int, cl: Cluster) -> float:
+def _pp_seconds(n: int, k: int, d: int, cl: Cluster, cores: int | None = None) -> float:
     """k-means++ on the init sample: k steps, each scoring 2 + ln k candidates against the sample, in numpy
-    on the driver's cores (no GPU)."""
+    on the driver's cores (no GPU), or on `cores`."""
     s = min(n, max(8 * k, 4096))
-    return 2.0 * s * d * k * (3 + math.log(k)) / (cl.cpus_per_node * cost("pp_flops"))
+    return 2.0 * s * d * k * (3 + math.log(k)) / ((cores or cl.cpus_per_node) * cost("pp_flops"))
 
 
 def _fit_seconds(n: int, k: int, d: int, passes: int, rate: float, cores: int) -> float:
@@ -239,7 +239,11 @@ def _level(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster) ->
     if lv.split:
         sub = math.ceil(k / lv.split)
         seconds += _pp_seconds(n, lv.split, d, cl) + _fit_seconds(n, lv.split, d, passes, prate, pcores)
-        seconds += _pp_seconds(n, sub, d, cl) + _fit_seconds(n, sub, d, passes, drate, cl.cpus_per_node)
+        # a k-means in each split (k-means++ included): one job per bucket of splits, Ray tasks on every core
+        # of the cluster with executor ray (CPU), else on the driver
+        srate = pcores * cost("cpu_flops") if spread else drate
+        seconds += (lv.split * _pp_seconds(math.ceil(n / lv.split), sub, d, cl, pcores)
+                    + _fit_seconds(n, sub, d, passes, srate, pcores))
         task = task_bytes(lv.split)
         if getattr(lv, "split_assign", "global") == "global":
             seconds += _fit_seconds(n, k, d, 1, prate, pcores)
@@ -265,7 +269,8 @@ def _level(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster) ->
                if lv.split else f"lower {key}.n_clusters or use split mode ({key}.split)")
         raise PlanRefused(f"{key}.n_clusters: k={k:,} x d={d} needs {need} ({what}: float64 sums, "
                           f"centroid index), over {cl.mem_per_node_gb:g} GB per node; {fix}")
-    where = "the first fit's passes over the cluster, the rest" if spread else "all fits"
+    where = ("the first fit's passes and the fits inside the splits over the cluster, the rest" if spread and lv.split
+             else "the first fit's passes over the cluster, the rest" if spread else "all fits")
     notes.append(f"l{i + 1}: {fmt_time(seconds)}; {where} on the driver ({dsrc}), k-means++ in numpy on its "
                  f"{cl.cpus_per_node} cores")
     return driver, node, seconds, notes
