@@ -54,7 +54,7 @@ def main() -> None:
         over = [f"workdir={tmp / name}"]
         t0 = time.perf_counter()
         if name == "ray":
-            ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
+            ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
             over.append("executor=ray")
         start = time.perf_counter() - t0
         results = run_pipeline(load_config(tmp / "c.yaml", over))

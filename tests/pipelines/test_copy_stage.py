@@ -243,7 +243,7 @@ def test_dedup_parts_equal_the_whole_table_copy_dedup(cfg, tmp_path, executor):
     if executor == "ray":
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         res = {r.stage: r for r in run_pipeline(cfg, until="dedup")}["dedup"]
     finally:
@@ -322,7 +322,7 @@ def test_decontaminate_parts_equal_the_whole_table_decontamination(cfg, tmp_path
 
     same_bytes()
     cfg.executor = "ray"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         [again] = run_stage("decontaminate", cfg, force=True)
     finally:

@@ -49,7 +49,7 @@ def _run_on_ray(cfg, name, address):
 def test_local_ray_gives_identical_parts(workdir):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     _run_on_ray(workdir, "ray-local", None)
     local = _files(embedding_dir(workdir, "local"))
     assert len(local) == 10 and _files(embedding_dir(workdir, "ray-local")) == local
@@ -82,7 +82,7 @@ def test_kmeans_lloyd_passes_on_ray_give_the_local_clusters(workdir):
     run_cluster(workdir)
     local = read_table(f"{workdir.workdir}/cluster")
     centroids = np.load(f"{workdir.workdir}/cluster/centroids_l1.npy")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     workdir.executor = "ray"
     try:
         run_cluster(workdir, force=True)
@@ -103,7 +103,7 @@ def test_copy_dedup_queries_on_ray_give_the_local_groups(workdir):
     workdir.dedup.max_removed_share = 1.0  # cosine 0.5 on pixels removes 35% of this pool, past the refusal
     run_dedup(workdir)
     local = _files(Path(workdir.workdir) / "dedup")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     workdir.executor = "ray"
     try:
         res = run_dedup(workdir, force=True)

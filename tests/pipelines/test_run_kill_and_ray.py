@@ -120,7 +120,7 @@ def test_ray_executor_gives_every_stage_output_of_the_local_run(setup):
     from pipelines.executors import ray_map
 
     root, reference, _ = setup
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         @ray.remote
         def where() -> str:
