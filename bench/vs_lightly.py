@@ -8,6 +8,9 @@ machine load hits both alike; then teacher k-NN (k 20, T 0.07) on Fashion-MNIST.
 project dependency: run with an environment that has it, e.g.
   python -m venv --system-site-packages /work/venv-lightly && /work/venv-lightly/bin/pip install lightly
   PYTHONPATH=. /work/venv-lightly/bin/python bench/vs_lightly.py --iters 150 --seeds 0
+  PYTHONPATH=. /work/venv-lightly/bin/python bench/vs_lightly.py --config small_cpu --own-schedules --iters 600
+(`--own-schedules` keeps the config's warm-ups and last-layer freeze; Lightly's step takes the config's iBOT
+and KoLeo weights, its DINO term is Lightly's own: EMA centering where ours may use Sinkhorn-Knopp.)
 `--throughput` instead times `--steps` alternating steps of each (synthetic crops, the first one a
 warm-up, untimed) at the given config and crop sizes. Step times are medians; the ours/Lightly ratio is
 taken step by step (median, min, max).
@@ -75,8 +78,11 @@ class LightlyDINOv2(torch.nn.Module):
         return {"cls": self.teacher_backbone.encode(x)[:, 0]}
 
 
-def lightly_step(m: LightlyDINOv2, losses: tuple, opt, batch: dict, sched: dict, n_local: int) -> dict:
-    """One step of Lightly's DINOv2 example on our batch (same crops, same iBOT masks)."""
+def lightly_step(m: LightlyDINOv2, losses: tuple, opt, batch: dict, sched: dict, n_local: int,
+                 weights: tuple = (1.0, 0.1)) -> dict:
+    """One step of Lightly's DINOv2 example on our batch (same crops, same iBOT masks).
+
+    weights: (iBOT, KoLeo) loss weights, the config's (the example's are 1.0 and 0.1)."""
     from lightly.models.utils import update_momentum
 
     dino_loss, ibot_loss, koleo_loss = losses
@@ -98,8 +104,8 @@ def lightly_step(m: LightlyDINOv2, losses: tuple, opt, batch: dict, sched: dict,
     d = dino_loss(teacher_out=list(t_cls.chunk(2)), student_out=list(s_out.chunk(2 + n_local)), teacher_temp=temp)
     side = int(round(masks.shape[1] ** 0.5))
     i = ibot_loss(teacher_out=t_masked, student_out=s_masked, mask=masks.view(-1, side, side), teacher_temp=temp)
-    k = 0.1 * sum(koleo_loss(t) for t in s_cls_g.chunk(2))
-    loss = d + i + k
+    k = weights[1] * sum(koleo_loss(t) for t in s_cls_g.chunk(2))
+    loss = d + weights[0] * i + k
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(m.student_backbone.parameters(), 3.0)
@@ -153,6 +159,8 @@ def main() -> None:
                    help="with --throughput: steps of each trainer (alternating); the first, a warm-up, is not timed")
     p.add_argument("--lightly-init", action="store_true",
                    help="keep Lightly's own xavier re-initialisation of the ViT (default: both start from our weights)")
+    p.add_argument("--own-schedules", action="store_true",
+                   help="keep the config's warm-up and last-layer-freeze lengths (default: iters/10, /3, /20)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -163,12 +171,15 @@ def main() -> None:
     from train.optim import build_optimizer
 
     out: dict = {"bench": "vs_lightly", "config": args.config, "overrides": args.overrides, "iters": args.iters,
+                 "own_schedules": args.own_schedules,
                  "threads": args.threads, "lightly_init": args.lightly_init, "runs": []}
     data = None if args.throughput else prepare(args.work)
     for seed in [int(s) for s in args.seeds.split(",")]:
-        ov = ["data.num_workers=0", "progress=false", f"seed={seed}", f"optim.iterations={args.iters}",
-              f"optim.warmup_iters={args.iters // 10}", f"loss.warmup_teacher_temp_iters={args.iters // 3}",
-              f"head.freeze_last_layer_iters={args.iters // 20}"] + args.overrides
+        ov = ["data.num_workers=0", "progress=false", f"seed={seed}", f"optim.iterations={args.iters}"]
+        if not args.own_schedules:
+            ov += [f"optim.warmup_iters={args.iters // 10}", f"loss.warmup_teacher_temp_iters={args.iters // 3}",
+                   f"head.freeze_last_layer_iters={args.iters // 20}"]
+        ov += args.overrides
         if data:
             ov.append(f"data.path={data[4]}")
         cfg = load_config(resolve_config_path(args.config), ov)
@@ -202,7 +213,8 @@ def main() -> None:
             t0 = time.perf_counter()
             h_ours.append(_step(ours, opt, batch, s, cfg, torch.device("cpu")))
             t1 = time.perf_counter()
-            h_peer.append(lightly_step(peer, peer_losses, peer_opt, batch, s, cfg.crops.n_local))
+            h_peer.append(lightly_step(peer, peer_losses, peer_opt, batch, s, cfg.crops.n_local,
+                                       (cfg.loss.ibot_weight, cfg.loss.koleo_weight)))
             t2 = time.perf_counter()
             if it:  # the first step of each (allocations, lazy init) is a warm-up
                 times_ours.append(t1 - t0)
