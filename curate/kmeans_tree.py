@@ -236,7 +236,8 @@ def fit_bucket(data: Vectors, spec: LevelSpec, seed: Seed, chunk_size: int, gpu:
                routed: Sequence[np.ndarray] | None = None, n_jobs: int = 0) -> tuple[dict, tuple | None]:
     """The k-means inside each split j in [lo, hi) of one bucket (k = ks[j], seeded by (seed, 1, j), on the
     split's points in row order): {split: centroids}, and with `within` the bucket's (rows, labels, squared
-    distances) in row order, written as within-{bucket}.npy in out_dir (a task's output) or returned."""
+    distances) in row order, written as within-{rows,labels,dists}-{bucket}.npy in out_dir (a task's output)
+    or returned."""
     parts = routed if routed is not None else [
         np.load(f) for f in (Path(out_dir) / f"route-{m:05d}-{bucket:05d}.npy" for m in range(n_jobs)) if f.exists()]
     pairs = np.concatenate([p for p in parts if p.shape[1]], axis=1) if parts else np.zeros((2, 0), np.int64)

@@ -447,3 +447,32 @@ def test_eval_matches_streams_the_pool_by_part_and_equals_brute_force(tmp_path, 
     assert 100 not in p and set(p.tolist()) == {q for q, _ in _brute_pairs(pool, ok & valid, ev, threshold, None)}
     p, e = eval_matches(parts, EmbeddingParts(np.zeros((3, dim), np.float16)), threshold, k)
     assert len(p) == len(e) == 0
+
+
+def test_group_edges_reads_only_the_records_that_have_an_edge():
+    """The copy graph of a large pool asks for the ids and pixels of the edges' ends only, and gives each
+    of them what copy_dedup gives over every record; rows outside the pool are an error."""
+    from curate.dedup import group_edges
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((400, 16))
+    x[200:260] = x[100:160] + 0.01 * rng.standard_normal((60, 16))  # 60 planted copies
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids = np.array([f"r{v:04d}" for v in rng.permutation(400)])
+    pixels = rng.integers(1, 4, 400) * 100
+    whole = copy_dedup(x, ids, pixels, k=8, threshold=0.9)
+    asked = []
+
+    def node_info(rows):
+        asked.append(rows.copy())
+        return ids[rows], pixels[rows]
+
+    graph = group_edges(400, whole.edges, node_info, valid=400, k=8, threshold=0.9, index_kind="flat")
+    i, j, _ = whole.edges
+    assert len(asked) == 1 and np.array_equal(asked[0], np.unique(np.concatenate([i, j])))
+    assert len(graph.nodes) == 120 and graph.stats == whole.stats and graph.groups.equals(whole.groups)
+    assert np.array_equal(graph.keep, whole.keep[graph.nodes]) and np.array_equal(graph.group, whole.group[graph.nodes])
+    rows, keepers = graph.dropped()
+    assert [whole.dup_of[r] for r in rows] == keepers.tolist() and whole.stats["dropped"] == len(rows) == 60
+    with pytest.raises(ValueError, match="outside"):
+        group_edges(250, whole.edges, node_info)  # the copies sit at rows 200-259
