@@ -235,6 +235,7 @@ def test_dedup_parts_equal_the_whole_table_copy_dedup(cfg, tmp_path, executor):
     from curate.index import IndexSpec
     from curate.parts import list_parts
     from pipelines.aligned import RowMap, embedding_ids
+    from pipelines.embedding import resolve_embedding
 
     (tmp_path / "raw" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # an ingest row with no embedding
     cfg.ingest.part_size = 16  # several parts, most with some group members, the broken row in one
@@ -249,8 +250,6 @@ def test_dedup_parts_equal_the_whole_table_copy_dedup(cfg, tmp_path, executor):
     finally:
         if executor == "ray":
             ray.shutdown()
-    from pipelines.embedding import resolve_embedding
-
     w = tmp_path / "w"
     emb = resolve_embedding(cfg, None)
     rows = RowMap(w / "ingest", emb)
@@ -282,7 +281,7 @@ def test_decontaminate_parts_equal_the_whole_table_decontamination(cfg, tmp_path
     from curate.index import IndexSpec
     from curate.parts import list_parts
     from pipelines.aligned import RowMap, embedding_ids
-    from pipelines.embedding import resolve_embedding
+    from pipelines.embedding import embed_reference_set, resolve_embedding
     from pipelines.run import run_stage
 
     ev = tmp_path / "eval"
@@ -300,8 +299,6 @@ def test_decontaminate_parts_equal_the_whole_table_decontamination(cfg, tmp_path
     group = pc.fill_null(rows.column(w / "dedup", "copy_group"), -1).to_numpy().astype(np.int64)[rows.emb_rows]
     alive = pc.is_null(rows.column(w / "dedup", "copy_of")).to_numpy(zero_copy_only=False)[rows.emb_rows]
     ids = embedding_ids(emb)
-    from pipelines.embedding import embed_reference_set
-
     sets = {"bench": embed_reference_set(cfg, emb, "bench", str(ev), w / "decontaminate" / "eval_sets" / "bench")}
     whole = decontaminate(str(emb), ids, group, sets, threshold=0.9, index_spec=IndexSpec(kind="auto", nprobe=cfg.dedup.nprobe))
     contam_set = np.where(whole.keep, None, "bench").astype(object)
