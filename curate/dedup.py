@@ -45,6 +45,14 @@ def local_map(fn: Callable, jobs: Sequence[tuple], shared: tuple = ()) -> Iterat
         yield i, fn(*shared, *job)
 
 
+def map_in_order(mapper: Mapper | None, fn: Callable, jobs: Sequence[tuple], shared: tuple = ()) -> list:
+    """Every job's result in job order, whatever order `mapper` (None: local_map) yields them in."""
+    out: list = [None] * len(jobs)
+    for k, res in (mapper or local_map)(fn, jobs, shared):
+        out[k] = res
+    return out
+
+
 class LargeComponentWarning(UserWarning):
     """The largest duplicate component is larger than max_component (a threshold that chains)."""
 

@@ -302,7 +302,7 @@ def split_fit(
     of ROUTE_CHUNKS chunks), each bucket's k-means run by one job, and the within labels gathered back per
     chunk; with `scratch` (a directory) all of it goes through files there (removed at the end), so the jobs
     can be `mapper`'s tasks (e.g. Ray: the driver then holds O(splits + clusters)); without it, in memory."""
-    from curate.dedup import local_map
+    from curate.dedup import map_in_order
 
     sizes = chunk_sizes(data.n, chunk_size)
     tmp = Path(scratch) if scratch is not None else None
@@ -316,7 +316,7 @@ def split_fit(
     ks = apportion(split_sizes, spec.n_clusters)
     first = np.concatenate([[0], np.cumsum(ks)]).astype(np.int64)  # each split's first sub-cluster
     edges = split_buckets(split_sizes, int(np.clip(data.n // 64, *BUCKET_POINTS)))
-    n_buckets, run = len(edges) - 1, (mapper or local_map) if tmp is not None else local_map
+    n_buckets, mapper = len(edges) - 1, mapper if tmp is not None else None  # in memory: here
     route_jobs = [(int(c), int(min(c + ROUTE_CHUNKS, len(sizes)))) for c in range(0, len(sizes), ROUTE_CHUNKS)]
     want_within = within is not None
     if tmp is None:  # in memory: the same jobs, their outputs passed along
@@ -327,13 +327,11 @@ def split_fit(
     else:
         routes = tmp / "routes"
         routes.mkdir(parents=True, exist_ok=True)
-        for _ in run(route_chunks, [(str(coarse_out.dir), sizes, edges, a, b, str(routes), m)
-                                    for m, (a, b) in enumerate(route_jobs)]):
-            pass
-        got = dict(run(fit_bucket, [(want_within, str(routes), b, int(edges[b]), int(edges[b + 1]), None,
-                                     len(route_jobs)) for b in range(n_buckets)],
-                       (data, spec, seed, chunk_size, gpu, ks, first)))
-        fits = [got[b] for b in range(n_buckets)]
+        map_in_order(mapper, route_chunks, [(str(coarse_out.dir), sizes, edges, a, b, str(routes), m)
+                                            for m, (a, b) in enumerate(route_jobs)])
+        fits = map_in_order(mapper, fit_bucket, [(want_within, str(routes), b, int(edges[b]), int(edges[b + 1]), None,
+                                                  len(route_jobs)) for b in range(n_buckets)],
+                            (data, spec, seed, chunk_size, gpu, ks, first))
     centroids = {j: c for fit, _ in fits for j, c in fit.items()}
     if want_within:
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -343,9 +341,8 @@ def split_fit(
                 within.put(i, *within_chunk(str(tmp / "routes") if tmp is not None else None, n_buckets, i,
                                             int(offsets[i]), int(sizes[i]), None, sizes, triples))
         else:
-            for _ in run(within_chunk, [(str(tmp / "routes"), n_buckets, i, int(offsets[i]), int(sizes[i]),
-                                         str(within.dir), sizes) for i in range(len(sizes))]):
-                pass
+            map_in_order(mapper, within_chunk, [(str(tmp / "routes"), n_buckets, i, int(offsets[i]), int(sizes[i]),
+                                                 str(within.dir), sizes) for i in range(len(sizes))])
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)
     return np.concatenate([centroids[j] for j in sorted(centroids)]), coarse.objective

@@ -98,33 +98,36 @@ class EmbeddingLayout:
         """Columns of the parts this layout reads as its ingest parts (the ingest stage's, or another stage's
         parts aligned with them) at the given sorted embedding rows: one job per part holding some (with a
         mapper, its tasks); numpy arrays (strings without nulls as str arrays, nulls as they convert)."""
-        from curate.dedup import local_map
+        from curate.dedup import map_in_order
 
         rows = np.asarray(rows, dtype=np.int64)
-        spans = self.split(rows)
-        jobs = [(str(self.ingest_parts[k]), str(self.emb_parts[k]), rows[lo:hi] - self.offsets[k]) for k, lo, hi in spans]
-        got = dict((mapper or local_map)(part_values, jobs, (tuple(columns),)))
+        jobs = [(*self._paths(k), rows[lo:hi] - self.offsets[k]) for k, lo, hi in self.split(rows)]
+        got = map_in_order(mapper, part_values, jobs, (tuple(columns),))
         out = {}
         for c in columns:
-            chunks = [got[t][c] for t in range(len(jobs))]
+            chunks = [g[c] for g in got]
             out[c] = np.concatenate(chunks) if chunks else np.zeros(0, dtype=str if c == "id" else np.int64)
         return out
 
     def rows_where(self, column: str, values: np.ndarray, mapper=None) -> np.ndarray:
         """Sorted global embedding rows whose `column` (in the parts this layout reads as its ingest parts,
         e.g. another stage's aligned parts) is one of `values`; one job per part."""
-        from curate.dedup import local_map
+        from curate.dedup import map_in_order
 
-        jobs = [(str(self.ingest_parts[k]), str(self.emb_parts[k])) for k in range(len(self.emb_parts))]
-        got = dict((mapper or local_map)(part_rows_in, jobs, (column, np.asarray(values))))
-        return np.concatenate([got[k] + self.offsets[k] for k in range(len(jobs))] + [np.zeros(0, dtype=np.int64)])
+        got = map_in_order(mapper, part_rows_in, self._all_parts(), (column, np.asarray(values)))
+        return np.concatenate([g + self.offsets[k] for k, g in enumerate(got)] + [np.zeros(0, dtype=np.int64)])
 
     def count_set(self, column: str, mapper=None) -> int:
         """How many embedded rows have `column` set (not null)."""
-        from curate.dedup import local_map
+        from curate.dedup import map_in_order
 
-        jobs = [(str(self.ingest_parts[k]), str(self.emb_parts[k])) for k in range(len(self.emb_parts))]
-        return int(sum(c for _, c in (mapper or local_map)(part_count_set, jobs, (column,))))
+        return int(sum(map_in_order(mapper, part_count_set, self._all_parts(), (column,))))
+
+    def _paths(self, k: int) -> tuple[str, str]:
+        return str(self.ingest_parts[k]), str(self.emb_parts[k])
+
+    def _all_parts(self) -> list[tuple[str, str]]:
+        return [self._paths(k) for k in range(len(self.emb_parts))]
 
 
 def emb_positions(ingest_part: str | Path, emb_part: str | Path) -> tuple[pa.ChunkedArray, np.ndarray]:
@@ -148,17 +151,21 @@ def part_values(columns: Sequence[str], ingest_part: str, emb_part: str, positio
     return out
 
 
+def _emb_column(column: str, aligned_part: str, emb_part: str) -> pa.ChunkedArray:
+    """`column` of the aligned part at the embedding part's rows, in their order."""
+    _, at = emb_positions(aligned_part, emb_part)
+    return pq.read_table(aligned_part, columns=[column]).column(column).take(pa.array(at, type=pa.int64()))
+
+
 def part_rows_in(column: str, values: np.ndarray, aligned_part: str, emb_part: str) -> np.ndarray:
     """Positions within the embedding part of its rows whose `column` (of the aligned part) is in values."""
-    _, at = emb_positions(aligned_part, emb_part)
-    col = pq.read_table(aligned_part, columns=[column]).column(column).take(pa.array(at, type=pa.int64()))
+    col = _emb_column(column, aligned_part, emb_part)
     return np.flatnonzero(pc.fill_null(pc.is_in(col, value_set=pa.array(values)), False).to_numpy(zero_copy_only=False))
 
 
 def part_count_set(column: str, aligned_part: str, emb_part: str) -> int:
     """How many rows of the embedding part have `column` (of the aligned part) set."""
-    _, at = emb_positions(aligned_part, emb_part)
-    col = pq.read_table(aligned_part, columns=[column]).column(column).take(pa.array(at, type=pa.int64()))
+    col = _emb_column(column, aligned_part, emb_part)
     return len(col) - col.null_count
 
 

@@ -106,13 +106,11 @@ def content_hashes(ingest_dir: str | Path, rows: np.ndarray, mapper=None,
     """Content and mirrored pHashes of the images at global ingest rows `rows`, which decoded, and the
     seconds spent (summed over jobs): jobs of consecutive rows, run by `mapper` (a curate Mapper: Ray
     tasks with executor ray) or here, one after the other; the same values either way."""
-    from curate.dedup import local_map
+    from curate.dedup import map_in_order
 
     rows = np.asarray(rows, dtype=np.int64)
     jobs = [(rows[lo:lo + rows_per_job],) for lo in range(0, len(rows), rows_per_job)]
-    out: list = [None] * len(jobs)
-    for k, res in (mapper or local_map)(hash_rows, jobs, (str(ingest_dir),)):
-        out[k] = res
+    out = map_in_order(mapper, hash_rows, jobs, (str(ingest_dir),))
     if not out:
         return np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, bool), 0.0
     return (np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]),
@@ -148,7 +146,7 @@ def verify_image_pairs(sources: list[tuple[str | Path, np.ndarray]], i: np.ndarr
     cache); with one (Ray tasks), the pairs sorted by (min row, max row) and cut into jobs of
     pairs_per_job. Verdicts are the same either way (`curate.verify.merge_results`); only
     features_computed and timings differ."""
-    from curate.dedup import local_map
+    from curate.dedup import map_in_order
     from curate.verify import merge_results, verify_pairs
 
     rows = [np.asarray(r, dtype=np.int64) for _, r in sources]
@@ -165,10 +163,7 @@ def verify_image_pairs(sources: list[tuple[str | Path, np.ndarray]], i: np.ndarr
         sel = order[lo:lo + size]
         used = np.union1d(a[sel], b[sel])
         jobs.append((used, source[used], all_rows[used], a[sel], b[sel]))
-    out: list = [None] * len(jobs)
-    for k, res in (mapper or local_map)(verify_job, jobs, (tuple(str(d) for d, _ in sources), settings)):
-        out[k] = res
-    return merge_results(out, order)
+    return merge_results(map_in_order(mapper, verify_job, jobs, (tuple(str(d) for d, _ in sources), settings)), order)
 
 
 def verify_mode(cfg: Config) -> str:

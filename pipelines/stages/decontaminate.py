@@ -57,7 +57,7 @@ def _verified_matches(cfg: Config, emb_dir, eval_sets: dict, d, spec) -> tuple[d
 def _write_parts(d, layout, res, mapper) -> None:
     """The stage's parts, one job (a task with executor ray) per ingest part given only its removed rows:
     `contaminated`, `contam_reason` ("direct" or "component"), `contam_set` (the first set that removed it)."""
-    from curate.dedup import local_map
+    from curate.dedup import map_in_order
     from curate.parts import part_name
     from pipelines.aligned import write_emb_part
 
@@ -70,8 +70,7 @@ def _write_parts(d, layout, res, mapper) -> None:
                    "contam_set": (res.first_set[lo:hi], None, pa.string())}
         jobs.append((str(layout.ingest_parts[k]), str(layout.emb_parts[k]), str(d / part_name(k)),
                      res.removed[lo:hi] - layout.offsets[k], columns))
-    for _ in (mapper or local_map)(write_emb_part, jobs):
-        pass
+    map_in_order(mapper, write_emb_part, jobs)
 
 
 def run(cfg: Config, force: bool = False) -> StageResult:

@@ -165,7 +165,7 @@ def _node_info(layout, mapper):
 def _write_parts(d: Path, layout, graph, mapper) -> None:
     """The stage's parts, one job (a task with executor ray) per ingest part, each given only its part's
     group members: `copy_of` (keeper id of a removed record), `copy_group` (-1: none), `copy_max_sim`."""
-    from curate.dedup import local_map
+    from curate.dedup import map_in_order
     from curate.parts import part_name
     from pipelines.aligned import write_emb_part
 
@@ -179,8 +179,7 @@ def _write_parts(d: Path, layout, graph, mapper) -> None:
                    "copy_max_sim": (graph.max_sim[lo:hi], np.nan, pa.float32())}
         jobs.append((str(layout.ingest_parts[k]), str(layout.emb_parts[k]), str(d / part_name(k)),
                      graph.nodes[lo:hi] - layout.offsets[k], columns))
-    for _ in (mapper or local_map)(write_emb_part, jobs):
-        pass
+    map_in_order(mapper, write_emb_part, jobs)
 
 
 def run(cfg: Config, force: bool = False) -> StageResult:
