@@ -1,5 +1,5 @@
 """Benchmark decontamination's candidate search: the pool streamed through an index of the evaluation
-set (curate.dedup.eval_matches, what the stage runs) against the approach it replaced, a pool index
+set (curate.decontam.eval_matches, what the stage runs) against the approach it replaced, a pool index
 searched with the evaluation images (pool_index + range search), side by side on the same vectors.
 
 Writes n L2-normalised float16 pool vectors as memory-mapped parts (Gaussian clusters whose members
@@ -52,7 +52,8 @@ def write_data(root: Path, n: int, m: int, dim: int, planted: int, seed: int = 0
 
 
 def child(variant: str, root: Path) -> None:
-    from curate.dedup import eval_matches, pair_sims, pool_index, valid_rows
+    from curate.decontam import eval_matches
+    from curate.dedup import pair_sims, pool_index, valid_rows
     from curate.index import EmbeddingParts
 
     pool, ev = EmbeddingParts(str(root / "pool")), EmbeddingParts(np.load(root / "eval.npy"))

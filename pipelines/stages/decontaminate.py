@@ -28,7 +28,8 @@ from pipelines.manifest import StageResult, begin, finish, read_manifest
 def _verified_matches(cfg: Config, emb_dir, eval_sets: dict, d, spec) -> tuple[dict, dict]:
     """Per set, (pool row, eval row, score) pairs that local verification links: candidates are each
     evaluation image's candidate_k nearest pool images above decontaminate.candidate_cosine."""
-    from curate.dedup import as_parts, eval_matches, pair_sims
+    from curate.decontam import eval_matches
+    from curate.dedup import as_parts, pair_sims
     from curate.parts import read_table
     from pipelines.copy_images import verify_image_pairs, verify_settings
 
@@ -78,7 +79,8 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     verify none) and their copy component. The driver holds the matched records and their components,
     never an id or a value per record: ids, copy groups and members are read, and the parts written, part
     by part (Ray tasks with executor ray); verify local still maps every pool row to its image."""
-    from curate.dedup import as_parts, decontaminate_rows
+    from curate.decontam import decontaminate_rows
+    from curate.dedup import as_parts
     from curate.index import IndexSpec
 
     xc = cfg.decontaminate

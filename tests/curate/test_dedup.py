@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from curate.decontam import DECONTAM_THRESHOLD, decontaminate, eval_matches
 from curate.dedup import (
-    DECONTAM_THRESHOLD,
     SLACK,
     CopyDedupRefused,
     SafetyLimits,
@@ -21,8 +21,6 @@ from curate.dedup import (
     LargeComponentWarning,
     components,
     copy_dedup,
-    decontaminate,
-    eval_matches,
     knn_edges,
     merge_edges,
     union_find,

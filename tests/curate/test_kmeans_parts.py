@@ -219,7 +219,7 @@ def test_resume_from_whole_array_checkpoints_of_before(tmp_path):
 def _split_fit_before(data, spec, seed, step, chunk_size, within=None):
     """split_fit as it was before its jobs (session 21): a chunks x splits count table on the driver, each
     split's rows gathered chunk by chunk and its k-means run in this process; kept as the reference."""
-    from curate.kmeans_tree import apportion
+    from curate.kmeans_split import apportion
 
     sizes = chunk_sizes(data.n, chunk_size)
     coarse_out = Assignment(sizes)
@@ -259,11 +259,11 @@ def test_split_mode_in_buckets_of_splits_equals_the_split_by_split_fit(tmp_path,
                                                                         route_chunks, scratch):
     """Split mode's jobs (routing by buckets of splits, one k-means job per bucket, within labels gathered per
     chunk; files or memory; one bucket, many, one split each) give the bytes of the split-by-split fit."""
-    from curate import kmeans_tree
-    from curate.kmeans_tree import split_fit
+    from curate import kmeans_split
+    from curate.kmeans_split import split_fit
 
-    monkeypatch.setattr(kmeans_tree, "BUCKET_POINTS", (bucket_points, bucket_points))
-    monkeypatch.setattr(kmeans_tree, "ROUTE_CHUNKS", route_chunks)
+    monkeypatch.setattr(kmeans_split, "BUCKET_POINTS", (bucket_points, bucket_points))
+    monkeypatch.setattr(kmeans_split, "ROUTE_CHUNKS", route_chunks)
     x = ArrayVectors(blobs(1300, 8, 7, seed=9).astype(np.float32))
     spec = LevelSpec(40, 4, split=9, split_assign="within")
     chunk = 101
@@ -285,7 +285,7 @@ def test_split_mode_in_buckets_of_splits_equals_the_split_by_split_fit(tmp_path,
     assert [name for name, _ in calls] == (["route_chunks", "fit_bucket", "within_chunk"] if scratch else [])
     if scratch:  # jobs: chunks / route_chunks routings, one fit per bucket (9 splits), one gather per chunk
         n_chunks = len(chunk_sizes(x.n, chunk))
-        buckets = len(kmeans_tree.split_buckets(ref[2], bucket_points)) - 1
+        buckets = len(kmeans_split.split_buckets(ref[2], bucket_points)) - 1
         assert (buckets == 9) if bucket_points < 100 else (1 < buckets < 9)  # one split each, or several
         assert [n for _, n in calls] == [-(-n_chunks // route_chunks), buckets, n_chunks]
     assert not (tmp_path / "scratch").exists()

@@ -277,7 +277,7 @@ def test_decontaminate_parts_equal_the_whole_table_decontamination(cfg, tmp_path
     import pyarrow.compute as pc
     import ray
 
-    from curate.dedup import decontaminate
+    from curate.decontam import decontaminate
     from curate.index import IndexSpec
     from curate.parts import list_parts
     from pipelines.aligned import RowMap, embedding_ids
