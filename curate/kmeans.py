@@ -33,6 +33,7 @@ from curate.kmeans_stats import (  # noqa: F401 (re-exported)
     reduce_stats,
 )
 from curate.kmeans_parts import Assignment, PartedRows, PartVectors, chunk_sizes
+from curate.kmeans_pp import PP_SHARD_ROWS, PlusPlus, ShardFactory, sharded_plusplus
 from curate.parts import list_parts
 
 DEFAULT_CHUNK = 65_536
@@ -223,72 +224,41 @@ def init_sample(vectors: Vectors, size: int, seed: Seed) -> np.ndarray:
     return vectors.take(rows)
 
 
-def _sq_to(x: np.ndarray, sq: np.ndarray, c: np.ndarray, chunk_size: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Squared distances of the rows of x to the rows of c, chunk of rows by chunk of rows (float64)."""
-    csq = np.einsum("ij,ij->i", c, c)
-    for a in range(0, len(x), chunk_size):
-        block = sq[a : a + chunk_size, None] - 2 * (x[a : a + chunk_size] @ c.T) + csq[None]
-        yield a, np.maximum(block, 0, dtype=np.float64)
-
-
 def kmeans_plusplus(
     x: np.ndarray, k: int, seed: Seed, chunk_size: int = DEFAULT_CHUNK, n_candidates: int | None = None,
-    blas_threads: int | str | None = "auto",
+    blas_threads: int | str | None = "auto", shard_rows: int = PP_SHARD_ROWS, shards: ShardFactory | None = None,
 ) -> np.ndarray:
     """Greedy k-means++ seeding on in-memory rows x: at each step draw n_candidates points by D^2
     sampling (default 2 + ln k) and keep the one that lowers the potential most (1: plain k-means++).
 
-    Its matrix products are thin (a chunk of rows x dim x a few candidates); where one is small, BLAS
-    threads cost more than they give. They run on `blas_threads` threads: "auto" gives one thread per
-    PP_FLOP_PER_THREAD of a chunk's product, up to the cores (1 on small samples, all cores on a
-    paper-scale level 2), None BLAS's own setting. A gemm's elements do not depend on how its threads
-    split it, so the centres are the same (tested).
+    The rows are cut into shards of `shard_rows` (curate.kmeans_pp), run in this process or by `shards`
+    (e.g. one Ray actor each); up to shard_rows points, one shard. Its matrix products are thin (a chunk
+    of rows x dim x a few candidates); where one is small, BLAS threads cost more than they give. In this
+    process they run on `blas_threads` threads: "auto" gives one thread per PP_FLOP_PER_THREAD of a
+    chunk's product, up to the cores (1 on small samples, all cores on a paper-scale level 2), None
+    BLAS's own setting. A gemm's elements do not depend on how its threads split it, so the centres are
+    the same (tested).
     """
     from threadpoolctl import threadpool_limits
 
+    def seeded() -> np.random.Generator:
+        return _rng(seed)
+
     if blas_threads == "auto":
         trials = n_candidates or 2 + int(np.log(max(k, 1)))
-        work = min(len(x), chunk_size) * (x.shape[1] if x.ndim == 2 else 1) * trials
+        work = min(len(x), chunk_size, shard_rows) * (x.shape[1] if x.ndim == 2 else 1) * trials
         blas_threads = int(max(1, min(os.cpu_count() or 1, work // PP_FLOP_PER_THREAD)))
     if blas_threads is None:
-        return _kmeans_plusplus(x, k, seed, chunk_size, n_candidates)
+        return sharded_plusplus(x, k, seeded, chunk_size, n_candidates, shard_rows, shards)
     with threadpool_limits(limits=blas_threads, user_api="blas"):
-        return _kmeans_plusplus(x, k, seed, chunk_size, n_candidates)
-
-
-def _kmeans_plusplus(x: np.ndarray, k: int, seed: Seed, chunk_size: int, n_candidates: int | None) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    m = len(x)
-    if k > m:
-        raise ValueError(f"k-means++ needs at least k={k} points, got {m}")
-    trials = n_candidates or 2 + int(np.log(k))
-    rng = _rng(seed)
-    sq = np.einsum("ij,ij->i", x, x)
-    centers = np.empty((k, x.shape[1]), dtype=np.float32)
-    d2 = np.full(m, np.inf)
-    pick = np.array([int(rng.integers(m))])
-    for i in range(k):
-        potential = np.zeros(len(pick))
-        for a, block in _sq_to(x, sq, x[pick], chunk_size):
-            potential += np.minimum(block, d2[a : a + len(block), None]).sum(axis=0)
-        best = int(pick[int(np.argmin(potential))])
-        centers[i] = x[best]
-        for a, block in _sq_to(x, sq, x[best : best + 1], chunk_size):
-            np.minimum(d2[a : a + len(block)], block[:, 0], out=d2[a : a + len(block)])
-        if i + 1 == k:
-            break
-        cum = np.cumsum(d2)
-        if cum[-1] > 0:
-            pick = np.minimum(np.searchsorted(cum, rng.random(trials) * cum[-1], side="right"), m - 1)
-        else:
-            pick = rng.integers(m, size=1)
-    return centers
+        return sharded_plusplus(x, k, seeded, chunk_size, n_candidates, shard_rows, shards)
 
 
 def initial_centroids(
-    vectors: Vectors, k: int, method: str = "kmeans++", seed: Seed = 0, sample_size: int | None = None
+    vectors: Vectors, k: int, method: str = "kmeans++", seed: Seed = 0, sample_size: int | None = None,
+    pp: PlusPlus | None = None,
 ) -> np.ndarray:
-    """k initial centroids by k-means++ or random rows, drawn from a deterministic sample.
+    """k initial centroids by k-means++ (its shards as `pp` says) or random rows, drawn from a deterministic sample.
 
     The default sample is max(8k, 4096) rows (capped at n): k-means++ costs k passes over it.
     """
@@ -298,7 +268,8 @@ def initial_centroids(
     seeds = [*((seed,) if isinstance(seed, int) else seed)]
     x = init_sample(vectors, max(size, k), [*seeds, 1])
     if method == "kmeans++":
-        return kmeans_plusplus(x, k, [*seeds, 2])
+        pp = pp or PlusPlus()
+        return kmeans_plusplus(x, k, [*seeds, 2], shard_rows=pp.shard_rows, shards=pp.shards)
     if method == "random":
         return x[np.sort(_rng([*seeds, 2]).choice(len(x), size=k, replace=False))].copy()
     raise ValueError(f"unknown init {method!r} (kmeans++ | random)")
@@ -370,8 +341,10 @@ def kmeans(
     gpu: bool | None = None,
     step_fn: StepFn | None = None,
     out: Assignment | None = None,
+    pp: PlusPlus | None = None,
 ) -> KMeansResult:
-    """k-means: seeded init on a deterministic sample, then `lloyd`; same seed -> same result."""
+    """k-means: seeded init on a deterministic sample (k-means++ as `pp` says), then `lloyd`; same seed -> same
+    result."""
     vectors = as_vectors(vectors)
-    c0 = initial_centroids(vectors, k, init, seed, init_sample_size)
+    c0 = initial_centroids(vectors, k, init, seed, init_sample_size, pp)
     return lloyd(vectors, c0, n_iters, chunk_size=chunk_size, gpu=gpu, step_fn=step_fn, out=out)

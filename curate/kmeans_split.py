@@ -18,6 +18,7 @@ import numpy as np
 
 from curate.kmeans import DEFAULT_CHUNK, Seed, StepFn, Vectors, kmeans
 from curate.kmeans_parts import Assignment, chunk_sizes, save_npy_atomic
+from curate.kmeans_pp import PlusPlus
 
 if TYPE_CHECKING:
     from curate.kmeans_tree import LevelSpec
@@ -151,6 +152,7 @@ def within_chunk(out_dir: str | None, n_buckets: int, i: int, start: int, size: 
 def split_fit(
     data: Vectors, spec: LevelSpec, seed: Seed, step: StepFn, chunk_size: int = DEFAULT_CHUNK, gpu: bool | None = None,
     within: Assignment | None = None, scratch: str | os.PathLike | None = None, mapper=None,
+    pp: PlusPlus | None = None,
 ) -> tuple[np.ndarray, list[float]]:
     """k-means with spec.split clusters, then k-means with apportion(sizes) clusters inside each one.
 
@@ -158,7 +160,8 @@ def split_fit(
     The splits' points are routed to buckets of consecutive splits (one pass over the coarse labels, in jobs
     of ROUTE_CHUNKS chunks), each bucket's k-means run by one job, and the within labels gathered back per
     chunk; with `scratch` (a directory) all of it goes through files there (removed at the end), so the jobs
-    can be `mapper`'s tasks (e.g. Ray: the driver then holds O(splits + clusters)); without it, in memory."""
+    can be `mapper`'s tasks (e.g. Ray: the driver then holds O(splits + clusters)); without it, in memory.
+    `pp` shards the coarse fit's k-means++ (the fits inside the splits run in their jobs)."""
     from curate.dedup import map_in_order
 
     sizes = chunk_sizes(data.n, chunk_size)
@@ -168,7 +171,7 @@ def split_fit(
     coarse_out = Assignment(sizes, tmp / "coarse" if tmp is not None else None)
     coarse = kmeans(data, spec.split, spec.n_iters, init=spec.init, seed=[*seed, 0],
                     init_sample_size=spec.init_sample_size, chunk_size=chunk_size, gpu=gpu, step_fn=step,
-                    out=coarse_out)
+                    out=coarse_out, pp=pp)
     split_sizes = coarse_out.counts(spec.split)
     ks = apportion(split_sizes, spec.n_clusters)
     first = np.concatenate([[0], np.cumsum(ks)]).astype(np.int64)  # each split's first sub-cluster

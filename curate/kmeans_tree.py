@@ -49,6 +49,7 @@ from curate.kmeans import (
     local_step_fn,
 )
 from curate.kmeans_parts import Assignment, chunk_sizes, complement_rows, sample_per_cluster_parts
+from curate.kmeans_pp import PlusPlus
 from curate.kmeans_split import apportion, split_fit  # noqa: F401 (apportion re-exported)
 
 
@@ -149,6 +150,7 @@ def sample_per_cluster(
 def resampling_step(
     data: Vectors, assignment: Assignment, spec: LevelSpec, seed: Seed, step: StepFn,
     chunk_size: int = DEFAULT_CHUNK, gpu: bool | None = None, out: Assignment | None = None,
+    pp: PlusPlus | None = None,
 ) -> tuple[np.ndarray, Assignment, float]:
     """One resampling step: sample per cluster (part by part), a fresh k-means on the union, reassign all points.
 
@@ -163,7 +165,7 @@ def resampling_step(
         rows = np.sort(np.concatenate([rows, complement_rows(rows, picks)]))
     y = ArrayVectors(data.take(rows))
     fit = kmeans(y, k, spec.n_iters, init=spec.init, seed=[*seed, 2], init_sample_size=spec.init_sample_size,
-                 chunk_size=chunk_size, gpu=gpu)
+                 chunk_size=chunk_size, gpu=gpu, pp=pp)
     out = out if out is not None else Assignment(assignment.sizes)
     full = step(fit.centroids, out)
     return fit.centroids, out, full.inertia
@@ -265,6 +267,7 @@ def hierarchical_kmeans(
     on_checkpoint: Callable[[int, int], None] | None = None,
     upper_step_fn: Callable[[int, np.ndarray], tuple[Vectors, StepFn]] | None = None,
     split_mapper: Callable | None = None,
+    pp: PlusPlus | None = None,
 ) -> TreeResult:
     """Fit the levels bottom-up, each with its resampling steps; resumes from checkpoint_dir at the last finished step.
 
@@ -272,7 +275,8 @@ def hierarchical_kmeans(
     a level >= 2 (the centroids below) as vectors with parts and a step function over them (e.g. the same Ray
     mechanism); split_mapper (a curate Mapper, e.g. Ray tasks) runs level 1's split-mode jobs (routing, the
     k-means inside each bucket of splits, the within labels) when there is a checkpoint_dir; on_checkpoint(level,
-    step) follows each step. With checkpoint_dir, level 1's labels and
+    step) follows each step; pp says how the k-means++ of the full fits and refits (not those inside the splits)
+    cut their rows into shards and what runs them (e.g. Ray actors). With checkpoint_dir, level 1's labels and
     distances live there part by part (the driver never holds them all).
     """
     vectors = as_vectors(vectors)
@@ -303,7 +307,7 @@ def hierarchical_kmeans(
             if spec.split:
                 within = spec.split_assign == "within"
                 c, obj = split_fit(data, spec, [seed, level], step, chunk_size, gpu, assignment if within else None,
-                                   ckpt.scratch(level), split_mapper)
+                                   ckpt.scratch(level), split_mapper, pp)
                 if within:
                     obj = obj + [float(sum(d.sum(dtype=np.float64) for _, _, _, d in assignment))]
                 else:
@@ -311,7 +315,7 @@ def hierarchical_kmeans(
             else:
                 res = kmeans(data, spec.n_clusters, spec.n_iters, init=spec.init, seed=[seed, level, 0],
                              init_sample_size=spec.init_sample_size, chunk_size=chunk_size, gpu=gpu, step_fn=step,
-                             out=assignment)
+                             out=assignment, pp=pp)
                 c, obj = res.centroids, res.objective
             ckpt.save(level, 0, c, assignment, obj, spec.n_steps == 1)
             if on_checkpoint is not None:
@@ -319,7 +323,7 @@ def hierarchical_kmeans(
             start = 1
         for s in range(start, spec.n_steps):
             c, assignment, inertia = resampling_step(data, assignment, spec, [seed, level, 2, s], step, chunk_size,
-                                                     gpu, ckpt.assignment(level, s, sizes))
+                                                     gpu, ckpt.assignment(level, s, sizes), pp)
             obj = obj + [inertia]
             ckpt.save(level, s, c, assignment, obj, s == spec.n_steps - 1)
             if on_checkpoint is not None:

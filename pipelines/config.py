@@ -139,6 +139,9 @@ class ClusterConfig:
     levels: list[LevelConfig] = field(default_factory=lambda: [LevelConfig(100), LevelConfig(10)])
     seed: int = 0
     chunk_size: int = 65536          # rows per assignment chunk (memory-mapped float16 -> float32)
+    pp_shard_rows: int = 262144      # k-means++ sample rows per shard (curate/kmeans_pp.py): up to this many, one
+                                     # shard; more shards spread the seeding over Ray actors (the shards decide
+                                     # the draws, so a change redoes the stage)
 
 
 @dataclass

@@ -9,6 +9,7 @@ chunks whichever executor runs them, so local and Ray write the same bytes."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from dataclasses import asdict
@@ -147,6 +148,65 @@ def _ray_upper_step_fn(rows_dir: Path, chunk: int, address: str | None):
     return make
 
 
+class RayShards:
+    """k-means++ shards as Ray actors, one per shard, spread over the nodes (curate.kmeans_pp.ShardGroup): each
+    holds its rows and their D^2 for the whole seeding and runs its BLAS on the CPUs it reserved; a dead actor
+    (its node lost) is a ShardLost, and the seeding starts again on fresh actors."""
+
+    def __init__(self, parts, chunk_size: int) -> None:
+        import ray
+
+        from curate.kmeans_pp import PlusPlusShard
+
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        per_node = max([int(n.get("Resources", {}).get("CPU", 1)) for n in nodes] or [1])
+        total = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        # the cluster's CPUs shared out (all shards run at once), rounded down to Ray's 1e-4 resource unit
+        cpus = min(per_node, math.floor(total / len(parts) * 10_000) / 10_000)
+        remote = ray.remote(PlusPlusShard).options(num_cpus=cpus, scheduling_strategy="SPREAD", max_restarts=0)
+        self.actors = [remote.remote(p, chunk_size, max(1, int(cpus))) for p in parts]
+
+    def _get(self, refs):
+        import ray
+        from ray.exceptions import RayActorError
+
+        from curate.kmeans_pp import ShardLost
+
+        try:
+            return ray.get(refs)
+        except RayActorError as exc:
+            raise ShardLost(str(exc)) from exc
+
+    def score(self, candidates: np.ndarray) -> list[np.ndarray]:
+        return self._get([a.score.remote(candidates) for a in self.actors])
+
+    def commit(self, centre: np.ndarray) -> list[float]:
+        return self._get([a.commit.remote(centre) for a in self.actors])
+
+    def resolve(self, asks: dict) -> dict:
+        shards = list(asks)
+        return dict(zip(shards, self._get([self.actors[s].resolve.remote(asks[s]) for s in shards])))
+
+    def rows(self, shard: int, rows: np.ndarray) -> np.ndarray:
+        return self._get(self.actors[shard].rows.remote(rows))
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def ray_plusplus(shard_rows: int, address: str | None):
+    """k-means++ with its shards as Ray actors (RayShards) on the stage's cluster."""
+    from curate.kmeans_pp import PlusPlus
+    from pipelines.executors import init_ray
+
+    init_ray(address)
+    return PlusPlus(shard_rows, RayShards)
+
+
 def write_part(upper: list[np.ndarray], k1: int, layout: np.ndarray, assign_dir: str, ingest_path: str, out_path: str,
                ing_positions: str, start: int, stop: int) -> np.ndarray:
     """The stage's output part aligned with one ingest part, whose clustered rows are rows [start, stop) of the
@@ -175,6 +235,7 @@ def write_part(upper: list[np.ndarray], k1: int, layout: np.ndarray, assign_dir:
 
 def run(cfg: Config, force: bool = False) -> StageResult:
     """Hierarchical k-means: cluster_l1..lN of every embedded record, centroids per level."""
+    from curate.kmeans_pp import PlusPlus
     from curate.kmeans_tree import LevelSpec, hierarchical_kmeans
 
     cc = cfg.cluster
@@ -184,8 +245,9 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     # the chunk layout is that of level 1's checkpointed labels, and faiss may break a near-tie differently
     # in another query batch: a changed chunk_size redoes the stage (the default stays out of the key, so
     # keys made before it was keyed stay valid)
-    if config["chunk_size"] == ClusterConfig.chunk_size:
-        del config["chunk_size"]
+    for name in ("chunk_size", "pp_shard_rows"):  # so do k-means++ shards, which decide its draws
+        if config[name] == getattr(ClusterConfig, name):
+            del config[name]
     for lv in config["levels"]:  # the default split_assign stays out of the key (keys made before it stay valid)
         if lv.get("split_assign") == "global":
             del lv["split_assign"]
@@ -205,9 +267,10 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     mapper = stage_mapper(cfg.executor, cfg.ray_address)  # split mode's jobs and the part writes: Ray tasks on ray
     step_fn = _ray_step_fn(vectors, cc.chunk_size, cfg.ray_address) if on_ray else None
     upper = _ray_upper_step_fn(rows_dir, cc.chunk_size, cfg.ray_address) if on_ray else None
+    pp = ray_plusplus(cc.pp_shard_rows, cfg.ray_address) if on_ray else PlusPlus(cc.pp_shard_rows)
     tree = hierarchical_kmeans(vectors, levels, seed=cc.seed, checkpoint_dir=d / "_ckpt",
                                chunk_size=cc.chunk_size, step_fn=step_fn, upper_step_fn=upper,
-                               split_mapper=mapper)
+                               split_mapper=mapper, pp=pp)
     for level, c in enumerate(tree.centroids, start=1):
         np.save(d / f"centroids_l{level}.npy", c)
     k1 = levels[0].n_clusters

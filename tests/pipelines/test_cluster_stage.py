@@ -152,8 +152,10 @@ def _whole_array_cluster(cfg, out):
     levels = [LevelSpec(**{k: getattr(lv, k) for k in ("n_clusters", "n_iters", "resampling_steps", "sample_size",
                                                       "sampling", "init", "split", "split_assign")})
               for lv in cfg.cluster.levels]
+    from curate.kmeans_pp import PlusPlus
+
     tree = hierarchical_kmeans(EmbeddingParts(emb).subset(valid), levels, seed=cfg.cluster.seed,
-                               chunk_size=cfg.cluster.chunk_size)
+                               chunk_size=cfg.cluster.chunk_size, pp=PlusPlus(cfg.cluster.pp_shard_rows))
     paths = tree.paths()
     columns = {f"cluster_l{lv + 1}": (paths[:, lv], pa.int32()) for lv in range(paths.shape[1])}
     columns["cluster_sq_dist"] = (tree.sq_dists, pa.float32())
@@ -175,6 +177,7 @@ def test_streamed_stage_writes_the_bytes_of_the_whole_array_computation(cfg, tmp
     cfg.dedup.threshold, cfg.dedup.verify = 0.75, "none"  # many merged (as in the test above), so the clustered
     cfg.dedup.max_component_share = cfg.dedup.max_removed_share = 1.0  # rows are a subset of the parts
     cfg.cluster.levels, cfg.cluster.chunk_size = STREAMED_LEVELS, 16
+    cfg.cluster.pp_shard_rows = 32  # level 1's k-means++ over 3 shards: in the process, then as Ray actors
     results = {r.stage: r for r in run_pipeline(cfg, until="cluster")}
     assert results["dedup"].counts["dropped"].get("copy_duplicate", 0) > 0
     _whole_array_cluster(cfg, tmp_path / "ref")
@@ -190,6 +193,8 @@ def test_streamed_stage_writes_the_bytes_of_the_whole_array_computation(cfg, tmp
     passes = []  # every level's passes go through the Ray step: level 1 over the parts, level 2 over its points
     real = cluster._ray_step_fn
     monkeypatch.setattr(cluster, "_ray_step_fn", lambda v, *a: passes.append(v.n) or real(v, *a))
+    groups, real_shards = [], cluster.RayShards
+    monkeypatch.setattr(cluster, "RayShards", lambda parts, c: groups.append(len(parts)) or real_shards(parts, c))
     cfg.executor = "ray"  # the same stage as Ray tasks (a local Ray): the same bytes
     import ray
 
@@ -200,6 +205,7 @@ def test_streamed_stage_writes_the_bytes_of_the_whole_array_computation(cfg, tmp
         ray.shutdown()
     assert _outputs(tmp_path / "w" / "cluster") == got
     assert passes == [results["cluster"].counts["out"], 12]
+    assert groups == [3]  # level 1's k-means++ on three actors; level 2's (one shard each) on the driver
     cfg.executor = "local"
     [again] = run_stage("cluster", cfg)  # the same settings: the finished stage is reused
     assert again.skipped and again.key == results["cluster"].key
@@ -210,3 +216,34 @@ def test_streamed_stage_writes_the_bytes_of_the_whole_array_computation(cfg, tmp
         run_stage("cluster", cfg)
     [redone] = run_stage("cluster", cfg, force=True)
     assert not redone.skipped and redone.key != again.key and _outputs(tmp_path / "w" / "cluster") == got
+    cfg.cluster.pp_shard_rows = 64  # other k-means++ shards draw other centres: another run too
+    with pytest.raises(StageConflict, match="other settings"):
+        run_stage("cluster", cfg)
+
+
+def test_a_killed_kmeans_plusplus_actor_restarts_the_seeding_with_the_same_centres():
+    """Ray actors hold the shards; one killed (as when its node goes) is a ShardLost: fresh actors, the same centres
+    as the shards in the process."""
+    import ray
+
+    from curate.kmeans import kmeans_plusplus
+    from pipelines.stages.cluster import RayShards
+
+    x = np.random.default_rng(2).normal(size=(600, 12)).astype(np.float32)
+    want = kmeans_plusplus(x, 25, [0, 1], chunk_size=64, shard_rows=200)
+    groups = []
+
+    def first_loses_an_actor(parts, chunk):
+        g = RayShards(parts, chunk)
+        groups.append(g)
+        if len(groups) == 1:
+            ray.kill(g.actors[1], no_restart=True)
+        return g
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        got = kmeans_plusplus(x, 25, [0, 1], chunk_size=64, shard_rows=200, shards=first_loses_an_actor)
+        assert len(groups) == 2 and len(groups[1].actors) == 0  # closed after use
+        assert got.tobytes() == want.tobytes()
+    finally:
+        ray.shutdown()
