@@ -213,6 +213,18 @@ def _pp_seconds(n: int, k: int, d: int, cl: Cluster, cores: int | None = None) -
     return 2.0 * s * d * k * (3 + math.log(k)) / ((cores or cl.cpus_per_node) * cost("pp_flops"))
 
 
+def _pp_sharded(n: int, k: int, d: int, cl: Cluster, cfg: Config) -> float:
+    """k-means++ of a full fit or refit: on the driver, or with executor ray and more than one shard of
+    cluster.pp_shard_rows rows, on one actor per shard (the cluster's cores shared out, up to a node each),
+    each step paying the actors' round trips."""
+    s = min(n, max(8 * k, 4096))
+    shards = math.ceil(s / cfg.cluster.pp_shard_rows)
+    if cfg.executor != "ray" or shards == 1:
+        return _pp_seconds(n, k, d, cl)
+    cores = shards * min(cl.cpus_per_node, cl.nodes * cl.cpus_per_node / shards)
+    return _pp_seconds(n, k, d, cl, cores) + k * cost("pp_ray_step_s")
+
+
 def _fit_seconds(n: int, k: int, d: int, passes: int, rate: float, cores: int) -> float:
     """Lloyd passes: the nearest-centroid search (dense FLOPs) plus reading and summing each record."""
     return passes * (2.0 * n * k * d / rate + n * d * cost("kmeans_rec_s") / cores)
@@ -238,7 +250,7 @@ def _level(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster) ->
     seconds, notes, task = 0.0, [], task_bytes(k)
     if lv.split:
         sub = math.ceil(k / lv.split)
-        seconds += _pp_seconds(n, lv.split, d, cl) + _fit_seconds(n, lv.split, d, passes, prate, pcores)
+        seconds += _pp_sharded(n, lv.split, d, cl, cfg) + _fit_seconds(n, lv.split, d, passes, prate, pcores)
         # a k-means in each split (k-means++ included): one job per bucket of splits, Ray tasks on every core
         # of the cluster with executor ray (CPU), else on the driver
         srate = pcores * cost("cpu_flops") if spread else drate
@@ -252,10 +264,10 @@ def _level(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster) ->
         else:
             notes.append(f"l{i + 1}: split {lv.split:,} then ~{sub} per split (points stay in their split)")
     else:
-        seconds += _pp_seconds(n, k, d, cl) + _fit_seconds(n, k, d, passes, prate, pcores)
+        seconds += _pp_sharded(n, k, d, cl, cfg) + _fit_seconds(n, k, d, passes, prate, pcores)
     for _ in range(1, max(1, lv.resampling_steps)):
         m = min(n, k * max(lv.sample_size, 1))
-        seconds += _pp_seconds(m, k, d, cl) + _fit_seconds(m, k, d, passes, drate, cl.cpus_per_node)
+        seconds += _pp_sharded(m, k, d, cl, cfg) + _fit_seconds(m, k, d, passes, drate, cl.cpus_per_node)
         seconds += _fit_seconds(n, k, d, 1, prate, pcores)
     tasks = cl.cpus_per_node if spread else 1
     node = max(driver, tasks * task + k * d * 4)
@@ -271,8 +283,10 @@ def _level(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster) ->
                           f"centroid index), over {cl.mem_per_node_gb:g} GB per node; {fix}")
     where = ("the first fit's passes and the fits inside the splits over the cluster, the rest" if spread and lv.split
              else "the first fit's passes over the cluster, the rest" if spread else "all fits")
-    notes.append(f"l{i + 1}: {fmt_time(seconds)}; {where} on the driver ({dsrc}), k-means++ in numpy on its "
-                 f"{cl.cpus_per_node} cores")
+    shards = math.ceil(min(n, max(8 * first_k, 4096)) / cfg.cluster.pp_shard_rows)
+    pp = (f"k-means++ on {shards} Ray actors (cluster.pp_shard_rows)" if cfg.executor == "ray" and shards > 1
+          else f"k-means++ in numpy on its {cl.cpus_per_node} cores")
+    notes.append(f"l{i + 1}: {fmt_time(seconds)}; {where} on the driver ({dsrc}), {pp}")
     return driver, node, seconds, notes
 
 
