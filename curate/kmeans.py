@@ -15,7 +15,6 @@ per donor, donors need >= 2 points); that point then sits at distance 0 from the
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from curate.kmeans_stats import (  # noqa: F401 (re-exported)
     partial_sums,
     reduce_stats,
 )
-from curate.kmeans_parts import Assignment, PartedRows, PartVectors, chunk_sizes
+from curate.kmeans_parts import Assignment, PartedRows, PartVectors, chunk_sizes, drop_pages
 from curate.kmeans_pp import PP_SHARD_ROWS, PlusPlus, ShardFactory, sharded_plusplus
 from curate.parts import list_parts
 
@@ -51,14 +50,6 @@ class Vectors(Protocol):
     def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]: ...
 
     def take(self, rows: np.ndarray) -> np.ndarray: ...
-
-
-def _drop_pages(a: np.ndarray) -> None:
-    """Unmap the file pages of a memory-mapped part just read (the page cache keeps them), so
-    that the resident set stays about one chunk instead of growing to the whole file."""
-    mm = getattr(a, "_mmap", None)
-    if isinstance(mm, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-        mm.madvise(mmap.MADV_DONTNEED)
 
 
 class ArrayVectors(PartedRows):
@@ -86,7 +77,7 @@ class ArrayVectors(PartedRows):
     def part_rows(self, i: int, a: int = 0, b: int | None = None, rows: np.ndarray | None = None) -> np.ndarray:
         arr = self.arrays[i]
         out = np.array(arr[a:b] if rows is None else arr[rows], dtype=np.float32)  # a copy, then the pages go
-        _drop_pages(arr)
+        drop_pages(arr)
         return out
 
 

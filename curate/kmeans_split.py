@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from curate.kmeans import DEFAULT_CHUNK, Seed, StepFn, Vectors, kmeans
-from curate.kmeans_parts import Assignment, chunk_sizes, save_npy_atomic
+from curate.kmeans_parts import Assignment, chunk_sizes, npy_header, save_npy_atomic
 from curate.kmeans_pp import PlusPlus
 
 if TYPE_CHECKING:
@@ -94,8 +94,8 @@ def fit_bucket(data: Vectors, spec: LevelSpec, seed: Seed, chunk_size: int, gpu:
                routed: Sequence[np.ndarray] | None = None, n_jobs: int = 0) -> tuple[dict, tuple | None]:
     """The k-means inside each split j in [lo, hi) of one bucket (k = ks[j], seeded by (seed, 1, j), on the
     split's points in row order): {split: centroids}, and with `within` the bucket's (rows, labels, squared
-    distances) in row order, written as within-{rows,labels,dists}-{bucket}.npy in out_dir (a task's output)
-    or returned."""
+    distances) in row order; with out_dir (a task's output) written there as centroids-{bucket}.npy (the
+    splits' centroids in split order; {} returned) and within-{rows,labels,dists}-{bucket}.npy."""
     parts = routed if routed is not None else [
         np.load(f) for f in (Path(out_dir) / f"route-{m:05d}-{bucket:05d}.npy" for m in range(n_jobs)) if f.exists()]
     pairs = np.concatenate([p for p in parts if p.shape[1]], axis=1) if parts else np.zeros((2, 0), np.int64)
@@ -112,6 +112,11 @@ def fit_bucket(data: Vectors, spec: LevelSpec, seed: Seed, chunk_size: int, gpu:
         centroids[j] = sub.centroids
         if within:
             sub_labels[at], sub_dists[at] = (sub.labels + int(first[j])).astype(np.int32), sub.sq_dists
+    if out_dir is not None:  # a task's output: the bucket's centroids in split order, not through the driver
+        save_npy_atomic(Path(out_dir) / f"centroids-{bucket:05d}.npy",
+                        np.concatenate([centroids[j] for j in sorted(centroids)]) if centroids
+                        else np.zeros((0, data.dim), np.float32))
+        centroids = {}
     if not within:
         return centroids, None
     by_row = np.argsort(rows, kind="stable")
@@ -192,7 +197,7 @@ def split_fit(
         fits = map_in_order(mapper, fit_bucket, [(want_within, str(routes), b, int(edges[b]), int(edges[b + 1]), None,
                                                   len(route_jobs)) for b in range(n_buckets)],
                             (data, spec, seed, chunk_size, gpu, ks, first))
-    centroids = {j: c for fit, _ in fits for j, c in fit.items()}
+    centroids = {j: c for fit, _ in fits for j, c in fit.items()}  # in memory only; through files: {}
     if want_within:
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         if tmp is None or within.dir is None:
@@ -203,6 +208,27 @@ def split_fit(
         else:
             map_in_order(mapper, within_chunk, [(str(tmp / "routes"), n_buckets, i, int(offsets[i]), int(sizes[i]),
                                                  str(within.dir), sizes) for i in range(len(sizes))])
-    if tmp is not None:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return np.concatenate([centroids[j] for j in sorted(centroids)]), coarse.objective
+    if tmp is None:
+        return np.concatenate([centroids[j] for j in sorted(centroids)]), coarse.objective
+    path = Path(f"{tmp}-centroids.npy")  # beside the scratch: the caller keeps it (or maps it) and removes it
+    gather_npy([tmp / "routes" / f"centroids-{b:05d}.npy" for b in range(n_buckets)], int(ks.sum()), data.dim, path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return np.load(path, mmap_mode="r"), coarse.objective
+
+
+def gather_npy(paths: Sequence[Path], rows: int, dim: int, out: Path) -> None:
+    """Concatenate float32 [*, dim] .npy files into one at `out` (atomically), one file in memory at a time."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        npy_header(fh, (rows, dim), np.float32)
+        done = 0
+        for p in paths:
+            a = np.ascontiguousarray(np.load(p), dtype=np.float32)
+            fh.write(a.tobytes())
+            done += len(a)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if done != rows:
+        tmp.unlink()
+        raise ValueError(f"split mode gathered {done} centroids, expected {rows}")
+    os.replace(tmp, out)

@@ -48,7 +48,7 @@ from curate.kmeans import (
     kmeans,
     local_step_fn,
 )
-from curate.kmeans_parts import Assignment, chunk_sizes, complement_rows, sample_per_cluster_parts
+from curate.kmeans_parts import Assignment, chunk_sizes, complement_rows, sample_per_cluster_parts, write_npy
 from curate.kmeans_pp import PlusPlus
 from curate.kmeans_split import apportion, split_fit  # noqa: F401 (apportion re-exported)
 
@@ -218,7 +218,7 @@ class Checkpoints:
 
     def load(self, level: int, step: int, sizes: np.ndarray) -> tuple[np.ndarray, Assignment, list[float]]:
         """Centroids, assignment and objectives saved at (level, step)."""
-        c = np.load(self.dir / f"centroids_l{level}_step{step}.npy")
+        c = self.mapped(level, step)
         part_dir = self._part_dir(level, step)
         legacy = self.dir / f"assign_l{level}_step{step}.npy"  # whole arrays, as checkpoints were before parts
         if part_dir is not None and not (legacy.exists() and not part_dir.exists()):
@@ -232,6 +232,10 @@ class Checkpoints:
                 out.put(i, labels[lo:hi], dists[lo:hi])
         return c, out, list(self.state["objectives"][str(level)])
 
+    def mapped(self, level: int, step: int) -> np.ndarray:
+        """The centroids saved at (level, step), memory-mapped (level 1's 10M x 1024 are 41 GB)."""
+        return np.load(self.dir / f"centroids_l{level}_step{step}.npy", mmap_mode="r")
+
     def save(self, level: int, step: int, centroids: np.ndarray, assignment: Assignment, objective: list[float],
              final: bool) -> None:
         """Write the step's arrays (level 1's parts are already in place), then the state; drop the previous
@@ -244,9 +248,9 @@ class Checkpoints:
         if assignment.dir is None:
             arrays["assign"], arrays["dists"] = assignment.arrays()
         for prefix, arr in arrays.items():
-            self._write(f"{prefix}_l{level}_step{step}.npy", lambda fh, a=arr: np.save(fh, a))
+            self._write(f"{prefix}_l{level}_step{step}.npy", lambda fh, a=arr: write_npy(fh, a))
             if final and prefix != "dists":
-                self._write(f"{prefix}_l{level}.npy", lambda fh, a=arr: np.save(fh, a))
+                self._write(f"{prefix}_l{level}.npy", lambda fh, a=arr: write_npy(fh, a))
         self._write("state.json", lambda fh: fh.write(json.dumps(self.state, indent=1).encode()))
         for prefix in ("assign", "dists"):
             (self.dir / f"{prefix}_l{level}_step{step - 1}.npy").unlink(missing_ok=True)
@@ -318,6 +322,10 @@ def hierarchical_kmeans(
                              out=assignment, pp=pp)
                 c, obj = res.centroids, res.objective
             ckpt.save(level, 0, c, assignment, obj, spec.n_steps == 1)
+            if ckpt.dir is not None:  # held from the checkpoint, not in memory (split mode's file beside it goes)
+                c = ckpt.mapped(level, 0)
+                if ckpt.scratch(level) is not None:
+                    Path(f"{ckpt.scratch(level)}-centroids.npy").unlink(missing_ok=True)
             if on_checkpoint is not None:
                 on_checkpoint(level, 0)
             start = 1
@@ -326,6 +334,7 @@ def hierarchical_kmeans(
                                                      gpu, ckpt.assignment(level, s, sizes), pp)
             obj = obj + [inertia]
             ckpt.save(level, s, c, assignment, obj, s == spec.n_steps - 1)
+            c = c if ckpt.dir is None else ckpt.mapped(level, s)
             if on_checkpoint is not None:
                 on_checkpoint(level, s)
         centroids.append(c)

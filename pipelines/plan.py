@@ -244,9 +244,16 @@ def _level(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster) ->
     def task_bytes(kk: int) -> float:  # one assignment pass worker: sums (float64), index and chunks
         return cost("base_rss") + kk * d * (8 + 4) + chunk
 
-    per_point = cost("cluster_bytes") if i == 0 else 8 + d * 4  # above level 1 the points are centroids
+    # above level 1 the points are the centroids below, memory-mapped from their checkpoint: labels and distances
+    per_point = cost("cluster_bytes") if i == 0 else 8
     first_k = lv.split or k  # the k-means++ sample is sized by the first fit's k
-    driver = cost("base_rss") + n * per_point + 2 * k * d * 4 + min(n, max(8 * first_k, 4096)) * (d * 4 + 16)
+    sample = min(n, max(8 * first_k, 4096)) * (d * 4 + 16)
+    if lv.resampling_steps > 1:  # a refit holds its points (up to sample_size per cluster) and their init sample
+        m = min(n, k * max(lv.sample_size, 1))
+        sample = max(sample, m * d * 4 + min(m, max(8 * k, 4096)) * (d * 4 + 16))
+    # split mode gathers the sub-clusters' centroids from the buckets' files on disk, one bucket at a time
+    held = 2 * (lv.split * d * 4 + k * d * 4 * min(1.0, 8e6 / n)) if lv.split else 2 * k * d * 4
+    driver = cost("base_rss") + n * per_point + held + sample
     seconds, notes, task = 0.0, [], task_bytes(k)
     if lv.split:
         sub = math.ceil(k / lv.split)

@@ -271,8 +271,8 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     tree = hierarchical_kmeans(vectors, levels, seed=cc.seed, checkpoint_dir=d / "_ckpt",
                                chunk_size=cc.chunk_size, step_fn=step_fn, upper_step_fn=upper,
                                split_mapper=mapper, pp=pp)
-    for level, c in enumerate(tree.centroids, start=1):
-        np.save(d / f"centroids_l{level}.npy", c)
+    for level, c in enumerate(tree.centroids, start=1):  # memory-mapped from the checkpoints: copied by blocks
+        save_npy_atomic(d / f"centroids_l{level}.npy", c)
     k1 = levels[0].n_clusters
     shared = (tree.upper, k1, tree.level1.sizes, str(tree.level1.dir))
     jobs = [(str(ing), str(d / part_name(k)), str(rows_dir / f"ing-{k:05d}.npy"), int(vectors.offsets[k]),

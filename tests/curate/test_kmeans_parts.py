@@ -188,6 +188,20 @@ def test_kill_mid_pass_then_resume_gives_the_same_tree(tmp_path, kill_pass):
     assert again.objectives == ref.objectives
 
 
+def test_checkpointed_tree_maps_its_centroids_from_disk_with_the_bytes_of_the_in_memory_tree(tmp_path):
+    """With a checkpoint directory every level's centroids are memory-mapped from their checkpoint (level 1's
+    split-mode centroids gathered from the buckets' files, never all in memory); the tree is the in-memory one."""
+    x = blobs(900, 8, 5, seed=2)
+    levels = [LevelSpec(30, 3, split=4, split_assign="within"), LevelSpec(5, 3, resampling_steps=2, sample_size=3)]
+    ref = hierarchical_kmeans(x, levels, seed=3, chunk_size=128)
+    got = hierarchical_kmeans(x, levels, seed=3, chunk_size=128, checkpoint_dir=tmp_path / "ckpt")
+    assert all(isinstance(c, np.memmap) for c in got.centroids)
+    assert [c.tobytes() for c in got.centroids] == [c.tobytes() for c in ref.centroids]
+    assert np.array_equal(got.paths(), ref.paths()) and got.objectives == ref.objectives
+    left = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert "centroids_l1_step0.npy" in left and not [n for n in left if n.startswith("split_l1")]  # scratch gone
+
+
 def test_resume_from_whole_array_checkpoints_of_before(tmp_path):
     """A run checkpointed by the code before parts (assign_l1_step{S}.npy) resumes to the same tree."""
     x = blobs(900, 8, 5, seed=8)
@@ -288,4 +302,24 @@ def test_split_mode_in_buckets_of_splits_equals_the_split_by_split_fit(tmp_path,
         buckets = len(kmeans_split.split_buckets(ref[2], bucket_points)) - 1
         assert (buckets == 9) if bucket_points < 100 else (1 < buckets < 9)  # one split each, or several
         assert [n for _, n in calls] == [-(-n_chunks // route_chunks), buckets, n_chunks]
+        # the centroids came through the buckets' files, gathered on disk beside the scratch: mapped, not held
+        assert isinstance(got[0], np.memmap) and (tmp_path / "scratch-centroids.npy").exists()
     assert not (tmp_path / "scratch").exists()
+
+
+def test_write_npy_copies_a_mapped_array_by_blocks_into_the_bytes_of_np_save(tmp_path, monkeypatch):
+    import io
+
+    from curate import kmeans_parts
+    from curate.kmeans_parts import mapped_base, write_npy
+
+    monkeypatch.setattr(kmeans_parts, "WRITE_ROWS", 7)  # blocks that do not divide the rows
+    a = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
+    np.save(tmp_path / "a.npy", a)
+    m = np.load(tmp_path / "a.npy", mmap_mode="r")
+    for arr in (m, np.ascontiguousarray(m), m[3:41], a):
+        want, got = io.BytesIO(), io.BytesIO()
+        np.save(want, np.asarray(arr))
+        write_npy(got, arr)
+        assert got.getvalue() == want.getvalue()
+    assert mapped_base(np.ascontiguousarray(m)) is m and mapped_base(a) is None
