@@ -1,5 +1,6 @@
-"""cluster: hierarchical k-means over an embedding (local, or every level's Lloyd passes as Ray tasks):
-`cluster_l1..lN` and `cluster_sq_dist` per record, `centroids_lK.npy` per level.
+"""cluster: hierarchical k-means over an embedding (local, or every level's Lloyd passes as Ray tasks and the
+k-means++ seedings of more than `pp_shard_rows` points on one Ray actor per shard): `cluster_l1..lN` and
+`cluster_sq_dist` per record, `centroids_lK.npy` per level.
 
 The driver holds O(parts + clusters): the rows to cluster are found part by part (their positions in
 `_rows/`), level 1's labels and distances live in the checkpoint directory one file pair per chunk of
