@@ -52,8 +52,9 @@ def _embedding(cfg: Config, name: str | None, embs: dict) -> tuple[str, int, flo
 
 
 # Stages whose heavy part runs as Ray tasks or actors over the nodes with `executor: ray` (the code as it
-# is: ingest, hash dedup and the shard plan run on one machine; update this as stages move to Ray).
-ON_RAY = {"embed", "dedup", "cluster", "balance"}
+# is: ingest one task per part, hash dedup banded map/reduce tasks, curated shards one task per shard; the
+# ingest plan, hash dedup's records with a link and the shard plan stay on the driver).
+ON_RAY = {"ingest", "hashdedup", "embed", "dedup", "cluster", "balance", "shards"}
 MODELS_VITS = 0.075  # ViT-S/14's forward cost relative to ViT-L/14 (plan_costs.MODELS)
 CHUNK_TEMPS = 3  # float32 chunk copies a k-means or k-NN pass holds at once (read, convert, search input)
 
@@ -95,10 +96,24 @@ def _ingest(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
 def _hashdedup(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
     from curate.hash_bands import phash_fields
 
+    from pipelines.stages.hashdedup import RAY_BAND_ROWS
+
     hc = cfg.hashdedup
-    mem = cost("base_rss") + cost("hashdedup_band_bytes") + f.ok * cost("hash_dup_share") * cost("hashdedup_bytes")
-    spill = f.ok * (16 * len(phash_fields(hc.phash_max_distance)) + (72 if hc.exact else 0))  # bands on disk
-    return StagePlan("hashdedup", "driver", mem, mem, f.inputs * 30 + spill, 0, f.ok * cost("hashdedup_s"), f.ok,
+    dups = f.ok * cost("hash_dup_share")
+    band_bytes = f.ok * (16 * len(phash_fields(hc.phash_max_distance)) + (72 if hc.exact else 0))  # every band
+    if "hashdedup" in ON_RAY and cfg.executor == "ray":
+        # banded map/reduce: the maps and the band reduces as tasks on every core, the bands in the object store
+        # (moved between nodes); the driver gathers the records with a link, groups them, and tasks write parts
+        cores = cl.nodes * cl.cpus_per_node
+        driver = cost("base_rss") + dups * cost("hashdedup_ray_bytes")
+        task = cost("base_rss") + RAY_BAND_ROWS * cost("hashdedup_band_record_bytes")
+        seconds = f.ok * cost("hashdedup_ray_s") / cores + dups * cost("hashdedup_driver_s")
+        return StagePlan("hashdedup", "cluster", max(driver, task), max(driver, cl.cpus_per_node * task),
+                         f.inputs * 30, band_bytes * (1 - 1 / cl.nodes), seconds, f.ok,
+                         [f"banded map/reduce over {cores:,} cores (bands of {RAY_BAND_ROWS:,} records per task); "
+                          f"the driver groups the ~{int(dups):,} records with a link"])
+    mem = cost("base_rss") + cost("hashdedup_band_bytes") + dups * cost("hashdedup_bytes")
+    return StagePlan("hashdedup", "driver", mem, mem, f.inputs * 30 + band_bytes, 0, f.ok * cost("hashdedup_s"), f.ok,
                      ["one process: the bands spilled to disk and reduced one at a time, then the records with a "
                       "link"])
 
@@ -329,13 +344,21 @@ def _balance(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
 
 
 def _shards(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
+    spread = "shards" in ON_RAY and cfg.executor == "ray"
     p = _driver_stage("shards", f.selected, "plan_s", "plan_bytes", f.selected * cost("image_bytes"),
                       "the plan by an external sort on the driver (a range of samples in memory at a time, and "
-                      "the shuffle), then shards written in order")
+                      "the shuffle), then " + (f"one task per shard over {cl.nodes} node(s)" if spread
+                                               else "shards written in order"))
     p.mem_process += cost("plan_range_bytes")
     p.mem_node += cost("plan_range_bytes")
-    p.seconds += f.selected * cost("image_bytes") / cost("shards_bytes_s")
-    p.network = f.selected * cost("image_bytes") * (1 - 1 / cl.nodes)
+    data = f.selected * cost("image_bytes")
+    if spread:  # one task per shard on every core, reading the raw shards over the network
+        rate = min(cl.nodes * cl.cpus_per_node * cost("shards_bytes_s"), cl.nodes * cost("net_bytes_s"))
+        p.where = "cluster"
+    else:
+        rate = cost("shards_bytes_s")
+    p.seconds += data / rate
+    p.network = data * (1 - 1 / cl.nodes)
     return p
 
 

@@ -40,6 +40,18 @@ COSTS: dict[str, Cost] = {
     "copy_dup_share": Cost(0.10, "of embedded records", "ASSUMPTION: embedding copies (DINOv2 removed a similar share)"),
     "hashdedup_s": Cost(66e-6, "driver s per ok record", f"{_SCALE10}: 644 CPU-s for 9.8M ok records (58.8 for "
                         "0.98M; bands spilled to disk, each record searched in the 5 pHash bands of its bit fields)"),
+    "hashdedup_ray_s": Cost(1.37e-4, "core-s per ok record with executor ray (maps, band reduces, writes)",
+                            "python bench/scale.py --records 10000000 --stages hashdedup --ray-address A (ray start, "
+                            "2 CPUs): 672.6 s wall for 9.8M ok records (37.5 s for 0.98M: 7.6e-5; pHash candidates "
+                            "grow faster than the records, so more records cost more per record)"),
+    "hashdedup_driver_s": Cost(40e-6, "driver s per duplicate with executor ray (gather, group, plan the writes)",
+                               "the same two runs: driver CPU 2.6 s and 9.2 s for 19k and 190k duplicates"),
+    "hashdedup_ray_bytes": Cost(1340, "driver bytes per duplicate with executor ray (its links, the linked records "
+                                "as Python strings, per-part task bookkeeping)", "the same two runs: driver peak "
+                                "RSS 204 MB and 433 MB"),
+    "hashdedup_band_record_bytes": Cost(100, "task bytes per band record with executor ray (the band, its sort and "
+                                        "links)", "ASSUMPTION, not measured (Ray workers' RSS): 16 B per pHash-field "
+                                        "record and 72 B per sha256 record, with sort and search temporaries"),
     "hashdedup_band_bytes": Cost(150 * 2**20, "driver bytes (one band of 250k records, the 64 MB spill buffer)",
                                  f"{_SCALE10}: the intercept of peak RSS 356 MB at 0.98M and 411 MB at 9.8M ok "
                                  "records, above base_rss"),

@@ -97,3 +97,20 @@ def test_kmeans_plusplus_shards_spread_the_seeding_over_the_cluster():
     assert _pp_sharded(10_000_000, 500_000, 1024, PAPER, local) == driver
     times = {p.stage: p.seconds for p in plan(cfg, 1_200_000_000, PAPER, {"copy": 512})}
     assert times["cluster"] < 2 * 86400  # 10.4 days while every seeding ran on the driver
+
+
+def test_ingest_hash_dedup_and_shards_spread_over_the_nodes_with_executor_ray():
+    """The three run as Ray tasks with executor ray (one per part, banded map/reduce, one per shard): the plan
+    counts every node; with the local executor they stay on one machine."""
+    ray_cfg = load_config("configs/lvd142m.yaml")
+    local_cfg = load_config("configs/lvd142m.yaml", ["executor=local"])
+    on_ray = {p.stage: p for p in plan(ray_cfg, 1_200_000_000, PAPER, {"copy": 512})}
+    local = {p.stage: p for p in plan(local_cfg, 1_200_000_000, PAPER, {"copy": 512})}
+    for stage in ("ingest", "hashdedup", "shards"):
+        assert on_ray[stage].where == "cluster" and local[stage].where in ("node", "driver"), stage
+        assert on_ray[stage].seconds < local[stage].seconds / 5, stage
+    # downloads over 20 nodes' links instead of one: 120 TB at 25 GB/s
+    assert on_ray["ingest"].seconds == pytest.approx(on_ray["ingest"].network / (20 * COSTS["net_bytes_s"].value))
+    half = {p.stage: p for p in plan(ray_cfg, 600_000_000, PAPER, {"copy": 512})}["hashdedup"]
+    base = COSTS["base_rss"].value  # hash dedup's driver holds the records with a link: half the pool, half of it
+    assert on_ray["hashdedup"].mem_process - base == pytest.approx(2 * (half.mem_process - base), rel=1e-3)
