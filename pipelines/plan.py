@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from curate.kmeans_split import BUCKET_POINTS
 from pipelines.config import Config, LevelConfig
 from pipelines.framework import enabled
 from pipelines.plan_costs import (
@@ -267,7 +268,7 @@ def _level(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster) ->
         m = min(n, k * max(lv.sample_size, 1))
         sample = max(sample, m * d * 4 + min(m, max(8 * k, 4096)) * (d * 4 + 16))
     # split mode gathers the sub-clusters' centroids from the buckets' files on disk, one bucket at a time
-    held = 2 * (lv.split * d * 4 + k * d * 4 * min(1.0, 8e6 / n)) if lv.split else 2 * k * d * 4
+    held = 2 * (lv.split * d * 4 + k * d * 4 * min(1.0, BUCKET_POINTS[1] / n)) if lv.split else 2 * k * d * 4
     driver = cost("base_rss") + n * per_point + held + sample
     seconds, notes, task = 0.0, [], task_bytes(k)
     if lv.split:
