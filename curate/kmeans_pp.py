@@ -6,21 +6,26 @@ Each step of greedy k-means++ (scikit-learn's `_kmeans_plusplus`; ssl-data-curat
 keeps the one that lowers the potential most and lowers every point's D^2 (squared distance to its
 nearest centre) to it. The rows are cut into shards of `shard_rows` consecutive rows: a setting that
 decides the result, whatever runs the shards. A shard holds its rows, their squared norms, their D^2
-and its running sum of D^2, and answers three calls per step:
+and its running sum of D^2. One shard answers three calls per step, as the single-process loop computes:
 
 - `score(candidates)`: per candidate, the shard's potential were it added: sum of min(D^2, d^2), chunk by chunk;
 - `commit(centre)`: D^2 <- min(D^2, d^2 to the centre); returns the shard's total (the last running sum);
 - `resolve(residuals)`: the rows where the running sum passes each residual (searchsorted, right), and
   their vectors (the next step's candidates).
 
+Several shards answer two, to halve the round trips when they are Ray actors: `score(candidates,
+keep=True)` also keeps the D^2 each candidate would leave (rows x candidates float64, ~120 B a row at
+k = 500k), and `advance(best, residuals)` takes the best one's and resolves; the shard totals of the
+draw are then the best candidate's scores.
+
 A candidate is drawn as in the single-process loop (a uniform times the total potential, searched in the
 running sum of D^2) in two stages: the shard in the running sum of the shard totals, then the row in the
 shard's own. With one shard every number is the single-process loop's, so the centres are byte-identical;
-with several, the draws differ only by the rounding of the running sums (the same distribution), and
-local and Ray shards give the same centres (the same arithmetic per shard, added in shard order).
+with several, the draws differ only by rounding (the same distribution), and local and Ray shards give
+the same centres (the same arithmetic per shard, added in shard order).
 
-Per step the driver exchanges a few candidate vectors with the shards (three round trips); the D^2 of
-the points stay on the shards. A shard lost with its node (`ShardLost`) restarts the seeding from the
+Per step the driver exchanges a few candidate vectors with the shards; the D^2 of the points stay on
+the shards. A shard lost with its node (`ShardLost`) restarts the seeding from the
 first centre on fresh shards: the draws are seeded, so the centres are the same.
 """
 
@@ -62,12 +67,23 @@ class PlusPlusShard:
         self.cum = np.zeros(0)
         self.chunk = chunk_size
 
-    def score(self, candidates: np.ndarray) -> np.ndarray:
-        """float64 [c]: the shard's potential with each candidate added."""
+    def score(self, candidates: np.ndarray, keep: bool = False) -> np.ndarray:
+        """float64 [c]: the shard's potential with each candidate added; with `keep`, the D^2 each candidate
+        would leave are kept (m x c float64) for `advance`."""
         potential = np.zeros(len(candidates))
+        self.kept = np.empty((len(self.x), len(candidates))) if keep else None
         for a, block in sq_to(self.x, self.sq, candidates, self.chunk):
-            potential += np.minimum(block, self.d2[a : a + len(block), None]).sum(axis=0)
+            low = np.minimum(block, self.d2[a : a + len(block), None])
+            potential += low.sum(axis=0)
+            if keep:
+                self.kept[a : a + len(block)] = low
         return potential
+
+    def advance(self, best: int, residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Add scored candidate `best` to the centres (its kept D^2), then `resolve` the residuals."""
+        self.d2, self.kept = self.kept[:, best].copy(), None
+        self.cum = np.cumsum(self.d2)
+        return self.resolve(residuals)
 
     def commit(self, centre: np.ndarray) -> float:
         """Add centre ([1, d]) to the centres; the shard's total potential after it."""
@@ -88,11 +104,13 @@ class PlusPlusShard:
 class ShardGroup(Protocol):
     """The shards of one seeding; every call answers in shard order."""
 
-    def score(self, candidates: np.ndarray) -> list[np.ndarray]: ...
+    def score(self, candidates: np.ndarray, keep: bool = False) -> list[np.ndarray]: ...
 
     def commit(self, centre: np.ndarray) -> list[float]: ...
 
     def resolve(self, asks: dict[int, np.ndarray]) -> dict[int, tuple[np.ndarray, np.ndarray]]: ...
+
+    def advance(self, best: int, asks: dict[int, np.ndarray]) -> dict[int, tuple[np.ndarray, np.ndarray]]: ...
 
     def rows(self, shard: int, rows: np.ndarray) -> np.ndarray: ...
 
@@ -116,8 +134,11 @@ class LocalShards:
     def __init__(self, parts: Sequence[np.ndarray], chunk_size: int) -> None:
         self.shards = [PlusPlusShard(p, chunk_size) for p in parts]
 
-    def score(self, candidates: np.ndarray) -> list[np.ndarray]:
-        return [s.score(candidates) for s in self.shards]
+    def score(self, candidates: np.ndarray, keep: bool = False) -> list[np.ndarray]:
+        return [s.score(candidates, keep) for s in self.shards]
+
+    def advance(self, best: int, asks: dict[int, np.ndarray]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        return {i: s.advance(best, asks[i]) for i, s in enumerate(self.shards)}
 
     def commit(self, centre: np.ndarray) -> list[float]:
         return [s.commit(centre) for s in self.shards]
@@ -147,25 +168,34 @@ def _seed_once(group: ShardGroup, bounds: np.ndarray, k: int, d: int, rng: np.ra
     first = int(rng.integers(m))
     shard = int(np.searchsorted(bounds, first, side="right") - 1)
     cand = group.rows(shard, np.array([first - bounds[shard]]))
+    fused = n_shards > 1  # two calls a step: score (keeping the D^2), then advance (commit + resolve)
     for i in range(k):
         potential = np.zeros(len(cand))
-        for p in group.score(cand):  # in shard order: one shard gives its own sums exactly
+        scores = group.score(cand, fused)
+        for p in scores:  # in shard order: one shard gives its own sums exactly
             potential += p
         best = int(np.argmin(potential))
         centers[i] = cand[best]
-        totals = np.cumsum(group.commit(cand[best : best + 1]))
-        if i + 1 == k:
-            break
+        if fused:
+            if i + 1 == k:
+                break
+            totals = np.cumsum([float(p[best]) for p in scores])  # each shard's potential with `best` added
+        else:
+            totals = np.cumsum(group.commit(cand[best : best + 1]))
+            if i + 1 == k:
+                break
         if totals[-1] > 0:
             t = rng.random(trials) * totals[-1]
             which = np.minimum(np.searchsorted(totals, t, side="right"), n_shards - 1)
             residual = t - np.concatenate([[0.0], totals[:-1]])[which]
-            asks = {int(s): residual[which == s] for s in np.unique(which)}
-            got = group.resolve(asks)
+            asks = {int(s): residual[which == s] for s in (range(n_shards) if fused else np.unique(which))}
+            got = group.advance(best, asks) if fused else group.resolve(asks)
             cand = np.empty((trials, d), dtype=np.float32)
             for s, (_, vecs) in got.items():
                 cand[which == s] = vecs
         else:  # every point sits on a centre: any point
+            if fused:
+                group.advance(best, {s: np.zeros(0) for s in range(n_shards)})
             row = int(rng.integers(m, size=1)[0])
             shard = int(np.searchsorted(bounds, row, side="right") - 1)
             cand = group.rows(shard, np.array([row - bounds[shard]]))

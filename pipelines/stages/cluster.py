@@ -178,8 +178,11 @@ class RayShards:
         except RayActorError as exc:
             raise ShardLost(str(exc)) from exc
 
-    def score(self, candidates: np.ndarray) -> list[np.ndarray]:
-        return self._get([a.score.remote(candidates) for a in self.actors])
+    def score(self, candidates: np.ndarray, keep: bool = False) -> list[np.ndarray]:
+        return self._get([a.score.remote(candidates, keep) for a in self.actors])
+
+    def advance(self, best: int, asks: dict) -> dict:
+        return dict(enumerate(self._get([a.advance.remote(best, asks[i]) for i, a in enumerate(self.actors)])))
 
     def commit(self, centre: np.ndarray) -> list[float]:
         return self._get([a.commit.remote(centre) for a in self.actors])

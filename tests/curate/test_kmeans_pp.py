@@ -90,20 +90,20 @@ def test_shard_bounds_cut_near_equal_consecutive_rows():
 
 
 class _LosesAShard(LocalShards):
-    """Local shards whose first group loses a shard at its 5th commit (as a Ray actor dies with its node)."""
+    """Local shards whose first group loses a shard at its 5th step (as a Ray actor dies with its node)."""
 
     made = 0
 
     def __init__(self, parts, chunk_size):
         super().__init__(parts, chunk_size)
         type(self).made += 1
-        self.first, self.commits = type(self).made == 1, 0
+        self.first, self.steps = type(self).made == 1, 0
 
-    def commit(self, centre):
-        self.commits += 1
-        if self.first and self.commits == 5:
+    def advance(self, best, asks):
+        self.steps += 1
+        if self.first and self.steps == 5:
             raise ShardLost("shard 1's node is gone")
-        return super().commit(centre)
+        return super().advance(best, asks)
 
 
 def test_a_lost_shard_restarts_the_seeding_with_the_same_centres():
@@ -116,3 +116,35 @@ def test_a_lost_shard_restarts_the_seeding_with_the_same_centres():
     _LosesAShard.made = 0
     got = sharded_plusplus(x, 30, seeded, 128, shard_rows=300, shards=_LosesAShard)
     assert _LosesAShard.made == 2 and got.tobytes() == want.tobytes()
+
+
+class _Counts(LocalShards):
+    calls: list = []
+
+    def score(self, candidates, keep=False):
+        self.calls.append("score+keep" if keep else "score")
+        return super().score(candidates, keep)
+
+    def commit(self, centre):
+        self.calls.append("commit")
+        return super().commit(centre)
+
+    def advance(self, best, asks):
+        self.calls.append("advance")
+        return super().advance(best, asks)
+
+
+def test_several_shards_take_two_calls_a_step_and_one_shard_stays_in_the_process():
+    """Ray actors pay a round trip per call: several shards score (keeping the D^2) and advance; one shard (in
+    the process) scores, commits and resolves as the single-process loop."""
+    x = np.random.default_rng(3).normal(size=(600, 4)).astype(np.float32)
+
+    def seeded():
+        return np.random.default_rng(0)
+
+    _Counts.calls = []
+    sharded_plusplus(x, 10, seeded, 64, shard_rows=200, shards=_Counts)
+    assert _Counts.calls == ["score+keep", "advance"] * 9 + ["score+keep"]
+    _Counts.calls = []
+    sharded_plusplus(x, 10, seeded, 64, shard_rows=600, shards=_Counts)
+    assert _Counts.calls == []  # one shard: LocalShards itself, whatever the factory
