@@ -13,7 +13,7 @@ and its running sum of D^2. One shard answers three calls per step, as the singl
 - `resolve(residuals)`: the rows where the running sum passes each residual (searchsorted, right), and
   their vectors (the next step's candidates).
 
-Several shards answer two, to halve the round trips when they are Ray actors: `score(candidates,
+Several shards answer two, to save a round trip a step when they are Ray actors: `score(candidates,
 keep=True)` also keeps the D^2 each candidate would leave (rows x candidates float64, ~120 B a row at
 k = 500k), and `advance(best, residuals)` takes the best one's and resolves; the shard totals of the
 draw are then the best candidate's scores.

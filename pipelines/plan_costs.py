@@ -69,10 +69,10 @@ COSTS: dict[str, Cost] = {
                       "19.5 TFLOP/s fp32"),
     "cpu_flops": Cost(55e9, "FLOP/s per core (faiss flat search)", f"{_CAL}: 54.7-56.9 GFLOP/s at k = 4096"),
     "pp_flops": Cost(8e9, "FLOP/s per core (k-means++ in numpy)", f"{_CAL}: 7.5-9.3 GFLOP/s"),
-    "pp_ray_step_s": Cost(8e-3, "s per k-means++ step with its shards on Ray actors (3 round trips)",
-                          "PYTHONPATH=. python bench/kmeans_pp.py: 7.6 and 8.4 ms per step over the in-process "
-                          "shards in two runs (local Ray, 2 actors, 2 cores, actor start included; RESULTS "
-                          "'k-means++ over shards')"),
+    "pp_ray_step_s": Cost(8e-3, "s per k-means++ step with its shards on Ray actors (2 round trips)",
+                          "PYTHONPATH=. python bench/kmeans_pp.py: 7.8 ms per step over the in-process shards "
+                          "(7.6 and 8.4 with 3 round trips; local Ray, 2 actors, 2 cores, actor start included; "
+                          "RESULTS 'k-means++ over shards')"),
     "kmeans_rec_s": Cost(2.5e-8, "core-s per record and dimension per pass (read, sums)", f"{_CAL}: 2.0-2.9e-8"),
     "ivf_scan_s": Cost(1.2e-9, "core-s per scanned vector-dimension (IVF k-NN)", f"{_SCALE}: dedup 112 CPU-s, "
                        "~70 of them scanning 6e10 vector-dimensions (the rest training, adding, components)"),
