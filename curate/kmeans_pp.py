@@ -65,6 +65,7 @@ class PlusPlusShard:
         self.sq = np.einsum("ij,ij->i", self.x, self.x)
         self.d2 = np.full(len(self.x), np.inf)
         self.cum = np.zeros(0)
+        self.kept: np.ndarray | None = None  # the scored candidates' D^2, several shards only
         self.chunk = chunk_size
 
     def score(self, candidates: np.ndarray, keep: bool = False) -> np.ndarray:
