@@ -84,17 +84,17 @@ def test_decontamination_memory_follows_the_evaluation_sets_not_the_pool():
 def test_kmeans_plusplus_shards_spread_the_seeding_over_the_cluster():
     """Level 2's seeding (k = 500k over a 4M sample) on one actor per node takes ~1/20 of the driver's time plus
     the actors' round trips; on the local executor, or with one shard, it stays on the driver."""
-    from pipelines.plan import _pp_seconds, _pp_sharded
+    from pipelines.plan_kmeans import pp_seconds, pp_sharded
 
     cfg = load_config("configs/lvd142m.yaml")
     assert cfg.cluster.pp_shard_rows == 200_000
-    driver = _pp_seconds(10_000_000, 500_000, 1024, PAPER)
-    spread = _pp_sharded(10_000_000, 500_000, 1024, PAPER, cfg)
+    driver = pp_seconds(10_000_000, 500_000, 1024, PAPER)
+    spread = pp_sharded(10_000_000, 500_000, 1024, PAPER, cfg)
     assert spread == pytest.approx(driver / 20 + 500_000 * COSTS["pp_ray_step_s"].value)
     one = load_config("configs/lvd142m.yaml", ["cluster.pp_shard_rows=4000000"])
     local = load_config("configs/lvd142m.yaml", ["executor=local"])
-    assert _pp_sharded(10_000_000, 500_000, 1024, PAPER, one) == driver
-    assert _pp_sharded(10_000_000, 500_000, 1024, PAPER, local) == driver
+    assert pp_sharded(10_000_000, 500_000, 1024, PAPER, one) == driver
+    assert pp_sharded(10_000_000, 500_000, 1024, PAPER, local) == driver
     times = {p.stage: p.seconds for p in plan(cfg, 1_200_000_000, PAPER, {"copy": 512})}
     assert times["cluster"] < 2 * 86400  # 10.4 days while every seeding ran on the driver
 

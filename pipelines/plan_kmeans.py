@@ -1,0 +1,103 @@
+"""`curate plan` for the cluster stage: each k-means level's driver memory, assignment tasks and time (k-means++
+seedings on the driver or on one Ray actor per shard, Lloyd passes, split mode, resampling refits)."""
+
+from __future__ import annotations
+
+import math
+
+from curate.kmeans_split import BUCKET_POINTS
+from pipelines.config import Config, LevelConfig
+from pipelines.plan_costs import Cluster, PlanRefused, cost, dense_rate, fmt_bytes, fmt_time
+
+CHUNK_TEMPS = 3  # float32 chunk copies a k-means or k-NN pass holds at once (read, convert, search input)
+
+
+def pp_seconds(n: int, k: int, d: int, cl: Cluster, cores: int | None = None) -> float:
+    """k-means++ on the init sample: k steps, each scoring 2 + ln k candidates against the sample, in numpy
+    on the driver's cores (no GPU), or on `cores`."""
+    s = min(n, max(8 * k, 4096))
+    return 2.0 * s * d * k * (3 + math.log(k)) / ((cores or cl.cpus_per_node) * cost("pp_flops"))
+
+
+def pp_sharded(n: int, k: int, d: int, cl: Cluster, cfg: Config) -> float:
+    """k-means++ of a full fit or refit: on the driver, or with executor ray and more than one shard of
+    cluster.pp_shard_rows rows, on one actor per shard (the cluster's cores shared out, up to a node each),
+    each step paying the actors' round trips."""
+    s = min(n, max(8 * k, 4096))
+    shards = math.ceil(s / cfg.cluster.pp_shard_rows)
+    if cfg.executor != "ray" or shards == 1:
+        return pp_seconds(n, k, d, cl)
+    cores = shards * min(cl.cpus_per_node, cl.nodes * cl.cpus_per_node / shards)
+    return pp_seconds(n, k, d, cl, cores) + k * cost("pp_ray_step_s")
+
+
+def fit_seconds(n: int, k: int, d: int, passes: int, rate: float, cores: int) -> float:
+    """Lloyd passes: the nearest-centroid search (dense FLOPs) plus reading and summing each record."""
+    return passes * (2.0 * n * k * d / rate + n * d * cost("kmeans_rec_s") / cores)
+
+
+def level_plan(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster) -> tuple[float, float, float, list]:
+    """(driver bytes, bytes per pass task, seconds, notes) of one k-means level over n points of dim d."""
+    key = f"cluster.levels[{i}]"
+    k, passes, spread = lv.n_clusters, lv.n_iters + 1, i == 0 and cfg.executor == "ray"
+    if k > n:
+        raise PlanRefused(f"{key}.n_clusters: {k:,} clusters from {n:,} points")
+    drate, dsrc = dense_rate(cl, False)
+    prate, _ = dense_rate(cl, spread)
+    pcores = cl.cpus_per_node * (cl.nodes if spread else 1)
+    chunk = cfg.cluster.chunk_size * d * 4 * CHUNK_TEMPS
+
+    def task_bytes(kk: int) -> float:  # one assignment pass worker: sums (float64), index and chunks
+        return cost("base_rss") + kk * d * (8 + 4) + chunk
+
+    # above level 1 the points are the centroids below, memory-mapped from their checkpoint: labels and distances
+    per_point = cost("cluster_bytes") if i == 0 else 8
+    first_k = lv.split or k  # the k-means++ sample is sized by the first fit's k
+    sample = min(n, max(8 * first_k, 4096)) * (d * 4 + 16)
+    if lv.resampling_steps > 1:  # a refit holds its points (up to sample_size per cluster) and their init sample
+        m = min(n, k * max(lv.sample_size, 1))
+        sample = max(sample, m * d * 4 + min(m, max(8 * k, 4096)) * (d * 4 + 16))
+    # split mode gathers the sub-clusters' centroids from the buckets' files on disk, one bucket at a time
+    held = 2 * (lv.split * d * 4 + k * d * 4 * min(1.0, BUCKET_POINTS[1] / n)) if lv.split else 2 * k * d * 4
+    driver = cost("base_rss") + n * per_point + held + sample
+    seconds, notes, task = 0.0, [], task_bytes(k)
+    if lv.split:
+        sub = math.ceil(k / lv.split)
+        seconds += pp_sharded(n, lv.split, d, cl, cfg) + fit_seconds(n, lv.split, d, passes, prate, pcores)
+        # a k-means in each split (k-means++ included): one job per bucket of splits, Ray tasks on every core
+        # of the cluster with executor ray (CPU), else on the driver
+        srate = pcores * cost("cpu_flops") if spread else drate
+        seconds += (lv.split * pp_seconds(math.ceil(n / lv.split), sub, d, cl, pcores)
+                    + fit_seconds(n, sub, d, passes, srate, pcores))
+        task = task_bytes(lv.split)
+        if getattr(lv, "split_assign", "global") == "global":
+            seconds += fit_seconds(n, k, d, 1, prate, pcores)
+            task = task_bytes(k)
+            notes.append(f"l{i + 1}: split {lv.split:,} then ~{sub} per split, then every point against all {k:,}")
+        else:
+            notes.append(f"l{i + 1}: split {lv.split:,} then ~{sub} per split (points stay in their split)")
+    else:
+        seconds += pp_sharded(n, k, d, cl, cfg) + fit_seconds(n, k, d, passes, prate, pcores)
+    for _ in range(1, max(1, lv.resampling_steps)):
+        m = min(n, k * max(lv.sample_size, 1))
+        seconds += pp_sharded(m, k, d, cl, cfg) + fit_seconds(m, k, d, passes, drate, cl.cpus_per_node)
+        seconds += fit_seconds(n, k, d, 1, prate, pcores)
+    tasks = cl.cpus_per_node if spread else 1
+    node = max(driver, tasks * task + k * d * 4)
+    if not spread:
+        driver += task
+        node = driver
+    if node > cl.mem or driver > cl.mem:
+        what = "each of the node's assignment tasks" if spread and node > driver else "the driver"
+        need = f"{fmt_bytes(task)} x {tasks} tasks" if spread and node > driver else fmt_bytes(driver)
+        fix = (f"set {key}.split_assign: within (the reference's split mode: points stay in their split)"
+               if lv.split else f"lower {key}.n_clusters or use split mode ({key}.split)")
+        raise PlanRefused(f"{key}.n_clusters: k={k:,} x d={d} needs {need} ({what}: float64 sums, "
+                          f"centroid index), over {cl.mem_per_node_gb:g} GB per node; {fix}")
+    where = ("the first fit's passes and the fits inside the splits over the cluster, the rest" if spread and lv.split
+             else "the first fit's passes over the cluster, the rest" if spread else "all fits")
+    shards = math.ceil(min(n, max(8 * first_k, 4096)) / cfg.cluster.pp_shard_rows)
+    pp = (f"k-means++ on {shards} Ray actors (cluster.pp_shard_rows)" if cfg.executor == "ray" and shards > 1
+          else f"k-means++ in numpy on its {cl.cpus_per_node} cores")
+    notes.append(f"l{i + 1}: {fmt_time(seconds)}; {where} on the driver ({dsrc}), {pp}")
+    return driver, node, seconds, notes
