@@ -245,6 +245,11 @@ def kmeans_plusplus(
         return sharded_plusplus(x, k, seeded, chunk_size, n_candidates, shard_rows, shards)
 
 
+def init_sample_rows(n: int, k: int, sample_size: int | None = None) -> int:
+    """Rows of the deterministic sample k-means++ seeds on: sample_size, default max(8k, 4096), capped at n."""
+    return min(n, sample_size or max(8 * k, 4096))
+
+
 def initial_centroids(
     vectors: Vectors, k: int, method: str = "kmeans++", seed: Seed = 0, sample_size: int | None = None,
     pp: PlusPlus | None = None,
@@ -255,7 +260,7 @@ def initial_centroids(
     """
     if k < 1 or k > vectors.n:
         raise ValueError(f"need 1 <= k <= n, got k={k}, n={vectors.n}")
-    size = min(vectors.n, sample_size or max(8 * k, 4096))
+    size = init_sample_rows(vectors.n, k, sample_size)
     seeds = [*((seed,) if isinstance(seed, int) else seed)]
     x = init_sample(vectors, max(size, k), [*seeds, 1])
     if method == "kmeans++":

@@ -210,10 +210,16 @@ def split_fit(
                                                  str(within.dir), sizes) for i in range(len(sizes))])
     if tmp is None:
         return np.concatenate([centroids[j] for j in sorted(centroids)]), coarse.objective
-    path = Path(f"{tmp}-centroids.npy")  # beside the scratch: the caller keeps it (or maps it) and removes it
+    path = gathered_path(tmp)
     gather_npy([tmp / "routes" / f"centroids-{b:05d}.npy" for b in range(n_buckets)], int(ks.sum()), data.dim, path)
     shutil.rmtree(tmp, ignore_errors=True)
     return np.load(path, mmap_mode="r"), coarse.objective
+
+
+def gathered_path(scratch: str | os.PathLike) -> Path:
+    """Where split_fit with a scratch directory gathers the level's centroids: beside the scratch (which it
+    removes), for the caller to map and then remove."""
+    return Path(f"{scratch}-centroids.npy")
 
 
 def gather_npy(paths: Sequence[Path], rows: int, dim: int, out: Path) -> None:

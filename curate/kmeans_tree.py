@@ -50,7 +50,7 @@ from curate.kmeans import (
 )
 from curate.kmeans_parts import Assignment, chunk_sizes, complement_rows, sample_per_cluster_parts, write_npy
 from curate.kmeans_pp import PlusPlus
-from curate.kmeans_split import apportion, split_fit  # noqa: F401 (apportion re-exported)
+from curate.kmeans_split import apportion, gathered_path, split_fit  # noqa: F401 (apportion re-exported)
 
 
 @dataclass(frozen=True)
@@ -325,7 +325,7 @@ def hierarchical_kmeans(
             if ckpt.dir is not None:  # held from the checkpoint, not in memory (split mode's file beside it goes)
                 c = ckpt.mapped(level, 0)
                 if ckpt.scratch(level) is not None:
-                    Path(f"{ckpt.scratch(level)}-centroids.npy").unlink(missing_ok=True)
+                    gathered_path(ckpt.scratch(level)).unlink(missing_ok=True)
             if on_checkpoint is not None:
                 on_checkpoint(level, 0)
             start = 1

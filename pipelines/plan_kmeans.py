@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from curate.kmeans import init_sample_rows
+from curate.kmeans_pp import shard_bounds
 from curate.kmeans_split import BUCKET_POINTS
 from pipelines.config import Config, LevelConfig
 from pipelines.plan_costs import Cluster, PlanRefused, cost, dense_rate, fmt_bytes, fmt_time
@@ -15,16 +17,20 @@ CHUNK_TEMPS = 3  # float32 chunk copies a k-means or k-NN pass holds at once (re
 def pp_seconds(n: int, k: int, d: int, cl: Cluster, cores: int | None = None) -> float:
     """k-means++ on the init sample: k steps, each scoring 2 + ln k candidates against the sample, in numpy
     on the driver's cores (no GPU), or on `cores`."""
-    s = min(n, max(8 * k, 4096))
+    s = init_sample_rows(n, k)
     return 2.0 * s * d * k * (3 + math.log(k)) / ((cores or cl.cpus_per_node) * cost("pp_flops"))
+
+
+def pp_shards(n: int, k: int, cfg: Config) -> int:
+    """Shards of the k-means++ sample of a k-means with k clusters over n points (as curate.kmeans_pp cuts it)."""
+    return len(shard_bounds(init_sample_rows(n, k), cfg.cluster.pp_shard_rows)) - 1
 
 
 def pp_sharded(n: int, k: int, d: int, cl: Cluster, cfg: Config) -> float:
     """k-means++ of a full fit or refit: on the driver, or with executor ray and more than one shard of
     cluster.pp_shard_rows rows, on one actor per shard (the cluster's cores shared out, up to a node each),
     each step paying the actors' round trips."""
-    s = min(n, max(8 * k, 4096))
-    shards = math.ceil(s / cfg.cluster.pp_shard_rows)
+    shards = pp_shards(n, k, cfg)
     if cfg.executor != "ray" or shards == 1:
         return pp_seconds(n, k, d, cl)
     cores = shards * min(cl.cpus_per_node, cl.nodes * cl.cpus_per_node / shards)
@@ -53,10 +59,10 @@ def level_plan(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster
     # above level 1 the points are the centroids below, memory-mapped from their checkpoint: labels and distances
     per_point = cost("cluster_bytes") if i == 0 else 8
     first_k = lv.split or k  # the k-means++ sample is sized by the first fit's k
-    sample = min(n, max(8 * first_k, 4096)) * (d * 4 + 16)
+    sample = init_sample_rows(n, first_k) * (d * 4 + 16)
     if lv.resampling_steps > 1:  # a refit holds its points (up to sample_size per cluster) and their init sample
         m = min(n, k * max(lv.sample_size, 1))
-        sample = max(sample, m * d * 4 + min(m, max(8 * k, 4096)) * (d * 4 + 16))
+        sample = max(sample, m * d * 4 + init_sample_rows(m, k) * (d * 4 + 16))
     # split mode gathers the sub-clusters' centroids from the buckets' files on disk, one bucket at a time
     held = 2 * (lv.split * d * 4 + k * d * 4 * min(1.0, BUCKET_POINTS[1] / n)) if lv.split else 2 * k * d * 4
     driver = cost("base_rss") + n * per_point + held + sample
@@ -96,7 +102,7 @@ def level_plan(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster
                           f"centroid index), over {cl.mem_per_node_gb:g} GB per node; {fix}")
     where = ("the first fit's passes and the fits inside the splits over the cluster, the rest" if spread and lv.split
              else "the first fit's passes over the cluster, the rest" if spread else "all fits")
-    shards = math.ceil(min(n, max(8 * first_k, 4096)) / cfg.cluster.pp_shard_rows)
+    shards = pp_shards(n, first_k, cfg)
     pp = (f"k-means++ on {shards} Ray actors (cluster.pp_shard_rows)" if cfg.executor == "ray" and shards > 1
           else f"k-means++ in numpy on its {cl.cpus_per_node} cores")
     notes.append(f"l{i + 1}: {fmt_time(seconds)}; {where} on the driver ({dsrc}), {pp}")

@@ -156,8 +156,11 @@ class RayShards:
 
     def __init__(self, parts, chunk_size: int) -> None:
         import ray
+        from ray.exceptions import RayActorError
 
-        from curate.kmeans_pp import PlusPlusShard
+        from curate.kmeans_pp import PlusPlusShard, ShardLost
+
+        self._get_refs, self._errors = ray.get, (RayActorError, ShardLost)
 
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         per_node = max([int(n.get("Resources", {}).get("CPU", 1)) for n in nodes] or [1])
@@ -167,16 +170,12 @@ class RayShards:
         remote = ray.remote(PlusPlusShard).options(num_cpus=cpus, scheduling_strategy="SPREAD", max_restarts=0)
         self.actors = [remote.remote(p, chunk_size, max(1, int(cpus))) for p in parts]
 
-    def _get(self, refs):
-        import ray
-        from ray.exceptions import RayActorError
-
-        from curate.kmeans_pp import ShardLost
-
+    def _get(self, refs):  # two calls a step: the imports stay in __init__
+        actor_error, lost = self._errors
         try:
-            return ray.get(refs)
-        except RayActorError as exc:
-            raise ShardLost(str(exc)) from exc
+            return self._get_refs(refs)
+        except actor_error as exc:
+            raise lost(str(exc)) from exc
 
     def score(self, candidates: np.ndarray, keep: bool = False) -> list[np.ndarray]:
         return self._get([a.score.remote(candidates, keep) for a in self.actors])
