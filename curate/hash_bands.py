@@ -6,7 +6,8 @@ and, for each of the max_distance + 1 disjoint bit fields of the pHash, by the f
 hashes within max_distance agree on at least one field: pigeonhole). Reduce (per band): the links
 inside the band (equal sha256; pHash pairs within max_distance). Every linked pair shares a band, so
 the union of the bands' links has the components of `dedup`'s links; only records with a link are
-gathered to choose keepers (`group_linked`), and each part is written by its own task.
+gathered to choose keepers (`link_keepers`, as Arrow and numpy columns), and each part is written by its
+own task (`write_outcome`).
 
 `dedup_spilled` runs the same map/reduce in one process with the bands spilled to disk: memory is
 bounded by one band (and the records that have a link), not by the pool.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -110,11 +111,12 @@ def band_links(kind: str, max_distance: int, *chunks: tuple) -> tuple[np.ndarray
 
 
 def gather_rows(path: str, positions: np.ndarray) -> dict:
-    """The records at `positions` of one ingest part: id, sha256, phash and pixels (to choose keepers)."""
-    t = pq.read_table(path, columns=["id", "sha256", "phash", "width", "height"]).take(pa.array(positions))
+    """The records at `positions` of one ingest part, to choose keepers: id (an Arrow string array: no
+    Python object per record), phash and pixels."""
+    t = pq.read_table(path, columns=["id", "phash", "width", "height"]).take(pa.array(positions, pa.int64()))
     pixels = (t.column("width").to_numpy(zero_copy_only=False).astype(np.int64)
               * t.column("height").to_numpy(zero_copy_only=False).astype(np.int64))
-    return {"id": t.column("id").to_pylist(), "sha256": t.column("sha256").to_pylist(),
+    return {"id": t.column("id").combine_chunks().cast(pa.string()),
             "phash": t.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64), "pixels": pixels}
 
 
@@ -150,7 +152,7 @@ def _strings(values: Sequence[str | None] | pa.Array) -> pa.Array:
 
 
 class LinkedKeepers:
-    """`group_linked`'s outcome in arrays (no Python object per record), for the records with a link
+    """`curate.hashing.dedup`'s outcome in arrays (no Python object per record), for the records with a link
     (sorted global rows): keep flag, keeper (index into the linked records), exact (same known sha256
     as the keeper; False for keepers), group and distance as `curate.hashing.DedupResult` has them.
 
@@ -259,40 +261,58 @@ def dedup_spilled(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike
             del rows, keys
     finally:
         shutil.rmtree(spill, ignore_errors=True)
-    # sha256 links are stars: (first record of a hash, another record of it)
-    sha_i, sha_j = (np.concatenate(x) if x else _EMPTY for x in links["sha"])
-    ei_a = np.concatenate([sha_i, *links["phash"][0]])
-    ej_a = np.concatenate([sha_j, *links["phash"][1]])
-    del links
-    linked = np.unique(np.concatenate([ei_a, ej_a]))  # global rows with a link, sorted
-    ei_a, ej_a = np.searchsorted(linked, ei_a), np.searchsorted(linked, ej_a)
+    return write_outcome(parts, offsets, out_dir, *link_keepers(parts, offsets, links["sha"], links["phash"], exact))
+
+
+def link_keepers(parts: Sequence[str], offsets: np.ndarray, sha_links: tuple[list, list],
+                 phash_links: tuple[list, list], exact: bool,
+                 mapper: Callable | None = None) -> tuple[np.ndarray, np.ndarray, LinkedKeepers]:
+    """Keepers of the records with a link, from the bands' links ((left rows, right rows) lists per kind;
+    the sha256 bands' links are stars: (first record of a hash, another record of it)). Only the linked
+    records' id, pHash and pixels are read, part by part (`gather_rows`, through `mapper`: a
+    curate.dedup Mapper, None for this process; curate.dedup itself is not imported, it loads faiss).
+    Returns (linked global rows, sorted; cuts: the linked records of part k are linked[cuts[k]:cuts[k + 1]];
+    their LinkedKeepers)."""
+    sha_i, sha_j = (np.concatenate(x) if x else _EMPTY for x in sha_links)
+    ei = np.concatenate([sha_i, *phash_links[0]])
+    ej = np.concatenate([sha_j, *phash_links[1]])
+    linked = np.unique(np.concatenate([ei, ej]))  # global rows with a link, sorted
+    ei, ej = np.searchsorted(linked, ei), np.searchsorted(linked, ej)
     sha_class = None
     if exact:
         sha_class = np.arange(len(linked), dtype=np.int64)
-        sha_class[ej_a[:len(sha_j)]] = ei_a[:len(sha_i)]
+        sha_class[ej[:len(sha_j)]] = ei[:len(sha_i)]
     del sha_i, sha_j
-    part_of = np.searchsorted(offsets, linked, side="right") - 1
-    cuts = np.searchsorted(part_of, np.arange(len(parts) + 1))
-    del part_of
-    cols: dict[str, list] = {"id": [], "phash": [], "pixels": []}
-    for k, path in enumerate(parts):
-        if cuts[k + 1] > cuts[k]:
-            t = pq.read_table(path, columns=["id", "phash", "width", "height"]).take(
-                pa.array(linked[cuts[k]:cuts[k + 1]] - offsets[k]))
-            cols["id"].append(t.column("id").combine_chunks().cast(pa.string()))
-            cols["phash"].append(t.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64))
-            cols["pixels"].append(t.column("width").to_numpy(zero_copy_only=False).astype(np.int64)
-                                  * t.column("height").to_numpy(zero_copy_only=False).astype(np.int64))
-            del t
-    ids = pa.concat_arrays(cols["id"]) if cols["id"] else pa.array([], pa.string())
-    res = LinkedKeepers(ids, sha_class, np.concatenate(cols["phash"] or [np.zeros(0, np.uint64)]),
-                        np.concatenate(cols["pixels"] or [np.zeros(0, np.int64)]), ei_a, ej_a)
-    del cols, ei_a, ej_a, sha_class
-    n_ok = 0
-    for k, path in enumerate(parts):
-        lo, hi = int(cuts[k]), int(cuts[k + 1])
-        n_ok += write_dup_part(path, out_dir / part_name(k), linked[lo:hi] - offsets[k], res.dup_of(lo, hi),
-                               res.reason(lo, hi), res.group[lo:hi], res.distance[lo:hi])
+    cuts = np.searchsorted(np.searchsorted(offsets, linked, side="right") - 1, np.arange(len(parts) + 1))
+    jobs = [(str(parts[k]), linked[cuts[k]:cuts[k + 1]] - offsets[k]) for k in range(len(parts))
+            if cuts[k + 1] > cuts[k]]
+    got: list = [None] * len(jobs)
+    for k, g in (mapper(gather_rows, jobs, ()) if mapper else enumerate(gather_rows(*job) for job in jobs)):
+        got[k] = g
+    ids = pa.concat_arrays([g["id"] for g in got]) if got else pa.array([], pa.string())
+    phash = np.concatenate([g["phash"] for g in got] or [np.zeros(0, np.uint64)])
+    pixels = np.concatenate([g["pixels"] for g in got] or [np.zeros(0, np.int64)])
+    del got
+    return linked, cuts, LinkedKeepers(ids, sha_class, phash, pixels, ei, ej)
+
+
+def write_outcome(parts: Sequence[str], offsets: np.ndarray, out_dir: str | os.PathLike, linked: np.ndarray,
+                  cuts: np.ndarray, res: LinkedKeepers, mapper: Callable | None = None) -> tuple[int, dict, int]:
+    """Write one hashdedup part per ingest part (`write_dup_part`, through `mapper`; None: in this
+    process), each job made when it is sent (a mapper that draws jobs lazily, as ray_map does, holds a
+    window of them). Returns (ok records, dropped counts by reason, groups)."""
+    out_dir = Path(out_dir)
+
+    def jobs():
+        for k, path in enumerate(parts):
+            lo, hi = int(cuts[k]), int(cuts[k + 1])
+            yield (str(path), str(out_dir / part_name(k)), linked[lo:hi] - offsets[k], res.dup_of(lo, hi),
+                   res.reason(lo, hi), res.group[lo:hi], res.distance[lo:hi])
+
+    if mapper is None:
+        n_ok = sum(write_dup_part(*job) for job in jobs())
+    else:
+        n_ok = sum(c for _, c in mapper(write_dup_part, jobs(), ()))
     dropped = {"duplicate_exact": int((~res.keep & res.exact).sum()),
                "duplicate_near": int((~res.keep & ~res.exact).sum())}
     groups = int(len(np.unique(res.group[res.group >= 0])))

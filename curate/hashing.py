@@ -319,13 +319,6 @@ def dedup(
     return _group(ids, sha, codes, pixels, ei, ej)
 
 
-def group_linked(ids: Sequence[str], sha256: Sequence[str | None], phash: np.ndarray, pixels: np.ndarray,
-                 ei: np.ndarray, ej: np.ndarray) -> DedupResult:
-    """Keepers and groups of records linked by the edges (ei[k], ej[k]) (row numbers), as `dedup` decides
-    them; for edges found elsewhere (curate/hash_bands.py). None or "" sha256 is never "exact"."""
-    return _group(ids, _factorize_sha(sha256), np.asarray(phash, dtype=np.uint64).reshape(-1), pixels, ei, ej)
-
-
 def _group(ids: Sequence[str], sha: np.ndarray, codes: np.ndarray, pixels: np.ndarray,
            ei: np.ndarray, ej: np.ndarray) -> DedupResult:
     """Connected components of the edges, one keeper each, and every record's outcome."""

@@ -32,11 +32,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     t0 = time.time()
     parts = list_parts(stage_dir(cfg, "ingest"))
     if cfg.executor == "ray":
-        n_ok, reason, groups = _run_ray(cfg, parts, d)
-        dropped: dict = {}
-        for r in reason:
-            if r:
-                dropped[f"duplicate_{r}"] = dropped.get(f"duplicate_{r}", 0) + 1
+        n_ok, dropped, groups = _run_ray(cfg, parts, d)
     else:
         n_ok, dropped, groups = _run_local(cfg, parts, d)
     result = StageResult("hashdedup", str(d), key, counts={
@@ -55,13 +51,14 @@ def _run_local(cfg: Config, parts: list[Path], d: Path) -> tuple[int, dict, int]
     return dedup_spilled(parts, d, hc.phash_max_distance, hc.exact, LOCAL_BAND_ROWS)
 
 
-def _run_ray(cfg: Config, parts: list[Path], d: Path) -> tuple[int, list, int]:
-    """Banded map/reduce over Ray tasks; the driver holds only the records that have a link."""
+def _run_ray(cfg: Config, parts: list[Path], d: Path) -> tuple[int, dict, int]:
+    """Banded map/reduce over Ray tasks, then the keepers of the records with a link (gathered as Arrow
+    and numpy columns, no Python object per record) and one writing task per part; returns (ok count,
+    dropped counts, groups)."""
     import ray
 
-    from curate.hash_bands import band_kinds, band_links, gather_rows, map_bands
-    from curate.hashing import group_linked
-    from pipelines.executors import init_ray, ray_map, ray_shuffle
+    from curate.hash_bands import band_kinds, band_links, link_keepers, map_bands, write_outcome
+    from pipelines.executors import init_ray, ray_mapper, ray_shuffle
 
     hc = cfg.hashdedup
     init_ray(cfg.ray_address)
@@ -73,24 +70,14 @@ def _run_ray(cfg: Config, parts: list[Path], d: Path) -> tuple[int, list, int]:
     n_maps = min(len(parts), max(cpus, -(-n // RAY_BAND_ROWS)))
     groups = [[(str(parts[k]), int(offsets[k])) for k in ks] for ks in np.array_split(np.arange(len(parts)), n_maps)]
     kinds = band_kinds(hc.phash_max_distance, hc.exact, n_bands)
-    links = list(ray_shuffle(map_bands, [(g, hc.phash_max_distance, hc.exact, n_bands) for g in groups if g],
+    found = dict(ray_shuffle(map_bands, [(g, hc.phash_max_distance, hc.exact, n_bands) for g in groups if g],
                              band_links, [(kind, hc.phash_max_distance) for kind in kinds], cfg.ray_address))
-    ei = np.concatenate([a for _, (a, _) in links] or [np.zeros(0, np.int64)])
-    ej = np.concatenate([b for _, (_, b) in links] or [np.zeros(0, np.int64)])
-    linked = np.unique(np.concatenate([ei, ej]))  # global rows with a link, sorted
-    part_of = np.searchsorted(offsets, linked, side="right") - 1
-    cuts = np.searchsorted(part_of, np.arange(len(parts) + 1))
-    positions = [linked[cuts[k]:cuts[k + 1]] - offsets[k] for k in range(len(parts))]
-    got = dict(ray_map(gather_rows, [(str(parts[k]), positions[k]) for k in range(len(parts)) if len(positions[k])],
-                       cfg.ray_address))
-    have = [got[i] for i in range(len(got))]
-    ids = [x for g in have for x in g["id"]]
-    sha = [x for g in have for x in g["sha256"]] if hc.exact else [None] * len(ids)
-    phash = np.concatenate([g["phash"] for g in have] or [np.zeros(0, np.uint64)])
-    pixels = np.concatenate([g["pixels"] for g in have] or [np.zeros(0, np.int64)])
-    res = group_linked(ids, sha, phash, pixels, np.searchsorted(linked, ei), np.searchsorted(linked, ej))
-    jobs = [(str(p), str(d / part_name(k)), positions[k], res.dup_of[cuts[k]:cuts[k + 1]],
-             res.reason[cuts[k]:cuts[k + 1]], res.group[cuts[k]:cuts[k + 1]], res.distance[cuts[k]:cuts[k + 1]])
-            for k, p in enumerate(parts)]
-    n_ok = sum(c for _, c in ray_map(write_dup_part, jobs, cfg.ray_address))
-    return n_ok, res.reason, int(len(np.unique(res.group[res.group >= 0])))
+    links: dict[str, tuple[list, list]] = {"sha": ([], []), "phash": ([], [])}
+    for r in sorted(found):
+        links[kinds[r]][0].append(found[r][0])
+        links[kinds[r]][1].append(found[r][1])
+    del found
+    paths = [str(p) for p in parts]
+    mapper = ray_mapper(cfg.ray_address)
+    return write_outcome(paths, offsets, d, *link_keepers(paths, offsets, links["sha"], links["phash"], hc.exact,
+                                                          mapper), mapper=mapper)

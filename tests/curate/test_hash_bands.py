@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.hash_bands import band_kinds, band_links, gather_rows, map_bands, phash_fields, write_dup_part
-from curate.hashing import dedup, group_linked
+from curate.hash_bands import band_kinds, band_links, link_keepers, map_bands, phash_fields, write_dup_part
+from curate.hashing import dedup
 from tests.curate.test_hashing import flip
 
 
@@ -37,17 +37,12 @@ def _banded(paths: list[str], offsets: list[int], max_distance: int, exact: bool
     outs = [map_bands(g, max_distance, exact, n_bands) for g in groups]
     kinds = band_kinds(max_distance, exact, n_bands)
     assert all(len(o) == len(kinds) for o in outs)
-    links = [band_links(kind, max_distance, *[o[r] for o in outs]) for r, kind in enumerate(kinds)]
-    ei = np.concatenate([a for a, _ in links] + [np.zeros(0, np.int64)])
-    ej = np.concatenate([b for _, b in links] + [np.zeros(0, np.int64)])
-    linked = np.unique(np.concatenate([ei, ej]))
-    part_of = np.searchsorted(offsets, linked, side="right") - 1
-    got = [gather_rows(paths[k], linked[part_of == k] - offsets[k]) for k in range(len(paths))]
-    sha = [x for g in got for x in g["sha256"]] if exact else [None] * len(linked)
-    res = group_linked([x for g in got for x in g["id"]], sha, np.concatenate([g["phash"] for g in got]),
-                       np.concatenate([g["pixels"] for g in got]), np.searchsorted(linked, ei),
-                       np.searchsorted(linked, ej))
-    return linked, res
+    links = {"sha": ([], []), "phash": ([], [])}
+    for r, kind in enumerate(kinds):
+        a, b = band_links(kind, max_distance, *[o[r] for o in outs])
+        links[kind][0].append(a)
+        links[kind][1].append(b)
+    return link_keepers(paths, np.asarray(offsets + [offsets[-1] + pq.ParquetFile(paths[-1]).metadata.num_rows]), links["sha"], links["phash"], exact)
 
 
 @pytest.mark.parametrize("max_distance, exact, n_bands, n_maps", [
@@ -62,7 +57,7 @@ def test_banded_dedup_equals_dedup_over_all_records(tmp_path, max_distance, exac
         paths.append(str(tmp_path / f"part-{k}.parquet"))
         offsets.append(start)
         start += size
-    linked, res = _banded(paths, offsets, max_distance, exact, n_bands, n_maps)
+    linked, cuts, res = _banded(paths, offsets, max_distance, exact, n_bands, n_maps)
 
     ok = np.flatnonzero(np.array(table.column("status").to_pylist()) == "ok")
     sub = table.take(pa.array(ok))
@@ -74,11 +69,13 @@ def test_banded_dedup_equals_dedup_over_all_records(tmp_path, max_distance, exac
     in_group = np.zeros(len(ok), bool)
     in_group[where] = True
     assert np.array_equal(in_group, ref.group >= 0)  # a record has a link iff dedup grouped it
-    assert [ref.dup_of[i] for i in where] == res.dup_of
-    assert [ref.reason[i] for i in where] == res.reason
+    assert [ref.dup_of[i] for i in where] == res.dup_of(0, len(linked)).to_pylist()
+    reason = res.reason(0, len(linked)).to_pylist()
+    assert [ref.reason[i] for i in where] == reason
     assert np.array_equal(ref.group[where], res.group) and np.array_equal(ref.distance[where], res.distance)
+    assert np.array_equal(cuts, np.searchsorted(linked, offsets + [len(table)]))  # part k's linked records
     if max_distance >= 4:
-        assert {"exact", "near"} <= set(res.reason) if exact else {"near"} == set(res.reason) - {None}
+        assert {"exact", "near"} <= set(reason) if exact else {"near"} == set(reason) - {None}
 
 
 def test_phash_fields_cover_all_bits_and_the_pigeonhole():
