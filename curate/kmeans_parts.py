@@ -68,6 +68,16 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
         write_npy(fh, array)
 
 
+def save_rows_npy(path: str | os.PathLike, take, rows: np.ndarray, dim: int) -> None:
+    """The float32 rows `take(rows[a:b])` gives, WRITE_ROWS at a time, as one .npy written atomically (e.g. a
+    resampling refit's points for Ray tasks to read: the writer holds one block, not the sample)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        npy_header(fh, (len(rows), int(dim)), np.dtype(np.float32))
+        for a in range(0, len(rows), WRITE_ROWS):
+            fh.write(np.ascontiguousarray(take(rows[a : a + WRITE_ROWS]), dtype=np.float32).tobytes())
+
+
 def write_assignment_part(directory: str | os.PathLike, i: int, labels: np.ndarray, dists: np.ndarray) -> None:
     """Part i of an Assignment directory: labels (int32) and squared distances (float32), each atomically."""
     d = Path(directory)

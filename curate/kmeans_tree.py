@@ -147,14 +147,20 @@ def sample_per_cluster(
     return np.sort(order[rank < size])
 
 
+# refit(data, rows): the points of a refit (rows of data) as vectors, and a StepFn over them (None: local passes)
+RefitFn = Callable[[Vectors, np.ndarray], tuple[Vectors, StepFn | None]]
+
+
 def resampling_step(
     data: Vectors, assignment: Assignment, spec: LevelSpec, seed: Seed, step: StepFn,
     chunk_size: int = DEFAULT_CHUNK, gpu: bool | None = None, out: Assignment | None = None,
-    pp: PlusPlus | None = None,
+    pp: PlusPlus | None = None, refit: RefitFn | None = None,
 ) -> tuple[np.ndarray, Assignment, float]:
     """One resampling step: sample per cluster (part by part), a fresh k-means on the union, reassign all points.
 
-    Returns the new centroids, the new assignment (`out`, or one in memory) and the inertia of the reassignment.
+    `refit` gives the union's points and the passes over them (e.g. a file read by Ray tasks: the driver then holds
+    the rows, not the points); by default they are taken into memory and passed over here. Returns the new
+    centroids, the new assignment (`out`, or one in memory) and the inertia of the reassignment.
     """
     k = spec.n_clusters
     rng = _rng_of([*seed, 0]) if spec.sampling == "r" else None
@@ -163,9 +169,9 @@ def resampling_step(
         rest = data.n - len(rows)  # the draw of rng.choice(setdiff1d(arange(n), rows)), without listing it
         picks = _rng_of([*seed, 1]).choice(rest, size=min(rest, k - len(rows)), replace=False)
         rows = np.sort(np.concatenate([rows, complement_rows(rows, picks)]))
-    y = ArrayVectors(data.take(rows))
+    y, y_step = refit(data, rows) if refit is not None else (ArrayVectors(data.take(rows)), None)
     fit = kmeans(y, k, spec.n_iters, init=spec.init, seed=[*seed, 2], init_sample_size=spec.init_sample_size,
-                 chunk_size=chunk_size, gpu=gpu, pp=pp)
+                 chunk_size=chunk_size, gpu=gpu, step_fn=y_step, pp=pp)
     out = out if out is not None else Assignment(assignment.sizes)
     full = step(fit.centroids, out)
     return fit.centroids, out, full.inertia
@@ -272,6 +278,7 @@ def hierarchical_kmeans(
     upper_step_fn: Callable[[int, np.ndarray], tuple[Vectors, StepFn]] | None = None,
     split_mapper: Callable | None = None,
     pp: PlusPlus | None = None,
+    refit_fn: Callable[[int, int, Vectors, np.ndarray], tuple[Vectors, StepFn | None]] | None = None,
 ) -> TreeResult:
     """Fit the levels bottom-up, each with its resampling steps; resumes from checkpoint_dir at the last finished step.
 
@@ -280,8 +287,9 @@ def hierarchical_kmeans(
     mechanism); split_mapper (a curate Mapper, e.g. Ray tasks) runs level 1's split-mode jobs (routing, the
     k-means inside each bucket of splits, the within labels) when there is a checkpoint_dir; on_checkpoint(level,
     step) follows each step; pp says how the k-means++ of the full fits and refits (not those inside the splits)
-    cut their rows into shards and what runs them (e.g. Ray actors). With checkpoint_dir, level 1's labels and
-    distances live there part by part (the driver never holds them all).
+    cut their rows into shards and what runs them (e.g. Ray actors); refit_fn(level, step, data, rows) gives a
+    resampling refit's points and passes (`RefitFn`; default in memory, local passes). With checkpoint_dir, level
+    1's labels and distances live there part by part (the driver never holds them all).
     """
     vectors = as_vectors(vectors)
     run = {"n": vectors.n, "dim": vectors.dim, "seed": seed, "levels": [level_settings(s) for s in levels],
@@ -330,8 +338,9 @@ def hierarchical_kmeans(
                 on_checkpoint(level, 0)
             start = 1
         for s in range(start, spec.n_steps):
+            refit = None if refit_fn is None else (lambda d, r, lv=level, st=s: refit_fn(lv, st, d, r))
             c, assignment, inertia = resampling_step(data, assignment, spec, [seed, level, 2, s], step, chunk_size,
-                                                     gpu, ckpt.assignment(level, s, sizes), pp)
+                                                     gpu, ckpt.assignment(level, s, sizes), pp, refit)
             obj = obj + [inertia]
             ckpt.save(level, s, c, assignment, obj, s == spec.n_steps - 1)
             c = c if ckpt.dir is None else ckpt.mapped(level, s)

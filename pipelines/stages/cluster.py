@@ -149,6 +149,23 @@ def _ray_upper_step_fn(rows_dir: Path, chunk: int, address: str | None):
     return make
 
 
+def _ray_refit_fn(rows_dir: Path, chunk: int, address: str | None):
+    """Resampling refits on Ray: the refit's points written block by block to an .npy in the stage's scratch
+    directory (the previous refit's file removed), passed over by the same tasks as every other pass; the driver
+    holds the rows and the k-means++ sample, not the points."""
+    from curate.kmeans_parts import save_rows_npy
+
+    def make(level: int, step: int, data, rows: np.ndarray) -> tuple[PartVectors, object]:
+        for old in rows_dir.glob("refit_*.npy"):
+            old.unlink()
+        path = rows_dir / f"refit_l{level}_s{step}.npy"
+        save_rows_npy(path, data.take, rows, data.dim)
+        vectors = PartVectors([path])
+        return vectors, _ray_step_fn(vectors, chunk, address)
+
+    return make
+
+
 class RayShards:
     """k-means++ shards as Ray actors, one per shard, spread over the nodes (curate.kmeans_pp.ShardGroup): each
     holds its rows and their D^2 for the whole seeding and runs its BLAS on the CPUs it reserved; a dead actor
@@ -270,10 +287,11 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     mapper = stage_mapper(cfg.executor, cfg.ray_address)  # split mode's jobs and the part writes: Ray tasks on ray
     step_fn = _ray_step_fn(vectors, cc.chunk_size, cfg.ray_address) if on_ray else None
     upper = _ray_upper_step_fn(rows_dir, cc.chunk_size, cfg.ray_address) if on_ray else None
+    refit = _ray_refit_fn(rows_dir, cc.chunk_size, cfg.ray_address) if on_ray else None
     pp = ray_plusplus(cc.pp_shard_rows, cfg.ray_address) if on_ray else PlusPlus(cc.pp_shard_rows)
     tree = hierarchical_kmeans(vectors, levels, seed=cc.seed, checkpoint_dir=d / "_ckpt",
                                chunk_size=cc.chunk_size, step_fn=step_fn, upper_step_fn=upper,
-                               split_mapper=mapper, pp=pp)
+                               split_mapper=mapper, pp=pp, refit_fn=refit)
     for level, c in enumerate(tree.centroids, start=1):  # memory-mapped from the checkpoints: copied by blocks
         save_npy_atomic(d / f"centroids_l{level}.npy", c)
     k1 = levels[0].n_clusters

@@ -323,3 +323,40 @@ def test_write_npy_copies_a_mapped_array_by_blocks_into_the_bytes_of_np_save(tmp
         write_npy(got, arr)
         assert got.getvalue() == want.getvalue()
     assert mapped_base(np.ascontiguousarray(m)) is m and mapped_base(a) is None
+
+
+def test_refits_read_from_a_file_give_the_tree_of_refits_in_memory(tmp_path, monkeypatch):
+    """A refit's points written by blocks (save_rows_npy: np.save's bytes of the rows taken at once) and passed
+    over from the file give the same tree as the refits held in memory."""
+    import io
+
+    from curate import kmeans_parts
+    from curate.kmeans_parts import PartVectors, save_rows_npy
+
+    monkeypatch.setattr(kmeans_parts, "WRITE_ROWS", 7)  # blocks that do not divide the rows
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(300, 6)).astype(np.float32)
+    rows = np.sort(rng.choice(300, 40, replace=False))
+    want = io.BytesIO()
+    np.save(want, x[rows])
+    save_rows_npy(tmp_path / "r.npy", ArrayVectors(x).take, rows, 6)
+    assert (tmp_path / "r.npy").read_bytes() == want.getvalue()
+
+    levels = [LevelSpec(20, n_iters=3, resampling_steps=3, sample_size=4, sampling="r"),
+              LevelSpec(5, n_iters=3, resampling_steps=2, sample_size=2)]
+    made = []
+
+    def refit(level, step, data, r):
+        path = tmp_path / f"refit_l{level}_s{step}.npy"
+        save_rows_npy(path, data.take, r, data.dim)
+        made.append((level, step, len(r)))
+        y = PartVectors([path])
+        return y, local_step_fn(y, 16)
+
+    ref = hierarchical_kmeans(x, levels, seed=3, chunk_size=16)
+    got = hierarchical_kmeans(x, levels, seed=3, chunk_size=16, refit_fn=refit)
+    assert [(lv, s) for lv, s, _ in made] == [(1, 1), (1, 2), (2, 1)]
+    assert all(m >= k for (lv, _, m), k in zip(made, (20, 20, 5)))
+    for a, b in zip(ref.centroids, got.centroids):
+        assert np.array_equal(a, b)
+    assert np.array_equal(ref.paths(), got.paths()) and ref.objectives == got.objectives
