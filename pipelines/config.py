@@ -142,6 +142,8 @@ class ClusterConfig:
     pp_shard_rows: int = 262144      # k-means++ sample rows per shard (curate/kmeans_pp.py): up to this many, one
                                      # shard; more shards spread the seeding over Ray actors (the shards decide
                                      # the draws, so a change redoes the stage)
+    ray_gpus_per_task: Optional[float] = None  # with executor=ray, GPUs per Lloyd-pass task (one chunk each);
+                                     # null = 1 when the cluster has GPUs, else 0 (a task asking none sees none)
 
 
 @dataclass

@@ -67,6 +67,7 @@ COSTS: dict[str, Cost] = {
     "embed_actor_bytes": Cost(4 * 2**30, "bytes per actor", "ASSUMPTION: model, DataLoader workers, batches"),
     "gpu_flops": Cost(15e12, "FLOP/s per GPU (fp32 search, GEMM)", "ASSUMPTION, not measured: ~75% of an A100's "
                       "19.5 TFLOP/s fp32"),
+    "gpu_mem": Cost(80 * 2**30, "bytes per GPU", "ASSUMPTION: an 80 GB A100 or H100"),
     "cpu_flops": Cost(55e9, "FLOP/s per core (faiss flat search)", f"{_CAL}: 54.7-56.9 GFLOP/s at k = 4096"),
     "pp_flops": Cost(8e9, "FLOP/s per core (k-means++ in numpy)", f"{_CAL}: 7.5-9.3 GFLOP/s"),
     "pp_ray_step_s": Cost(8e-3, "s per k-means++ step with its shards on Ray actors (2 round trips)",

@@ -45,12 +45,23 @@ def fit_seconds(n: int, k: int, d: int, passes: int, rate: float, cores: int) ->
 def level_plan(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster) -> tuple[float, float, float, list]:
     """(driver bytes, bytes per pass task, seconds, notes) of one k-means level over n points of dim d."""
     key = f"cluster.levels[{i}]"
-    k, passes, spread = lv.n_clusters, lv.n_iters + 1, i == 0 and cfg.executor == "ray"
+    # with executor ray every Lloyd pass is Ray tasks over the cluster (level 1 over the parts, higher levels over
+    # the level below's centroids, refits over their points, each from a file): one per GPU when there are GPUs
+    k, passes, spread = lv.n_clusters, lv.n_iters + 1, cfg.executor == "ray"
     if k > n:
         raise PlanRefused(f"{key}.n_clusters: {k:,} clusters from {n:,} points")
     drate, dsrc = dense_rate(cl, False)
-    prate, _ = dense_rate(cl, spread)
-    pcores = cl.cpus_per_node * (cl.nodes if spread else 1)
+    g = cfg.cluster.ray_gpus_per_task
+    on_gpus = spread and cl.gpus_per_node > 0 and (g is None or g > 0)
+    if on_gpus:  # pass tasks at a time per node: each asks for g GPUs (default 1)
+        tasks = max(1, min(cl.cpus_per_node, int(cl.gpus_per_node / (g or 1.0))))
+        prate, psrc = dense_rate(cl, True)
+    elif spread:
+        tasks = cl.cpus_per_node
+        prate, psrc = cl.nodes * cl.cpus_per_node * cost("cpu_flops"), f"{cl.nodes * cl.cpus_per_node} core(s)"
+    else:
+        tasks, prate, psrc = 1, drate, dsrc
+    pcores = tasks * cl.nodes if spread else cl.cpus_per_node  # a task reads and sums its chunk on one core
     chunk = cfg.cluster.chunk_size * d * 4 * CHUNK_TEMPS
 
     def task_bytes(kk: int) -> float:  # one assignment pass worker: sums (float64), index and chunks
@@ -60,25 +71,26 @@ def level_plan(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster
     per_point = cost("cluster_bytes") if i == 0 else 8
     first_k = lv.split or k  # the k-means++ sample is sized by the first fit's k
     sample = init_sample_rows(n, first_k) * (d * 4 + 16)
-    if lv.resampling_steps > 1:  # a refit holds its points (up to sample_size per cluster) and their init sample
-        m = min(n, k * max(lv.sample_size, 1))
-        sample = max(sample, m * d * 4 + init_sample_rows(m, k) * (d * 4 + 16))
+    if lv.resampling_steps > 1:  # a refit's points (up to sample_size per cluster; on ray in a file, the driver
+        m = min(n, k * max(lv.sample_size, 1))  # holds their rows) and their k-means++ sample
+        sample = max(sample, m * (8 if spread else d * 4) + init_sample_rows(m, k) * (d * 4 + 16))
     # split mode gathers the sub-clusters' centroids from the buckets' files on disk, one bucket at a time
     held = 2 * (lv.split * d * 4 + k * d * 4 * min(1.0, BUCKET_POINTS[1] / n)) if lv.split else 2 * k * d * 4
     driver = cost("base_rss") + n * per_point + held + sample
-    seconds, notes, task = 0.0, [], task_bytes(k)
+    seconds, notes, task_k = 0.0, [], k  # the centroids a pass task searches
     if lv.split:
         sub = math.ceil(k / lv.split)
         seconds += pp_sharded(n, lv.split, d, cl, cfg) + fit_seconds(n, lv.split, d, passes, prate, pcores)
         # a k-means in each split (k-means++ included): one job per bucket of splits, Ray tasks on every core
         # of the cluster with executor ray (CPU), else on the driver
-        srate = pcores * cost("cpu_flops") if spread else drate
-        seconds += (lv.split * pp_seconds(math.ceil(n / lv.split), sub, d, cl, pcores)
-                    + fit_seconds(n, sub, d, passes, srate, pcores))
-        task = task_bytes(lv.split)
+        cores = cl.cpus_per_node * cl.nodes if spread else cl.cpus_per_node
+        srate = cores * cost("cpu_flops") if spread else drate
+        seconds += (lv.split * pp_seconds(math.ceil(n / lv.split), sub, d, cl, cores)
+                    + fit_seconds(n, sub, d, passes, srate, cores))
+        task_k = lv.split
         if getattr(lv, "split_assign", "global") == "global":
             seconds += fit_seconds(n, k, d, 1, prate, pcores)
-            task = task_bytes(k)
+            task_k = k
             notes.append(f"l{i + 1}: split {lv.split:,} then ~{sub} per split, then every point against all {k:,}")
         else:
             notes.append(f"l{i + 1}: split {lv.split:,} then ~{sub} per split (points stay in their split)")
@@ -86,9 +98,9 @@ def level_plan(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster
         seconds += pp_sharded(n, k, d, cl, cfg) + fit_seconds(n, k, d, passes, prate, pcores)
     for _ in range(1, max(1, lv.resampling_steps)):
         m = min(n, k * max(lv.sample_size, 1))
-        seconds += pp_sharded(m, k, d, cl, cfg) + fit_seconds(m, k, d, passes, drate, cl.cpus_per_node)
+        seconds += pp_sharded(m, k, d, cl, cfg) + fit_seconds(m, k, d, passes, prate, pcores)
         seconds += fit_seconds(n, k, d, 1, prate, pcores)
-    tasks = cl.cpus_per_node if spread else 1
+    task = task_bytes(task_k)
     node = max(driver, tasks * task + k * d * 4)
     if not spread:
         driver += task
@@ -100,10 +112,17 @@ def level_plan(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster
                if lv.split else f"lower {key}.n_clusters or use split mode ({key}.split)")
         raise PlanRefused(f"{key}.n_clusters: k={k:,} x d={d} needs {need} ({what}: float64 sums, "
                           f"centroid index), over {cl.mem_per_node_gb:g} GB per node; {fix}")
-    where = ("the first fit's passes and the fits inside the splits over the cluster, the rest" if spread and lv.split
-             else "the first fit's passes over the cluster, the rest" if spread else "all fits")
+    per_gpu = math.ceil(tasks / cl.gpus_per_node) if on_gpus else 0  # each holds its index and a chunk there
+    if per_gpu * (task_k * d * 4 + chunk / CHUNK_TEMPS) > cost("gpu_mem"):
+        raise PlanRefused(f"cluster.ray_gpus_per_task: {per_gpu} Lloyd-pass task(s) per GPU at {key} need "
+                          f"{fmt_bytes(per_gpu * (task_k * d * 4 + chunk / CHUNK_TEMPS))} per GPU (centroid index "
+                          f"and a chunk each), over {fmt_bytes(cost('gpu_mem'))}; raise cluster.ray_gpus_per_task "
+                          f"(fewer tasks per GPU) or lower {key}.n_clusters")
+    where = (f"every Lloyd pass as Ray tasks ({psrc})" + (", the fits inside the splits on every core" if lv.split
+                                                           else "")
+             if spread else f"all fits on the driver ({dsrc})")
     shards = pp_shards(n, first_k, cfg)
     pp = (f"k-means++ on {shards} Ray actors (cluster.pp_shard_rows)" if cfg.executor == "ray" and shards > 1
-          else f"k-means++ in numpy on its {cl.cpus_per_node} cores")
-    notes.append(f"l{i + 1}: {fmt_time(seconds)}; {where} on the driver ({dsrc}), {pp}")
+          else f"k-means++ in numpy on the driver's {cl.cpus_per_node} cores")
+    notes.append(f"l{i + 1}: {fmt_time(seconds)}; {where}, {pp}")
     return driver, node, seconds, notes

@@ -1,6 +1,7 @@
-"""cluster: hierarchical k-means over an embedding (local, or every level's Lloyd passes as Ray tasks and the
-k-means++ seedings of more than `pp_shard_rows` points on one Ray actor per shard): `cluster_l1..lN` and
-`cluster_sq_dist` per record, `centroids_lK.npy` per level.
+"""cluster: hierarchical k-means over an embedding (local, or every level's Lloyd passes, resampling refits
+included, as Ray tasks, each with a GPU when the cluster has them, and the k-means++ seedings of more than
+`pp_shard_rows` points on one Ray actor per shard): `cluster_l1..lN` and `cluster_sq_dist` per record,
+`centroids_lK.npy` per level.
 
 The driver holds O(parts + clusters): the rows to cluster are found part by part (their positions in
 `_rows/`), level 1's labels and distances live in the checkpoint directory one file pair per chunk of
@@ -96,11 +97,21 @@ def _chunk_pass(vectors: PartVectors, start: int, stop: int, part: int, centroid
     return (stats, labels, dists) if keep and out_dir is None else stats
 
 
-def _ray_step_fn(vectors: PartVectors, chunk: int, address: str | None):
-    """A Lloyd pass as Ray tasks, one per chunk of rows (the chunks the local pass reads, so the same labels);
-    the tasks write their chunks' labels and distances (when the pass keeps them) and return statistics, which
-    the driver adds in chunk order as they arrive (the same sums as local), holding only those that arrive
-    ahead of their turn."""
+def pass_gpus(gpus_per_task: float | None) -> float:
+    """GPUs a Lloyd-pass task asks Ray for: the setting, or 1 when the cluster has GPUs (a task that asks
+    for none sees none: Ray hides them from it), else 0."""
+    import ray
+
+    if gpus_per_task is not None:
+        return float(gpus_per_task)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def _ray_step_fn(vectors: PartVectors, chunk: int, address: str | None, gpus_per_task: float | None = None):
+    """A Lloyd pass as Ray tasks, one per chunk of rows (the chunks the local pass reads, so the same labels),
+    each with `pass_gpus(gpus_per_task)` GPUs; the tasks write their chunks' labels and distances (when the pass
+    keeps them) and return statistics, which the driver adds in chunk order as they arrive (the same sums as
+    local), holding only those that arrive ahead of their turn."""
     import ray
 
     from curate.kmeans import StepAccumulator
@@ -108,7 +119,8 @@ def _ray_step_fn(vectors: PartVectors, chunk: int, address: str | None):
     from pipelines.executors import TASK_RETRIES, init_ray
 
     init_ray(address)
-    remote = ray.remote(_chunk_pass).options(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=False)
+    remote = ray.remote(_chunk_pass).options(num_cpus=1, num_gpus=pass_gpus(gpus_per_task), max_retries=TASK_RETRIES,
+                                             retry_exceptions=False)
     bounds = np.concatenate([[0], np.cumsum(chunk_sizes(vectors.n, chunk))]).astype(np.int64)
     shared = ray.put(vectors)
 
@@ -136,7 +148,7 @@ def _ray_step_fn(vectors: PartVectors, chunk: int, address: str | None):
     return step
 
 
-def _ray_upper_step_fn(rows_dir: Path, chunk: int, address: str | None):
+def _ray_upper_step_fn(rows_dir: Path, chunk: int, address: str | None, gpus_per_task: float | None = None):
     """Levels >= 2 on Ray: the level below's centroids saved as an .npy (in the stage's scratch directory, on
     storage every node sees), read chunk by chunk by the same tasks as level 1's passes."""
 
@@ -144,12 +156,12 @@ def _ray_upper_step_fn(rows_dir: Path, chunk: int, address: str | None):
         path = rows_dir / f"points_l{level}.npy"
         save_npy_atomic(path, np.ascontiguousarray(points, dtype=np.float32))
         vectors = PartVectors([path])
-        return vectors, _ray_step_fn(vectors, chunk, address)
+        return vectors, _ray_step_fn(vectors, chunk, address, gpus_per_task)
 
     return make
 
 
-def _ray_refit_fn(rows_dir: Path, chunk: int, address: str | None):
+def _ray_refit_fn(rows_dir: Path, chunk: int, address: str | None, gpus_per_task: float | None = None):
     """Resampling refits on Ray: the refit's points written block by block to an .npy in the stage's scratch
     directory (the previous refit's file removed), passed over by the same tasks as every other pass; the driver
     holds the rows and the k-means++ sample, not the points."""
@@ -161,7 +173,7 @@ def _ray_refit_fn(rows_dir: Path, chunk: int, address: str | None):
         path = rows_dir / f"refit_l{level}_s{step}.npy"
         save_rows_npy(path, data.take, rows, data.dim)
         vectors = PartVectors([path])
-        return vectors, _ray_step_fn(vectors, chunk, address)
+        return vectors, _ray_step_fn(vectors, chunk, address, gpus_per_task)
 
     return make
 
@@ -265,6 +277,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     # the chunk layout is that of level 1's checkpointed labels, and faiss may break a near-tie differently
     # in another query batch: a changed chunk_size redoes the stage (the default stays out of the key, so
     # keys made before it was keyed stay valid)
+    del config["ray_gpus_per_task"]  # where the passes run, not what they compute
     for name in ("chunk_size", "pp_shard_rows"):  # so do k-means++ shards, which decide its draws
         if config[name] == getattr(ClusterConfig, name):
             del config[name]
@@ -285,9 +298,10 @@ def run(cfg: Config, force: bool = False) -> StageResult:
                          "lower cluster.levels")
     on_ray = cfg.executor == "ray"
     mapper = stage_mapper(cfg.executor, cfg.ray_address)  # split mode's jobs and the part writes: Ray tasks on ray
-    step_fn = _ray_step_fn(vectors, cc.chunk_size, cfg.ray_address) if on_ray else None
-    upper = _ray_upper_step_fn(rows_dir, cc.chunk_size, cfg.ray_address) if on_ray else None
-    refit = _ray_refit_fn(rows_dir, cc.chunk_size, cfg.ray_address) if on_ray else None
+    gpus = cc.ray_gpus_per_task
+    step_fn = _ray_step_fn(vectors, cc.chunk_size, cfg.ray_address, gpus) if on_ray else None
+    upper = _ray_upper_step_fn(rows_dir, cc.chunk_size, cfg.ray_address, gpus) if on_ray else None
+    refit = _ray_refit_fn(rows_dir, cc.chunk_size, cfg.ray_address, gpus) if on_ray else None
     pp = ray_plusplus(cc.pp_shard_rows, cfg.ray_address) if on_ray else PlusPlus(cc.pp_shard_rows)
     tree = hierarchical_kmeans(vectors, levels, seed=cc.seed, checkpoint_dir=d / "_ckpt",
                                chunk_size=cc.chunk_size, step_fn=step_fn, upper_step_fn=upper,

@@ -194,17 +194,20 @@ def test_streamed_stage_writes_the_bytes_of_the_whole_array_computation(cfg, tmp
     # and level 2's two resampling refits over their samples (2 per cluster, read back from a file by the tasks)
     real = cluster._ray_step_fn
     monkeypatch.setattr(cluster, "_ray_step_fn", lambda v, *a: passes.append(v.n) or real(v, *a))
+    gpus, real_gpus = [], cluster.pass_gpus  # a Ray with a (logical) GPU: every pass task asks for one
+    monkeypatch.setattr(cluster, "pass_gpus", lambda g: gpus.append(real_gpus(g)) or gpus[-1])
     groups, real_shards = [], cluster.RayShards
     monkeypatch.setattr(cluster, "RayShards", lambda parts, c: groups.append(len(parts)) or real_shards(parts, c))
     cfg.executor = "ray"  # the same stage as Ray tasks (a local Ray): the same bytes
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
     try:
         run_stage("cluster", cfg, force=True)
+        assert real_gpus(0.5) == 0.5 and real_gpus(0) == 0.0  # cluster.ray_gpus_per_task, when set
     finally:  # later tests start Ray their own way
         ray.shutdown()
-    assert _outputs(tmp_path / "w" / "cluster") == got
+    assert _outputs(tmp_path / "w" / "cluster") == got and gpus == [1.0] * 4
     assert passes[:2] == [results["cluster"].counts["out"], 12] and len(passes) == 4
     assert all(4 <= m <= 8 for m in passes[2:])
     assert groups == [3]  # level 1's k-means++ on three actors; level 2's (one shard each) on the driver

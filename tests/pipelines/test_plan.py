@@ -53,6 +53,25 @@ def test_a_config_that_cannot_fit_is_refused_naming_the_key(override, key, capsy
     assert len(err.splitlines()) == 1 and key in err and "GB per node" in err
 
 
+def test_lloyd_pass_tasks_count_their_gpus_and_their_gpu_memory():
+    """With executor ray the passes of every level are Ray tasks, cluster.ray_gpus_per_task GPUs each: more tasks
+    per GPU read more chunks at once (fewer hours), until their centroid indexes outgrow a GPU (refused)."""
+    def cluster_plan(*overrides, cl=PAPER):
+        cfg = load_config("configs/lvd142m.yaml", list(overrides))
+        return next(p for p in plan(cfg, 1_200_000_000, cl, {"copy": 512}) if p.stage == "cluster")
+
+    shared, one, on_cpus = (cluster_plan(f"cluster.ray_gpus_per_task={g}") for g in (0.125, 1, 0))
+    assert shared.seconds < one.seconds < on_cpus.seconds
+    assert "every Lloyd pass as Ray tasks (160 GPU(s))" in " ".join(shared.notes)
+    assert "every Lloyd pass as Ray tasks (1920 core(s))" in " ".join(on_cpus.notes)
+    assert "on the driver (8 GPU(s))" in " ".join(cluster_plan("executor=local").notes)
+    big = Cluster(nodes=20, gpus_per_node=8, cpus_per_node=96, mem_per_node_gb=4096)
+    level = "cluster.levels=[{n_clusters: 10000000, n_iters: 5, split: 100000}]"  # every point against 10M: 41 GB
+    assert cluster_plan(level, "cluster.ray_gpus_per_task=1", cl=big).seconds > 0
+    with pytest.raises(PlanRefused, match=r"cluster.ray_gpus_per_task: 4 Lloyd-pass task\(s\) per GPU"):
+        cluster_plan(level, "cluster.ray_gpus_per_task=0.25", cl=big)
+
+
 def test_linear_stages_scale_linearly_and_clustering_does_not():
     cfg = load_config("configs/lvd142m.yaml")
     small, big = (plan(cfg, n, PAPER, {"copy": 512}) for n in (300_000_000, 1_200_000_000))
