@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from curate.hash_bands import write_dup_part
-from curate.parts import list_parts, part_name
+from curate.parts import list_parts
 from pipelines.config import Config, fingerprint
 from pipelines.framework import stage_dir, upstream
 from pipelines.manifest import StageResult, begin, finish

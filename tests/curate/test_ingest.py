@@ -359,10 +359,6 @@ def test_cache_of_a_finished_part_is_removed_by_the_next_run(tmp_path):
     assert sorted(p.name for p in (work / "_cache").iterdir()) == [] and read_table(work).num_rows == 4
 
 
-def _tree(d: Path) -> dict:
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-
-
 def test_parts_run_while_planning_equal_parts_run_from_the_saved_plan(tmp_path):
     """A new plan hands each part's rows to its worker as written; a saved plan's parts read them back:
     the same records and raw shards, byte for byte."""
