@@ -274,10 +274,10 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     emb_dir = resolve_embedding(cfg, cc.embedding)
     inputs = {**upstream(cfg, "ingest", *finished_filters(cfg)), "embedding": read_manifest(emb_dir)["key"]}
     config = asdict(cc)
+    del config["ray_gpus_per_task"]  # where the passes run, not what they compute
     # the chunk layout is that of level 1's checkpointed labels, and faiss may break a near-tie differently
     # in another query batch: a changed chunk_size redoes the stage (the default stays out of the key, so
     # keys made before it was keyed stay valid)
-    del config["ray_gpus_per_task"]  # where the passes run, not what they compute
     for name in ("chunk_size", "pp_shard_rows"):  # so do k-means++ shards, which decide its draws
         if config[name] == getattr(ClusterConfig, name):
             del config[name]
