@@ -46,9 +46,10 @@ COSTS: dict[str, Cost] = {
                             "grow faster than the records, so more records cost more per record)"),
     "hashdedup_driver_s": Cost(40e-6, "driver s per duplicate with executor ray (gather, group, plan the writes)",
                                "the same two runs: driver CPU 2.6 s and 9.2 s for 19k and 190k duplicates"),
-    "hashdedup_ray_bytes": Cost(1340, "driver bytes per duplicate with executor ray (its links, the linked records "
-                                "as Python strings, per-part task bookkeeping)", "the same two runs: driver peak "
-                                "RSS 204 MB and 433 MB"),
+    "hashdedup_ray_bytes": Cost(500, "driver bytes per duplicate with executor ray (its links, the linked records' "
+                                "Arrow and numpy columns, per-part task bookkeeping)", "the same two runs again after "
+                                "the columns (session 24, load 4): driver peak RSS 223 MB and 308 MB (1,340 B per "
+                                "duplicate before, as Python strings)"),
     "hashdedup_band_record_bytes": Cost(100, "task bytes per band record with executor ray (the band, its sort and "
                                         "links)", "ASSUMPTION, not measured (Ray workers' RSS): 16 B per pHash-field "
                                         "record and 72 B per sha256 record, with sort and search temporaries"),
