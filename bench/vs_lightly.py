@@ -8,7 +8,7 @@ machine load hits both alike; then teacher k-NN (k 20, T 0.07) on Fashion-MNIST.
 project dependency: run with an environment that has it, e.g.
   python -m venv --system-site-packages /work/venv-lightly && /work/venv-lightly/bin/pip install lightly
   PYTHONPATH=. /work/venv-lightly/bin/python bench/vs_lightly.py --iters 150 --seeds 0
-  PYTHONPATH=. /work/venv-lightly/bin/python bench/vs_lightly.py --config small_cpu --own-schedules --iters 600
+  PYTHONPATH=. /work/venv-lightly/bin/python bench/vs_lightly.py --config small_cpu --own-schedules --iters 1200
 (`--own-schedules` keeps the config's warm-ups and last-layer freeze; Lightly's step takes the config's iBOT
 and KoLeo weights, its DINO term is Lightly's own: EMA centering where ours may use Sinkhorn-Knopp.)
 `--throughput` instead times `--steps` alternating steps of each (synthetic crops, the first one a
