@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from scipy.sparse.csgraph import connected_components
 
 from curate.copy_safety import CopyDedupRefused, SafetyLimits, check_safety  # noqa: F401 (re-exported)
 from curate.groups import id_ranks, pick_keepers
+from curate.parts import Mapper, local_map, map_in_order  # noqa: F401 (re-exported)
 from curate.index import EmbeddingParts, IndexSpec, VectorIndex, build_index
 
 DEFAULT_K = 64  # neighbours per image in the k-NN graph (DINOv2)
@@ -34,24 +35,6 @@ PAIR_BATCH = 32768  # pairs whose similarity is recomputed at once
 SLACK = 1e-3  # candidates are fetched this far below the threshold, then decided exactly
 
 Vectors = EmbeddingParts | str | os.PathLike | np.ndarray | Sequence[np.ndarray]
-# mapper(fn, jobs, shared) yields (job index, fn(*shared, *job)) for every job, in any order
-Mapper = Callable[[Callable, Sequence[tuple], tuple], Iterable[tuple[int, object]]]
-
-
-def local_map(fn: Callable, jobs: Sequence[tuple], shared: tuple = ()) -> Iterator[tuple[int, object]]:
-    """The local Mapper: the jobs one after the other in this process."""
-    for i, job in enumerate(jobs):
-        yield i, fn(*shared, *job)
-
-
-def map_in_order(mapper: Mapper | None, fn: Callable, jobs: Sequence[tuple], shared: tuple = ()) -> list:
-    """Every job's result in job order, whatever order `mapper` (None: local_map) yields them in."""
-    out: list = [None] * len(jobs)
-    for k, res in (mapper or local_map)(fn, jobs, shared):
-        out[k] = res
-    return out
-
-
 class LargeComponentWarning(UserWarning):
     """The largest duplicate component is larger than max_component (a threshold that chains)."""
 

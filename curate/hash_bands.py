@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from curate.groups import pick_keepers
 from curate.hashing import hamming_u64, phash_pairs
-from curate.parts import ensure_dir, part_name, write_table_atomic
+from curate.parts import ensure_dir, local_map, map_in_order, part_name, write_table_atomic
 
 MIN_FIELD_BITS = 4  # narrower pHash fields would put most records in a few bands: use one band then
 _EMPTY = np.empty(0, np.int64)
@@ -270,8 +270,7 @@ def link_keepers(parts: Sequence[str], offsets: np.ndarray, sha_links: tuple[lis
     """Keepers of the records with a link, from the bands' links ((left rows, right rows) lists per kind;
     the sha256 bands' links are stars: (first record of a hash, another record of it)). Only the linked
     records' id, pHash and pixels are read, part by part (`gather_rows`, through `mapper`: a
-    curate.dedup Mapper, None for this process; curate.dedup itself is not imported, it loads faiss).
-    Returns (linked global rows, sorted; cuts: the linked records of part k are linked[cuts[k]:cuts[k + 1]];
+    curate.parts Mapper, None for this process). Returns (linked global rows, sorted; cuts: the linked records of part k are linked[cuts[k]:cuts[k + 1]];
     their LinkedKeepers)."""
     sha_i, sha_j = (np.concatenate(x) if x else _EMPTY for x in sha_links)
     ei = np.concatenate([sha_i, *phash_links[0]])
@@ -286,9 +285,7 @@ def link_keepers(parts: Sequence[str], offsets: np.ndarray, sha_links: tuple[lis
     cuts = np.searchsorted(np.searchsorted(offsets, linked, side="right") - 1, np.arange(len(parts) + 1))
     jobs = [(str(parts[k]), linked[cuts[k]:cuts[k + 1]] - offsets[k]) for k in range(len(parts))
             if cuts[k + 1] > cuts[k]]
-    got: list = [None] * len(jobs)
-    for k, g in (mapper(gather_rows, jobs, ()) if mapper else enumerate(gather_rows(*job) for job in jobs)):
-        got[k] = g
+    got = map_in_order(mapper, gather_rows, jobs)
     ids = pa.concat_arrays([g["id"] for g in got]) if got else pa.array([], pa.string())
     phash = np.concatenate([g["phash"] for g in got] or [np.zeros(0, np.uint64)])
     pixels = np.concatenate([g["pixels"] for g in got] or [np.zeros(0, np.int64)])
@@ -309,10 +306,7 @@ def write_outcome(parts: Sequence[str], offsets: np.ndarray, out_dir: str | os.P
             yield (str(path), str(out_dir / part_name(k)), linked[lo:hi] - offsets[k], res.dup_of(lo, hi),
                    res.reason(lo, hi), res.group[lo:hi], res.distance[lo:hi])
 
-    if mapper is None:
-        n_ok = sum(write_dup_part(*job) for job in jobs())
-    else:
-        n_ok = sum(c for _, c in mapper(write_dup_part, jobs(), ()))
+    n_ok = sum(c for _, c in (mapper or local_map)(write_dup_part, jobs(), ()))
     dropped = {"duplicate_exact": int((~res.keep & res.exact).sum()),
                "duplicate_near": int((~res.keep & ~res.exact).sum())}
     groups = int(len(np.unique(res.group[res.group >= 0])))

@@ -167,7 +167,7 @@ def split_fit(
     chunk; with `scratch` (a directory) all of it goes through files there (removed at the end), so the jobs
     can be `mapper`'s tasks (e.g. Ray: the driver then holds O(splits + clusters)); without it, in memory.
     `pp` shards the coarse fit's k-means++ (the fits inside the splits run in their jobs)."""
-    from curate.dedup import map_in_order
+    from curate.parts import map_in_order
 
     sizes = chunk_sizes(data.n, chunk_size)
     tmp = Path(scratch) if scratch is not None else None

@@ -34,6 +34,7 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -338,7 +339,7 @@ def hierarchical_kmeans(
                 on_checkpoint(level, 0)
             start = 1
         for s in range(start, spec.n_steps):
-            refit = None if refit_fn is None else (lambda d, r, lv=level, st=s: refit_fn(lv, st, d, r))
+            refit = None if refit_fn is None else partial(refit_fn, level, s)
             c, assignment, inertia = resampling_step(data, assignment, spec, [seed, level, 2, s], step, chunk_size,
                                                      gpu, ckpt.assignment(level, s, sizes), pp, refit)
             obj = obj + [inertia]

@@ -15,7 +15,7 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -260,3 +260,21 @@ def read_aligned(stage_dirs: Sequence[str | os.PathLike], index: int,
                 base = base.append_column(name, col)
     assert base is not None
     return base
+
+
+# mapper(fn, jobs, shared) yields (job index, fn(*shared, *job)) for every job, in any order
+Mapper = Callable[[Callable, Sequence[tuple], tuple], Iterable[tuple[int, object]]]
+
+
+def local_map(fn: Callable, jobs: Sequence[tuple], shared: tuple = ()) -> Iterator[tuple[int, object]]:
+    """The local Mapper: the jobs one after the other in this process."""
+    for i, job in enumerate(jobs):
+        yield i, fn(*shared, *job)
+
+
+def map_in_order(mapper: Mapper | None, fn: Callable, jobs: Sequence[tuple], shared: tuple = ()) -> list:
+    """Every job's result in job order, whatever order `mapper` (None: local_map) yields them in."""
+    out: list = [None] * len(jobs)
+    for k, res in (mapper or local_map)(fn, jobs, shared):
+        out[k] = res
+    return out

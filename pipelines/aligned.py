@@ -98,7 +98,7 @@ class EmbeddingLayout:
         """Columns of the parts this layout reads as its ingest parts (the ingest stage's, or another stage's
         parts aligned with them) at the given sorted embedding rows: one job per part holding some (with a
         mapper, its tasks); numpy arrays (strings without nulls as str arrays, nulls as they convert)."""
-        from curate.dedup import map_in_order
+        from curate.parts import map_in_order
 
         rows = np.asarray(rows, dtype=np.int64)
         jobs = [(*self._paths(k), rows[lo:hi] - self.offsets[k]) for k, lo, hi in self.split(rows)]
@@ -112,14 +112,14 @@ class EmbeddingLayout:
     def rows_where(self, column: str, values: np.ndarray, mapper=None) -> np.ndarray:
         """Sorted global embedding rows whose `column` (in the parts this layout reads as its ingest parts,
         e.g. another stage's aligned parts) is one of `values`; one job per part."""
-        from curate.dedup import map_in_order
+        from curate.parts import map_in_order
 
         got = map_in_order(mapper, part_rows_in, self._all_parts(), (column, np.asarray(values)))
         return np.concatenate([g + self.offsets[k] for k, g in enumerate(got)] + [np.zeros(0, dtype=np.int64)])
 
     def count_set(self, column: str, mapper=None) -> int:
         """How many embedded rows have `column` set (not null)."""
-        from curate.dedup import map_in_order
+        from curate.parts import map_in_order
 
         return int(sum(map_in_order(mapper, part_count_set, self._all_parts(), (column,))))
 

@@ -106,7 +106,7 @@ def content_hashes(ingest_dir: str | Path, rows: np.ndarray, mapper=None,
     """Content and mirrored pHashes of the images at global ingest rows `rows`, which decoded, and the
     seconds spent (summed over jobs): jobs of consecutive rows, run by `mapper` (a curate Mapper: Ray
     tasks with executor ray) or here, one after the other; the same values either way."""
-    from curate.dedup import map_in_order
+    from curate.parts import map_in_order
 
     rows = np.asarray(rows, dtype=np.int64)
     jobs = [(rows[lo:lo + rows_per_job],) for lo in range(0, len(rows), rows_per_job)]
@@ -146,7 +146,7 @@ def verify_image_pairs(sources: list[tuple[str | Path, np.ndarray]], i: np.ndarr
     cache); with one (Ray tasks), the pairs sorted by (min row, max row) and cut into jobs of
     pairs_per_job. Verdicts are the same either way (`curate.verify.merge_results`); only
     features_computed and timings differ."""
-    from curate.dedup import map_in_order
+    from curate.parts import map_in_order
     from curate.verify import merge_results, verify_pairs
 
     rows = [np.asarray(r, dtype=np.int64) for _, r in sources]

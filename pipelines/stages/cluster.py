@@ -148,6 +148,12 @@ def _ray_step_fn(vectors: PartVectors, chunk: int, address: str | None, gpus_per
     return step
 
 
+def _file_passes(path: Path, chunk: int, address: str | None, gpus_per_task: float | None):
+    """The points of one .npy on storage every node sees, and Lloyd passes over them as Ray tasks."""
+    vectors = PartVectors([path])
+    return vectors, _ray_step_fn(vectors, chunk, address, gpus_per_task)
+
+
 def _ray_upper_step_fn(rows_dir: Path, chunk: int, address: str | None, gpus_per_task: float | None = None):
     """Levels >= 2 on Ray: the level below's centroids saved as an .npy (in the stage's scratch directory, on
     storage every node sees), read chunk by chunk by the same tasks as level 1's passes."""
@@ -155,8 +161,7 @@ def _ray_upper_step_fn(rows_dir: Path, chunk: int, address: str | None, gpus_per
     def make(level: int, points: np.ndarray) -> tuple[PartVectors, object]:
         path = rows_dir / f"points_l{level}.npy"
         save_npy_atomic(path, np.ascontiguousarray(points, dtype=np.float32))
-        vectors = PartVectors([path])
-        return vectors, _ray_step_fn(vectors, chunk, address, gpus_per_task)
+        return _file_passes(path, chunk, address, gpus_per_task)
 
     return make
 
@@ -172,8 +177,7 @@ def _ray_refit_fn(rows_dir: Path, chunk: int, address: str | None, gpus_per_task
             old.unlink()
         path = rows_dir / f"refit_l{level}_s{step}.npy"
         save_rows_npy(path, data.take, rows, data.dim)
-        vectors = PartVectors([path])
-        return vectors, _ray_step_fn(vectors, chunk, address, gpus_per_task)
+        return _file_passes(path, chunk, address, gpus_per_task)
 
     return make
 
@@ -312,7 +316,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     shared = (tree.upper, k1, tree.level1.sizes, str(tree.level1.dir))
     jobs = [(str(ing), str(d / part_name(k)), str(rows_dir / f"ing-{k:05d}.npy"), int(vectors.offsets[k]),
              int(vectors.offsets[k + 1])) for k, ing in enumerate(ingest)]
-    from curate.dedup import local_map
+    from curate.parts import local_map
 
     sizes = np.zeros(k1, dtype=np.int64)  # one write per part: a Ray task on ray
     for _, part_sizes in (mapper or local_map)(write_part, jobs, shared):

@@ -165,7 +165,7 @@ def _node_info(layout, mapper):
 def _write_parts(d: Path, layout, graph, mapper) -> None:
     """The stage's parts, one job (a task with executor ray) per ingest part, each given only its part's
     group members: `copy_of` (keeper id of a removed record), `copy_group` (-1: none), `copy_max_sim`."""
-    from curate.dedup import map_in_order
+    from curate.parts import map_in_order
     from curate.parts import part_name
     from pipelines.aligned import write_emb_part
 
