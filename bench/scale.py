@@ -257,27 +257,46 @@ def planted_cluster(work: Path, n: int, seed: int = 0) -> dict:
     return result.counts
 
 
-def calibrate_dedup(sizes: tuple[int, ...] = (200_000, 1_000_000)) -> dict:
-    """Driver bytes per record with an edge in copy dedup (`dedup_node_bytes` of the plan): group_edges over
-    10M records of which `m` have an edge (pairs: a copy and its keeper), ids of 26 characters as ours,
-    peak of the traced allocations (numpy and Python) with the keeper ids the stage writes."""
+def _dedup_node_peak(m: int) -> float:
+    """Peak driver bytes per node of group_edges over 10M records of which m have an edge, with one part's
+    keeper ids as the stage's write jobs take them; numpy and Python allocations (tracemalloc) plus Arrow's
+    (its pool's peak): the sum of the two peaks, an upper bound of the process's. Run in a fresh process."""
     import tracemalloc
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     from curate.dedup import group_edges
 
+    rng = np.random.default_rng(0)
+    nodes = np.sort(rng.choice(10_000_000, m, replace=False))
+    pool = pa.default_memory_pool()
+    arrow0 = pool.bytes_allocated()
+    tracemalloc.start()
+    edges = (nodes[0::2], nodes[1::2], rng.random(m // 2).astype(np.float32))  # as merge_edges hands them over
+
+    def node_info(rows):  # ids of 26 characters as ours, as the stage reads them: Arrow strings
+        names = pc.binary_join_element_wise("ingest-000123/", pa.array(rows).cast(pa.string()), "")
+        return pa.chunked_array([names]), rng.integers(1, 9, len(rows)) * 1000
+
+    g = group_edges(10_000_000, edges, node_info, limits=None)
+    part = g.copy_of(0, len(g.nodes) // 100)  # one part's job of a pool in 100 parts
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    del part
+    return (peak + pool.max_memory() - arrow0) / m
+
+
+def calibrate_dedup(sizes: tuple[int, ...] = (200_000, 1_000_000)) -> dict:
+    """Driver bytes per record with an edge in copy dedup (`dedup_node_bytes` of the plan), each size in
+    a fresh process (Arrow's peak is per process): see _dedup_node_peak."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
     out = {}
     for m in sizes:
-        rng = np.random.default_rng(0)
-        nodes = np.sort(rng.choice(10_000_000, m, replace=False))
-        edges = (nodes[0::2], nodes[1::2], rng.random(m // 2).astype(np.float32))
-        tracemalloc.start()
-        g = group_edges(10_000_000, edges, lambda rows: (np.char.add("ingest-000123/", rows.astype("U12")),
-                                                         rng.integers(1, 9, len(rows)) * 1000), limits=None)
-        copy_of = np.full(len(g.nodes), None, dtype=object)
-        copy_of[~g.keep] = g.node_ids[g.keeper[~g.keep]]
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        out[m] = round(peak / m, 1)
+        with ctx.Pool(1) as pool:
+            out[m] = round(pool.apply(_dedup_node_peak, (m,)), 1)
     return {"dedup_node_bytes": out}
 
 

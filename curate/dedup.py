@@ -23,7 +23,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from curate.copy_safety import CopyDedupRefused, SafetyLimits, check_safety  # noqa: F401 (re-exported)
-from curate.groups import id_ranks, pick_keepers
+from curate.groups import arrow_id_ranks, id_ranks, pick_keepers, string_column
 from curate.parts import Mapper, local_map, map_in_order  # noqa: F401 (re-exported)
 from curate.index import EmbeddingParts, IndexSpec, VectorIndex, build_index
 
@@ -221,7 +221,7 @@ class CopyGraph:
 
     n: int  # records in the pool
     nodes: np.ndarray  # int64 rows with at least one edge, sorted
-    node_ids: np.ndarray  # str id of each node
+    node_ids: pa.Array  # Arrow large_string: the id of each node
     keeper: np.ndarray  # int64 per node: the position (in nodes) of its group's keeper
     group: np.ndarray  # int64 per node: its group, numbered by each group's smallest id
     max_sim: np.ndarray  # float32 per node: highest similarity to another group member
@@ -235,10 +235,16 @@ class CopyGraph:
         """Per node: whether it is its group's keeper."""
         return self.keeper == np.arange(len(self.nodes))
 
-    def dropped(self) -> tuple[np.ndarray, np.ndarray]:
+    def dropped(self) -> tuple[np.ndarray, pa.Array]:
         """Rows of the records removed and their keepers' ids."""
         drop = ~self.keep
-        return self.nodes[drop], self.node_ids[self.keeper[drop]]
+        return self.nodes[drop], self.node_ids.take(pa.array(self.keeper[drop]))
+
+    def copy_of(self, lo: int = 0, hi: int | None = None) -> pa.Array:
+        """Per node lo..hi: its keeper's id if it is removed, else null (a new Arrow array: no Python
+        string per node, and no buffer shared with the other nodes' when it is sent to a task)."""
+        hi = len(self.nodes) if hi is None else hi
+        return self.node_ids.take(pa.array(self.keeper[lo:hi], mask=self.keep[lo:hi], type=pa.int64()))
 
 
 def group_edges(
@@ -255,8 +261,8 @@ def group_edges(
     index_kind: str = "given edges",
 ) -> CopyGraph:
     """Connected components of the edges (i, j, sim) among n records and one keeper per component,
-    holding only the records that have an edge: `node_info(rows)` gives those rows' ids (str) and
-    pixel counts. The keeper has the most pixels, then the smallest id; groups are numbered by their
+    holding only the records that have an edge: `node_info(rows)` gives those rows' ids (str: an Arrow
+    array, kept as one, or a sequence) and pixel counts. The keeper has the most pixels, then the smallest id; groups are numbered by their
     smallest id (as copy_dedup, which is this over all records). Warns past max_component, raises
     CopyDedupRefused past `limits` (None allows any result)."""
     i, j, sim = (np.asarray(edges[0], dtype=np.int64), np.asarray(edges[1], dtype=np.int64),
@@ -266,10 +272,10 @@ def group_edges(
     nodes = np.unique(np.concatenate([i, j]))
     ci, cj = np.searchsorted(nodes, i), np.searchsorted(nodes, j)
     node_ids, pixels = node_info(nodes)
-    node_ids, pixels = np.asarray(node_ids, dtype=str), np.asarray(pixels, dtype=np.int64).reshape(-1)
+    pixels = np.asarray(pixels, dtype=np.int64).reshape(-1)
     if len(node_ids) != len(nodes) or len(pixels) != len(nodes):
         raise ValueError(f"node_info gave {len(node_ids)} ids and {len(pixels)} pixel counts for {len(nodes)} rows")
-    node_ids, rank = id_ranks(node_ids)
+    node_ids, rank = arrow_id_ranks(node_ids)
     labels = components(len(nodes), ci, cj, method)
     picked = pick_keepers(labels, pixels, rank)
     sizes, multi = picked.sizes, picked.multi  # every component here has >= 2 records: multi is all of them
@@ -279,11 +285,12 @@ def group_edges(
     group_max = np.full(len(multi), -np.inf, dtype=np.float32)
     np.maximum.at(group_max, picked.group[ci], sim)  # both ends of an edge are in the same group
     members = np.lexsort((rank, picked.group))
-    offsets = np.concatenate([[0], np.cumsum(sizes[multi])]).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(sizes[multi])]).astype(np.int64)
     groups = pa.table({
         "group": pa.array(np.arange(len(multi), dtype=np.int64)),
-        "keeper": pa.array(node_ids[picked.keeper_of[multi]].tolist(), type=pa.string()),
-        "members": pa.ListArray.from_arrays(pa.array(offsets), pa.array(node_ids[members].tolist(), type=pa.string())),
+        "keeper": string_column(node_ids.take(pa.array(picked.keeper_of[multi]))),
+        "members": string_column(pa.LargeListArray.from_arrays(pa.array(offsets, type=pa.int64()),
+                                                               node_ids.take(pa.array(members)))),
         "size": pa.array(sizes[multi].astype(np.int64)),
         "max_sim": pa.array(group_max),
     })
@@ -385,6 +392,6 @@ def copy_dedup(
     max_sim[graph.nodes] = graph.max_sim
     dup_of = np.full(n, None, dtype=object)  # a Python string only for the dropped records
     rows, keepers = graph.dropped()
-    dup_of[rows] = keepers
+    dup_of[rows] = keepers.to_numpy(zero_copy_only=False)
     return CopyDedupResult(id_arr, keep, dup_of.tolist(), group, max_sim, ok, graph.edges, graph.groups, graph.stats,
                            graph.warning)

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def id_ranks(ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -22,6 +24,48 @@ def id_ranks(ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     rank = np.empty(n, dtype=np.int64)
     rank[by_id] = np.arange(n, dtype=np.int64)
     return id_arr, rank
+
+
+def large_strings(ids: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    """ids as one Arrow large_string array (64-bit offsets: past 2 GB of text, as a pool's ids are)."""
+    if isinstance(ids, pa.ChunkedArray):
+        chunks = [c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c for c in ids.chunks]
+        return pa.concat_arrays([c.cast(pa.large_string()) for c in chunks]) if chunks else pa.array(
+            [], type=pa.large_string())
+    if isinstance(ids, pa.Array):
+        return ids.cast(ids.type.value_type).cast(pa.large_string()) if pa.types.is_dictionary(ids.type) else \
+            ids.cast(pa.large_string())
+    return pa.array(ids if isinstance(ids, np.ndarray) else list(ids), type=pa.large_string())
+
+
+def string_column(arr: pa.Array, rows: int = 1 << 20) -> pa.ChunkedArray:
+    """A large_string (or list of large_string) array as the `string` type Parquet parts use, in chunks
+    of `rows` rows (a string array holds at most 2 GB of text)."""
+    def small(a: pa.Array) -> pa.Array:
+        if pa.types.is_list(a.type) or pa.types.is_large_list(a.type):
+            starts = pc.subtract(a.offsets, a.offsets[0]).cast(pa.int32())
+            return pa.ListArray.from_arrays(starts, small(a.flatten()))
+        return a.cast(pa.string())
+    return pa.chunked_array([small(arr.slice(s, rows)) for s in range(0, len(arr), rows)] or [small(arr)])
+
+
+def arrow_id_ranks(ids: Sequence[str] | pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """id_ranks with the ids as one Arrow large_string array: no Python string and no fixed-width copy
+    (4 bytes a character) per id. Arrow orders strings by their UTF-8 bytes, which is numpy's code-point
+    order, so the ranks are id_ranks'. ids must be unique."""
+    arr = large_strings(ids)
+    if arr.null_count:
+        raise ValueError("ids must not be null")
+    n = len(arr)
+    by_id = pc.sort_indices(arr).to_numpy()
+    if n > 1:
+        ordered = arr.take(pa.array(by_id))
+        if pc.any(pc.equal(ordered.slice(1), ordered.slice(0, n - 1))).as_py():
+            raise ValueError("ids must be unique")
+        del ordered
+    rank = np.empty(n, dtype=np.int64)
+    rank[by_id] = np.arange(n, dtype=np.int64)
+    return arr, rank
 
 
 @dataclass

@@ -109,6 +109,19 @@ class EmbeddingLayout:
             out[c] = np.concatenate(chunks) if chunks else np.zeros(0, dtype=str if c == "id" else np.int64)
         return out
 
+    def table(self, rows: np.ndarray, columns: Sequence[str], mapper=None) -> pa.Table:
+        """`values` as one Arrow table (a chunk per part holding some): strings stay Arrow strings, never
+        Python objects or fixed-width numpy text."""
+        from curate.parts import map_in_order
+
+        rows = np.asarray(rows, dtype=np.int64)
+        jobs = [(*self._paths(k), rows[lo:hi] - self.offsets[k]) for k, lo, hi in self.split(rows)]
+        got = map_in_order(mapper, part_table, jobs, (tuple(columns),))
+        if not got:
+            schema = pq.read_schema(self.ingest_parts[0]) if self.ingest_parts else None
+            return pa.table({c: pa.array([], type=schema.field(c).type if schema else pa.string()) for c in columns})
+        return pa.concat_tables(got)
+
     def rows_where(self, column: str, values: np.ndarray, mapper=None) -> np.ndarray:
         """Sorted global embedding rows whose `column` (in the parts this layout reads as its ingest parts,
         e.g. another stage's aligned parts) is one of `values`; one job per part."""
@@ -151,6 +164,12 @@ def part_values(columns: Sequence[str], ingest_part: str, emb_part: str, positio
     return out
 
 
+def part_table(columns: Sequence[str], ingest_part: str, emb_part: str, positions: np.ndarray) -> pa.Table:
+    """Ingest `columns` at the given rows of an embedding part (positions within that part), as Arrow."""
+    _, at = emb_positions(ingest_part, emb_part)
+    return pq.read_table(ingest_part, columns=list(columns)).take(pa.array(at[positions], type=pa.int64()))
+
+
 def _emb_column(column: str, aligned_part: str, emb_part: str) -> pa.ChunkedArray:
     """`column` of the aligned part at the embedding part's rows, in their order."""
     _, at = emb_positions(aligned_part, emb_part)
@@ -179,6 +198,12 @@ def write_emb_part(ingest_part: str, emb_part: str, out: str, positions: np.ndar
     where[at] = np.arange(len(at))
     arrays = {}
     for name, (values, fill, t) in columns.items():
+        if isinstance(values, (pa.Array, pa.ChunkedArray)):  # Arrow values: taken, never Python objects
+            at_pos = np.full(len(at), -1, dtype=np.int64)
+            at_pos[positions] = np.arange(len(positions))
+            full = values.take(pa.array(at_pos, mask=at_pos < 0)).cast(t)
+            arrays[name] = full if fill is None else pc.fill_null(full, pa.scalar(fill, type=t))
+            continue
         full = np.full(len(at), fill, dtype=object if t == pa.string() else np.asarray(values).dtype)
         full[positions] = values
         arrays[name] = pa.array(full if full.dtype != object else full.tolist(), type=t)

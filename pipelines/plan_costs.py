@@ -81,9 +81,10 @@ COSTS: dict[str, Cost] = {
     "dedup_valid_bytes": Cost(1, "driver bytes per record (which rows may form edges)", "the bool mask "
                               "curate.dedup.valid_rows holds (bench/scale.py dedup: RESULTS 'Copy dedup over the "
                               "records with an edge')"),
-    "dedup_node_bytes": Cost(400, "driver bytes per record with an edge (ids, groups, edges, the groups table)",
-                             "python bench/scale.py --calibrate-dedup: 503 and 375 B per node traced at 200k "
-                             "and 1M nodes (26-character ids, groups of two)"),
+    "dedup_node_bytes": Cost(230, "driver bytes per record with an edge (ids, groups, edges, the groups table)",
+                             "python bench/scale.py --calibrate-dedup: 318 and 221 B per node at 200k and 1M "
+                             "nodes, numpy/Python and Arrow peaks added (26-character ids as Arrow strings, "
+                             "groups of two; 503 and 375 B with ids as numpy text and Python strings)"),
     "balance_s": Cost(3.2e-6, "core-s per record (four passes over the cluster parts)", f"{_SCALE10}: 30.7 and "
                       "31.6 CPU-s for 9.7M records, local executor (RESULTS 'Balance streamed over parts')"),
     "balance_bytes": Cost(1, "driver bytes per record (O(clusters): leaf sizes, cut-offs, histograms)",

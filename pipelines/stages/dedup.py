@@ -154,32 +154,35 @@ def _verified_edges(cfg: Config, emb_dir: Path, valid: np.ndarray, threshold: fl
 def _node_info(layout, mapper):
     """node_info for group_edges: ids and pixel counts of the given embedding rows, read part by part."""
 
-    def info(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        v = layout.values(rows, ["id", "width", "height"], mapper)
-        w, h = (np.nan_to_num(np.asarray(v[c], dtype=np.float64)).astype(np.int64) for c in ("width", "height"))
-        return v["id"], w * h
+    def info(rows: np.ndarray) -> tuple[pa.ChunkedArray, np.ndarray]:
+        t = layout.table(rows, ["id", "width", "height"], mapper)
+        w, h = (np.nan_to_num(np.asarray(t.column(c).to_numpy(), dtype=np.float64)).astype(np.int64)
+                for c in ("width", "height"))
+        return t.column("id"), w * h
 
     return info
 
 
 def _write_parts(d: Path, layout, graph, mapper) -> None:
     """The stage's parts, one job (a task with executor ray) per ingest part, each given only its part's
-    group members: `copy_of` (keeper id of a removed record), `copy_group` (-1: none), `copy_max_sim`."""
-    from curate.parts import map_in_order
-    from curate.parts import part_name
+    group members: `copy_of` (keeper id of a removed record), `copy_group` (-1: none), `copy_max_sim`.
+    Each job is made when it is sent (its keeper ids taken then, as Arrow)."""
+    from curate.parts import local_map, part_name
     from pipelines.aligned import write_emb_part
 
-    copy_of = np.full(len(graph.nodes), None, dtype=object)
-    copy_of[~graph.keep] = graph.node_ids[graph.keeper[~graph.keep]]
     cuts = np.searchsorted(graph.nodes, layout.offsets)
-    jobs = []
-    for k in range(len(layout.emb_parts)):
-        lo, hi = cuts[k], cuts[k + 1]
-        columns = {"copy_of": (copy_of[lo:hi], None, pa.string()), "copy_group": (graph.group[lo:hi], -1, pa.int64()),
-                   "copy_max_sim": (graph.max_sim[lo:hi], np.nan, pa.float32())}
-        jobs.append((str(layout.ingest_parts[k]), str(layout.emb_parts[k]), str(d / part_name(k)),
-                     graph.nodes[lo:hi] - layout.offsets[k], columns))
-    map_in_order(mapper, write_emb_part, jobs)
+
+    def jobs():
+        for k in range(len(layout.emb_parts)):
+            lo, hi = int(cuts[k]), int(cuts[k + 1])
+            columns = {"copy_of": (graph.copy_of(lo, hi), None, pa.string()),
+                       "copy_group": (graph.group[lo:hi], -1, pa.int64()),
+                       "copy_max_sim": (graph.max_sim[lo:hi], np.nan, pa.float32())}
+            yield (str(layout.ingest_parts[k]), str(layout.emb_parts[k]), str(d / part_name(k)),
+                   graph.nodes[lo:hi] - layout.offsets[k], columns)
+
+    for _ in (mapper or local_map)(write_emb_part, jobs(), ()):
+        pass
 
 
 def run(cfg: Config, force: bool = False) -> StageResult:
