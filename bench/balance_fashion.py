@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import time
 
 import numpy as np
@@ -109,6 +110,27 @@ def class_stats(y: np.ndarray) -> tuple[float, float]:
     return h, float(counts.max() / counts.min()) if counts.min() else float("inf")
 
 
+def oracle_pick(y: np.ndarray, keep: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """The most even selection of `size` kept rows that true labels allow (junk never taken): the same
+    water-filling over the classes as balanced_sample over clusters, random rows within a class. Its class
+    entropy is the ceiling of any balancing of this pool at this size."""
+    ky = y[keep]
+    sizes = np.bincount(ky[ky < JUNK], minlength=JUNK)
+    quota = np.zeros(JUNK, dtype=np.int64)
+    left = min(size, int(sizes.sum()))
+    while left > 0:  # water-filling: an equal share to every class with rows left
+        open_ = np.flatnonzero(quota < sizes)
+        each = left // len(open_)
+        if not each:  # fewer rows left than open classes: one more to the first of them
+            quota[open_[:left]] += 1
+            break
+        add = np.minimum(sizes[open_] - quota[open_], each)
+        quota[open_] += add
+        left -= int(add.sum())
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.choice(keep[ky == c], quota[c], replace=False) for c in range(JUNK)])
+
+
 def bootstrap_embed(x: np.ndarray, keep: np.ndarray, seed: int, spec: str, iters: int, overrides: list[str],
                     work: str) -> tuple[np.ndarray, dict]:
     """Train the preset on the kept pool images (PNG shards), embed every pool image with its teacher's
@@ -124,6 +146,10 @@ def bootstrap_embed(x: np.ndarray, keep: np.ndarray, seed: int, spec: str, iters
     from train.loop import train
 
     preset = spec.split(":", 1)[1] if ":" in spec else "tiny"
+    key = hashlib.sha256(json.dumps([preset, iters, overrides, seed, len(x), len(keep)]).encode()).hexdigest()[:12]
+    cached = os.path.join(work, f"boot-{seed}-{key}")
+    if os.path.exists(cached + ".json"):  # this seed's run with these settings: its features were kept
+        return np.load(cached + ".npy"), json.loads(open(cached + ".json").read())
     root = os.path.join(work, f"boot-{seed}")
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(os.path.join(root, "shards"))
@@ -141,7 +167,11 @@ def bootstrap_embed(x: np.ndarray, keep: np.ndarray, seed: int, spec: str, iters
     hist = summary["history"]
     last = hist[-max(1, min(20, len(hist) // 10)):]
     dino = float(np.mean([h["dino_loss"] for h in last]))
-    return feats, {"train_s": round(seconds, 1), "dino_below_lnK": round(float(np.log(cfg.head.prototypes)) - dino, 3)}
+    info = {"train_s": round(seconds, 1), "dino_below_lnK": round(float(np.log(cfg.head.prototypes)) - dino, 3)}
+    np.save(cached + ".npy", feats)
+    with open(cached + ".json", "w") as f:
+        json.dump(info, f)
+    return feats, info
 
 
 def main() -> None:
@@ -161,9 +191,7 @@ def main() -> None:
     test_x = embed_pixels(read_idx(DATA / "t10k-images-idx3-ubyte.gz"))
     test_y = read_idx(DATA / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
     ks = [int(k) for k in args.levels.split(",")]
-    rows: dict[str, list] = {k: [] for k in ("entropy", "ratio", "junk_kept", "exact_kept", "knn", "random_entropy",
-                                             "random_ratio", "random_junk", "random_exact", "random_knn", "depth",
-                                             "lowinfo_dropped", "dedup_dropped", "seconds")}
+    rows: dict[str, list] = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         t0 = time.perf_counter()
         pool = build_pool(seed, images, labels)
@@ -184,25 +212,29 @@ def main() -> None:
         levels = [LevelSpec(k, args.iters, args.steps, max(1, m // k // 2), args.sampling) for k, m in zip(ks, sizes)]
         tree = hierarchical_kmeans(emb[keep], levels, seed=seed)
         depth = structured_levels(tree.centroids, tree.assignments, args.min_explained)
-        target = n // 2
-        sel = keep[balanced_sample(tree.paths()[:, :depth], target, strategy="r", seed=seed).counts > 0]
-        rand = np.random.default_rng(seed).choice(n, len(sel), replace=False)
-        for prefix, pick in (("", sel), ("random_", rand)):
-            h, ratio = class_stats(y[pick])
-            sha_sel = [shas[i] for i in pick]
-            rows[prefix + "entropy"].append(h)
-            rows[prefix + "ratio"].append(ratio)
-            rows[prefix + ("junk" if prefix else "junk_kept")].append(float((kind[pick] == 3).mean()))
-            rows[prefix + ("exact" if prefix else "exact_kept")].append(len(sha_sel) - len(set(sha_sel)))
-            rows[prefix + "knn"].append(knn_top1(pix[pick], y[pick], test_x, test_y))
-        rows["depth"].append(depth)
-        rows["lowinfo_dropped"].append(int((~ok).sum()))
-        rows["dedup_dropped"].append(int((~res.keep).sum()))
-        rows["seconds"].append(time.perf_counter() - t0)
-        print(f"seed {seed}: pool {n} selected {len(sel)} entropy {rows['entropy'][-1]:.4f} vs random "
-              f"{rows['random_entropy'][-1]:.4f}, knn {rows['knn'][-1]:.2f} vs {rows['random_knn'][-1]:.2f}, "
-              f"junk {rows['junk_kept'][-1]:.4f}, exact copies kept {rows['exact_kept'][-1]}, depth {depth} "
-              f"({rows['seconds'][-1]:.0f} s)", flush=True)
+        for mode, target in (("", len(keep) // 2), ("pool_", n // 2)):
+            sel = keep[balanced_sample(tree.paths()[:, :depth], target, strategy="r", seed=seed).counts > 0]
+            rand = np.random.default_rng(seed).choice(n, len(sel), replace=False)
+            for prefix, pick in (("", sel), ("random_", rand), ("oracle_", oracle_pick(y, keep, len(sel), seed))):
+                h, ratio = class_stats(y[pick])
+                sha_sel = [shas[i] for i in pick]
+                put = lambda key, v: rows.setdefault(mode + prefix + key, []).append(v)  # noqa: E731
+                put("entropy", h)
+                put("ratio", ratio)
+                put("junk" if prefix else "junk_kept", float((kind[pick] == 3).mean()))
+                put("exact" if prefix else "exact_kept", len(sha_sel) - len(set(sha_sel)))
+                put("knn", knn_top1(pix[pick], y[pick], test_x, test_y))
+            rows.setdefault(mode + "selected", []).append(len(sel))
+        for key, v in (("depth", depth), ("lowinfo_dropped", int((~ok).sum())), ("dedup_dropped", int((~res.keep).sum())),
+                       ("seconds", time.perf_counter() - t0)):
+            rows.setdefault(key, []).append(v)
+        for mode, what in (("", "half the kept pool"), ("pool_", "half the raw pool")):
+            r = {k[len(mode):]: v[-1] for k, v in rows.items() if k.startswith(mode)} if mode else \
+                {k: v[-1] for k, v in rows.items()}
+            print(f"seed {seed}, {what}: pool {n} kept {len(keep)} selected {r['selected']} entropy {r['entropy']:.4f} "
+                  f"vs random {r['random_entropy']:.4f} (oracle {r['oracle_entropy']:.4f}), knn {r['knn']:.2f} vs "
+                  f"{r['random_knn']:.2f} (oracle {r['oracle_knn']:.2f}), junk {r['junk_kept']:.4f}, exact copies "
+                  f"kept {r['exact_kept']}, depth {depth} ({rows['seconds'][-1]:.0f} s)", flush=True)
     emit("balance_fashion", pool=n, embed=args.embed, boot_iters=args.boot_iters if args.embed != "pixels" else None,
          boot_set=args.boot_set, levels=ks, iters=args.iters, steps=args.steps, sampling=args.sampling,
          min_explained=args.min_explained, **{k: mean_sd([float(v) for v in vals]) for k, vals in rows.items()})
