@@ -6,10 +6,13 @@ classes in a seeded order), plus exact copies (10% of the items, same PNG bytes)
 Curation: low-information filter (curate.lowinfo) -> exact + pHash dedup (curate.hashing.dedup on
 PNG sha256 and pHash) -> raw-pixel embedding (16x16 pooled, centred, L2-normalised) ->
 hierarchical k-means with resampling -> balanced_sample over `structured_levels` of the tree,
-selecting half the pool. Reported: class entropy / ln 10 (absent classes count), max/min class
-ratio, junk and exact copies kept, and the top-1 of a weighted raw-pixel k-NN (k 20, T 0.07) on the
-Fashion-MNIST test split trained on the curated subset and on a random subset of the same size
-drawn from the raw pool; mean and sd over seeds. Prints one JSON line.
+selecting half the kept pool (the images left after the filter and dedup; keys without a prefix) and
+half the raw pool (copies and junk included; keys `pool_`). Reported for each: class entropy / ln 10
+(absent classes count), max/min class ratio, junk and exact copies kept, and the top-1 of a weighted
+raw-pixel k-NN (k 20, T 0.07) on the Fashion-MNIST test split trained on the curated subset, on a
+random subset of the same size drawn from the raw pool (`random_`), and on the oracle (`oracle_`:
+water-filling by true class over the kept pool, the most even selection any balancing can reach at
+that size); mean and sd over seeds. Prints one JSON line.
 
 Run: python bench/balance_fashion.py [--seeds 0,1,2] [--levels 100,10] [--sampling r]
      python bench/balance_fashion.py --embed bootstrap[:PRESET] [--boot-iters 600] [--boot-set key=value ...]
