@@ -1,5 +1,6 @@
 """Greedy k-means++ seeding with the rows cut into shards: the loop on one process, the distance work on
-the shards (in the process, or one Ray actor per shard over a cluster).
+the shards (in the process, or one Ray actor per shard over a cluster, on a GPU when the actor has one:
+TorchPlusPlusShard, the same calls in torch).
 
 Each step of greedy k-means++ (scikit-learn's `_kmeans_plusplus`; ssl-data-curation's
 `distributed_kmeans_plusplus_init` does the same over GPUs) draws a few candidates by D^2 sampling,
@@ -102,6 +103,97 @@ class PlusPlusShard:
         return self.x[rows]
 
 
+class TorchPlusPlusShard:
+    """PlusPlusShard on a torch device (a GPU: the shard's rows, D^2 and running sum stay in its memory). The
+    same arithmetic in the same precisions (float32 products, float64 D^2 and sums), but a GPU's matrix
+    products and running sums round differently from numpy's, so GPU shards' centres differ from CPU
+    shards' by rounding (the same distribution)."""
+
+    def __init__(self, x: np.ndarray, chunk_size: int, device: str = "cuda") -> None:
+        import torch
+
+        self.torch, self.device = torch, torch.device(device)
+        self.x = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.device)
+        self.sq = (self.x * self.x).sum(dim=1)
+        self.d2 = torch.full((len(self.x),), float("inf"), dtype=torch.float64, device=self.device)
+        self.cum = torch.zeros(0, dtype=torch.float64, device=self.device)
+        self.kept = None
+        self.chunk = chunk_size
+
+    def _sq_to(self, c: np.ndarray):
+        c = self.torch.as_tensor(np.ascontiguousarray(c, dtype=np.float32), device=self.device)
+        csq = (c * c).sum(dim=1)
+        for a in range(0, len(self.x), self.chunk):
+            block = self.sq[a : a + self.chunk, None] - 2 * (self.x[a : a + self.chunk] @ c.T) + csq[None]
+            yield a, block.double().clamp_min(0)
+
+    def score(self, candidates: np.ndarray, keep: bool = False) -> np.ndarray:
+        potential = self.torch.zeros(len(candidates), dtype=self.torch.float64, device=self.device)
+        self.kept = self.torch.empty((len(self.x), len(candidates)), dtype=self.torch.float64,
+                                     device=self.device) if keep else None
+        for a, block in self._sq_to(candidates):
+            low = self.torch.minimum(block, self.d2[a : a + len(block), None])
+            potential += low.sum(dim=0)
+            if keep:
+                self.kept[a : a + len(block)] = low
+        return potential.cpu().numpy()
+
+    def advance(self, best: int, residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.d2, self.kept = self.kept[:, best].clone(), None
+        self.cum = self.torch.cumsum(self.d2, dim=0)
+        return self.resolve(residuals)
+
+    def commit(self, centre: np.ndarray) -> float:
+        for a, block in self._sq_to(centre):
+            self.d2[a : a + len(block)] = self.torch.minimum(self.d2[a : a + len(block)], block[:, 0])
+        self.cum = self.torch.cumsum(self.d2, dim=0)
+        return float(self.cum[-1])
+
+    def resolve(self, residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        r = self.torch.as_tensor(np.asarray(residuals, dtype=np.float64), device=self.device)
+        rows = self.torch.searchsorted(self.cum, r, right=True).clamp_max(len(self.x) - 1)
+        return rows.cpu().numpy(), self.x[rows].cpu().numpy()
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        return self.x[self.torch.as_tensor(rows, device=self.device)].cpu().numpy()
+
+
+def cuda_available() -> bool:
+    """Whether this process sees a CUDA device torch can use (without importing torch when not installed)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of the trainer
+        return False
+    return torch.cuda.is_available()
+
+
+class DeviceShard:
+    """One shard in the process that holds it (a Ray actor): on the GPU the process sees when `gpu` and one is
+    there (TorchPlusPlusShard), else in numpy on `blas_threads` threads (PlusPlusShard)."""
+
+    def __init__(self, x: np.ndarray, chunk_size: int, blas_threads: int | None = None, gpu: bool = False) -> None:
+        self.impl = TorchPlusPlusShard(x, chunk_size, "cuda") if gpu and cuda_available() else \
+            PlusPlusShard(x, chunk_size, blas_threads)
+
+    def on_gpu(self) -> bool:
+        return isinstance(self.impl, TorchPlusPlusShard)
+
+    def score(self, candidates: np.ndarray, keep: bool = False) -> np.ndarray:
+        return self.impl.score(candidates, keep)
+
+    def advance(self, best: int, residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.impl.advance(best, residuals)
+
+    def commit(self, centre: np.ndarray) -> float:
+        return self.impl.commit(centre)
+
+    def resolve(self, residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.impl.resolve(residuals)
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        return self.impl.rows(rows)
+
+
 class ShardGroup(Protocol):
     """The shards of one seeding; every call answers in shard order."""
 
@@ -130,10 +222,11 @@ class PlusPlus:
 
 
 class LocalShards:
-    """The shards in this process (their rows are views of the caller's array)."""
+    """The shards in this process (their rows are views of the caller's array); `make` builds one shard
+    (PlusPlusShard, or e.g. a TorchPlusPlusShard on a device)."""
 
-    def __init__(self, parts: Sequence[np.ndarray], chunk_size: int) -> None:
-        self.shards = [PlusPlusShard(p, chunk_size) for p in parts]
+    def __init__(self, parts: Sequence[np.ndarray], chunk_size: int, make: Callable = PlusPlusShard) -> None:
+        self.shards = [make(p, chunk_size) for p in parts]
 
     def score(self, candidates: np.ndarray, keep: bool = False) -> list[np.ndarray]:
         return [s.score(candidates, keep) for s in self.shards]

@@ -184,14 +184,15 @@ def _ray_refit_fn(rows_dir: Path, chunk: int, address: str | None, gpus_per_task
 
 class RayShards:
     """k-means++ shards as Ray actors, one per shard, spread over the nodes (curate.kmeans_pp.ShardGroup): each
-    holds its rows and their D^2 for the whole seeding and runs its BLAS on the CPUs it reserved; a dead actor
-    (its node lost) is a ShardLost, and the seeding starts again on fresh actors."""
+    holds its rows and their D^2 for the whole seeding, on a GPU when the cluster has GPUs (its share of them,
+    at most one), else running its BLAS on the CPUs it reserved; a dead actor (its node lost) is a ShardLost,
+    and the seeding starts again on fresh actors."""
 
     def __init__(self, parts, chunk_size: int) -> None:
         import ray
         from ray.exceptions import RayActorError
 
-        from curate.kmeans_pp import PlusPlusShard, ShardLost
+        from curate.kmeans_pp import DeviceShard, ShardLost
 
         self._get_refs, self._errors = ray.get, (RayActorError, ShardLost)
 
@@ -200,8 +201,10 @@ class RayShards:
         total = max(1, int(ray.cluster_resources().get("CPU", 1)))
         # the cluster's CPUs shared out (all shards run at once), rounded down to Ray's 1e-4 resource unit
         cpus = min(per_node, math.floor(total / len(parts) * 10_000) / 10_000)
-        remote = ray.remote(PlusPlusShard).options(num_cpus=cpus, scheduling_strategy="SPREAD", max_restarts=0)
-        self.actors = [remote.remote(p, chunk_size, max(1, int(cpus))) for p in parts]
+        gpus = min(1.0, math.floor(ray.cluster_resources().get("GPU", 0) / len(parts) * 10_000) / 10_000)
+        remote = ray.remote(DeviceShard).options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy="SPREAD",
+                                                 max_restarts=0)
+        self.actors = [remote.remote(p, chunk_size, max(1, int(cpus)), gpus > 0) for p in parts]
 
     def _get(self, refs):  # two calls a step: the imports stay in __init__
         actor_error, lost = self._errors

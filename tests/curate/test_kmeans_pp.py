@@ -148,3 +148,34 @@ def test_several_shards_take_two_calls_a_step_and_one_shard_stays_in_the_process
     _Counts.calls = []
     sharded_plusplus(x, 10, seeded, 64, shard_rows=600, shards=_Counts)
     assert _Counts.calls == []  # one shard: LocalShards itself, whatever the factory
+
+
+def test_torch_shards_give_the_numpy_shards_centres():
+    """The GPU shard's arithmetic, run by torch on the CPU here: the same calls and precisions as the numpy
+    shard, so the same draws and centres (a GPU's products and sums round differently: not asserted here)."""
+    from functools import partial
+
+    from curate.kmeans_pp import DeviceShard, TorchPlusPlusShard
+
+    x = np.random.default_rng(5).normal(size=(1200, 16)).astype(np.float32)
+
+    def seeded():
+        return np.random.default_rng(7)
+
+    def torch_group(parts, chunk):
+        return LocalShards(parts, chunk, make=partial(TorchPlusPlusShard, device="cpu"))
+
+    for shard_rows in (400, 1200):  # three shards (score + advance), and one shard driven as several
+        want = sharded_plusplus(x, 40, seeded, 96, shard_rows=shard_rows)
+        got = sharded_plusplus(x, 40, seeded, 96, shard_rows=shard_rows, shards=torch_group)
+        assert np.array_equal(got, want) and len({r.tobytes() for r in got}) == 40
+    one = torch_group([x], 96)  # one shard through commit and resolve, as the single-process loop calls it
+    ref = LocalShards([x], 96)
+    for c in (x[3:4], x[900:901]):
+        assert one.commit(c) == pytest.approx(ref.commit(c), rel=1e-6)  # float32 products: BLAS rounding
+    residuals = np.array([0.0, 1.5, ref.shards[0].cum[-1] * 0.7])
+    assert np.array_equal(one.resolve({0: residuals})[0][0], ref.resolve({0: residuals})[0][0])
+    import torch
+
+    assert DeviceShard(x, 96, gpu=True).on_gpu() == torch.cuda.is_available()  # a GPU asked: used when there
+    assert not DeviceShard(x, 96, gpu=False).on_gpu()  # no GPU asked: numpy, whatever the machine has

@@ -227,8 +227,8 @@ def test_streamed_stage_writes_the_bytes_of_the_whole_array_computation(cfg, tmp
 
 
 def test_a_killed_kmeans_plusplus_actor_restarts_the_seeding_with_the_same_centres():
-    """Ray actors hold the shards; one killed (as when its node goes) is a ShardLost: fresh actors, the same centres
-    as the shards in the process."""
+    """Ray actors hold the shards, each with its share of the cluster's GPUs; one killed (as when its node goes) is
+    a ShardLost: fresh actors, the same centres as the shards in the process (no CUDA here: numpy shards)."""
     import ray
 
     from curate.kmeans import kmeans_plusplus
@@ -242,10 +242,12 @@ def test_a_killed_kmeans_plusplus_actor_restarts_the_seeding_with_the_same_centr
         g = RayShards(parts, chunk)
         groups.append(g)
         if len(groups) == 1:
+            assert ray.get([a.on_gpu.remote() for a in g.actors]) == [False] * 3
+            assert ray.available_resources().get("GPU", 0) == pytest.approx(1 - 3 * 0.3333)  # a third each
             ray.kill(g.actors[1], no_restart=True)
         return g
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
     try:
         got = kmeans_plusplus(x, 25, [0, 1], chunk_size=64, shard_rows=200, shards=first_loses_an_actor)
         assert len(groups) == 2 and len(groups[1].actors) == 0  # closed after use

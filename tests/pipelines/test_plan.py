@@ -101,15 +101,23 @@ def test_decontamination_memory_follows_the_evaluation_sets_not_the_pool():
 
 
 def test_kmeans_plusplus_shards_spread_the_seeding_over_the_cluster():
-    """Level 2's seeding (k = 500k over a 4M sample) on one actor per node takes ~1/20 of the driver's time plus
-    the actors' round trips; on the local executor, or with one shard, it stays on the driver."""
-    from pipelines.plan_kmeans import pp_seconds, pp_sharded
+    """Level 2's seeding (k = 500k over a 4M sample) on 20 actors takes ~1/20 of the driver's time plus the
+    actors' round trips on CPU nodes, its FLOPs on 20 GPUs plus the round trips on GPU nodes; on the local
+    executor, or with one shard, it stays on the driver."""
+    import math
+    from dataclasses import replace
+
+    from pipelines.plan_kmeans import init_sample_rows, pp_seconds, pp_sharded
 
     cfg = load_config("configs/lvd142m.yaml")
     assert cfg.cluster.pp_shard_rows == 200_000
     driver = pp_seconds(10_000_000, 500_000, 1024, PAPER)
-    spread = pp_sharded(10_000_000, 500_000, 1024, PAPER, cfg)
-    assert spread == pytest.approx(driver / 20 + 500_000 * COSTS["pp_ray_step_s"].value)
+    trips = 500_000 * COSTS["pp_ray_step_s"].value
+    cpus = replace(PAPER, gpus_per_node=0)
+    assert pp_sharded(10_000_000, 500_000, 1024, cpus, cfg) == pytest.approx(driver / 20 + trips)
+    flops = 2.0 * init_sample_rows(10_000_000, 500_000) * 1024 * 500_000 * (3 + math.log(500_000))
+    on_gpus = pp_sharded(10_000_000, 500_000, 1024, PAPER, cfg)
+    assert on_gpus == pytest.approx(flops / (20 * COSTS["gpu_flops"].value) + trips) and on_gpus < trips * 1.1
     one = load_config("configs/lvd142m.yaml", ["cluster.pp_shard_rows=4000000"])
     local = load_config("configs/lvd142m.yaml", ["executor=local"])
     assert pp_sharded(10_000_000, 500_000, 1024, PAPER, one) == driver
