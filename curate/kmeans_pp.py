@@ -209,6 +209,8 @@ class ShardGroup(Protocol):
 
     def close(self) -> None: ...
 
+    # optional: seed_all(bounds, k, d, rng, trials) -> centres, the whole loop run by the shards themselves
+
 
 ShardFactory = Callable[[Sequence[np.ndarray], int], ShardGroup]  # (the shards' rows, chunk_size) -> group
 
@@ -313,6 +315,9 @@ def sharded_plusplus(x: np.ndarray, k: int, rng_of: Callable[[], np.random.Gener
     for attempt in range(PP_RESTARTS + 1):
         group = make(parts, chunk_size)
         try:
+            seed_all = getattr(group, "seed_all", None)  # shards that run the loop themselves (kmeans_pp_spmd)
+            if seed_all is not None:
+                return seed_all(bounds, k, x.shape[1], rng_of(), trials)
             return _seed_once(group, bounds, k, x.shape[1], rng_of(), trials)
         except ShardLost:
             if attempt == PP_RESTARTS:

@@ -71,10 +71,11 @@ COSTS: dict[str, Cost] = {
     "gpu_mem": Cost(80 * 2**30, "bytes per GPU", "ASSUMPTION: an 80 GB A100 or H100"),
     "cpu_flops": Cost(55e9, "FLOP/s per core (faiss flat search)", f"{_CAL}: 54.7-56.9 GFLOP/s at k = 4096"),
     "pp_flops": Cost(8e9, "FLOP/s per core (k-means++ in numpy)", f"{_CAL}: 7.5-9.3 GFLOP/s"),
-    "pp_ray_step_s": Cost(8e-3, "s per k-means++ step with its shards on Ray actors (2 round trips)",
-                          "PYTHONPATH=. python bench/kmeans_pp.py: 7.8 ms per step over the in-process shards "
-                          "(7.6 and 8.4 with 3 round trips; local Ray, 2 actors, 2 cores, actor start included; "
-                          "RESULTS 'k-means++ over shards')"),
+    "pp_ray_step_s": Cost(4.7e-3, "s per k-means++ step with its shards on Ray actors (2 gloo collectives among "
+                          "them)", "PYTHONPATH=. python bench/kmeans_pp.py --rounds 2, per_step: 4.7 ms per step "
+                          "with the actors running the loop, 8.7 ms with the loop on the driver (2 round trips a step; "
+                          "7.8 ms in session 23, quiet); local Ray, 2 actors, 2 cores, a training run beside "
+                          "(RESULTS 'k-means++ shards on GPUs, the loop on the actors')"),
     "kmeans_rec_s": Cost(2.5e-8, "core-s per record and dimension per pass (read, sums)", f"{_CAL}: 2.0-2.9e-8"),
     "ivf_scan_s": Cost(1.2e-9, "core-s per scanned vector-dimension (IVF k-NN)", f"{_SCALE}: dedup 112 CPU-s, "
                        "~70 of them scanning 6e10 vector-dimensions (the rest training, adding, components)"),

@@ -29,7 +29,7 @@ def pp_shards(n: int, k: int, cfg: Config) -> int:
 def pp_sharded(n: int, k: int, d: int, cl: Cluster, cfg: Config) -> float:
     """k-means++ of a full fit or refit: on the driver, or with executor ray and more than one shard of
     cluster.pp_shard_rows rows, on one actor per shard (the cluster's GPUs shared out, up to one each, when it
-    has GPUs; else its cores, up to a node each), each step paying the actors' round trips."""
+    has GPUs; else its cores, up to a node each), each step paying the actors' two collectives (pp_ray_step_s)."""
     shards = pp_shards(n, k, cfg)
     if cfg.executor != "ray" or shards == 1:
         return pp_seconds(n, k, d, cl)
@@ -126,7 +126,8 @@ def level_plan(i: int, lv: LevelConfig, n: int, d: int, cfg: Config, cl: Cluster
                                                            else "")
              if spread else f"all fits on the driver ({dsrc})")
     shards = pp_shards(n, first_k, cfg)
-    pp = (f"k-means++ on {shards} Ray actors{' on GPUs' if cl.gpus_per_node else ''} (cluster.pp_shard_rows)"
+    pp = (f"k-means++ on {shards} Ray actors{' on GPUs' if cl.gpus_per_node else ''} running its loop among them "
+          "(cluster.pp_shard_rows)"
           if cfg.executor == "ray" and shards > 1 else f"k-means++ in numpy on the driver's {cl.cpus_per_node} cores")
     notes.append(f"l{i + 1}: {fmt_time(seconds)}; {where}, {pp}")
     return driver, node, seconds, notes

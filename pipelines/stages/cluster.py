@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.kmeans_parts import Assignment, PartVectors, save_npy_atomic
+from curate.kmeans_pp_spmd import SpmdShard
 from curate.kmeans_stats import StepStats
 from curate.parts import list_parts, part_name, write_table_atomic
 from pipelines.config import ClusterConfig, Config, fingerprint
@@ -182,17 +183,27 @@ def _ray_refit_fn(rows_dir: Path, chunk: int, address: str | None, gpus_per_task
     return make
 
 
+class RaySpmdShard(SpmdShard):
+    """A k-means++ shard actor whose group meets at its Ray node's address."""
+
+    def rendezvous(self, host: str | None = None) -> str:
+        from ray.util import get_node_ip_address
+
+        return super().rendezvous(host or get_node_ip_address())
+
+
 class RayShards:
     """k-means++ shards as Ray actors, one per shard, spread over the nodes (curate.kmeans_pp.ShardGroup): each
     holds its rows and their D^2 for the whole seeding, on a GPU when the cluster has GPUs (its share of them,
-    at most one), else running its BLAS on the CPUs it reserved; a dead actor (its node lost) is a ShardLost,
-    and the seeding starts again on fresh actors."""
+    at most one), else running its BLAS on the CPUs it reserved. The actors run the loop themselves
+    (`seed_all`: curate.kmeans_pp_spmd, two gloo collectives a step, no round trip to the driver); a dead actor
+    (its node lost) is a ShardLost, and the seeding starts again on fresh actors."""
 
     def __init__(self, parts, chunk_size: int) -> None:
         import ray
         from ray.exceptions import RayActorError
 
-        from curate.kmeans_pp import DeviceShard, ShardLost
+        from curate.kmeans_pp import ShardLost
 
         self._get_refs, self._errors = ray.get, (RayActorError, ShardLost)
 
@@ -202,8 +213,8 @@ class RayShards:
         # the cluster's CPUs shared out (all shards run at once), rounded down to Ray's 1e-4 resource unit
         cpus = min(per_node, math.floor(total / len(parts) * 10_000) / 10_000)
         gpus = min(1.0, math.floor(ray.cluster_resources().get("GPU", 0) / len(parts) * 10_000) / 10_000)
-        remote = ray.remote(DeviceShard).options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy="SPREAD",
-                                                 max_restarts=0)
+        remote = ray.remote(RaySpmdShard).options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy="SPREAD",
+                                                  max_restarts=0)
         self.actors = [remote.remote(p, chunk_size, max(1, int(cpus)), gpus > 0) for p in parts]
 
     def _get(self, refs):  # two calls a step: the imports stay in __init__
@@ -212,6 +223,23 @@ class RayShards:
             return self._get_refs(refs)
         except actor_error as exc:
             raise lost(str(exc)) from exc
+
+    def _wait(self, refs: list) -> list:
+        """Results in order; a dead actor's error as soon as it is known (its peers wait on it in a collective)."""
+        import ray
+
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            self._get(done)
+        return self._get(refs)
+
+    def seed_all(self, bounds: np.ndarray, k: int, d: int, rng: np.random.Generator, trials: int) -> np.ndarray:
+        """The whole seeding on the actors: rank 0 gives a rendezvous address, every actor joins the group,
+        then every actor runs the loop (the centres come back from rank 0)."""
+        address = self._get(self.actors[0].rendezvous.remote())
+        self._wait([a.join.remote(r, len(self.actors), address) for r, a in enumerate(self.actors)])
+        return self._wait([a.seed.remote(bounds, k, d, rng, trials) for a in self.actors])[0]
 
     def score(self, candidates: np.ndarray, keep: bool = False) -> list[np.ndarray]:
         return self._get([a.score.remote(candidates, keep) for a in self.actors])

@@ -254,3 +254,37 @@ def test_a_killed_kmeans_plusplus_actor_restarts_the_seeding_with_the_same_centr
         assert got.tobytes() == want.tobytes()
     finally:
         ray.shutdown()
+
+
+def test_kmeans_plusplus_actors_run_the_loop_themselves_with_the_in_process_centres(monkeypatch):
+    """The shard actors run the seeding among themselves (two gloo collectives a step, no call from the driver per
+    step): the in-process shards' centres byte for byte, also when every point sits on a centre before k."""
+    import ray
+
+    from curate.kmeans import kmeans_plusplus
+    from curate.kmeans_pp import ShardLost
+    from pipelines.stages.cluster import RayShards
+
+    rng = np.random.default_rng(4)
+    spread = rng.normal(size=(700, 10)).astype(np.float32)
+    spread[5], spread[5, 0] = 40.0, -0.0  # a far point (drawn first of all), its -0.0 exchanged as itself
+    few = np.repeat(rng.normal(size=(6, 10)).astype(np.float32), 50, axis=0)[rng.permutation(300)]  # 6 distinct
+    calls = []
+    monkeypatch.setattr(RayShards, "score", lambda *a: calls.append("score"))  # the driver never drives a step
+    monkeypatch.setattr(RayShards, "advance", lambda *a: calls.append("advance"))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        for x, k in ((spread, 30), (few, 9)):
+            want = kmeans_plusplus(x, k, [0, 2], chunk_size=64, shard_rows=250)
+            got = kmeans_plusplus(x, k, [0, 2], chunk_size=64, shard_rows=250, shards=RayShards)
+            assert got.tobytes() == want.tobytes()
+            if x is spread:
+                assert any(c[0] == 0 and np.signbit(c[0]) for c in got)
+        assert len({r.tobytes() for r in got}) == 6 and calls == []
+        g = RayShards([spread[:300], spread[300:]], 64)
+        ray.kill(g.actors[1], no_restart=True)  # a peer gone before the group forms: ShardLost, not a hang
+        with pytest.raises(ShardLost):
+            g.seed_all(np.array([0, 300, 700]), 5, 10, np.random.default_rng(0), 3)
+        g.close()
+    finally:
+        ray.shutdown()
