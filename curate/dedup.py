@@ -262,9 +262,9 @@ def group_edges(
 ) -> CopyGraph:
     """Connected components of the edges (i, j, sim) among n records and one keeper per component,
     holding only the records that have an edge: `node_info(rows)` gives those rows' ids (str: an Arrow
-    array, kept as one, or a sequence) and pixel counts. The keeper has the most pixels, then the smallest id; groups are numbered by their
-    smallest id (as copy_dedup, which is this over all records). Warns past max_component, raises
-    CopyDedupRefused past `limits` (None allows any result)."""
+    array, kept as one, or a sequence) and pixel counts. The keeper has the most pixels, then the
+    smallest id; groups are numbered by their smallest id (as copy_dedup, which is this over all
+    records). Warns past max_component, raises CopyDedupRefused past `limits` (None allows any result)."""
     i, j, sim = (np.asarray(edges[0], dtype=np.int64), np.asarray(edges[1], dtype=np.int64),
                  np.asarray(edges[2], dtype=np.float32))
     if len(i) and (min(i.min(), j.min()) < 0 or max(i.max(), j.max()) >= n):
