@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.groups import pick_keepers
+from curate.groups import arrow_id_ranks, pick_keepers
 from curate.hashing import hamming_u64, phash_pairs
 from curate.parts import ensure_dir, local_map, map_in_order, part_name, write_table_atomic
 
@@ -160,22 +160,13 @@ class LinkedKeepers:
     hash, or a hash no other record has), as the sha256 bands' star links give it (None: exact links
     off); so the sha256 strings are never gathered."""
 
-    def __init__(self, ids: pa.Array, sha_class: np.ndarray | None, phash: np.ndarray, pixels: np.ndarray,
+    def __init__(self, ids: pa.Array | pa.ChunkedArray, sha_class: np.ndarray | None, phash: np.ndarray, pixels: np.ndarray,
                  ei: np.ndarray, ej: np.ndarray) -> None:
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
 
-        n = len(ids)
-        self.ids = ids
-        by_id = pc.sort_indices(ids).to_numpy()  # string order: Arrow compares UTF-8 bytes, i.e. code points
-        if n > 1:
-            ordered = ids.take(pa.array(by_id))
-            if pc.any(pc.equal(ordered.slice(1), ordered.slice(0, n - 1))).as_py():
-                raise ValueError("ids must be unique")
-            del ordered
-        rank = np.empty(n, dtype=np.int64)
-        rank[by_id] = np.arange(n, dtype=np.int64)
-        del by_id
+        self.ids, rank = arrow_id_ranks(ids)  # one large_string array: past 2 GB of ids too
+        n = len(self.ids)
         index = np.int32 if n < 2**31 else np.int64
         graph = coo_matrix((np.ones(len(ei), dtype=np.int8), (ei.astype(index), ej.astype(index))),
                            shape=(n, n)).tocsr()
@@ -286,7 +277,7 @@ def link_keepers(parts: Sequence[str], offsets: np.ndarray, sha_links: tuple[lis
     jobs = [(str(parts[k]), linked[cuts[k]:cuts[k + 1]] - offsets[k]) for k in range(len(parts))
             if cuts[k + 1] > cuts[k]]
     got = map_in_order(mapper, gather_rows, jobs)
-    ids = pa.concat_arrays([g["id"] for g in got]) if got else pa.array([], pa.string())
+    ids = pa.chunked_array([g["id"] for g in got], type=pa.string()) if got else pa.chunked_array([], pa.string())
     phash = np.concatenate([g["phash"] for g in got] or [np.zeros(0, np.uint64)])
     pixels = np.concatenate([g["pixels"] for g in got] or [np.zeros(0, np.int64)])
     del got
