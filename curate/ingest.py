@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from curate.download import DownloadSettings, download, download_many
 from curate.download_cache import DownloadJournal
 from curate.images import CheckSettings, ImageCheck, check_image
+from curate.names import NameCounter, SeenNames
 from curate.parts import (OutputError, SyncedWrite, atomic_path, clean_temporaries, ensure_dir, list_parts,
                           output_errors, part_name)
 from curate.sources import TAR_READ_ERRORS, PlanItem, iter_source, source_names, utf8_text
@@ -85,13 +86,14 @@ def _name_digest(name: str) -> bytes:
     return hashlib.blake2b(name.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
 
 
-def plan(sources: Iterable[str], stage_dir: str | os.PathLike, part_size: int) -> int:
-    """Enumerate all sources into plan parts (once); returns the number of parts."""
+def plan(sources: Iterable[str], stage_dir: str | os.PathLike, part_size: int, seen: NameCounter | None = None) -> int:
+    """Enumerate all sources into plan parts (once); returns the number of parts. `seen` counts the names
+    (None: a SeenNames in this process; a PartitionedSeen spreads them over other processes)."""
     sources = list(sources)
     planned = _planned_parts(sources, stage_dir)
     if planned is not None:
         return planned
-    return sum(1 for _ in _new_plan(sources, stage_dir, part_size))
+    return sum(1 for _ in _new_plan(sources, stage_dir, part_size, seen))
 
 
 def _source_locations(sources: list[str]) -> list[str]:
@@ -107,8 +109,8 @@ def _planned_parts(sources: list[str], stage_dir: str | os.PathLike) -> int | No
     return len(list_parts(plan_dir))
 
 
-def _new_plan(sources: list[str], stage_dir: str | os.PathLike,
-              part_size: int) -> Iterator[tuple[int, list[dict], bool]]:
+def _new_plan(sources: list[str], stage_dir: str | os.PathLike, part_size: int,
+              seen: NameCounter | None = None) -> Iterator[tuple[int, list[dict], bool]]:
     """Write a new plan, yielding (part index, its rows, whether more parts follow) as soon as each
     part is written, so parts can run while the sources are still being enumerated. The plan becomes
     visible (its directory renamed into place) after the last part; part outputs found while there
@@ -118,7 +120,7 @@ def _new_plan(sources: list[str], stage_dir: str | os.PathLike,
     ensure_dir(stage_dir)
     clean_temporaries(stage_dir)
     _remove_unplanned_outputs(stage_dir)
-    seen = SeenNames()
+    seen = SeenNames() if seen is None else seen
     with atomic_path(plan_dir) as tmp:
         tmp.mkdir()
         (tmp / "sources.json").write_text(json.dumps(_source_locations(sources)))
@@ -170,54 +172,7 @@ def _check_planned_sources(plan_dir: Path, where: list[str]) -> None:
 _PLAN_FIELDS = [f.name for f in fields(PlanItem)]
 
 
-class SeenNames:
-    """How many times each record's base id (make_id of its name: a 64-bit hash) has been seen, for
-    numbering repeated names. Every distinct id is kept once, as a uint64, in sorted arrays merged like
-    a log-structured merge tree (8 bytes per distinct name, where a dict of id strings took ~100);
-    counts above one, i.e. the repeated names only, in a dict."""
-
-    def __init__(self) -> None:
-        self.levels: list[np.ndarray] = []  # sorted, disjoint; sizes shrink at least 2x from one to the next
-        self.more: dict[int, int] = {}
-
-    def __len__(self) -> int:
-        return sum(len(lv) for lv in self.levels)
-
-    def _counts(self, keys: np.ndarray) -> np.ndarray:
-        """Times seen so far of each of the distinct `keys`."""
-        count = np.zeros(len(keys), dtype=np.int64)
-        for lv in self.levels:
-            at = np.minimum(np.searchsorted(lv, keys), len(lv) - 1)
-            count[lv[at] == keys] = 1
-        for k in np.flatnonzero(count):
-            count[k] = self.more.get(int(keys[k]), 1)
-        return count
-
-    def take(self, keys: np.ndarray) -> np.ndarray:
-        """For a batch of keys in stream order: how many times each one's key was seen before it (earlier
-        batches and earlier in this batch); the batch is then recorded."""
-        keys = np.asarray(keys, dtype=np.uint64)
-        if not len(keys):
-            return np.zeros(0, dtype=np.int64)
-        uniq, inv, cnt = np.unique(keys, return_inverse=True, return_counts=True)
-        inv = inv.reshape(-1)
-        base = self._counts(uniq)
-        order = np.argsort(inv, kind="stable")  # positions grouped by key, in stream order within each
-        rank = np.empty(len(keys), dtype=np.int64)
-        rank[order] = np.arange(len(keys)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-        total = base + cnt
-        for k in np.flatnonzero(total > 1):
-            self.more[int(uniq[k])] = int(total[k])
-        fresh = uniq[base == 0]
-        if len(fresh):
-            self.levels.append(fresh)
-            while len(self.levels) > 1 and len(self.levels[-2]) <= 2 * len(self.levels[-1]):
-                top = self.levels.pop()
-                self.levels[-1] = np.sort(np.concatenate([self.levels[-1], top]), kind="stable")
-        return base[inv] + rank
-
-
-def _with_ids(rows: list[dict], seen: SeenNames) -> list[dict]:
+def _with_ids(rows: list[dict], seen: NameCounter) -> list[dict]:
     """Give the plan rows of a part their ids: make_id(name), or make_id(name#k) for the k-th repeat of
     a name (status duplicate_uri, unless the row already has a status)."""
     digests = [_name_digest(row["name"]) for row in rows]

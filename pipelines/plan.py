@@ -84,12 +84,21 @@ def _ingest(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
     nodes = 1 if cores == cl.cpus_per_node else cl.nodes
     down = f.inputs * cost("image_bytes")
     seconds = max(f.inputs * cost("ingest_s") / min(cores, workers * nodes), down / (nodes * cost("net_bytes_s")))
-    planner = cost("ingest_rss") + f.inputs * cost("ingest_plan_bytes")  # the driver, numbering repeated names
-    return StagePlan("ingest", "node" if nodes == 1 else "cluster", max(cost("ingest_rss"), planner),
-                     workers * cost("ingest_rss") + planner,
+    names = f.inputs * cost("ingest_plan_bytes")  # the count of names seen, numbering repeated names
+    if nodes > 1:  # executor ray: the names counted on one actor per node (split by key), the driver holds none
+        holder = cost("base_rss") + names / nodes
+        planner, node = max(cost("ingest_rss"), holder), workers * cost("ingest_rss") + holder  # largest process
+        seconds += (f.inputs / cfg.ingest.part_size) * cost("ray_call_s")  # the plan asks the holders once a part
+        note = (f"the planner counts names on {nodes} actors, one per node ({fmt_bytes(holder)} each), one call "
+                "a part; the driver holds nothing per name")
+    else:
+        planner = cost("ingest_rss") + names
+        node = workers * cost("ingest_rss") + planner
+        note = f"the planner holds 8 bytes per distinct input name ({fmt_bytes(planner)} with its process)"
+    return StagePlan("ingest", "node" if nodes == 1 else "cluster", max(cost("ingest_rss"), planner), node,
                      f.ok * cost("image_bytes") + f.inputs * cost("record_bytes"), down, seconds, f.inputs,
                      [f"downloads {fmt_bytes(down)} (URL sources) at {fmt_bytes(cost('net_bytes_s'))}/s per node",
-                      f"the planner holds 8 bytes per distinct input name ({fmt_bytes(planner)} with its process)"])
+                      note])
 
 
 def _hashdedup(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:

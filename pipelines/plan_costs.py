@@ -76,6 +76,9 @@ COSTS: dict[str, Cost] = {
                           "with the actors running the loop, 8.7 ms with the loop on the driver (2 round trips a step; "
                           "7.8 ms in session 23, quiet); local Ray, 2 actors, 2 cores, a training run beside "
                           "(RESULTS 'k-means++ shards on GPUs, the loop on the actors')"),
+    "ray_call_s": Cost(4.4e-3, "s per driver-to-actors call and answer (a few actors, small arrays)",
+                       "PYTHONPATH=. python bench/kmeans_pp.py --rounds 2, per_step: the driver loop's 8.7 ms per "
+                       "step is two such calls (local Ray, 2 actors, 2 cores)"),
     "kmeans_rec_s": Cost(2.5e-8, "core-s per record and dimension per pass (read, sums)", f"{_CAL}: 2.0-2.9e-8"),
     "ivf_scan_s": Cost(1.2e-9, "core-s per scanned vector-dimension (IVF k-NN)", f"{_SCALE}: dedup 112 CPU-s, "
                        "~70 of them scanning 6e10 vector-dimensions (the rest training, adding, components)"),

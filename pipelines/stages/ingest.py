@@ -16,7 +16,7 @@ from pipelines.manifest import StageResult, begin, finish
 
 def run(cfg: Config, force: bool = False) -> StageResult:
     """Ingest every source of cfg.ingest.sources into records parts and raw shards."""
-    from curate.ingest import IngestSettings, ingest, pending_parts, plan, run_part, status_counts
+    from curate.ingest import IngestSettings, ingest, pending_parts, run_part, status_counts
 
     ic = cfg.ingest
     if not ic.sources:
@@ -40,7 +40,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     if cfg.executor == "ray":  # one task per part (download, decode, hash, raw shard) on any node
         from pipelines.executors import ray_map
 
-        n_parts = plan(ic.sources, d, ic.part_size)
+        n_parts = ray_plan(ic.sources, d, ic.part_size, cfg.ray_address)
         with progress(n_parts, "ingest", "part") as bar:
             bar.update(len(list_parts(d)))
             for _ in ray_map(run_part, [(str(d), i, settings) for i in pending_parts(d, n_parts)], cfg.ray_address):
@@ -61,6 +61,47 @@ def run(cfg: Config, force: bool = False) -> StageResult:
         result.notes.append(_all_dropped_hint(cfg, n_in, dropped))
     finish(result, config, inputs)
     return result
+
+
+PLAN_RESTARTS = 3  # fresh plans after a name holder is lost with its node, before the error is raised
+
+
+def ray_seen(address: str | None):
+    """The planner's count of names split by key over one Ray actor per node (curate.names.PartitionedSeen):
+    the driver holds nothing per name. Returns it and the actors (to kill when the plan is done)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from curate.names import PartitionedSeen, SeenNames
+    from pipelines.executors import init_ray, ray_get
+
+    init_ray(address)
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
+    holder = ray.remote(SeenNames)
+    actors = [holder.options(num_cpus=0, max_restarts=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node, soft=True)).remote() for node in nodes]
+    return PartitionedSeen(len(actors), lambda keys: ray_get([a.take.remote(k) for a, k in zip(actors, keys)])), actors
+
+
+def ray_plan(sources: list[str], stage_dir, part_size: int, address: str | None) -> int:
+    """curate.ingest.plan with its names counted on the cluster's nodes (ray_seen); a holder lost with its
+    node loses its counts, so the plan starts again (an unfinished plan leaves nothing behind)."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from curate.ingest import plan
+
+    for attempt in range(PLAN_RESTARTS + 1):
+        seen, actors = ray_seen(address)
+        try:
+            return plan(sources, stage_dir, part_size, seen)
+        except RayActorError:
+            if attempt == PLAN_RESTARTS:
+                raise
+        finally:
+            for a in actors:
+                ray.kill(a)
+    raise AssertionError("unreachable")
 
 
 # The setting that decides each drop reason a user can change.

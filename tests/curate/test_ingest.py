@@ -417,3 +417,11 @@ def test_seen_names_count_repeats_like_a_dict_across_batches():
         assert len(seen) == len(counts) and len(seen.levels) <= 2 * np.log2(len(counts)) + 1
         assert all(np.all(lv[1:] > lv[:-1]) for lv in seen.levels)  # sorted and distinct
         assert seen.more == {k: c for k, c in counts.items() if c > 1}
+    from curate.names import PartitionedSeen
+
+    for holders in (1, 3, 8):  # split by key over holders (Ray actors in the stage): the same counts
+        parts = [SeenNames() for _ in range(holders)]
+        split = PartitionedSeen(holders, lambda keys: [h.take(k) for h, k in zip(parts, keys)])
+        got = np.concatenate([split.take(stream[lo:lo + 1000]) for lo in range(0, len(stream), 1000)])
+        assert got.tolist() == expected and sum(len(h) for h in parts) == len(counts)
+        assert all(np.all(lv % np.uint64(holders) == np.uint64(i)) for i, h in enumerate(parts) for lv in h.levels)
