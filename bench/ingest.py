@@ -8,7 +8,8 @@ each pair timed back to back, --repeat times (the first ingest also pays the one
 of the process: pyarrow loads pandas). --exact: ingest with phash_exact (full decode, imagehash).
 With --rss, also runs `curate ingest` in subprocesses on folders of those sizes and reports the
 peak RSS of the largest process (memory must not grow with the pool). --plan-rss 1000000,4000000
-measures only the planner on URL lists of those sizes (10% repeats), each in a fresh process.
+measures only the planner on URL lists of those sizes (10% repeats), each in a fresh process, in the
+process (`local`) and with its names counted on Ray actors (`ray`: a local Ray; the driver's RSS).
 """
 
 from __future__ import annotations
@@ -73,14 +74,18 @@ def rss_for(n: int, tmp: Path) -> dict:
 PLAN_CHILD = """
 import resource, shutil, sys, time
 from curate.ingest import plan
-urls, work = sys.argv[1], sys.argv[2]
+urls, work, on_ray = sys.argv[1], sys.argv[2], sys.argv[3] == "ray"
+if on_ray:  # the names counted on actors (executor ray): the driver's own RSS, the actors' apart
+    import ray
+    from pipelines.stages.ingest import ray_plan
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
 t = time.process_time()
-parts = plan([urls], work, 10000)
+parts = ray_plan([urls], work, 10000, None) if on_ray else plan([urls], work, 10000)
 print(time.process_time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, parts)
 """
 
 
-def plan_rss_for(n: int, tmp: Path, repeats: float = 0.1) -> dict:
+def plan_rss_for(n: int, tmp: Path, repeats: float = 0.1, on: str = "local") -> dict:
     """Peak RSS of planning a URL list of n lines (a share `repeats` of them repeating earlier URLs) in a
     fresh process: the planner keeps a count of every name seen, to number the repeats."""
     urls = tmp / f"urls{n}.txt"
@@ -89,11 +94,11 @@ def plan_rss_for(n: int, tmp: Path, repeats: float = 0.1) -> dict:
         f.writelines(f"http://127.0.0.1:9/img/{i % distinct}.jpg\n" for i in range(n))
     work = tmp / f"plan_work{n}"
     shutil.rmtree(work, ignore_errors=True)
-    out = subprocess.run([sys.executable, "-c", PLAN_CHILD, str(urls), str(work)], check=True, cwd=ROOT,
-                         capture_output=True, text=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", PLAN_CHILD, str(urls), str(work), on], check=True, cwd=ROOT,
+                         capture_output=True, text=True).stdout.split()[-3:]
     shutil.rmtree(work, ignore_errors=True)
     urls.unlink()
-    return {"urls": n, "repeats": repeats, "cpu_s": round(float(out[0]), 2), "peak_rss_mb": round(int(out[1]) / 1024, 1),
+    return {"urls": n, "repeats": repeats, "planner": on, "cpu_s": round(float(out[0]), 2), "peak_rss_mb": round(int(out[1]) / 1024, 1),
             "parts": int(out[2])}
 
 
@@ -110,7 +115,8 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="bench_ingest_"))
     if args.plan_rss:  # the planner's memory only
-        emit("ingest_plan", plans=[plan_rss_for(int(n), tmp) for n in args.plan_rss.split(",") if n])
+        emit("ingest_plan", plans=[plan_rss_for(int(n), tmp, on=on) for n in args.plan_rss.split(",") if n
+                                   for on in ("local", "ray")])
         return
     size = tuple(int(v) for v in args.size.split("x"))
     folder = tmp / f"folder{args.size}"
