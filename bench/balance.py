@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--variants", default="none,c,r")
     ap.add_argument("--strategy", default="r", choices=["r", "c"], help="balanced_sample inside the leaves")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--min-explained", type=float, default=0.45, help="structured_levels threshold ('auto' rows)")
+    ap.add_argument("--min-explained", type=float, default=0.7, help="structured_levels threshold ('auto' rows)")
     args = ap.parse_args()
     if args.full:
         args.n, args.concepts, args.levels, args.target = 200_000, 2000, "2000,200,20", 20_000

@@ -184,7 +184,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--steps", type=int, default=4, help="resampling steps per level, the first fit included")
     ap.add_argument("--sampling", default="r", choices=["r", "c"])
-    ap.add_argument("--min-explained", type=float, default=0.45)
+    ap.add_argument("--min-explained", type=float, default=0.7)
     ap.add_argument("--embed", default="pixels", help="pixels | bootstrap[:PRESET]: what embeds the tree")
     ap.add_argument("--boot-iters", type=int, default=600)
     ap.add_argument("--boot-set", action="append", default=[], help="trainer key=value override (repeatable)")

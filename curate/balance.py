@@ -252,7 +252,7 @@ def explained_variance(points: np.ndarray, labels: np.ndarray) -> float:
 
 
 def structured_levels(centroids: Sequence[np.ndarray], assignments: Sequence[np.ndarray] | None = None,
-                      min_explained: float = 0.45) -> int:
+                      min_explained: float = 0.7) -> int:
     """Tree levels worth balancing over: level 1, then each next level while its grouping of the level
     below's centroids explains >= min_explained of their variance. Above the concepts, an arbitrary
     grouping splits the quota unevenly and can select less evenly than random (bench/balance.py).

@@ -164,7 +164,7 @@ class BalanceConfig:
     strategy: str = "r"              # r: random inside a leaf | c: closest to the centroid first
     multiplier: int = 1              # > 1 allows repeats (target may exceed the pool)
     levels: str = "auto"             # tree levels balanced over: auto (structured ones) | all | N (levels 1..N)
-    min_explained: float = 0.45      # auto: keep a level while it explains >= this of the variance below
+    min_explained: float = 0.7       # auto: keep a level while it explains >= this of the variance below
     seed: int = 0
     seeds: list[SeedSetConfig] = field(default_factory=list)
     seed_cluster_max: int = 10000    # seed sets up to this size use cluster-based retrieval

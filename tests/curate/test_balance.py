@@ -214,6 +214,9 @@ def test_structured_levels_keeps_real_groups_and_drops_arbitrary_ones(seed):
     flat = hierarchical_kmeans(_concepts(seed, False), levels, seed=seed)
     grouped = hierarchical_kmeans(_concepts(seed, True), levels, seed=seed)
     assert structured_levels(flat.centroids, flat.assignments) == 1  # random centres: no level above the concepts
-    assert structured_levels(grouped.centroids, grouped.assignments) == 3
+    # the 12 groups explain ~0.84 of the concepts' variance: kept; the 3 top groups ~0.64, under the default 0.7
+    # (a grouping that explains this little can hurt: RESULTS, issue 13): kept only with a lower threshold
+    assert structured_levels(grouped.centroids, grouped.assignments) == 2
+    assert structured_levels(grouped.centroids, grouped.assignments, min_explained=0.55) == 3
     assert structured_levels(grouped.centroids, grouped.assignments, min_explained=1.01) == 1
-    assert structured_levels(grouped.centroids) == 3 and structured_levels(flat.centroids) == 1  # from the centroids
+    assert structured_levels(grouped.centroids) == 2 and structured_levels(flat.centroids) == 1  # from the centroids
