@@ -79,7 +79,7 @@ def ray_seen(address: str | None):
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
     holder = ray.remote(SeenNames)
     actors = [holder.options(num_cpus=0, max_restarts=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        node, soft=True)).remote() for node in nodes]
+        node, soft=True)).remote() for node in nodes] or [holder.options(num_cpus=0, max_restarts=0).remote()]
     return PartitionedSeen(len(actors), lambda keys: ray_get([a.take.remote(k) for a, k in zip(actors, keys)])), actors
 
 
