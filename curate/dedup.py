@@ -23,7 +23,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from curate.copy_safety import CopyDedupRefused, SafetyLimits, check_safety  # noqa: F401 (re-exported)
-from curate.groups import arrow_id_ranks, id_ranks, pick_keepers, string_column
+from curate.groups import arrow_id_ranks, id_ranks, pick_keepers, take_string_lists, take_strings
 from curate.parts import Mapper, local_map, map_in_order  # noqa: F401 (re-exported)
 from curate.index import EmbeddingParts, IndexSpec, VectorIndex, build_index
 
@@ -288,9 +288,8 @@ def group_edges(
     offsets = np.concatenate([[0], np.cumsum(sizes[multi])]).astype(np.int64)
     groups = pa.table({
         "group": pa.array(np.arange(len(multi), dtype=np.int64)),
-        "keeper": string_column(node_ids.take(pa.array(picked.keeper_of[multi]))),
-        "members": string_column(pa.LargeListArray.from_arrays(pa.array(offsets, type=pa.int64()),
-                                                               node_ids.take(pa.array(members)))),
+        "keeper": take_strings(node_ids, picked.keeper_of[multi]),
+        "members": take_string_lists(node_ids, offsets, members),
         "size": pa.array(sizes[multi].astype(np.int64)),
         "max_sim": pa.array(group_max),
     })

@@ -38,15 +38,25 @@ def large_strings(ids: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
     return pa.array(ids if isinstance(ids, np.ndarray) else list(ids), type=pa.large_string())
 
 
-def string_column(arr: pa.Array, rows: int = 1 << 20) -> pa.ChunkedArray:
-    """A large_string (or list of large_string) array as the `string` type Parquet parts use, in chunks
-    of `rows` rows (a string array holds at most 2 GB of text)."""
-    def small(a: pa.Array) -> pa.Array:
-        if pa.types.is_list(a.type) or pa.types.is_large_list(a.type):
-            starts = pc.subtract(a.offsets, a.offsets[0]).cast(pa.int32())
-            return pa.ListArray.from_arrays(starts, small(a.flatten()))
-        return a.cast(pa.string())
-    return pa.chunked_array([small(arr.slice(s, rows)) for s in range(0, len(arr), rows)] or [small(arr)])
+def take_strings(ids: pa.Array, index: np.ndarray, rows: int = 1 << 20) -> pa.ChunkedArray:
+    """ids[index] as the `string` type Parquet parts use, in chunks of `rows` rows, each taken and cast on
+    its own (a string array holds at most 2 GB of text; no whole large_string copy is made)."""
+    index = np.asarray(index, dtype=np.int64)
+    return pa.chunked_array([ids.take(pa.array(index[s : s + rows])).cast(pa.string())
+                             for s in range(0, len(index), rows)], type=pa.string())
+
+
+def take_string_lists(ids: pa.Array, offsets: np.ndarray, members: np.ndarray,
+                      rows: int = 1 << 20) -> pa.ChunkedArray:
+    """Lists of ids (list i: ids[members[offsets[i]:offsets[i + 1]]]) as list<string>, in chunks of `rows`
+    lists, each taken and cast on its own."""
+    offsets, members = np.asarray(offsets, dtype=np.int64), np.asarray(members, dtype=np.int64)
+    chunks = []
+    for s in range(0, len(offsets) - 1, rows):
+        e = min(s + rows, len(offsets) - 1)
+        values = ids.take(pa.array(members[offsets[s] : offsets[e]])).cast(pa.string())
+        chunks.append(pa.ListArray.from_arrays(pa.array((offsets[s : e + 1] - offsets[s]).astype(np.int32)), values))
+    return pa.chunked_array(chunks, type=pa.list_(pa.string()))
 
 
 def arrow_id_ranks(ids: Sequence[str] | pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:

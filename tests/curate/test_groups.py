@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.groups import arrow_id_ranks, id_ranks, large_strings, string_column
+from curate.groups import arrow_id_ranks, id_ranks, large_strings, take_string_lists, take_strings
 
 
 def _ids(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -33,22 +33,26 @@ def test_arrow_ranks_equal_numpy_ranks_for_every_input_form():
     assert len(arr) == 0 and len(rank) == 0
 
 
-def test_string_column_chunks_give_the_same_parquet_bytes(tmp_path):
-    """Keeper ids and member lists cut into string chunks of any size write the bytes of one chunk."""
+def test_taken_string_chunks_give_the_same_parquet_bytes(tmp_path):
+    """Keeper ids and member lists taken in `string` chunks of any size write the bytes of one whole column."""
     rng = np.random.default_rng(1)
     ids = large_strings(_ids(rng, 500))
+    keepers = rng.permutation(500)[:120]
     sizes = rng.integers(1, 5, 120)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    members = pa.LargeListArray.from_arrays(pa.array(offsets, type=pa.int64()), ids.slice(0, int(offsets[-1])))
-    whole = pa.table({"keeper": ids.slice(0, 120).cast(pa.string()),
-                      "members": pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()),
-                                                          ids.slice(0, int(offsets[-1])).cast(pa.string()))})
+    members = rng.permutation(500)[: offsets[-1]]
+    names = np.array(ids.to_pylist(), dtype=object)
+    whole = pa.table({"keeper": pa.array(names[keepers].tolist(), type=pa.string()),
+                      "members": pa.array([names[members[a:b]].tolist() for a, b in zip(offsets[:-1], offsets[1:])],
+                                          type=pa.list_(pa.string()))})
     pq.write_table(whole, tmp_path / "whole.parquet")
     for rows in (1, 7, 119, 1 << 20):
-        t = pa.table({"keeper": string_column(ids.slice(0, 120), rows), "members": string_column(members, rows)})
+        t = pa.table({"keeper": take_strings(ids, keepers, rows), "members": take_string_lists(ids, offsets, members, rows)})
         assert t.schema.equals(whole.schema) and t.equals(whole)
         pq.write_table(t, tmp_path / f"{rows}.parquet")
         assert (tmp_path / f"{rows}.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+    empty = pa.table({"keeper": take_strings(ids, np.zeros(0)), "members": take_string_lists(ids, [0], np.zeros(0))})
+    assert empty.num_rows == 0 and empty.schema.equals(whole.schema)
 
 
 def test_copy_graph_keeper_ids_by_range_match_the_dropped_records():
