@@ -228,8 +228,8 @@ def main() -> None:
                 put("exact" if prefix else "exact_kept", len(sha_sel) - len(set(sha_sel)))
                 put("knn", knn_top1(pix[pick], y[pick], test_x, test_y))
             rows.setdefault(mode + "selected", []).append(len(sel))
-        for key, v in (("depth", depth), ("lowinfo_dropped", int((~ok).sum())), ("dedup_dropped", int((~res.keep).sum())),
-                       ("seconds", time.perf_counter() - t0)):
+        for key, v in (("depth", depth), ("lowinfo_dropped", int((~ok).sum())),
+                       ("dedup_dropped", int((~res.keep).sum())), ("seconds", time.perf_counter() - t0)):
             rows.setdefault(key, []).append(v)
         for mode, what in (("", "half the kept pool"), ("pool_", "half the raw pool")):
             r = {k[len(mode):]: v[-1] for k, v in rows.items() if k.startswith(mode)} if mode else \

@@ -98,8 +98,8 @@ def plan_rss_for(n: int, tmp: Path, repeats: float = 0.1, on: str = "local") -> 
                          capture_output=True, text=True).stdout.split()[-3:]
     shutil.rmtree(work, ignore_errors=True)
     urls.unlink()
-    return {"urls": n, "repeats": repeats, "planner": on, "cpu_s": round(float(out[0]), 2), "peak_rss_mb": round(int(out[1]) / 1024, 1),
-            "parts": int(out[2])}
+    return {"urls": n, "repeats": repeats, "planner": on, "cpu_s": round(float(out[0]), 2),
+            "peak_rss_mb": round(int(out[1]) / 1024, 1), "parts": int(out[2])}
 
 
 def main() -> None:

@@ -24,8 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.balance import leaf_labels, order_keys, tree_quotas, unique_leaves, with_strategy
-from curate.parts import Mapper, local_map
-from curate.parts import write_table_atomic
+from curate.parts import Mapper, local_map, write_table_atomic
 
 WINDOW = 1024  # a leaf's records are collected once its interval holds at most this many
 COLLECT_BUDGET = 1 << 20  # records collected in one pass, all leaves together

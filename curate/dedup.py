@@ -237,8 +237,7 @@ class CopyGraph:
 
     def dropped(self) -> tuple[np.ndarray, pa.Array]:
         """Rows of the records removed and their keepers' ids."""
-        drop = ~self.keep
-        return self.nodes[drop], self.node_ids.take(pa.array(self.keeper[drop]))
+        return self.nodes[~self.keep], self.copy_of().drop_null()
 
     def copy_of(self, lo: int = 0, hi: int | None = None) -> pa.Array:
         """Per node lo..hi: its keeper's id if it is removed, else null (a new Arrow array: no Python

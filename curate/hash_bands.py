@@ -160,8 +160,8 @@ class LinkedKeepers:
     hash, or a hash no other record has), as the sha256 bands' star links give it (None: exact links
     off); so the sha256 strings are never gathered."""
 
-    def __init__(self, ids: pa.Array | pa.ChunkedArray, sha_class: np.ndarray | None, phash: np.ndarray, pixels: np.ndarray,
-                 ei: np.ndarray, ej: np.ndarray) -> None:
+    def __init__(self, ids: pa.Array | pa.ChunkedArray, sha_class: np.ndarray | None, phash: np.ndarray,
+                 pixels: np.ndarray, ei: np.ndarray, ej: np.ndarray) -> None:
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
 
@@ -261,8 +261,8 @@ def link_keepers(parts: Sequence[str], offsets: np.ndarray, sha_links: tuple[lis
     """Keepers of the records with a link, from the bands' links ((left rows, right rows) lists per kind;
     the sha256 bands' links are stars: (first record of a hash, another record of it)). Only the linked
     records' id, pHash and pixels are read, part by part (`gather_rows`, through `mapper`: a
-    curate.parts Mapper, None for this process). Returns (linked global rows, sorted; cuts: the linked records of part k are linked[cuts[k]:cuts[k + 1]];
-    their LinkedKeepers)."""
+    curate.parts Mapper, None for this process). Returns (linked global rows, sorted; cuts: the linked
+    records of part k are linked[cuts[k]:cuts[k + 1]]; their LinkedKeepers)."""
     sha_i, sha_j = (np.concatenate(x) if x else _EMPTY for x in sha_links)
     ei = np.concatenate([sha_i, *phash_links[0]])
     ej = np.concatenate([sha_j, *phash_links[1]])

@@ -257,6 +257,14 @@ def shard_bounds(m: int, shard_rows: int) -> np.ndarray:
     return np.array([m * i // s for i in range(s + 1)], dtype=np.int64)
 
 
+def draw(rng: np.random.Generator, totals: np.ndarray, trials: int) -> tuple[np.ndarray, np.ndarray]:
+    """The next candidates by D^2 sampling over shards whose potentials run to `totals` (cumulative, > 0 at
+    the end): each draw's shard and its residual within that shard's running sum of D^2."""
+    t = rng.random(trials) * totals[-1]
+    which = np.minimum(np.searchsorted(totals, t, side="right"), len(totals) - 1)
+    return which, t - np.concatenate([[0.0], totals[:-1]])[which]
+
+
 def _seed_once(group: ShardGroup, bounds: np.ndarray, k: int, d: int, rng: np.random.Generator,
                trials: int) -> np.ndarray:
     m, n_shards = int(bounds[-1]), len(bounds) - 1
@@ -281,9 +289,7 @@ def _seed_once(group: ShardGroup, bounds: np.ndarray, k: int, d: int, rng: np.ra
             if i + 1 == k:
                 break
         if totals[-1] > 0:
-            t = rng.random(trials) * totals[-1]
-            which = np.minimum(np.searchsorted(totals, t, side="right"), n_shards - 1)
-            residual = t - np.concatenate([[0.0], totals[:-1]])[which]
+            which, residual = draw(rng, totals, trials)
             asks = {int(s): residual[which == s] for s in (range(n_shards) if fused else np.unique(which))}
             got = group.advance(best, asks) if fused else group.resolve(asks)
             cand = np.empty((trials, d), dtype=np.float32)

@@ -17,7 +17,7 @@ from datetime import timedelta
 
 import numpy as np
 
-from curate.kmeans_pp import DeviceShard
+from curate.kmeans_pp import DeviceShard, draw
 
 COLLECTIVE_TIMEOUT_S = 600  # a shard that waits longer for the others in a collective gives up (a lost peer)
 
@@ -56,7 +56,7 @@ def seed_spmd(shard, rank: int, bounds: np.ndarray, k: int, d: int, rng: np.rand
               comm) -> np.ndarray:
     """The k centres, on every rank: this rank's `shard` (a kmeans_pp shard over rows bounds[rank]..bounds[rank
     + 1]) and `comm` (all_gather, exact_sum). `rng` must be in the same state on every rank."""
-    m, n_shards = int(bounds[-1]), len(bounds) - 1
+    m = int(bounds[-1])
     centers = np.empty((k, d), dtype=np.float32)
 
     def fetch(row: int) -> np.ndarray:  # the vector of one global row, from its shard, on every rank
@@ -78,9 +78,7 @@ def seed_spmd(shard, rank: int, bounds: np.ndarray, k: int, d: int, rng: np.rand
             break
         totals = np.cumsum([float(p[best]) for p in scores])
         if totals[-1] > 0:
-            t = rng.random(trials) * totals[-1]
-            which = np.minimum(np.searchsorted(totals, t, side="right"), n_shards - 1)
-            residual = t - np.concatenate([[0.0], totals[:-1]])[which]
+            which, residual = draw(rng, totals, trials)
             _, vecs = shard.advance(best, residual[which == rank])
             mine = np.zeros((trials, d), dtype=np.float32)
             mine[which == rank] = vecs
@@ -102,8 +100,8 @@ def free_address(host: str) -> str:
 
 class SpmdShard(DeviceShard):
     """A DeviceShard that runs the whole seeding with its peers (one process per shard, e.g. a Ray actor):
-    `rendezvous` on rank 0 gives the address, `join` on every rank (at once) makes the group, `seed` on every rank (at once)
-    returns the centres (the same on every rank)."""
+    `rendezvous` on rank 0 gives the address, `join` on every rank (at once) makes the group, `seed` on
+    every rank (at once) returns the centres (the same on every rank)."""
 
     def rendezvous(self, host: str = "127.0.0.1") -> str:
         """An address for the group on this process's machine, reachable by the peers at `host`."""

@@ -100,9 +100,7 @@ class EmbeddingLayout:
         mapper, its tasks); numpy arrays (strings without nulls as str arrays, nulls as they convert)."""
         from curate.parts import map_in_order
 
-        rows = np.asarray(rows, dtype=np.int64)
-        jobs = [(*self._paths(k), rows[lo:hi] - self.offsets[k]) for k, lo, hi in self.split(rows)]
-        got = map_in_order(mapper, part_values, jobs, (tuple(columns),))
+        got = map_in_order(mapper, part_values, self._row_jobs(rows), (tuple(columns),))
         out = {}
         for c in columns:
             chunks = [g[c] for g in got]
@@ -114,9 +112,7 @@ class EmbeddingLayout:
         Python objects or fixed-width numpy text."""
         from curate.parts import map_in_order
 
-        rows = np.asarray(rows, dtype=np.int64)
-        jobs = [(*self._paths(k), rows[lo:hi] - self.offsets[k]) for k, lo, hi in self.split(rows)]
-        got = map_in_order(mapper, part_table, jobs, (tuple(columns),))
+        got = map_in_order(mapper, part_table, self._row_jobs(rows), (tuple(columns),))
         if not got:
             schema = pq.read_schema(self.ingest_parts[0]) if self.ingest_parts else None
             return pa.table({c: pa.array([], type=schema.field(c).type if schema else pa.string()) for c in columns})
@@ -136,6 +132,11 @@ class EmbeddingLayout:
 
         return int(sum(map_in_order(mapper, part_count_set, self._all_parts(), (column,))))
 
+    def _row_jobs(self, rows: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+        """(ingest part, embedding part, positions within it) of each part holding some of the sorted rows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return [(*self._paths(k), rows[lo:hi] - self.offsets[k]) for k, lo, hi in self.split(rows)]
+
     def _paths(self, k: int) -> tuple[str, str]:
         return str(self.ingest_parts[k]), str(self.emb_parts[k])
 
@@ -153,9 +154,8 @@ def emb_positions(ingest_part: str | Path, emb_part: str | Path) -> tuple[pa.Chu
 
 
 def part_values(columns: Sequence[str], ingest_part: str, emb_part: str, positions: np.ndarray) -> dict[str, np.ndarray]:
-    """Ingest `columns` at the given rows of an embedding part (positions within that part)."""
-    _, at = emb_positions(ingest_part, emb_part)
-    table = pq.read_table(ingest_part, columns=list(columns)).take(pa.array(at[positions], type=pa.int64()))
+    """Ingest `columns` at the given rows of an embedding part (positions within that part), as numpy."""
+    table = part_table(columns, ingest_part, emb_part, positions)
     out = {}
     for c in columns:
         col = table.column(c)

@@ -196,7 +196,8 @@ class RayShards:
     """k-means++ shards as Ray actors, one per shard, spread over the nodes (curate.kmeans_pp.ShardGroup): each
     holds its rows and their D^2 for the whole seeding, on a GPU when the cluster has GPUs (its share of them,
     at most one), else running its BLAS on the CPUs it reserved. The actors run the loop themselves
-    (`seed_all`: curate.kmeans_pp_spmd, two gloo collectives a step, no round trip to the driver); a dead actor
+    (`seed_all`: curate.kmeans_pp_spmd, two gloo collectives a step, no round trip to the driver; the per-step
+    calls below are the driver loop's, which bench/kmeans_pp.py measures against it); a dead actor
     (its node lost) is a ShardLost, and the seeding starts again on fresh actors."""
 
     def __init__(self, parts, chunk_size: int) -> None:

@@ -58,8 +58,7 @@ def _verified_matches(cfg: Config, emb_dir, eval_sets: dict, d, spec) -> tuple[d
 def _write_parts(d, layout, res, mapper) -> None:
     """The stage's parts, one job (a task with executor ray) per ingest part given only its removed rows:
     `contaminated`, `contam_reason` ("direct" or "component"), `contam_set` (the first set that removed it)."""
-    from curate.parts import map_in_order
-    from curate.parts import part_name
+    from curate.parts import map_in_order, part_name
     from pipelines.aligned import write_emb_part
 
     cuts = np.searchsorted(res.removed, layout.offsets)

@@ -47,7 +47,8 @@ def test_taken_string_chunks_give_the_same_parquet_bytes(tmp_path):
                                           type=pa.list_(pa.string()))})
     pq.write_table(whole, tmp_path / "whole.parquet")
     for rows in (1, 7, 119, 1 << 20):
-        t = pa.table({"keeper": take_strings(ids, keepers, rows), "members": take_string_lists(ids, offsets, members, rows)})
+        t = pa.table({"keeper": take_strings(ids, keepers, rows),
+                      "members": take_string_lists(ids, offsets, members, rows)})
         assert t.schema.equals(whole.schema) and t.equals(whole)
         pq.write_table(t, tmp_path / f"{rows}.parquet")
         assert (tmp_path / f"{rows}.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
