@@ -287,17 +287,57 @@ def _dedup_node_peak(m: int) -> float:
     return (peak + pool.max_memory() - arrow0) / m
 
 
+def _dedup_job_peak(m: int) -> tuple[float, float]:
+    """Peak bytes per node and seconds per node of copy dedup's bucket jobs when one bucket holds all m
+    records with an edge (curate.copy_graph_parts, local calls; the edges and ids of _dedup_node_peak,
+    counted the same way: numpy/Python and Arrow peaks added; the message files the jobs map are clean
+    file pages, not counted)."""
+    import tempfile
+    import tracemalloc
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from curate.copy_graph_parts import group_edge_files, write_edges
+
+    rng = np.random.default_rng(0)
+    nodes = np.sort(rng.choice(10_000_000, m, replace=False))
+    bounds = np.array([0, 10_000_000])
+
+    def node_info(rows):
+        names = pc.binary_join_element_wise("ingest-000123/", pa.array(rows).cast(pa.string()), "")
+        return pa.chunked_array([names]), rng.integers(1, 9, len(rows)) * 1000
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_edges(f"{tmp}/e.arrow", (nodes[0::2], nodes[1::2], rng.random(m // 2).astype(np.float32)), bounds)
+        del nodes
+        pool = pa.default_memory_pool()
+        arrow0 = pool.bytes_allocated()
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        group_edge_files(f"{tmp}/w", bounds, [f"{tmp}/e.arrow"], node_info, limits=None)
+        seconds = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return (peak + pool.max_memory() - arrow0) / m, seconds / m
+
+
 def calibrate_dedup(sizes: tuple[int, ...] = (200_000, 1_000_000)) -> dict:
-    """Driver bytes per record with an edge in copy dedup (`dedup_node_bytes` of the plan), each size in
-    a fresh process (Arrow's peak is per process): see _dedup_node_peak."""
+    """Copy dedup's bytes per record with an edge, each size in a fresh process: `dedup_node_bytes` of
+    the plan, the peak of a bucket job holding them all (see _dedup_job_peak), with its seconds per node
+    (`dedup_node_s`); and the peak of group_edges in one process, the driver's before the buckets
+    (see _dedup_node_peak)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    out = {}
+    out: dict = {"dedup_node_bytes": {}, "dedup_node_s": {}, "group_edges_node_bytes": {}}
     for m in sizes:
         with ctx.Pool(1) as pool:
-            out[m] = round(pool.apply(_dedup_node_peak, (m,)), 1)
-    return {"dedup_node_bytes": out}
+            b, s = pool.apply(_dedup_job_peak, (m,))
+        out["dedup_node_bytes"][m], out["dedup_node_s"][m] = round(b, 1), float(f"{s:.3g}")
+        with ctx.Pool(1) as pool:
+            out["group_edges_node_bytes"][m] = round(pool.apply(_dedup_node_peak, (m,)), 1)
+    return out
 
 
 def run_child(stage: str, work: Path, args: argparse.Namespace) -> dict:
@@ -320,11 +360,11 @@ def run_child(stage: str, work: Path, args: argparse.Namespace) -> dict:
     return run_stage(stage, cfg)[0].counts
 
 
-def _rss_mb(pid: int) -> float:
-    """Resident set of a live process, MiB (0 when it is gone)."""
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident set of a live process (field VmHWM: its peak), MiB (0 when it is gone)."""
     try:
         with open(f"/proc/{pid}/status") as fh:
-            return next((int(x.split()[1]) / 1024 for x in fh if x.startswith("VmRSS")), 0.0)
+            return next((int(x.split()[1]) / 1024 for x in fh if x.startswith(field)), 0.0)
     except OSError:
         return 0.0
 
@@ -432,6 +472,7 @@ def main() -> None:
                     "record with an edge (the plan's dedup_node_bytes)")
     ap.add_argument("--ray-address", help="run the stages with executor ray on this running cluster "
                     "(`ray start --head`); the RSS measured is then the driver's")
+    ap.add_argument("--set", action="append", default=[], help="a config override KEY=VALUE (repeatable)")
     ap.add_argument("--compare", type=Path, help="scale.json of a smaller run: RSS and time ratios per stage")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -449,8 +490,8 @@ def main() -> None:
     if args.work is None:
         ap.error("--work is required")
     args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "scale.yaml").write_text(to_yaml(load_config(None, config_overrides(args.work, args.records,
-                                                                                      args.k, args.ray_address))))
+    overrides = config_overrides(args.work, args.records, args.k, args.ray_address) + args.set
+    (args.work / "scale.yaml").write_text(to_yaml(load_config(None, overrides)))
     result_path = args.work / "scale.json"
     done = json.loads(result_path.read_text()) if result_path.exists() else {"records": args.records, "stages": {}}
     for stage in args.stages.split(","):

@@ -5,11 +5,16 @@ figures and the settings that would allow it, so nothing is committed.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 MAX_COMPONENT_SHARE = 0.01  # refuse when the largest component holds more of the pool than this
 MIN_COMPONENT_LIMIT = 16  # ... and more records than this (small pools have legitimate groups)
 MAX_REMOVED_SHARE = 0.30  # refuse when copy dedup would drop more of the pool than this
+
+
+class LargeComponentWarning(UserWarning):
+    """The largest duplicate component is larger than max_component (a threshold that chains)."""
 
 
 class CopyDedupRefused(RuntimeError):
@@ -49,3 +54,30 @@ def check_safety(stats: dict, limits: SafetyLimits | None = None) -> None:
             f"{'; '.join(problems)}; a low threshold chains distinct images: raise it (or verify pairs "
             f"locally), or allow this with "
             f"{' and '.join(allow)}", stats)
+
+
+def graph_stats(n: int, valid: int | None, pairs: int, sizes: dict[int, int], k: int, threshold: float,
+                decision: str | None, index_kind: str, max_component: int,
+                limits: SafetyLimits | None) -> tuple[dict, str | None]:
+    """A copy graph's stats from its counts (`sizes`: records per group -> groups of that size), the
+    warning past max_component (also raised as LargeComponentWarning), and CopyDedupRefused past
+    `limits` (None allows any result)."""
+    in_groups = sum(s * c for s, c in sizes.items())
+    largest = max(sizes) if sizes else int(n > 0)
+    dropped = in_groups - sum(sizes.values())
+    valid = n if valid is None else int(valid)
+    stats = {
+        "n": n, "valid": valid, "invalid": n - valid, "pairs": int(pairs),
+        "groups": int(sum(sizes.values())), "in_groups": int(in_groups), "dropped": int(dropped),
+        "kept": n - dropped, "largest_component": int(largest), "k": k, "threshold": threshold,
+        "decision": decision or f"cosine > {threshold}", "index_kind": index_kind,
+        "component_sizes": {int(s): int(sizes[s]) for s in sorted(sizes)},
+    }
+    warning = None
+    if largest > max_component:
+        warning = (f"largest duplicate component has {largest} records (> max_component={max_component}): "
+                   f"threshold {threshold} probably chains distinct images; calibrate it (curate.calibrate)")
+        warnings.warn(warning, LargeComponentWarning, stacklevel=3)
+    if limits is not None:
+        check_safety(stats, limits)
+    return stats, warning

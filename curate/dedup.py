@@ -11,7 +11,6 @@ float64 from the stored vectors, so results do not depend on chunking, query spl
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,8 @@ import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from curate.copy_safety import CopyDedupRefused, SafetyLimits, check_safety  # noqa: F401 (re-exported)
+from curate.copy_safety import (CopyDedupRefused, LargeComponentWarning, SafetyLimits, check_safety,  # noqa: F401
+                                graph_stats)  # (re-exported)
 from curate.groups import arrow_id_ranks, id_ranks, pick_keepers, take_string_lists, take_strings
 from curate.parts import Mapper, local_map, map_in_order  # noqa: F401 (re-exported)
 from curate.index import EmbeddingParts, IndexSpec, VectorIndex, build_index
@@ -35,10 +35,6 @@ PAIR_BATCH = 32768  # pairs whose similarity is recomputed at once
 SLACK = 1e-3  # candidates are fetched this far below the threshold, then decided exactly
 
 Vectors = EmbeddingParts | str | os.PathLike | np.ndarray | Sequence[np.ndarray]
-class LargeComponentWarning(UserWarning):
-    """The largest duplicate component is larger than max_component (a threshold that chains)."""
-
-
 def as_parts(vectors: Vectors) -> EmbeddingParts:
     """EmbeddingParts for a parts directory, an array or a list of arrays (unchanged if it is one)."""
     return vectors if isinstance(vectors, EmbeddingParts) else EmbeddingParts(vectors)
@@ -292,24 +288,9 @@ def group_edges(
         "size": pa.array(sizes[multi].astype(np.int64)),
         "max_sim": pa.array(group_max),
     })
-    largest = int(sizes.max()) if len(nodes) else int(n > 0)
-    dropped = int(len(nodes) - picked.keep.sum())
-    valid = n if valid is None else int(valid)
     hist_sizes, hist_counts = np.unique(sizes[multi], return_counts=True)
-    stats = {
-        "n": n, "valid": valid, "invalid": n - valid, "pairs": int(len(i)),
-        "groups": int(len(multi)), "in_groups": int(len(nodes)), "dropped": dropped,
-        "kept": n - dropped, "largest_component": largest, "k": k, "threshold": threshold,
-        "decision": decision or f"cosine > {threshold}", "index_kind": index_kind,
-        "component_sizes": {int(s): int(c) for s, c in zip(hist_sizes, hist_counts)},
-    }
-    warning = None
-    if largest > max_component:
-        warning = (f"largest duplicate component has {largest} records (> max_component={max_component}): "
-                   f"threshold {threshold} probably chains distinct images; calibrate it (curate.calibrate)")
-        warnings.warn(warning, LargeComponentWarning, stacklevel=2)
-    if limits is not None:
-        check_safety(stats, limits)
+    stats, warning = graph_stats(n, valid, len(i), dict(zip(hist_sizes.tolist(), hist_counts.tolist())), k,
+                                 threshold, decision, index_kind, max_component, limits)
     return CopyGraph(n, nodes, node_ids, picked.keeper, picked.group, max_sim, (i, j, sim), groups, stats, warning)
 
 

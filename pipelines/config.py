@@ -91,6 +91,8 @@ class DedupConfig:
     max_component_share: float = 0.01  # refuse (nothing committed) when the largest component holds more of the pool
     max_removed_share: float = 0.3   # ... or when more of the pool would be removed
     max_component: int = 1000        # warn when a component grows larger (a threshold that chains)
+    bucket_records: int = 4_000_000  # rows per job of the copy graph's components (whole ingest parts); memory per
+                                     # job, never the result: the driver holds O(buckets)
     index: str = "auto"              # auto | flat | ivf_flat | ivf_pq | hnsw
     nprobe: Optional[int] = None     # IVF lists searched (null = the index module's conservative default)
     calibrate_sample: int = 300      # pool images edited for `curate dedup --calibrate` and --threshold auto

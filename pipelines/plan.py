@@ -172,35 +172,51 @@ def _search_seconds(spec, n_index: int, n_queries: int, d: int, cl: Cluster, spr
 
 
 def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
-    """The pool index (built by a task and held once per node under Ray; in the driver otherwise) and, on
-    the driver, the copy graph: one byte per record plus the records that have an edge (each copy and
-    its keeper: at most twice the copy share)."""
+    """The pool index (built by a task and held once per node under Ray; in the driver otherwise), k-NN
+    queries that write their edges to files, and the copy graph's bucket jobs (tasks under Ray; one after
+    the other in the driver otherwise). A job holds the records with an edge among its bucket's rows (at
+    most twice the copy share), twice that for the groups it owns (a group's smallest row is more often
+    a low one); the driver holds one byte per record and O(buckets)."""
     spec_name, d, _, known = _embedding(cfg, cfg.dedup.embedding, embs)
     spec, index = _index(cfg, f.kept, d)
     spread = cfg.executor == "ray"
     train = (spec.train_size or 0) * d * 4
-    nodes = min(f.kept, 2 * f.kept * cost("copy_dup_share"))
-    graph = f.kept * cost("dedup_valid_bytes") + nodes * cost("dedup_node_bytes")
+    share = min(1.0, 2 * cost("copy_dup_share"))
+    bucket = max(1, min(f.kept, cfg.dedup.bucket_records))
+    buckets = -(-f.kept // bucket)
+    job = cost("base_rss") + 2 * bucket * share * cost("dedup_node_bytes")
+    valid = f.kept * cost("dedup_valid_bytes")
     builder = cost("base_rss") + index + train  # the process that builds the index
-    driver = cost("base_rss") + graph + (0 if spread else index + train)
-    # Ray: one index per node, shared by that node's query actor
-    node = max(driver, builder, index + cl.cpus_per_node * cost("base_rss")) if spread else driver
+    if spread:  # one index per node, shared by that node's query actor; the bucket jobs as tasks
+        driver = cost("base_rss") + valid
+        node = max(driver, builder, index + cl.cpus_per_node * cost("base_rss"), cl.cpus_per_node * job)
+    else:
+        driver = node = cost("base_rss") + valid + max(index + train, job - cost("base_rss"))
     notes = [f"{spec.kind} index of {f.kept:,} x {d} ({fmt_bytes(index)})"
              + (f", nlist {spec.nlist}, nprobe {spec.nprobe}" if spec.nlist else "")
              + ("" if known else f"; embedding {spec_name!r} not in the config: d={d} assumed"),
-             f"copy graph on the driver: {fmt_bytes(graph)} (up to {nodes:,.0f} records with an edge)"]
+             f"copy graph: {buckets:,} bucket jobs of {bucket:,} rows ({fmt_bytes(job)} each, up to "
+             f"{f.kept * share:,.0f} records with an edge in all); the driver holds {fmt_bytes(valid)} (which rows "
+             "may form edges)"]
     if cfg.dedup.verify == "local" or (cfg.dedup.verify == "auto" and not cfg.dedup.copy_descriptor):
         notes.append("local verification of candidate pairs is not estimated (decodes images: ~ms per pair; "
-                     "its candidates and pHashes are per record)")
+                     "its candidates, pHashes and verified edges are per record, on the driver)")
     if builder > cl.mem:
         raise PlanRefused(f"dedup.index: the {spec.kind} index of {f.kept:,} x {d} vectors needs "
                           f"{fmt_bytes(builder)} in one process (index {fmt_bytes(index)}), over "
                           f"{cl.mem_per_node_gb:g} GB per node; use ivf_pq (or a smaller embedding)")
+    if job > cl.mem / (cl.cpus_per_node if spread else 1):
+        raise PlanRefused(f"dedup.bucket_records: a copy-graph job of {bucket:,} rows needs {fmt_bytes(job)}, "
+                          f"{'with one per core ' if spread else ''}over {cl.mem_per_node_gb:g} GB per node; "
+                          "lower it")
     if driver > cl.mem:
-        raise PlanRefused(f"dedup: the copy graph ({nodes:,.0f} records with an edge) and the index need "
-                          f"{fmt_bytes(driver)} in the driver, over {cl.mem_per_node_gb:g} GB per node; run with "
-                          "executor ray (the index then stays off the driver)")
-    seconds = _search_seconds(spec, f.kept, f.kept, d, cl, spread) + f.kept * 2e-6
+        raise PlanRefused(f"dedup: the index and a copy-graph job need {fmt_bytes(driver)} in the driver, over "
+                          f"{cl.mem_per_node_gb:g} GB per node; run with executor ray (the index then stays off "
+                          "the driver)")
+    cores = min(cl.nodes * cl.cpus_per_node, buckets) if spread else 1  # a round runs its buckets side by side
+    rounds = cost("dedup_rounds") + 4  # the label rounds and build, owners, groups, cuts, number, collect
+    seconds = (_search_seconds(spec, f.kept, f.kept, d, cl, spread) + f.kept * share * cost("dedup_node_s") / cores
+               + (rounds * cost("ray_call_s") if spread else 0))
     return StagePlan("dedup", "cluster" if spread else "driver", driver, node, f.kept * 40, (cl.nodes - 1) * index
                      if spread else 0, seconds, f.kept, notes)
 

@@ -85,10 +85,15 @@ COSTS: dict[str, Cost] = {
     "dedup_valid_bytes": Cost(1, "driver bytes per record (which rows may form edges)", "the bool mask "
                               "curate.dedup.valid_rows holds (bench/scale.py dedup: RESULTS 'Copy dedup over the "
                               "records with an edge')"),
-    "dedup_node_bytes": Cost(230, "driver bytes per record with an edge (ids, groups, edges, the groups table)",
-                             "python bench/scale.py --calibrate-dedup: 318 and 221 B per node at 200k and 1M "
-                             "nodes, numpy/Python and Arrow peaks added (26-character ids as Arrow strings, "
-                             "groups of two; 503 and 375 B with ids as numpy text and Python strings)"),
+    "dedup_node_bytes": Cost(290, "bytes per record with an edge in a copy-graph bucket job (adjacency, labels, "
+                             "ids, the groups and members tables)", "python bench/scale.py --calibrate-dedup: 288.5 B "
+                             "per node at 200k and 1M nodes in one bucket, numpy/Python and Arrow peaks added "
+                             "(26-character ids, groups of two); the driver held 320 and 223 B per node before the "
+                             "buckets (group_edges)"),
+    "dedup_node_s": Cost(4.2e-6, "core-s per record with an edge (every bucket job's round)", "python bench/scale.py "
+                         "--calibrate-dedup: 3.2 and 4.2 us per node at 200k and 1M nodes, one bucket, traced"),
+    "dedup_rounds": Cost(10, "label rounds of the copy graph", "ASSUMPTION: the longest path from a group's smallest "
+                         "row plus one (2 for a pair; a chain of L records takes L + 1)"),
     "balance_s": Cost(3.2e-6, "core-s per record (four passes over the cluster parts)", f"{_SCALE10}: 30.7 and "
                       "31.6 CPU-s for 9.7M records, local executor (RESULTS 'Balance streamed over parts')"),
     "balance_bytes": Cost(1, "driver bytes per record (O(clusters): leaf sizes, cut-offs, histograms)",

@@ -11,6 +11,7 @@ whose largest component or removed share passes its limits is refused: nothing i
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from curate.parts import write_table_atomic
 from pipelines.aligned import RowMap
 from pipelines.config import Config, fingerprint
 from pipelines.embedding import resolve_embedding
@@ -41,12 +41,15 @@ class _IndexHolder:
 
         self.index, self.emb_dir = VectorIndex.load(path), emb_dir
 
-    def edges(self, lo: int, hi: int, ok: np.ndarray, k: int, threshold: float):
+    def edges(self, lo: int, hi: int, path: str, ok: np.ndarray, k: int, threshold: float, bounds: np.ndarray) -> int:
+        from curate.copy_graph_parts import write_edges
         from curate.dedup import knn_edges
 
-        return knn_edges(self.emb_dir, k, threshold, index=self.index, query_rows=(lo, hi), checked=ok)
+        edges = knn_edges(self.emb_dir, k, threshold, index=self.index, query_rows=(lo, hi), checked=ok)
+        return write_edges(path, edges, bounds)
 
 
+GROUP_ROWS = 1 << 20  # rows per row group of groups.parquet (pq.write_table's default)
 RANGES_PER_HOLDER = 8  # query ranges per node: a lost node's share is redone by the others in small pieces
 
 
@@ -59,16 +62,16 @@ def _save_pool_index(emb_dir: str, spec, path: str) -> str:
     return index.kind
 
 
-def _ray_edges(emb_dir: Path, spec, ok: np.ndarray, dc, threshold: float, work: Path, address: str | None):
+def _ray_edges(emb_dir: Path, spec, ok: np.ndarray, dc, threshold: float, work: Path, bounds: np.ndarray,
+               address: str | None) -> tuple[list[str], str]:
     """k-NN graph queries over Ray: the index built and saved by one task and loaded once per node (one
     actor each), the valid rows computed once on the driver; query ranges queued to the actors, a range
-    whose actor dies (its node lost) goes back to the queue; edges merged (the same as one local run).
-    Returns the edges and the index kind."""
+    whose actor dies (its node lost) goes back to the queue. Each range's edges are written to a file of
+    `work` for the buckets of `bounds` (never sent to the driver). Returns the files and the index kind."""
     import ray
     from ray.exceptions import RayActorError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from curate.dedup import merge_edges
     from pipelines.executors import TASK_RETRIES, init_ray, ray_get
 
     init_ray(address)
@@ -78,20 +81,22 @@ def _ray_edges(emb_dir: Path, spec, ok: np.ndarray, dc, threshold: float, work: 
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
     holders = [ray.remote(_IndexHolder).options(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(
         node, soft=True)).remote(str(path), str(emb_dir)) for node in nodes]
-    bounds = np.linspace(0, len(ok), RANGES_PER_HOLDER * len(holders) + 1).astype(int)
-    queue = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
-    ok_ref, idle, running, out = ray.put(ok), list(holders), {}, []
+    cuts = np.linspace(0, len(ok), max(RANGES_PER_HOLDER * len(holders), len(bounds) - 1) + 1).astype(int)
+    queue = [(int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo]
+    queue = [(lo, hi, str(work / "edges" / f"{q:06d}.arrow")) for q, (lo, hi) in enumerate(queue)]
+    files = [job[2] for job in queue]
+    ok_ref, idle, running = ray.put(ok), list(holders), {}
     try:
         while queue or running:
             while queue and idle:
                 holder, job = idle.pop(), queue.pop(0)
-                running[holder.edges.remote(*job, ok_ref, dc.k, threshold)] = (holder, job)
+                running[holder.edges.remote(*job, ok_ref, dc.k, threshold, bounds)] = (holder, job)
             if not running:
                 raise RuntimeError(f"every index holder died with {len(queue)} query range(s) left; rerun dedup")
             [ref], _ = ray.wait(list(running), num_returns=1)
             holder, job = running.pop(ref)
             try:
-                out.append(ray.get(ref))
+                ray_get(ref)
             except RayActorError:  # the node is gone: its range goes back to the queue
                 queue.insert(0, job)
                 continue
@@ -101,7 +106,7 @@ def _ray_edges(emb_dir: Path, spec, ok: np.ndarray, dc, threshold: float, work: 
             ray.kill(holder)
         path.unlink(missing_ok=True)
         path.with_name(path.name + ".json").unlink(missing_ok=True)
-    return merge_edges(*out), kind
+    return files, kind
 
 
 def _threshold(cfg: Config, emb_dir: Path, model: str, valid: np.ndarray):
@@ -151,50 +156,82 @@ def _verified_edges(cfg: Config, emb_dir: Path, valid: np.ndarray, threshold: fl
     return edges, info
 
 
-def _node_info(layout, mapper):
-    """node_info for group_edges: ids and pixel counts of the given embedding rows, read part by part."""
+class _NodeInfo:
+    """node_info for the copy graph's jobs: ids and pixel counts of sorted embedding rows, read from the
+    parts that hold them (picklable: a Ray task reads its own bucket's)."""
 
-    def info(rows: np.ndarray) -> tuple[pa.ChunkedArray, np.ndarray]:
-        t = layout.table(rows, ["id", "width", "height"], mapper)
+    def __init__(self, layout) -> None:
+        self.layout = layout
+
+    def __call__(self, rows: np.ndarray) -> tuple[pa.ChunkedArray, np.ndarray]:
+        t = self.layout.table(rows, ["id", "width", "height"])
         w, h = (np.nan_to_num(np.asarray(t.column(c).to_numpy(), dtype=np.float64)).astype(np.int64)
                 for c in ("width", "height"))
         return t.column("id"), w * h
 
-    return info
+
+def buckets(offsets: np.ndarray, records: int) -> np.ndarray:
+    """Row bounds of the copy graph's buckets: consecutive whole parts, at most `records` rows each (a
+    larger part alone)."""
+    bounds = [0]
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        if end - bounds[-1] > records and start > bounds[-1]:
+            bounds.append(int(start))
+    bounds.append(int(offsets[-1]))
+    return np.array(bounds, dtype=np.int64)
 
 
-def _write_parts(d: Path, layout, graph, mapper) -> None:
-    """The stage's parts, one job (a task with executor ray) per ingest part, each given only its part's
-    group members: `copy_of` (keeper id of a removed record), `copy_group` (-1: none), `copy_max_sim`.
-    Each job is made when it is sent (its keeper ids taken then, as Arrow)."""
-    from curate.parts import local_map, part_name
+def _write_part(graph, ingest_part: str, emb_part: str, out: str, lo: int, hi: int) -> int:
+    """One stage part: `copy_of` (keeper id of a removed record), `copy_group` (-1: none), `copy_max_sim`
+    of the embedding rows lo .. hi - 1 (the part's), read from the graph's files by the job itself."""
     from pipelines.aligned import write_emb_part
 
-    cuts = np.searchsorted(graph.nodes, layout.offsets)
+    t = graph.members(lo, hi)
+    columns = {"copy_of": (t.column("copy_of"), None, pa.string()),
+               "copy_group": (t.column("group").to_numpy(), -1, pa.int64()),
+               "copy_max_sim": (t.column("max_sim").to_numpy(), np.nan, pa.float32())}
+    return write_emb_part(ingest_part, emb_part, out, t.column("row").to_numpy() - lo, columns)
 
-    def jobs():
-        for k in range(len(layout.emb_parts)):
-            lo, hi = int(cuts[k]), int(cuts[k + 1])
-            columns = {"copy_of": (graph.copy_of(lo, hi), None, pa.string()),
-                       "copy_group": (graph.group[lo:hi], -1, pa.int64()),
-                       "copy_max_sim": (graph.max_sim[lo:hi], np.nan, pa.float32())}
-            yield (str(layout.ingest_parts[k]), str(layout.emb_parts[k]), str(d / part_name(k)),
-                   graph.nodes[lo:hi] - layout.offsets[k], columns)
 
-    for _ in (mapper or local_map)(write_emb_part, jobs(), ()):
+def _write_outputs(d: Path, layout, graph, mapper) -> None:
+    """The stage's parts, one job (a task with executor ray) per ingest part, and groups.parquet streamed
+    one range of groups at a time."""
+    import pyarrow.parquet as pq
+
+    from curate.parts import atomic_path, local_map, part_name
+
+    jobs = [(str(layout.ingest_parts[k]), str(layout.emb_parts[k]), str(d / part_name(k)),
+             int(layout.offsets[k]), int(layout.offsets[k + 1])) for k in range(len(layout.emb_parts))]
+    for _ in (mapper or local_map)(_write_part, jobs, (graph,)):
         pass
+    with atomic_path(d / "groups.parquet") as tmp:
+        writer, held, wrote = None, [], 0
+        for t in graph.group_tables():  # row groups of GROUP_ROWS whatever the ranges: the bytes of one table
+            writer = writer or pq.ParquetWriter(tmp, t.schema, compression="zstd", write_statistics=True)
+            held.append(t)
+            while sum(len(h) for h in held) >= GROUP_ROWS:
+                whole = pa.concat_tables(held)
+                writer.write_table(whole.slice(0, GROUP_ROWS), row_group_size=GROUP_ROWS)
+                held, wrote = [whole.slice(GROUP_ROWS)], wrote + 1
+        rest = pa.concat_tables(held)
+        if len(rest) or not wrote:  # pq.write_table writes an empty table as one empty row group
+            writer.write_table(rest, row_group_size=GROUP_ROWS)
+        writer.close()
 
 
 def run(cfg: Config, force: bool = False) -> StageResult:
     """Copy groups: `copy_of` (keeper id), `copy_group`, `copy_max_sim`; refuses a wiping result.
 
-    The driver holds the edges, the records that have one (ids, pixels, groups) and one byte per record
-    (which rows may form edges), never an id or an int64 per record; ids and pixel counts are read, and
-    the parts written, part by part (Ray tasks with executor ray). With verify none under Ray the pool
-    index is built by a task and searched by one actor per node, so the driver never holds it.
-    (verify local still holds per-record pHashes and candidates: it decodes every image anyway.)
+    The components, keepers and group numbers are computed by jobs over buckets of whole parts
+    (curate.copy_graph_parts; Ray tasks with executor ray), which exchange edges, labels and members
+    through files in the stage's `_graph` folder: the driver holds O(buckets) and one byte per record
+    (which rows may form edges), never an id, an edge or an int64 per record. With verify none the k-NN
+    queries write their edges there too (under Ray the pool index is built by a task and searched by
+    one actor per node, so the driver never holds it). (verify local still holds per-record pHashes,
+    candidates and the verified edges: it decodes every image anyway.)
     """
-    from curate.dedup import CopyDedupRefused, SafetyLimits, as_parts, group_edges, knn_edges, pool_index, valid_rows
+    from curate.copy_graph_parts import group_edge_files, write_edges
+    from curate.dedup import CopyDedupRefused, SafetyLimits, as_parts, knn_edges, pool_index, valid_rows
     from pipelines.aligned import EmbeddingLayout
     from pipelines.copy_images import verify_mode
     from pipelines.executors import stage_mapper
@@ -205,7 +242,8 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     model = read_manifest(emb_dir)["config"]["model"]
     mode = verify_mode(cfg)
     inputs = {**upstream(cfg, "ingest"), "embedding": read_manifest(emb_dir)["key"]}
-    unkeyed = ("max_component", "max_component_share", "max_removed_share")  # they refuse, never change output
+    unkeyed = ("max_component", "max_component_share", "max_removed_share",  # they refuse, never change output
+               "bucket_records")  # how the work is split
     config = {**{k: v for k, v in asdict(dc).items() if k not in unkeyed}, "verify": mode}
     key = fingerprint({"config": config, "inputs": inputs})
     d = stage_dir(cfg, "dedup")
@@ -234,27 +272,38 @@ def run(cfg: Config, force: bool = False) -> StageResult:
             choice = ThresholdChoice(1.0, "none (calibration found none)", {"spec": model, "reason": str(exc)})
             notes.append(f"no cosine of {model} reached precision {dc.target_precision} on the pool: pairs too flat "
                          "to verify are not linked (give dedup.threshold to link them)")
+        work = d / "_graph"
+        shutil.rmtree(work, ignore_errors=True)  # an interrupted run's messages
+        bounds = buckets(layout.offsets, dc.bucket_records)
         if mode == "local":
             edges, extra = _verified_edges(cfg, emb_dir, valid, choice.threshold)
             decision, index_kind = f"local verification (cosine > {choice.threshold:.4g} where too flat)", "given edges"
+            files = [work / "edges" / "000000.arrow"]
+            write_edges(files[0], edges, bounds)
+            del edges
         else:
             extra, decision = {}, None
             if cfg.executor == "ray":
-                edges, index_kind = _ray_edges(emb_dir, index_spec(cfg), valid, dc, choice.threshold, d, cfg.ray_address)
+                files, index_kind = _ray_edges(emb_dir, index_spec(cfg), valid, dc, choice.threshold, work, bounds,
+                                               cfg.ray_address)
             else:
                 index = pool_index(parts, index_spec(cfg))
-                edges = knn_edges(parts, dc.k, choice.threshold, index=index, checked=valid)
+                files = [work / "edges" / f"{b:06d}.arrow" for b in range(len(bounds) - 1)]
+                for b, f in enumerate(files):  # queries a bucket at a time: the driver holds one bucket's edges
+                    write_edges(f, knn_edges(parts, dc.k, choice.threshold, index=index, checked=valid,
+                                             query_rows=(int(bounds[b]), int(bounds[b + 1]))), bounds)
                 index_kind = index.kind
                 del index
         extra["threshold_choice"] = choice.manifest()
-        graph = group_edges(parts.n, edges, _node_info(layout, mapper), valid=int(valid.sum()), k=dc.k,
-                            threshold=choice.threshold, max_component=dc.max_component, limits=limits,
-                            decision=decision, index_kind=index_kind)
+        graph = group_edge_files(work, bounds, files, _NodeInfo(layout), mapper, valid=int(valid.sum()), k=dc.k,
+                                 threshold=choice.threshold, max_component=dc.max_component, limits=limits,
+                                 decision=decision, index_kind=index_kind)
     except CopyDedupRefused:
         (d / STARTED).unlink(missing_ok=True)  # nothing committed: other settings may run here next
+        shutil.rmtree(d / "_graph", ignore_errors=True)
         raise
-    _write_parts(d, layout, graph, mapper)
-    write_table_atomic(graph.groups, d / "groups.parquet")
+    _write_outputs(d, layout, graph, mapper)
+    graph.cleanup()
     st = graph.stats
     counts = {"in": st["n"], "out": st["kept"], "dropped": {"copy_duplicate": st["dropped"]} if st["dropped"] else {},
               "groups": st["groups"], "pairs": st["pairs"], "largest_component": st["largest_component"],

@@ -73,6 +73,7 @@ def test_ray_kmeans_pass_equals_local(two_nodes, emb_dir, tmp_path):
 def test_ray_copy_graph_with_an_index_per_node_equals_local(two_nodes, emb_dir, tmp_path):
     from types import SimpleNamespace
 
+    from curate.copy_graph_parts import read_edges
     from curate.dedup import as_parts, knn_edges, pool_index, valid_rows
     from curate.index import IndexSpec
     from pipelines.stages.dedup import _ray_edges
@@ -80,9 +81,43 @@ def test_ray_copy_graph_with_an_index_per_node_equals_local(two_nodes, emb_dir, 
     parts = as_parts(str(emb_dir))
     index = pool_index(parts, IndexSpec(kind="flat"))
     ok = valid_rows(parts)
-    (i, j, sim), kind = _ray_edges(emb_dir, IndexSpec(kind="flat"), ok, SimpleNamespace(k=8), 0.9, tmp_path, two_nodes)
+    bounds = np.array([0, parts.n // 3, parts.n])
+    files, kind = _ray_edges(emb_dir, IndexSpec(kind="flat"), ok, SimpleNamespace(k=8), 0.9, tmp_path, bounds,
+                             two_nodes)
     assert kind == "flat"  # built by a task from the spec, the same index as the local one
+    assert len(files) >= 16
+    i, j, sim = read_edges(files)
     ri, rj, rsim = knn_edges(str(emb_dir), 8, 0.9, index=index)
     assert len(ri) > 150 and 3 not in set(ri) | set(rj)
     assert np.array_equal(i, ri) and np.array_equal(j, rj) and sim.tobytes() == rsim.tobytes()
     assert not list(tmp_path.glob("_index*"))  # the saved index is removed afterwards
+
+
+def test_ray_copy_groups_in_buckets_equal_group_edges(two_nodes, emb_dir, tmp_path):
+    """The copy graph's components, keepers and numbers from jobs over 4 buckets, each a Ray task on
+    either node exchanging messages through files, equal group_edges on the driver."""
+    from curate.copy_graph_parts import group_edge_files, read_edges, write_edges
+    from curate.dedup import as_parts, group_edges, knn_edges, pool_index
+    from pipelines.executors import ray_mapper
+
+    parts = as_parts(str(emb_dir))
+    edges = knn_edges(parts, 8, 0.9, index=pool_index(parts))
+    rng = np.random.default_rng(0)
+    ids = np.array([f"{rng.integers(0, 10**6):06d}-{r}" for r in range(parts.n)])
+    pixels = rng.integers(1, 3, parts.n) * 64
+    bounds = np.array([0, 300, 500, 900, 1500])
+    files = []
+    for q, (lo, hi) in enumerate([(0, 700), (700, 1500)]):  # two query ranges, as two index holders
+        files.append(tmp_path / f"edges-{q}.arrow")
+        write_edges(files[-1], knn_edges(parts, 8, 0.9, index=pool_index(parts), query_rows=(lo, hi)), bounds)
+    assert all(np.array_equal(a, b) for a, b in zip(read_edges(files), edges))
+    part = group_edge_files(tmp_path / "work", bounds, files, lambda rows: (pa.array(ids[rows]), pixels[rows]),
+                            ray_mapper(two_nodes), k=8, threshold=0.9, limits=None)
+    graph = group_edges(parts.n, edges, lambda rows: (ids[rows], pixels[rows]), k=8, threshold=0.9, limits=None)
+    assert graph.stats["groups"] > 80
+    assert pa.concat_tables(list(part.group_tables())).combine_chunks().equals(graph.groups.combine_chunks())
+    got = pa.concat_tables([part.members(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])])
+    assert np.array_equal(got.column("row").to_numpy(), graph.nodes)
+    assert got.column("copy_of").combine_chunks().equals(graph.copy_of().cast(pa.string()))
+    assert np.array_equal(got.column("group").to_numpy(), graph.group)
+    assert {k: v for k, v in part.stats.items() if k != "label_rounds"} == graph.stats

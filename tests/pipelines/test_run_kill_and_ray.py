@@ -113,8 +113,9 @@ def _figures(work: Path) -> dict:
 
 
 def test_ray_executor_gives_every_stage_output_of_the_local_run(setup):
-    """A local Ray (2 CPUs): ingest, hash dedup, embed, dedup, cluster and shards run as Ray tasks or
-    actors; every file of every stage equals the local run's, byte for byte, and so do the report figures."""
+    """A local Ray (2 CPUs): ingest, hash dedup, embed, dedup (its copy graph in buckets of 1-2 parts),
+    cluster and shards run as Ray tasks or actors; every file of every stage equals the local run's, byte
+    for byte, and so do the report figures."""
     import ray
 
     from pipelines.executors import ray_map
@@ -131,7 +132,10 @@ def test_ray_executor_gives_every_stage_output_of_the_local_run(setup):
         assert ray.get(where.remote()).startswith(str(ROOT))  # the workers run this checkout's code
         with pytest.raises(json.JSONDecodeError, match="^Expecting property name"):  # a task's own error
             list(ray_map(json.loads, [("7",), ("{",)]))
-        run_pipeline(load_config(root / "c.yaml", [f"workdir={root / 'ray'}", "executor=ray"]))
+        # copy groups from buckets of at most 100 rows (whole parts of 60): jobs exchanging messages, the
+        # local run's one bucket's result
+        run_pipeline(load_config(root / "c.yaml", [f"workdir={root / 'ray'}", "executor=ray",
+                                                    "dedup.bucket_records=100"]))
     finally:
         ray.shutdown()
     assert _shards(root / "ray" / "shards") == reference
@@ -262,6 +266,7 @@ def test_copy_graph_survives_losing_the_node_of_an_index_holder_mid_query(setup,
     import ray
     from ray.cluster_utils import Cluster
 
+    from curate.copy_graph_parts import read_edges
     from curate.dedup import as_parts, knn_edges, pool_index, valid_rows
     from curate.index import IndexSpec
     from pipelines.stages.dedup import _ray_edges
@@ -292,8 +297,9 @@ def test_copy_graph_survives_losing_the_node_of_an_index_holder_mid_query(setup,
     watcher = threading.Thread(target=remove_when_stuck, daemon=True)
     watcher.start()
     try:
-        (i, j, sim), _ = _ray_edges(emb_dir, IndexSpec(kind="flat"), ok, type("Dedup", (), {"k": 8}), 0.5, tmp_path,
-                                    cluster.address)
+        files, _ = _ray_edges(emb_dir, IndexSpec(kind="flat"), ok, type("Dedup", (), {"k": 8}), 0.5, tmp_path,
+                              np.array([0, parts.n]), cluster.address)
+        i, j, sim = read_edges(files)
     finally:
         watcher.join(timeout=130)
         ray.shutdown()
