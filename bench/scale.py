@@ -287,11 +287,12 @@ def _dedup_node_peak(m: int) -> float:
     return (peak + pool.max_memory() - arrow0) / m
 
 
-def _dedup_job_peak(m: int) -> tuple[float, float]:
+def _dedup_job_peak(m: int, hashes: bool = False) -> tuple[float, float]:
     """Peak bytes per node and seconds per node of copy dedup's bucket jobs when one bucket holds all m
     records with an edge (curate.copy_graph_parts, local calls; the edges and ids of _dedup_node_peak,
     counted the same way: numpy/Python and Arrow peaks added; the message files the jobs map are clean
-    file pages, not counted)."""
+    file pages, not counted). hashes: with hash dedup's extra columns (a pHash and a 64-character sha256
+    per node, carried to the members with their keeper's)."""
     import tempfile
     import tracemalloc
 
@@ -306,7 +307,11 @@ def _dedup_job_peak(m: int) -> tuple[float, float]:
 
     def node_info(rows):
         names = pc.binary_join_element_wise("ingest-000123/", pa.array(rows).cast(pa.string()), "")
-        return pa.chunked_array([names]), rng.integers(1, 9, len(rows)) * 1000
+        if not hashes:
+            return pa.chunked_array([names]), rng.integers(1, 9, len(rows)) * 1000
+        sha = pc.utf8_lpad(pa.array(rows // 2).cast(pa.string()), 64, "0")  # a pair shares its sha256
+        return (pa.chunked_array([names]), rng.integers(1, 9, len(rows)) * 1000,
+                {"phash": rng.integers(0, 2**63, len(rows)).astype(np.uint64), "sha": pa.chunked_array([sha])})
 
     with tempfile.TemporaryDirectory() as tmp:
         write_edges(f"{tmp}/e.arrow", (nodes[0::2], nodes[1::2], rng.random(m // 2).astype(np.float32)), bounds)
@@ -325,16 +330,18 @@ def _dedup_job_peak(m: int) -> tuple[float, float]:
 def calibrate_dedup(sizes: tuple[int, ...] = (200_000, 1_000_000)) -> dict:
     """Copy dedup's bytes per record with an edge, each size in a fresh process: `dedup_node_bytes` of
     the plan, the peak of a bucket job holding them all (see _dedup_job_peak), with its seconds per node
-    (`dedup_node_s`); and the peak of group_edges in one process, the driver's before the buckets
+    (`dedup_node_s`); the same with hash dedup's columns (`hashdedup_node_bytes`); and the peak of group_edges in one process, the driver's before the buckets
     (see _dedup_node_peak)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    out: dict = {"dedup_node_bytes": {}, "dedup_node_s": {}, "group_edges_node_bytes": {}}
+    out: dict = {"dedup_node_bytes": {}, "dedup_node_s": {}, "hashdedup_node_bytes": {}, "group_edges_node_bytes": {}}
     for m in sizes:
         with ctx.Pool(1) as pool:
             b, s = pool.apply(_dedup_job_peak, (m,))
         out["dedup_node_bytes"][m], out["dedup_node_s"][m] = round(b, 1), float(f"{s:.3g}")
+        with ctx.Pool(1) as pool:
+            out["hashdedup_node_bytes"][m] = round(pool.apply(_dedup_job_peak, (m, True))[0], 1)
         with ctx.Pool(1) as pool:
             out["group_edges_node_bytes"][m] = round(pool.apply(_dedup_node_peak, (m,)), 1)
     return out

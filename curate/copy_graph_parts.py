@@ -9,11 +9,13 @@ sorted by destination bucket):
 2. build: a bucket's adjacency, each node's label set to the smallest row among itself and its neighbours.
 3. propagate: labels sent along edges until none changes (the smallest row of each component; as many
    rounds as the longest shortest path from a component's smallest row).
-4. owners: each node (row, id, pixels, max_sim) sent to its label's bucket, which picks the keeper (most
-   pixels, then smallest id), sorts members by id and samples its groups' smallest ids.
-5. number: groups split by splitters drawn from those samples into ranges of smallest ids; each range
-   is numbered after the ranges below it (the caller sums their counts), writes its groups table and
-   sends each member its keeper and group. 6. collect: each bucket's members sorted by row.
+4. owners: each node (row, id, pixels, max_sim and node_info's extra columns) sent to its label's
+   bucket, which picks the keeper (most pixels, then smallest id), sorts members by id and samples its
+   groups' smallest ids.
+5. number: groups split by splitters drawn from those samples into ranges of smallest ids (member ids
+   too: a range finding an id twice raises); each range is numbered after the ranges below it (the
+   caller sums their counts), writes its groups table and sends each member its keeper id, group and
+   its keeper's extra columns. 6. collect: each bucket's members sorted by row.
 Every job rewrites whole files atomically from the previous round's files, so a retried job (a lost
 node) gives the same bytes.
 """
@@ -45,6 +47,17 @@ NODE = pa.schema([("label", pa.int64()), ("row", pa.int64()), ("id", pa.string()
                   ("max_sim", pa.float32())])
 MEMBER = pa.schema([("row", pa.int64()), ("copy_of", pa.string()), ("group", pa.int64()),
                     ("max_sim", pa.float32())])
+
+
+def part_buckets(offsets: np.ndarray, records: int) -> np.ndarray:
+    """Row bounds of buckets of consecutive whole parts (part k: rows offsets[k] .. offsets[k + 1] - 1),
+    at most `records` rows each (a larger part alone)."""
+    bounds = [0]
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        if end - bounds[-1] > records and start > bounds[-1]:
+            bounds.append(int(start))
+    bounds.append(int(offsets[-1]))
+    return np.array(bounds, dtype=np.int64)
 
 
 def bucket_of(bounds: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -168,18 +181,26 @@ def _propagate(work: str, bounds: np.ndarray, r: int, b: int) -> int:
 
 
 def _owners(work: str, bounds: np.ndarray, r: int, info: Callable, b: int) -> int:
-    """Round 4 for bucket b: each node with its id, pixels and max similarity sent to its label's bucket."""
+    """Round 4 for bucket b: each node with its id, pixels, max similarity and the extra columns node_info
+    gives sent to its label's bucket."""
     w = Path(work)
     adj = np.load(w / "adj" / f"{b:06d}.npz")
     label, nodes = np.load(_labels_path(w, r, b)), adj["nodes"]
-    ids, pixels = info(nodes)
+    ids, pixels, *extra = info(nodes)
     ids = pa.chunked_array([ids]) if isinstance(ids, pa.Array) else ids
     ids = ids if isinstance(ids, pa.ChunkedArray) else pa.chunked_array([pa.array(list(ids), type=pa.string())])
     if len(ids) != len(nodes):
         raise ValueError(f"node_info gave {len(ids)} ids for {len(nodes)} rows")
-    table = pa.table([label, nodes, ids.cast(pa.string()), np.asarray(pixels, dtype=np.int64).reshape(-1),
-                      adj["max_sim"]], schema=NODE)
+    columns = [label, nodes, ids.cast(pa.string()), np.asarray(pixels, dtype=np.int64).reshape(-1), adj["max_sim"]]
+    table = pa.table(columns, schema=NODE)
+    for name, values in (extra[0] if extra else {}).items():
+        table = table.append_column(f"x_{name}", pa.chunked_array([values]) if isinstance(values, pa.Array) else
+                                    values if isinstance(values, pa.ChunkedArray) else pa.array(values))
     return _send(_path(w, "own", b), table, bucket_of(bounds, label), len(bounds) - 1)
+
+
+def _extras(t: pa.Table) -> list[str]:
+    return [c for c in t.column_names if c.startswith("x_")]
 
 
 def _groups(work: str, buckets: int, b: int) -> tuple[dict, list[str]]:
@@ -187,24 +208,22 @@ def _groups(work: str, buckets: int, b: int) -> tuple[dict, list[str]]:
     sorted by smallest id. Returns records per group -> groups, and a sample of smallest ids."""
     w = Path(work)
     t = _receive(_paths(w, "own", buckets), b, NODE)
-    t = t.sort_by([("label", "ascending"), ("id", "ascending")])  # members by id
+    t = t.sort_by([("label", "ascending"), ("id", "ascending")]).combine_chunks()  # members by id
     label = _col(t, "label")
     head = np.flatnonzero(np.r_[True, label[1:] != label[:-1]]) if len(t) else np.zeros(0, dtype=np.int64)
     sizes = np.diff(np.r_[head, len(t)]).astype(np.int64)
     best = np.lexsort((np.arange(len(t)), -_col(t, "pixels"), label))  # id order breaks pixel ties
-    keeper = best[np.flatnonzero(np.r_[True, label[best][1:] != label[best][:-1]])] if len(t) else head
+    keeper = pa.array(best[np.flatnonzero(np.r_[True, label[best][1:] != label[best][:-1]])] if len(t) else head)
     offsets = pa.array(np.r_[head, len(t)].astype(np.int32))
     group_max = np.maximum.reduceat(_col(t, "max_sim"), head) if len(t) else np.zeros(0, np.float32)
-    groups = pa.table({
-        "min_id": t.column("id").take(pa.array(head)),
-        "keeper": t.column("id").take(pa.array(keeper)),
-        "keeper_row": t.column("row").take(pa.array(keeper)),
-        "members": pa.ListArray.from_arrays(offsets, t.column("id").combine_chunks()),
-        "rows": pa.ListArray.from_arrays(offsets, t.column("row").combine_chunks()),
-        "sims": pa.ListArray.from_arrays(offsets, t.column("max_sim").combine_chunks()),
-        "size": pa.array(sizes),
-        "max_sim": pa.array(group_max.astype(np.float32)),
-    }).sort_by("min_id")
+    columns = {"min_id": t.column("id").take(pa.array(head)), "keeper": t.column("id").take(keeper),
+               "keeper_row": t.column("row").take(keeper)}
+    for name in ("id", "row", "max_sim", *_extras(t)):  # members' columns as lists, keeper's extras
+        columns[f"m_{name}"] = pa.ListArray.from_arrays(offsets, t.column(name).combine_chunks())
+        if name.startswith("x_"):
+            columns[f"keeper_{name}"] = t.column(name).take(keeper)
+    groups = pa.table({**columns, "size": pa.array(sizes), "max_sim": pa.array(group_max.astype(np.float32))})
+    groups = groups.sort_by("min_id")
     path = w / "groups" / f"{b:06d}.arrow"
     _send(path, groups, np.zeros(len(groups), dtype=np.int64), 1)
     hist_sizes, counts = np.unique(sizes, return_counts=True)
@@ -212,36 +231,65 @@ def _groups(work: str, buckets: int, b: int) -> tuple[dict, list[str]]:
     return dict(zip(hist_sizes.tolist(), counts.tolist())), groups.column("min_id").take(pick).to_pylist()
 
 
+def _bisect(ordered: pa.Array, splitters: Sequence[str]) -> np.ndarray:
+    """Per splitter, how many of the sorted strings are below it (a binary search each, on Arrow scalars:
+    no Python string per element)."""
+    out = []
+    for s in splitters:
+        lo, hi = 0, len(ordered)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ordered[mid].as_py() < s:
+                lo = mid + 1
+            else:
+                hi = mid
+        out.append(lo)
+    return np.array(out, dtype=np.int64)
+
+
 def _cuts(work: str, splitters: list[str], b: int) -> np.ndarray:
-    """Where bucket b's groups (by smallest id) cross the splitters: range r holds [cuts[r], cuts[r + 1])."""
-    t = ipc.open_file(pa.memory_map(str(Path(work) / "groups" / f"{b:06d}.arrow"))).read_all()
-    ids = np.asarray(t.column("min_id").to_pylist(), dtype=object)
-    return np.r_[0, np.searchsorted(ids, np.asarray(splitters, dtype=object), side="left"), len(ids)]
+    """Where bucket b's groups (by smallest id) cross the splitters: range r holds [cuts[r], cuts[r + 1]).
+    Every member id is sent to its range too, where `_number` checks that no id repeats."""
+    w = Path(work)
+    t = ipc.open_file(pa.memory_map(str(w / "groups" / f"{b:06d}.arrow"))).read_all()
+    ids = pc.list_flatten(t.column("m_id")).combine_chunks()
+    ids = ids.take(pc.sort_indices(ids))
+    at = np.r_[0, _bisect(ids, splitters), len(ids)]
+    _send(_path(w, "ids", b), pa.table({"id": ids}), np.repeat(np.arange(len(at) - 1), np.diff(at)),
+          len(splitters) + 1)
+    return np.r_[0, _bisect(t.column("min_id").combine_chunks(), splitters), len(t)]
 
 
 def _number(work: str, bounds: np.ndarray, start: int, slices: Sequence[tuple[int, int]], r: int) -> int:
     """Round 5 for range r: its groups (their slices of every bucket's groups) numbered from `start` by
-    smallest id, written as groups part r; each member sent its keeper id (null: the keeper) and group."""
+    smallest id, written as groups part r; each member sent its keeper id (null: the keeper), group, max
+    similarity, and its own and its keeper's extra columns."""
     w = Path(work)
+    ids = _receive(_paths(w, "ids", len(slices)), r, pa.schema([("id", pa.string())])).column("id").combine_chunks()
+    ids = ids.take(pc.sort_indices(ids))
+    if len(ids) > 1:
+        same = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))
+        if pc.any(same).as_py():
+            raise ValueError(f"ids must be unique: {ids[pc.index(same, True).as_py()].as_py()!r} is repeated")
     got = []
     for b, (lo, hi) in enumerate(slices):
-        if hi > lo:
-            got.append(ipc.open_file(pa.memory_map(str(w / "groups" / f"{b:06d}.arrow"))).read_all().slice(lo, hi - lo))
-    schema = pa.schema([("min_id", pa.string()), ("keeper", pa.string()), ("keeper_row", pa.int64()),
-                        ("members", pa.list_(pa.string())), ("rows", pa.list_(pa.int64())),
-                        ("sims", pa.list_(pa.float32())), ("size", pa.int64()), ("max_sim", pa.float32())])
-    t = (pa.concat_tables([g.replace_schema_metadata(None) for g in got]) if got else schema.empty_table())
-    t = t.sort_by("min_id").combine_chunks()
+        t = ipc.open_file(pa.memory_map(str(w / "groups" / f"{b:06d}.arrow"))).read_all()
+        got.append(t.slice(lo, hi - lo).replace_schema_metadata(None))  # an empty slice keeps the schema
+    t = pa.concat_tables(got).sort_by("min_id").combine_chunks()
     group = np.arange(start, start + len(t), dtype=np.int64)
-    out = pa.table({"group": group, "keeper": t.column("keeper"), "members": t.column("members"),
+    out = pa.table({"group": group, "keeper": t.column("keeper"), "members": t.column("m_id"),
                     "size": t.column("size"), "max_sim": t.column("max_sim")})
     _send(w / "out" / f"{r:06d}.arrow", out, np.zeros(len(out), dtype=np.int64), 1)
     sizes = _col(t, "size")
-    rows = pc.list_flatten(t.column("rows")).to_numpy()
-    keeper_row = np.repeat(_col(t, "keeper_row"), sizes)
-    keeper = pc.take(t.column("keeper"), pa.array(np.repeat(np.arange(len(t)), sizes)))
-    copy_of = pc.if_else(pa.array(rows == keeper_row), pa.nulls(len(rows), pa.string()), keeper)
-    members = pa.table([rows, copy_of, np.repeat(group, sizes), pc.list_flatten(t.column("sims"))], schema=MEMBER)
+    of = pa.array(np.repeat(np.arange(len(t)), sizes))
+    rows = pc.list_flatten(t.column("m_row")).to_numpy()
+    keeper = t.column("keeper").take(of)
+    copy_of = pc.if_else(pa.array(rows == _col(t, "keeper_row")[of.to_numpy()]), pa.nulls(len(rows), pa.string()),
+                         keeper)
+    members = pa.table([rows, copy_of, np.repeat(group, sizes), pc.list_flatten(t.column("m_max_sim"))], schema=MEMBER)
+    for name in (c[4:] for c in t.column_names if c.startswith("m_x_")):
+        members = members.append_column(name, pc.list_flatten(t.column(f"m_x_{name}")))
+        members = members.append_column(f"keeper_{name}", t.column(f"keeper_x_{name}").take(of))
     return _send(_path(w, "members", r), members, bucket_of(bounds, rows), len(bounds) - 1)
 
 
@@ -266,15 +314,14 @@ class PartitionedGraph:
 
     def members(self, lo: int, hi: int) -> pa.Table:
         """row, copy_of (keeper id; null: the keeper), group, max_sim of the grouped rows in lo .. hi - 1
-        (a range within one bucket), sorted by row."""
-        if hi <= lo:
-            return MEMBER.empty_table()
-        b = int(bucket_of(self.bounds, np.array([lo]))[0])
-        if hi > self.bounds[b + 1]:
+        (a range within one bucket), sorted by row; and per extra column X of node_info, X (the row's)
+        and keeper_X (its keeper's)."""
+        b = min(int(bucket_of(self.bounds, np.array([lo]))[0]), len(self.bounds) - 2)
+        if hi > max(lo, self.bounds[b + 1]):
             raise ValueError(f"rows {lo}..{hi - 1} cross bucket {b}'s end {int(self.bounds[b + 1])}")
         t = ipc.open_file(pa.memory_map(str(self.work / "result" / f"{b:06d}.arrow"))).read_all()
         rows = _col(t, "row")
-        a, z = np.searchsorted(rows, [lo, hi])
+        a, z = np.searchsorted(rows, [lo, max(lo, hi)])
         return t.slice(int(a), int(z - a)).replace_schema_metadata(None)
 
     def group_tables(self):

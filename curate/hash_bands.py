@@ -26,10 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.groups import arrow_id_ranks, pick_keepers
+from curate.copy_graph_parts import part_buckets
 from curate.hashing import hamming_u64, phash_pairs
-from curate.parts import ensure_dir, local_map, map_in_order, part_name, write_table_atomic
+from curate.parts import ensure_dir, map_in_order, part_name, write_table_atomic
 
+BUCKET_ROWS = 4_000_000  # rows per job of the links' components (whole ingest parts)
 MIN_FIELD_BITS = 4  # narrower pHash fields would put most records in a few bands: use one band then
 _EMPTY = np.empty(0, np.int64)
 
@@ -110,14 +111,75 @@ def band_links(kind: str, max_distance: int, *chunks: tuple) -> tuple[np.ndarray
     return rows[i], rows[j]
 
 
-def gather_rows(path: str, positions: np.ndarray) -> dict:
-    """The records at `positions` of one ingest part, to choose keepers: id (an Arrow string array: no
-    Python object per record), phash and pixels."""
-    t = pq.read_table(path, columns=["id", "phash", "width", "height"]).take(pa.array(positions, pa.int64()))
-    pixels = (t.column("width").to_numpy(zero_copy_only=False).astype(np.int64)
-              * t.column("height").to_numpy(zero_copy_only=False).astype(np.int64))
-    return {"id": t.column("id").combine_chunks().cast(pa.string()),
-            "phash": t.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64), "pixels": pixels}
+def band_edges(path: str, bounds: np.ndarray, kind: str, max_distance: int, *chunks: tuple) -> int:
+    """band_links of one band written as copy-graph edges (curate.copy_graph_parts.write_edges) to `path`
+    for the row buckets of `bounds`; returns the links."""
+    from curate.copy_graph_parts import write_edges
+
+    i, j = band_links(kind, max_distance, *chunks)
+    return write_edges(path, (i, j, np.zeros(len(i), np.float32)), bounds)
+
+
+class IngestNodes:
+    """node_info of hash dedup's copy graph (picklable: its jobs read their own rows): the id, pixels,
+    pHash and sha256 ('' where none) of sorted global rows of the ingest parts."""
+
+    def __init__(self, parts: Sequence[str], offsets: np.ndarray) -> None:
+        self.parts, self.offsets = [str(p) for p in parts], np.asarray(offsets, dtype=np.int64)
+
+    def __call__(self, rows: np.ndarray) -> tuple:
+        cuts = np.searchsorted(rows, self.offsets)
+        ids, pixels, phash, sha = [], [], [], []
+        for k in np.flatnonzero(cuts[1:] > cuts[:-1]):
+            t = pq.read_table(self.parts[k], columns=["id", "phash", "width", "height", "sha256"]).take(
+                pa.array(rows[cuts[k]:cuts[k + 1]] - self.offsets[k], pa.int64()))
+            ids.append(t.column("id").combine_chunks().cast(pa.string()))
+            pixels.append(t.column("width").to_numpy(zero_copy_only=False).astype(np.int64)
+                          * t.column("height").to_numpy(zero_copy_only=False).astype(np.int64))
+            phash.append(t.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64))
+            sha.append(t.column("sha256").combine_chunks().cast(pa.string()).fill_null(""))
+        return (pa.chunked_array(ids, type=pa.string()), np.concatenate(pixels or [_EMPTY]),
+                {"phash": np.concatenate(phash or [np.zeros(0, np.uint64)]),
+                 "sha": pa.chunked_array(sha, type=pa.string())})
+
+
+def write_linked_part(graph, exact: bool, ingest_part: str, out: str, lo: int, hi: int) -> tuple[int, int, int]:
+    """One hashdedup part from the copy graph's members among its global rows lo .. hi - 1: `dup_of`
+    (keeper id), `dup_reason` (exact: the keeper's known sha256, with exact links on; else near),
+    `dup_group`, `dup_distance` (pHash bits to the keeper; -1 for keepers). Returns (ok records, exact
+    copies, near copies)."""
+    t = graph.members(lo, hi)
+    keep = pc.is_null(t.column("copy_of")).to_numpy(zero_copy_only=False)
+    same = pc.and_(pc.equal(t.column("sha"), t.column("keeper_sha")), pc.not_equal(t.column("sha"), ""))
+    is_exact = (same.to_numpy(zero_copy_only=False).astype(bool) if exact else np.zeros(len(t), bool)) & ~keep
+    reason = np.where(is_exact, "exact", "near").astype(object)
+    reason[keep] = None
+    distance = hamming_u64(t.column("phash").to_numpy(), t.column("keeper_phash").to_numpy()).astype(np.int16)
+    distance[keep] = -1
+    n_ok = write_dup_part(ingest_part, out, t.column("row").to_numpy() - lo, t.column("copy_of"),
+                          pa.array(reason, type=pa.string()), t.column("group").to_numpy(), distance)
+    return n_ok, int(is_exact.sum()), int((~keep & ~is_exact).sum())
+
+
+def write_groups(parts: Sequence[str], offsets: np.ndarray, out_dir: str | os.PathLike, work: str | os.PathLike,
+                 edge_files: Sequence[str], bounds: np.ndarray, exact: bool,
+                 mapper: Callable | None = None) -> tuple[int, dict, int]:
+    """Components of the bands' links (in `edge_files`, for the buckets of `bounds`) and their keepers
+    (most pixels, then smallest id), by curate.copy_graph_parts' jobs over row buckets through `mapper`
+    (None: this process): no list per linked record anywhere but in a job. Then one hashdedup part per
+    ingest part (`write_linked_part`). Returns (ok records, dropped counts by reason, groups)."""
+    from curate.copy_graph_parts import group_edge_files
+
+    graph = group_edge_files(work, bounds, edge_files, IngestNodes(parts, offsets), mapper, limits=None,
+                             decision="hash links")
+    out_dir = Path(out_dir)
+    jobs = [(str(path), str(out_dir / part_name(k)), int(offsets[k]), int(offsets[k + 1]))
+            for k, path in enumerate(parts)]
+    done = map_in_order(mapper, write_linked_part, jobs, (graph, exact))
+    graph.cleanup()
+    n_ok = sum(x[0] for x in done)
+    dropped = {"duplicate_exact": sum(x[1] for x in done), "duplicate_near": sum(x[2] for x in done)}
+    return n_ok, {r: c for r, c in sorted(dropped.items()) if c}, int(graph.stats["groups"])
 
 
 def write_dup_part(ingest_part: str | os.PathLike, out: str | os.PathLike, positions: np.ndarray,
@@ -151,66 +213,23 @@ def _strings(values: Sequence[str | None] | pa.Array) -> pa.Array:
     return pa.array(list(values), type=pa.string())
 
 
-class LinkedKeepers:
-    """`curate.hashing.dedup`'s outcome in arrays (no Python object per record), for the records with a link
-    (sorted global rows): keep flag, keeper (index into the linked records), exact (same known sha256
-    as the keeper; False for keepers), group and distance as `curate.hashing.DedupResult` has them.
-
-    sha_class[i] is the first linked record with the same known sha256 as record i (i where none: no
-    hash, or a hash no other record has), as the sha256 bands' star links give it (None: exact links
-    off); so the sha256 strings are never gathered."""
-
-    def __init__(self, ids: pa.Array | pa.ChunkedArray, sha_class: np.ndarray | None, phash: np.ndarray,
-                 pixels: np.ndarray, ei: np.ndarray, ej: np.ndarray) -> None:
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
-
-        self.ids, rank = arrow_id_ranks(ids)  # one large_string array: past 2 GB of ids too
-        n = len(self.ids)
-        index = np.int32 if n < 2**31 else np.int64
-        graph = coo_matrix((np.ones(len(ei), dtype=np.int8), (ei.astype(index), ej.astype(index))),
-                           shape=(n, n)).tocsr()
-        _, labels = connected_components(graph, directed=False)
-        del graph
-        picked = pick_keepers(labels, np.asarray(pixels, dtype=np.int64), rank)
-        self.keep, self.keeper, self.group = picked.keep, picked.keeper, picked.group
-        codes = np.asarray(phash, dtype=np.uint64)
-        self.distance = hamming_u64(codes, codes[self.keeper]).astype(np.int16)
-        self.distance[self.keep] = -1
-        if sha_class is None:
-            self.exact = np.zeros(n, dtype=bool)
-        else:
-            self.exact = (sha_class == sha_class[self.keeper]) & ~self.keep
-
-    def dup_of(self, lo: int, hi: int) -> pa.Array:
-        """Keeper ids of linked records lo..hi (null for keepers)."""
-        keeper = pa.array(self.keeper[lo:hi], mask=self.keep[lo:hi], type=pa.int64())
-        return self.ids.take(keeper)
-
-    def reason(self, lo: int, hi: int) -> pa.Array:
-        """"exact" / "near" of linked records lo..hi (null for keepers)."""
-        r = np.where(self.exact[lo:hi], "exact", "near").astype(object)
-        r[self.keep[lo:hi]] = None
-        return pa.array(r, type=pa.string())
-
-
 def _append(path: Path, a: np.ndarray) -> None:
     with open(path, "ab") as fh:
         fh.write(np.ascontiguousarray(a).tobytes())
 
 
 def dedup_spilled(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, max_distance: int, exact: bool,
-                  band_rows: int = 250_000, buffer_bytes: int = 64 << 20) -> tuple[int, dict, int]:
+                  band_rows: int = 250_000, buffer_bytes: int = 64 << 20,
+                  bucket_rows: int = BUCKET_ROWS) -> tuple[int, dict, int]:
     """Hash dedup of the ingest parts in this process, banded as the Ray executor does it, with exactly
     `curate.hashing.dedup`'s outcome over all ok records; writes one hashdedup part per ingest part into
     out_dir. Returns (ok records, dropped counts by reason, groups).
 
     Map: part by part, the ok rows' (global row, key) pairs go to band files under out_dir (a
     `.bands.tmp-*` folder, removed at the end; a killed run's is removed by the next one), buffered up to
-    buffer_bytes. Reduce: one band at a time (about band_rows records each), its links. Then only the
-    records with a link are read back (id, pHash, pixels) to choose keepers (whether a copy is exact
-    comes from the sha256 links), and the parts are written one at a time. Memory: one band, the links
-    and the linked records' columns (no Python object per record)."""
+    buffer_bytes. Reduce: one band at a time (about band_rows records each), its links written as
+    copy-graph edges; then `write_groups`, its jobs one after the other over buckets of whole parts of
+    about bucket_rows rows. Memory: one band, or one bucket's linked records."""
     out_dir = ensure_dir(out_dir)
     parts = [str(p) for p in parts]
     sizes = np.array([pq.ParquetFile(p).metadata.num_rows for p in parts], dtype=np.int64)
@@ -238,7 +257,8 @@ def dedup_spilled(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike
                 flush()
                 size = 0
         flush()
-        links: dict[str, tuple[list, list]] = {"sha": ([], []), "phash": ([], [])}
+        bounds = part_buckets(offsets, bucket_rows)
+        files = []
         for b, kind in enumerate(kinds):
             if not (spill / f"{b}.rows").exists():
                 continue
@@ -246,59 +266,9 @@ def dedup_spilled(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike
             keys = np.fromfile(spill / f"{b}.keys", dtype="S64" if kind == "sha" else np.uint64)
             (spill / f"{b}.rows").unlink()
             (spill / f"{b}.keys").unlink()
-            a, c = band_links(kind, max_distance, (rows, keys))
-            links[kind][0].append(a)
-            links[kind][1].append(c)
+            files.append(str(spill / "edges" / f"{b:06d}.arrow"))
+            band_edges(files[-1], bounds, kind, max_distance, (rows, keys))
             del rows, keys
+        return write_groups(parts, offsets, out_dir, spill / "graph", files, bounds, exact)
     finally:
         shutil.rmtree(spill, ignore_errors=True)
-    return write_outcome(parts, offsets, out_dir, *link_keepers(parts, offsets, links["sha"], links["phash"], exact))
-
-
-def link_keepers(parts: Sequence[str], offsets: np.ndarray, sha_links: tuple[list, list],
-                 phash_links: tuple[list, list], exact: bool,
-                 mapper: Callable | None = None) -> tuple[np.ndarray, np.ndarray, LinkedKeepers]:
-    """Keepers of the records with a link, from the bands' links ((left rows, right rows) lists per kind;
-    the sha256 bands' links are stars: (first record of a hash, another record of it)). Only the linked
-    records' id, pHash and pixels are read, part by part (`gather_rows`, through `mapper`: a
-    curate.parts Mapper, None for this process). Returns (linked global rows, sorted; cuts: the linked
-    records of part k are linked[cuts[k]:cuts[k + 1]]; their LinkedKeepers)."""
-    sha_i, sha_j = (np.concatenate(x) if x else _EMPTY for x in sha_links)
-    ei = np.concatenate([sha_i, *phash_links[0]])
-    ej = np.concatenate([sha_j, *phash_links[1]])
-    linked = np.unique(np.concatenate([ei, ej]))  # global rows with a link, sorted
-    ei, ej = np.searchsorted(linked, ei), np.searchsorted(linked, ej)
-    sha_class = None
-    if exact:
-        sha_class = np.arange(len(linked), dtype=np.int64)
-        sha_class[ej[:len(sha_j)]] = ei[:len(sha_i)]
-    del sha_i, sha_j
-    cuts = np.searchsorted(np.searchsorted(offsets, linked, side="right") - 1, np.arange(len(parts) + 1))
-    jobs = [(str(parts[k]), linked[cuts[k]:cuts[k + 1]] - offsets[k]) for k in range(len(parts))
-            if cuts[k + 1] > cuts[k]]
-    got = map_in_order(mapper, gather_rows, jobs)
-    ids = pa.chunked_array([g["id"] for g in got], type=pa.string()) if got else pa.chunked_array([], pa.string())
-    phash = np.concatenate([g["phash"] for g in got] or [np.zeros(0, np.uint64)])
-    pixels = np.concatenate([g["pixels"] for g in got] or [np.zeros(0, np.int64)])
-    del got
-    return linked, cuts, LinkedKeepers(ids, sha_class, phash, pixels, ei, ej)
-
-
-def write_outcome(parts: Sequence[str], offsets: np.ndarray, out_dir: str | os.PathLike, linked: np.ndarray,
-                  cuts: np.ndarray, res: LinkedKeepers, mapper: Callable | None = None) -> tuple[int, dict, int]:
-    """Write one hashdedup part per ingest part (`write_dup_part`, through `mapper`; None: in this
-    process), each job made when it is sent (a mapper that draws jobs lazily, as ray_map does, holds a
-    window of them). Returns (ok records, dropped counts by reason, groups)."""
-    out_dir = Path(out_dir)
-
-    def jobs():
-        for k, path in enumerate(parts):
-            lo, hi = int(cuts[k]), int(cuts[k + 1])
-            yield (str(path), str(out_dir / part_name(k)), linked[lo:hi] - offsets[k], res.dup_of(lo, hi),
-                   res.reason(lo, hi), res.group[lo:hi], res.distance[lo:hi])
-
-    n_ok = sum(c for _, c in (mapper or local_map)(write_dup_part, jobs(), ()))
-    dropped = {"duplicate_exact": int((~res.keep & res.exact).sum()),
-               "duplicate_near": int((~res.keep & ~res.exact).sum())}
-    groups = int(len(np.unique(res.group[res.group >= 0])))
-    return n_ok, {r: c for r, c in sorted(dropped.items()) if c}, groups

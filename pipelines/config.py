@@ -51,6 +51,8 @@ class HashDedupConfig:
 
     exact: bool = True
     phash_max_distance: int = 4      # Hamming distance on 64-bit pHash; < 0 disables (bench/phash_threshold.py)
+    bucket_records: int = 4_000_000  # rows per job of the linked records' components (whole ingest parts); memory
+                                     # per job, never the result
 
 
 @dataclass

@@ -109,21 +109,30 @@ def _hashdedup(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
     hc = cfg.hashdedup
     dups = f.ok * cost("hash_dup_share")
     band_bytes = f.ok * (16 * len(phash_fields(hc.phash_max_distance)) + (72 if hc.exact else 0))  # every band
+    # the linked records' groups: jobs over buckets of whole parts, each holding its bucket's linked records
+    # (at most twice the duplicates), twice that for the groups it owns
+    bucket = max(1, min(f.ok, hc.bucket_records))
+    buckets = -(-f.ok // bucket)
+    job = cost("base_rss") + 2 * bucket * min(1.0, 2 * cost("hash_dup_share")) * cost("hashdedup_node_bytes")
+    group_s = 2 * dups * cost("dedup_node_s")  # core-seconds of the bucket jobs' rounds
+    rounds = cost("dedup_rounds") + 4
     if "hashdedup" in ON_RAY and cfg.executor == "ray":
         # banded map/reduce: the maps and the band reduces as tasks on every core, the bands in the object store
-        # (moved between nodes); the driver gathers the records with a link, groups them, and tasks write parts
+        # (moved between nodes); the groups by bucket jobs as tasks; the driver holds O(parts)
         cores = cl.nodes * cl.cpus_per_node
-        driver = cost("base_rss") + dups * cost("hashdedup_ray_bytes")
-        task = cost("base_rss") + RAY_BAND_ROWS * cost("hashdedup_band_record_bytes")
-        seconds = f.ok * cost("hashdedup_ray_s") / cores + dups * cost("hashdedup_driver_s")
-        return StagePlan("hashdedup", "cluster", max(driver, task), max(driver, cl.cpus_per_node * task),
+        band = cost("base_rss") + RAY_BAND_ROWS * cost("hashdedup_band_record_bytes")
+        seconds = (f.ok * cost("hashdedup_ray_s") / cores + group_s / min(cores, buckets)
+                   + rounds * cost("ray_call_s"))
+        return StagePlan("hashdedup", "cluster", max(band, job), cl.cpus_per_node * max(band, job),
                          f.inputs * 30, band_bytes * (1 - 1 / cl.nodes), seconds, f.ok,
                          [f"banded map/reduce over {cores:,} cores (bands of {RAY_BAND_ROWS:,} records per task); "
-                          f"the driver groups the ~{int(dups):,} records with a link"])
-    mem = cost("base_rss") + cost("hashdedup_band_bytes") + dups * cost("hashdedup_bytes")
-    return StagePlan("hashdedup", "driver", mem, mem, f.inputs * 30 + band_bytes, 0, f.ok * cost("hashdedup_s"), f.ok,
-                     ["one process: the bands spilled to disk and reduced one at a time, then the records with a "
-                      "link"])
+                          f"the ~{int(dups):,} duplicates' groups by {buckets:,} bucket jobs of {bucket:,} rows "
+                          f"({fmt_bytes(job)} each); the driver holds O(parts)"])
+    mem = cost("base_rss") + max(cost("hashdedup_band_bytes"), job - cost("base_rss"))
+    return StagePlan("hashdedup", "driver", mem, mem, f.inputs * 30 + band_bytes, 0,
+                     f.ok * cost("hashdedup_s") + group_s, f.ok,
+                     ["one process: the bands spilled to disk and reduced one at a time, then the groups by "
+                      f"{buckets:,} bucket jobs of {bucket:,} rows, one after the other"])
 
 
 def _embed(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
@@ -217,7 +226,8 @@ def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
     rounds = cost("dedup_rounds") + 4  # the label rounds and build, owners, groups, cuts, number, collect
     seconds = (_search_seconds(spec, f.kept, f.kept, d, cl, spread) + f.kept * share * cost("dedup_node_s") / cores
                + (rounds * cost("ray_call_s") if spread else 0))
-    return StagePlan("dedup", "cluster" if spread else "driver", driver, node, f.kept * 40, (cl.nodes - 1) * index
+    largest = max(driver, builder, index + cost("base_rss"), job) if spread else driver  # the index's holders
+    return StagePlan("dedup", "cluster" if spread else "driver", largest, node, f.kept * 40, (cl.nodes - 1) * index
                      if spread else 0, seconds, f.kept, notes)
 
 

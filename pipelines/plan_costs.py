@@ -44,21 +44,15 @@ COSTS: dict[str, Cost] = {
                             "python bench/scale.py --records 10000000 --stages hashdedup --ray-address A (ray start, "
                             "2 CPUs): 672.6 s wall for 9.8M ok records (37.5 s for 0.98M: 7.6e-5; pHash candidates "
                             "grow faster than the records, so more records cost more per record)"),
-    "hashdedup_driver_s": Cost(40e-6, "driver s per duplicate with executor ray (gather, group, plan the writes)",
-                               "the same two runs: driver CPU 2.6 s and 9.2 s for 19k and 190k duplicates"),
-    "hashdedup_ray_bytes": Cost(500, "driver bytes per duplicate with executor ray (its links, the linked records' "
-                                "Arrow and numpy columns, per-part task bookkeeping)", "the same two runs again after "
-                                "the columns (session 24, load 4): driver peak RSS 223 MB and 308 MB (1,340 B per "
-                                "duplicate before, as Python strings)"),
+    "hashdedup_node_bytes": Cost(785, "bytes per linked record in a hash dedup bucket job (as dedup_node_bytes, "
+                                 "with its pHash and sha256 and its keeper's)", "python bench/scale.py "
+                                 "--calibrate-dedup: 781.2 B at 200k and at 1M linked records, one bucket"),
     "hashdedup_band_record_bytes": Cost(100, "task bytes per band record with executor ray (the band, its sort and "
                                         "links)", "ASSUMPTION, not measured (Ray workers' RSS): 16 B per pHash-field "
                                         "record and 72 B per sha256 record, with sort and search temporaries"),
     "hashdedup_band_bytes": Cost(150 * 2**20, "driver bytes (one band of 250k records, the 64 MB spill buffer)",
                                  f"{_SCALE10}: the intercept of peak RSS 356 MB at 0.98M and 411 MB at 9.8M ok "
                                  "records, above base_rss"),
-    "hashdedup_bytes": Cost(340, "driver bytes per duplicate (its links and the linked records)", f"{_SCALE10}: "
-                            "the slope of the same two runs, 55 MB for 171k more duplicates (1,050 B per record "
-                            "before the bands)"),
     "embed_gpu_img_s": Cost(800, "img/s per GPU (ViT-L/14, 224 px, bf16)", "ASSUMPTION, not measured (no GPU "
                             "here): 155 GFLOP per image at 40% of an A100's 312 TFLOP/s bf16"),
     "embed_cpu_vits_img_s": Cost(6.3, "img/s per core (ViT-S/14)", "RESULTS 'Embedding stage': 12.6 img/s on 2 "
@@ -85,13 +79,14 @@ COSTS: dict[str, Cost] = {
     "dedup_valid_bytes": Cost(1, "driver bytes per record (which rows may form edges)", "the bool mask "
                               "curate.dedup.valid_rows holds (bench/scale.py dedup: RESULTS 'Copy dedup over the "
                               "records with an edge')"),
-    "dedup_node_bytes": Cost(290, "bytes per record with an edge in a copy-graph bucket job (adjacency, labels, "
-                             "ids, the groups and members tables)", "python bench/scale.py --calibrate-dedup: 288.5 B "
-                             "per node at 200k and 1M nodes in one bucket, numpy/Python and Arrow peaks added "
-                             "(26-character ids, groups of two); the driver held 320 and 223 B per node before the "
-                             "buckets (group_edges)"),
-    "dedup_node_s": Cost(4.2e-6, "core-s per record with an edge (every bucket job's round)", "python bench/scale.py "
-                         "--calibrate-dedup: 3.2 and 4.2 us per node at 200k and 1M nodes, one bucket, traced"),
+    "dedup_node_bytes": Cost(355, "bytes per record with an edge in a copy-graph bucket job (adjacency, labels, "
+                             "ids, the groups and members tables, the ids' uniqueness check)", "python bench/scale.py "
+                             "--calibrate-dedup: 354.4 B per node at 200k and at 1M nodes in one bucket, "
+                             "numpy/Python and Arrow peaks added (26-character ids, groups of two); the driver held 320 "
+                             "and 223 B per node before the buckets (group_edges)"),
+    "dedup_node_s": Cost(5.0e-6, "core-s per record with an edge (every bucket job's round)", "python bench/scale.py "
+                         "--calibrate-dedup: 4.6 and 5.0 us per node at 200k and 1M nodes, one bucket, traced "
+                         "(load 2.4)"),
     "dedup_rounds": Cost(10, "label rounds of the copy graph", "ASSUMPTION: the longest path from a group's smallest "
                          "row plus one (2 for a pair; a chain of L records takes L + 1)"),
     "balance_s": Cost(3.2e-6, "core-s per record (four passes over the cluster parts)", f"{_SCALE10}: 30.7 and "

@@ -170,17 +170,6 @@ class _NodeInfo:
         return t.column("id"), w * h
 
 
-def buckets(offsets: np.ndarray, records: int) -> np.ndarray:
-    """Row bounds of the copy graph's buckets: consecutive whole parts, at most `records` rows each (a
-    larger part alone)."""
-    bounds = [0]
-    for start, end in zip(offsets[:-1], offsets[1:]):
-        if end - bounds[-1] > records and start > bounds[-1]:
-            bounds.append(int(start))
-    bounds.append(int(offsets[-1]))
-    return np.array(bounds, dtype=np.int64)
-
-
 def _write_part(graph, ingest_part: str, emb_part: str, out: str, lo: int, hi: int) -> int:
     """One stage part: `copy_of` (keeper id of a removed record), `copy_group` (-1: none), `copy_max_sim`
     of the embedding rows lo .. hi - 1 (the part's), read from the graph's files by the job itself."""
@@ -230,7 +219,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     one actor per node, so the driver never holds it). (verify local still holds per-record pHashes,
     candidates and the verified edges: it decodes every image anyway.)
     """
-    from curate.copy_graph_parts import group_edge_files, write_edges
+    from curate.copy_graph_parts import group_edge_files, part_buckets, write_edges
     from curate.dedup import CopyDedupRefused, SafetyLimits, as_parts, knn_edges, pool_index, valid_rows
     from pipelines.aligned import EmbeddingLayout
     from pipelines.copy_images import verify_mode
@@ -274,7 +263,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
                          "to verify are not linked (give dedup.threshold to link them)")
         work = d / "_graph"
         shutil.rmtree(work, ignore_errors=True)  # an interrupted run's messages
-        bounds = buckets(layout.offsets, dc.bucket_records)
+        bounds = part_buckets(layout.offsets, dc.bucket_records)
         if mode == "local":
             edges, extra = _verified_edges(cfg, emb_dir, valid, choice.threshold)
             decision, index_kind = f"local verification (cosine > {choice.threshold:.4g} where too flat)", "given edges"

@@ -1,5 +1,7 @@
 """hashdedup: exact (sha256) and perceptual (pHash) duplicates among ok records; in this process, or
-with `executor: ray` as banded tasks (curate/hash_bands.py) with the same outcome."""
+with `executor: ray` as banded tasks (curate/hash_bands.py) with the same outcome. The linked records'
+components and keepers come from curate/copy_graph_parts.py's jobs over buckets of whole parts, as
+copy dedup's."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     """Mark exact and perceptual duplicates among ok records (`dup_of`, `dup_reason`)."""
     hc = cfg.hashdedup
     inputs = upstream(cfg, "ingest")
-    key = fingerprint({"config": asdict(hc), "inputs": inputs})
+    config = {k: v for k, v in asdict(hc).items() if k != "bucket_records"}  # how the work is split: same output
+    key = fingerprint({"config": config, "inputs": inputs})
     d = stage_dir(cfg, "hashdedup")
     prev = begin("hashdedup", d, key, force)
     if prev:
@@ -37,7 +40,7 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     result = StageResult("hashdedup", str(d), key, counts={
         "in": n_ok, "out": n_ok - sum(dropped.values()), "dropped": dict(sorted(dropped.items())),
         "groups": groups}, seconds=time.time() - t0, outputs={"records": str(d)})
-    finish(result, asdict(hc), inputs)
+    finish(result, config, inputs)
     return result
 
 
@@ -47,16 +50,20 @@ def _run_local(cfg: Config, parts: list[Path], d: Path) -> tuple[int, dict, int]
     from curate.hash_bands import dedup_spilled
 
     hc = cfg.hashdedup
-    return dedup_spilled(parts, d, hc.phash_max_distance, hc.exact, LOCAL_BAND_ROWS)
+    return dedup_spilled(parts, d, hc.phash_max_distance, hc.exact, LOCAL_BAND_ROWS, bucket_rows=hc.bucket_records)
 
 
 def _run_ray(cfg: Config, parts: list[Path], d: Path) -> tuple[int, dict, int]:
-    """Banded map/reduce over Ray tasks, then the keepers of the records with a link (gathered as Arrow
-    and numpy columns, no Python object per record) and one writing task per part; returns (ok count,
-    dropped counts, groups)."""
+    """Banded map/reduce over Ray tasks, each band's reducer writing its links as copy-graph edges; then
+    the components and keepers of the linked records by jobs over buckets of whole parts (Ray tasks
+    exchanging messages through files in the stage's `_graph` folder: the driver holds O(parts)), and
+    one writing task per part; returns (ok count, dropped counts, groups)."""
+    import shutil
+
     import ray
 
-    from curate.hash_bands import band_kinds, band_links, link_keepers, map_bands, write_outcome
+    from curate.copy_graph_parts import part_buckets
+    from curate.hash_bands import band_edges, band_kinds, map_bands, write_groups
     from pipelines.executors import init_ray, ray_mapper, ray_shuffle
 
     hc = cfg.hashdedup
@@ -69,14 +76,12 @@ def _run_ray(cfg: Config, parts: list[Path], d: Path) -> tuple[int, dict, int]:
     n_maps = min(len(parts), max(cpus, -(-n // RAY_BAND_ROWS)))
     groups = [[(str(parts[k]), int(offsets[k])) for k in ks] for ks in np.array_split(np.arange(len(parts)), n_maps)]
     kinds = band_kinds(hc.phash_max_distance, hc.exact, n_bands)
-    found = dict(ray_shuffle(map_bands, [(g, hc.phash_max_distance, hc.exact, n_bands) for g in groups if g],
-                             band_links, [(kind, hc.phash_max_distance) for kind in kinds], cfg.ray_address))
-    links: dict[str, tuple[list, list]] = {"sha": ([], []), "phash": ([], [])}
-    for r in sorted(found):
-        links[kinds[r]][0].append(found[r][0])
-        links[kinds[r]][1].append(found[r][1])
-    del found
-    paths = [str(p) for p in parts]
-    mapper = ray_mapper(cfg.ray_address)
-    return write_outcome(paths, offsets, d, *link_keepers(paths, offsets, links["sha"], links["phash"], hc.exact,
-                                                          mapper), mapper=mapper)
+    work = d / "_graph"
+    shutil.rmtree(work, ignore_errors=True)  # an interrupted run's messages
+    bounds = part_buckets(offsets, hc.bucket_records)
+    files = [str(work / "edges" / f"{r:06d}.arrow") for r in range(len(kinds))]
+    for _ in ray_shuffle(map_bands, [(g, hc.phash_max_distance, hc.exact, n_bands) for g in groups if g], band_edges,
+                         [(files[r], bounds, kind, hc.phash_max_distance) for r, kind in enumerate(kinds)],
+                         cfg.ray_address):
+        pass
+    return write_groups([str(p) for p in parts], offsets, d, work, files, bounds, hc.exact, ray_mapper(cfg.ray_address))

@@ -110,3 +110,39 @@ def test_refuses_as_group_edges(tmp_path):
 def test_edges_outside_rows_are_an_error(tmp_path):
     with pytest.raises(ValueError, match="outside"):
         write_edges(tmp_path / "e.arrow", (np.array([0]), np.array([10]), np.ones(1, np.float32)), np.array([0, 10]))
+
+
+def test_extra_columns_reach_each_member_with_its_keepers(tmp_path):
+    """node_info's extra columns (here a pHash-like integer and a nullable string) come back per member,
+    with its keeper's: what hash dedup needs for distances and exact copies."""
+    edges, ids, pixels = random_graph(5)
+    code = np.arange(400, dtype=np.uint64) * 7919
+    tag = pa.array([None if r % 3 == 0 else f"t{r % 5}" for r in range(400)], type=pa.string())
+    bounds = np.array([0, 130, 260, 400])
+    paths = [tmp_path / "e.arrow"]
+    write_edges(paths[0], edges, bounds)
+    part = group_edge_files(tmp_path / "w", bounds, paths, lambda rows: (
+        pa.array(ids[rows]), pixels[rows], {"code": code[rows], "tag": tag.take(pa.array(rows))}), limits=None)
+    graph = group_edges(400, edges, lambda rows: (ids[rows], pixels[rows]), limits=None)
+    got = pa.concat_tables([part.members(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])])
+    keeper_row = graph.nodes[graph.keeper]
+    assert np.array_equal(got.column("code").to_numpy(), code[graph.nodes])
+    assert np.array_equal(got.column("keeper_code").to_numpy(), code[keeper_row])
+    assert got.column("keeper_tag").combine_chunks().equals(tag.take(pa.array(keeper_row)))
+    assert got.column("tag").combine_chunks().equals(tag.take(pa.array(graph.nodes)))
+    assert len(part.members(400, 400)) == 0 and part.members(400, 400).column_names == got.column_names
+
+
+@pytest.mark.parametrize("a,b", [(0, 1), (0, 399)])
+def test_repeated_ids_are_an_error(tmp_path, a, b):
+    """An id given to two grouped records, in one group or in two (whose smallest ids fall in different
+    ranges), is an error, as group_edges' ranks make it."""
+    n = 400
+    i = np.arange(0, n, 2)
+    edges = (i, i + 1, np.ones(len(i), np.float32))
+    ids = np.array([f"{r:04d}" for r in range(n)])
+    ids[b] = ids[a]
+    with pytest.raises(ValueError, match="unique"):
+        group_edges(n, edges, lambda rows: (ids[rows], np.ones(len(rows))), limits=None)
+    with pytest.raises(ValueError, match="unique: '0000' is repeated"):
+        run_parts(tmp_path, edges, ids, np.ones(n, np.int64), np.array([0, 100, 250, 400]), limits=None)

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.hash_bands import band_kinds, band_links, link_keepers, map_bands, phash_fields, write_dup_part
+from curate.copy_graph_parts import part_buckets
+from curate.hash_bands import band_edges, band_kinds, map_bands, phash_fields, write_dup_part, write_groups
 from curate.hashing import dedup
 from tests.curate.test_hashing import flip
 
@@ -32,50 +33,67 @@ def _pool(n: int, seed: int) -> pa.Table:
                      "width": rng.integers(32, 90, n).astype(np.int32), "height": np.full(n, 64, np.int32)})
 
 
-def _banded(paths: list[str], offsets: list[int], max_distance: int, exact: bool, n_bands: int, n_maps: int):
-    groups = [[(paths[k], offsets[k]) for k in ks] for ks in np.array_split(np.arange(len(paths)), n_maps)]
+def _banded(paths: list[str], out_dir, max_distance: int, exact: bool, n_bands: int, n_maps: int,
+            bucket_rows: int):
+    """The Ray executor's path in this process: map groups, band reducers writing edges, then the
+    copy graph's jobs over buckets of about bucket_rows rows."""
+    sizes = [pq.ParquetFile(p).metadata.num_rows for p in paths]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    groups = [[(paths[k], int(offsets[k])) for k in ks] for ks in np.array_split(np.arange(len(paths)), n_maps)]
     outs = [map_bands(g, max_distance, exact, n_bands) for g in groups]
     kinds = band_kinds(max_distance, exact, n_bands)
     assert all(len(o) == len(kinds) for o in outs)
-    links = {"sha": ([], []), "phash": ([], [])}
+    bounds = part_buckets(offsets, bucket_rows)
+    files = [str(out_dir / "_graph" / "edges" / f"{r}.arrow") for r in range(len(kinds))]
     for r, kind in enumerate(kinds):
-        a, b = band_links(kind, max_distance, *[o[r] for o in outs])
-        links[kind][0].append(a)
-        links[kind][1].append(b)
-    return link_keepers(paths, np.asarray(offsets + [offsets[-1] + pq.ParquetFile(paths[-1]).metadata.num_rows]), links["sha"], links["phash"], exact)
+        band_edges(files[r], bounds, kind, max_distance, *[o[r] for o in outs])
+    return write_groups([str(p) for p in paths], offsets, out_dir, out_dir / "_graph", files, bounds, exact)
 
 
-@pytest.mark.parametrize("max_distance, exact, n_bands, n_maps", [
-    (4, True, 3, 2), (4, True, 1, 1), (8, True, 5, 4), (0, True, 2, 3), (-1, True, 2, 2), (4, False, 4, 2),
-    (20, True, 3, 2)])
-def test_banded_dedup_equals_dedup_over_all_records(tmp_path, max_distance, exact, n_bands, n_maps):
-    table = _pool(600, seed=max_distance + 7)
-    sizes = [130, 0, 250, 220]
-    paths, offsets, start = [], [], 0
-    for k, size in enumerate(sizes):
-        pq.write_table(table.slice(start, size), tmp_path / f"part-{k}.parquet")
-        paths.append(str(tmp_path / f"part-{k}.parquet"))
-        offsets.append(start)
-        start += size
-    linked, cuts, res = _banded(paths, offsets, max_distance, exact, n_bands, n_maps)
-
-    ok = np.flatnonzero(np.array(table.column("status").to_pylist()) == "ok")
-    sub = table.take(pa.array(ok))
+def _reference(tmp_path, paths, max_distance: int, exact: bool):
+    """`dedup` over all ok records, written part by part: (its folder, its result, the ok ids)."""
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    tables = [pq.read_table(p) for p in paths]
+    oks = [np.flatnonzero(np.array(t.column("status").to_pylist(), dtype=object) == "ok") for t in tables]
+    sub = pa.concat_tables([t.take(pa.array(ok, pa.int64())) for t, ok in zip(tables, oks)])
     ids = sub.column("id").to_pylist()
     ref = dedup(ids, sub.column("sha256").to_pylist() if exact else [f"#{i}" for i in ids],
                 sub.column("phash").to_numpy(), sub.column("width").to_numpy().astype(np.int64) * 64, max_distance)
-    where = np.searchsorted(ok, linked)
-    assert np.array_equal(ok[where], linked)  # links only among ok rows
-    in_group = np.zeros(len(ok), bool)
-    in_group[where] = True
-    assert np.array_equal(in_group, ref.group >= 0)  # a record has a link iff dedup grouped it
-    assert [ref.dup_of[i] for i in where] == res.dup_of(0, len(linked)).to_pylist()
-    reason = res.reason(0, len(linked)).to_pylist()
-    assert [ref.reason[i] for i in where] == reason
-    assert np.array_equal(ref.group[where], res.group) and np.array_equal(ref.distance[where], res.distance)
-    assert np.array_equal(cuts, np.searchsorted(linked, offsets + [len(table)]))  # part k's linked records
+    start = 0
+    for k, (p, ok) in enumerate(zip(paths, oks)):
+        sl = slice(start, start + len(ok))
+        write_dup_part(p, ref_dir / f"part-{k:05d}.parquet", ok, ref.dup_of[sl], ref.reason[sl], ref.group[sl],
+                       ref.distance[sl])
+        start += len(ok)
+    return ref_dir, ref, ids
+
+
+def _assert_outcome(got, out_dir, ref_dir, ref, ids, n_parts: int, max_distance: int, exact: bool):
+    n_ok, dropped, groups = got
+    assert n_ok == len(ids) and groups == len(np.unique(ref.group[ref.group >= 0]))
+    want = {f"duplicate_{r}": ref.reason.count(r) for r in ("exact", "near") if ref.reason.count(r)}
+    assert dropped == want
     if max_distance >= 4:
-        assert {"exact", "near"} <= set(reason) if exact else {"near"} == set(reason) - {None}
+        assert set(want) == ({"duplicate_exact", "duplicate_near"} if exact else {"duplicate_near"})
+    assert sorted(x.name for x in out_dir.iterdir()) == [f"part-{k:05d}.parquet" for k in range(n_parts)]
+    for k in range(n_parts):
+        name = f"part-{k:05d}.parquet"
+        assert (out_dir / name).read_bytes() == (ref_dir / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("max_distance, exact, n_bands, n_maps, bucket_rows", [
+    (4, True, 3, 2, 10_000), (4, True, 1, 1, 100), (8, True, 5, 4, 250), (0, True, 2, 3, 1), (-1, True, 2, 2, 300),
+    (4, False, 4, 2, 200), (20, True, 3, 2, 130)])
+def test_banded_dedup_equals_dedup_over_all_records(tmp_path, max_distance, exact, n_bands, n_maps, bucket_rows):
+    """Any number of bands, map groups and row buckets: the parts `dedup` over all ok records writes."""
+    table = _pool(600, seed=max_distance + 7)
+    paths = _write_pool(tmp_path, table, [130, 0, 250, 220])
+    ref_dir, ref, ids = _reference(tmp_path, paths, max_distance, exact)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    got = _banded(paths, out_dir, max_distance, exact, n_bands, n_maps, bucket_rows)
+    _assert_outcome(got, out_dir, ref_dir, ref, ids, len(paths), max_distance, exact)
 
 
 def test_phash_fields_cover_all_bits_and_the_pigeonhole():
@@ -122,31 +140,10 @@ def test_spilled_dedup_writes_the_parts_dedup_over_all_records_gives(tmp_path, m
 
     table = _pool(700, seed=max_distance + 11)
     paths = _write_pool(tmp_path, table, [130, 0, 250, 220, 100])
-    ref_dir, out_dir = tmp_path / "ref", tmp_path / "out"
-    ref_dir.mkdir()
-    tables = [pq.read_table(p) for p in paths]
-    oks = [np.flatnonzero(np.array(t.column("status").to_pylist(), dtype=object) == "ok") for t in tables]
-    sub = pa.concat_tables([t.take(pa.array(ok, pa.int64())) for t, ok in zip(tables, oks)])
-    ids = sub.column("id").to_pylist()
-    ref = dedup(ids, sub.column("sha256").to_pylist() if exact else [f"#{i}" for i in ids],
-                sub.column("phash").to_numpy(), sub.column("width").to_numpy().astype(np.int64) * 64, max_distance)
-    start = 0
-    for k, (p, ok) in enumerate(zip(paths, oks)):
-        sl = slice(start, start + len(ok))
-        write_dup_part(p, ref_dir / f"part-{k:05d}.parquet", ok, ref.dup_of[sl], ref.reason[sl], ref.group[sl],
-                       ref.distance[sl])
-        start += len(ok)
-
-    n_ok, dropped, groups = dedup_spilled(paths, out_dir, max_distance, exact, band_rows, buffer_bytes)
-    assert n_ok == len(ids) and groups == len(np.unique(ref.group[ref.group >= 0]))
-    want = {f"duplicate_{r}": ref.reason.count(r) for r in ("exact", "near") if ref.reason.count(r)}
-    assert dropped == want
-    if max_distance >= 4:
-        assert set(want) == ({"duplicate_exact", "duplicate_near"} if exact else {"duplicate_near"})
-    assert sorted(x.name for x in out_dir.iterdir()) == [f"part-{k:05d}.parquet" for k in range(len(paths))]
-    for k in range(len(paths)):
-        name = f"part-{k:05d}.parquet"
-        assert (out_dir / name).read_bytes() == (ref_dir / name).read_bytes(), name
+    ref_dir, ref, ids = _reference(tmp_path, paths, max_distance, exact)
+    out_dir = tmp_path / "out"
+    got = dedup_spilled(paths, out_dir, max_distance, exact, band_rows, buffer_bytes, bucket_rows=300)
+    _assert_outcome(got, out_dir, ref_dir, ref, ids, len(paths), max_distance, exact)
 
 
 def test_spilled_dedup_refuses_repeated_ids_among_linked_records(tmp_path):

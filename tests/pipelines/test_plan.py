@@ -77,8 +77,11 @@ def test_linear_stages_scale_linearly_and_clustering_does_not():
     small, big = (plan(cfg, n, PAPER, {"copy": 512}) for n in (300_000_000, 1_200_000_000))
     for a, b in zip(small, big):
         if a.stage in ("ingest", "hashdedup", "embed", "balance"):
-            assert b.seconds == pytest.approx(4 * a.seconds, rel=1e-3), a.stage
             assert b.disk == pytest.approx(4 * a.disk, rel=1e-3), a.stage
+            if a.stage == "hashdedup":  # its bucket jobs (fixed size) run side by side: more of them, same time
+                assert a.seconds < b.seconds < 4 * a.seconds
+            else:
+                assert b.seconds == pytest.approx(4 * a.seconds, rel=1e-3), a.stage
     assert big[-1].seconds == small[-1].seconds  # the same 142M selected from either pool
     cl = {p.stage: p for p in small}["cluster"], {p.stage: p for p in big}["cluster"]
     assert cl[1].seconds != pytest.approx(4 * cl[0].seconds, rel=0.01)  # levels above 1 do not grow with N
@@ -144,6 +147,6 @@ def test_ingest_hash_dedup_and_shards_spread_over_the_nodes_with_executor_ray():
     names = 1_200_000_000 * COSTS["ingest_plan_bytes"].value
     assert on_ray["ingest"].mem_process == pytest.approx(COSTS["base_rss"].value + names / 20)
     assert local["ingest"].mem_process == pytest.approx(COSTS["ingest_rss"].value + names)
+    # hash dedup's largest process is a band task or a bucket job, whatever the pool: no driver grows with it
     half = {p.stage: p for p in plan(ray_cfg, 600_000_000, PAPER, {"copy": 512})}["hashdedup"]
-    base = COSTS["base_rss"].value  # hash dedup's driver holds the records with a link: half the pool, half of it
-    assert on_ray["hashdedup"].mem_process - base == pytest.approx(2 * (half.mem_process - base), rel=1e-3)
+    assert on_ray["hashdedup"].mem_process == half.mem_process < 2**30

@@ -1,6 +1,7 @@
 """`curate run` as a whole: SIGKILL at several points then a rerun, and the Ray executor (a local
 Ray, and simulated 3-node clusters that lose a worker node mid-stage: during ingest tasks, embedding
-actors and copy-graph index holders), all giving the outputs of an uninterrupted local run."""
+actors, copy-graph index holders and the groups' bucket jobs), all giving the outputs of an
+uninterrupted local run."""
 
 import json
 import os
@@ -113,7 +114,7 @@ def _figures(work: Path) -> dict:
 
 
 def test_ray_executor_gives_every_stage_output_of_the_local_run(setup):
-    """A local Ray (2 CPUs): ingest, hash dedup, embed, dedup (its copy graph in buckets of 1-2 parts),
+    """A local Ray (2 CPUs): ingest, hash dedup and dedup (their groups in buckets of 1-2 parts), embed,
     cluster and shards run as Ray tasks or actors; every file of every stage equals the local run's, byte
     for byte, and so do the report figures."""
     import ray
@@ -132,10 +133,10 @@ def test_ray_executor_gives_every_stage_output_of_the_local_run(setup):
         assert ray.get(where.remote()).startswith(str(ROOT))  # the workers run this checkout's code
         with pytest.raises(json.JSONDecodeError, match="^Expecting property name"):  # a task's own error
             list(ray_map(json.loads, [("7",), ("{",)]))
-        # copy groups from buckets of at most 100 rows (whole parts of 60): jobs exchanging messages, the
-        # local run's one bucket's result
+        # hash and copy groups from buckets of at most 100 rows (whole parts of 60): jobs exchanging
+        # messages, the local run's one bucket's result
         run_pipeline(load_config(root / "c.yaml", [f"workdir={root / 'ray'}", "executor=ray",
-                                                    "dedup.bucket_records=100"]))
+                                                    "dedup.bucket_records=100", "hashdedup.bucket_records=100"]))
     finally:
         ray.shutdown()
     assert _shards(root / "ray" / "shards") == reference
@@ -307,3 +308,68 @@ def test_copy_graph_survives_losing_the_node_of_an_index_holder_mid_query(setup,
     assert removed, "no query range started on the stuck node"
     assert len(ref[0]) > 300
     assert np.array_equal(i, ref[0]) and np.array_equal(j, ref[1]) and sim.tobytes() == ref[2].tobytes()
+
+
+STUCK_BUCKET_SITE = _stuck_site("curate.copy_graph_parts", "_propagate")  # every label round hangs there
+
+
+def test_copy_groups_in_buckets_survive_losing_a_worker_node_mid_round(tmp_path):
+    """Head + 2 workers; on one worker every label-propagation job hangs. That node is removed while a
+    job is out: Ray reruns the lost task elsewhere (each job rewrites whole files from the previous
+    round's), and the groups equal group_edges' on the driver."""
+    import threading
+
+    import numpy as np
+    import pyarrow as pa
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from curate.copy_graph_parts import group_edge_files, write_edges
+    from curate.dedup import group_edges
+    from pipelines.executors import ray_mapper
+
+    rng = np.random.default_rng(1)
+    n = 600
+    chain = rng.permutation(n)[:300]  # chains of 10: nine label rounds
+    i = np.concatenate([c[:-1] for c in chain.reshape(30, 10)])
+    j = np.concatenate([c[1:] for c in chain.reshape(30, 10)])
+    edges = (np.minimum(i, j), np.maximum(i, j), rng.uniform(0.9, 1, len(i)).astype(np.float32))
+    ids = np.array([f"{rng.integers(0, 10**6):06d}-{r}" for r in range(n)])
+    pixels = rng.integers(1, 3, n) * 64
+    bounds = np.array([0, 150, 300, 450, 600])
+    write_edges(tmp_path / "edges.arrow", edges, bounds)
+    stuck = tmp_path / "stuck"
+    stuck.mkdir()
+    (stuck / "sitecustomize.py").write_text(STUCK_BUCKET_SITE)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    node = cluster.add_node(num_cpus=1, env_vars={"CURATE_TEST_STUCK": str(stuck),
+                                                  "PYTHONPATH": os.pathsep.join([str(stuck), str(ROOT)])})
+    cluster.add_node(num_cpus=1)
+    removed = []
+
+    def remove_when_stuck():
+        end = time.time() + 120
+        while not list(stuck.glob("started-*")) and time.time() < end:
+            time.sleep(0.05)
+        if list(stuck.glob("started-*")):
+            cluster.remove_node(node)
+            removed.append(time.time())
+
+    watcher = threading.Thread(target=remove_when_stuck, daemon=True)
+    watcher.start()
+    try:
+        ray.init(address=cluster.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        part = group_edge_files(tmp_path / "work", bounds, [tmp_path / "edges.arrow"],
+                                lambda rows: (pa.array(ids[rows]), pixels[rows]), ray_mapper(cluster.address),
+                                limits=None)
+    finally:
+        watcher.join(timeout=130)
+        ray.shutdown()
+        cluster.shutdown()
+    assert removed, "no label round started on the stuck node"
+    graph = group_edges(n, edges, lambda rows: (ids[rows], pixels[rows]), limits=None)
+    assert part.stats.pop("label_rounds") >= 9 and part.stats == graph.stats
+    assert pa.concat_tables(list(part.group_tables())).combine_chunks().equals(graph.groups.combine_chunks())
+    got = pa.concat_tables([part.members(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])])
+    assert got.column("copy_of").combine_chunks().equals(graph.copy_of().cast(pa.string()))
+    assert np.array_equal(got.column("group").to_numpy(), graph.group)
