@@ -5,12 +5,13 @@ Map (per group of ingest parts): the ok rows go to bands: by their sha256 (equal
 and, for each of the max_distance + 1 disjoint bit fields of the pHash, by the field's value (two
 hashes within max_distance agree on at least one field: pigeonhole). Reduce (per band): the links
 inside the band (equal sha256; pHash pairs within max_distance). Every linked pair shares a band, so
-the union of the bands' links has the components of `dedup`'s links; only records with a link are
-gathered to choose keepers (`link_keepers`, as Arrow and numpy columns), and each part is written by its
-own task (`write_outcome`).
+the union of the bands' links has the components of `dedup`'s links. Each band's links are written as
+copy-graph edges (`band_edges`); the components and keepers of the linked records come from
+curate.copy_graph_parts' jobs over buckets of whole parts, each reading its own records' id, pixels,
+pHash and sha256 (`IngestNodes`), and each part is written by its own job (`write_groups`).
 
 `dedup_spilled` runs the same map/reduce in one process with the bands spilled to disk: memory is
-bounded by one band (and the records that have a link), not by the pool.
+bounded by one band (or one bucket's linked records), not by the pool.
 """
 
 from __future__ import annotations
@@ -107,8 +108,25 @@ def band_links(kind: str, max_distance: int, *chunks: tuple) -> tuple[np.ndarray
         src = first[inverse.reshape(-1)]
         linked = src != np.arange(len(keys))
         return rows[src[linked]], rows[linked]
-    i, j, _ = phash_pairs(keys, max_distance)
+    i, j, _ = phash_pairs(spread_bits(keys), max_distance)
     return rows[i], rows[j]
+
+
+SPREAD = 5  # bit b of a pHash goes to bit (5 b) mod 64: 5 is odd, so this is a permutation of the 64 bits
+# per byte position k and byte value v: where v's bits go (eight table lookups spread a hash)
+_SPREAD_TABLE = np.array([[sum(1 << (SPREAD * (8 * k + i) % 64) for i in range(8) if v >> i & 1) for v in range(256)]
+                          for k in range(8)], dtype=np.uint64)
+
+
+def spread_bits(codes: np.ndarray) -> np.ndarray:
+    """The pHashes with their bits permuted (Hamming distances unchanged): a band's records share one
+    bit field (or a few of its values), and multi-index hashing over contiguous substrings would find
+    every pair of the band in the table holding that field; spread over the 64 bits, every table varies."""
+    codes = np.asarray(codes, dtype=np.uint64)
+    out = np.zeros_like(codes)
+    for k in range(8):
+        out |= _SPREAD_TABLE[k][((codes >> np.uint64(8 * k)) & np.uint64(255)).astype(np.intp)]
+    return out
 
 
 def band_edges(path: str, bounds: np.ndarray, kind: str, max_distance: int, *chunks: tuple) -> int:

@@ -173,3 +173,17 @@ def test_spilled_dedup_of_a_pool_without_duplicates_marks_nothing(tmp_path):
     for k in range(2):
         t = pq.read_table(tmp_path / "out" / f"part-{k:05d}.parquet")
         assert t.column("dup_of").null_count == t.num_rows and set(t.column("dup_group").to_pylist()) == {-1}
+
+
+def test_spread_bits_is_a_permutation_that_keeps_distances():
+    """A band's pHashes are searched with their bits spread (curate.hash_bands.spread_bits): every bit lands
+    on its own place, so Hamming distances, equal hashes and so the links are the same."""
+    from curate.hash_bands import spread_bits
+    from curate.hashing import hamming_u64
+
+    one = np.uint64(1)
+    singles = spread_bits(np.array([one << np.uint64(b) for b in range(64)], dtype=np.uint64))
+    assert sorted(int(v).bit_length() - 1 for v in singles) == list(range(64))
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 2**63, 1000, dtype=np.int64).astype(np.uint64) * np.uint64(2) for _ in range(2))
+    assert np.array_equal(hamming_u64(a, b), hamming_u64(spread_bits(a), spread_bits(b)))
