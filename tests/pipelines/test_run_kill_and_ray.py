@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -257,35 +258,23 @@ def test_embedding_survives_losing_a_worker_node_mid_stage(setup):
 STUCK_HOLDER_SITE = _stuck_site("curate.dedup", "knn_edges")  # every copy-graph query range hangs there
 
 
-def test_copy_graph_survives_losing_the_node_of_an_index_holder_mid_query(setup, tmp_path):
-    """Head + 2 workers; the index holder on one worker hangs in its first query range. That node is
-    removed while the range is out: the holder dies with it, its range goes back to the queue, the
-    other holders answer it, and the edges equal one local search, bit for bit."""
+@contextmanager
+def _losing_a_node(tmp_path: Path, site: str):
+    """Head + 2 workers (1 CPU each), `site` installed as sitecustomize on one worker only; that node is
+    removed once a call has started there. Yields (cluster address, removal times); shuts all down."""
     import threading
 
-    import numpy as np
     import ray
     from ray.cluster_utils import Cluster
 
-    from curate.copy_graph_parts import read_edges
-    from curate.dedup import as_parts, knn_edges, pool_index, valid_rows
-    from curate.index import IndexSpec
-    from pipelines.stages.dedup import _ray_edges
-
-    root, _, _ = setup
-    emb_dir = root / "ref" / "embed" / "pixels-12"
-    parts = as_parts(str(emb_dir))
-    index = pool_index(parts, IndexSpec(kind="flat"))
-    ok = valid_rows(parts)
-    ref = knn_edges(str(emb_dir), 8, 0.5, index=index)  # a low threshold: most k-NN pairs are edges
     stuck = tmp_path / "stuck"
     stuck.mkdir()
-    (stuck / "sitecustomize.py").write_text(STUCK_HOLDER_SITE)
+    (stuck / "sitecustomize.py").write_text(site)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     node = cluster.add_node(num_cpus=1, env_vars={"CURATE_TEST_STUCK": str(stuck),
                                                   "PYTHONPATH": os.pathsep.join([str(stuck), str(ROOT)])})
     cluster.add_node(num_cpus=1)
-    removed = []
+    removed: list[float] = []
 
     def remove_when_stuck():
         end = time.time() + 120
@@ -298,13 +287,34 @@ def test_copy_graph_survives_losing_the_node_of_an_index_holder_mid_query(setup,
     watcher = threading.Thread(target=remove_when_stuck, daemon=True)
     watcher.start()
     try:
-        files, _ = _ray_edges(emb_dir, IndexSpec(kind="flat"), ok, type("Dedup", (), {"k": 8}), 0.5, tmp_path,
-                              np.array([0, parts.n]), cluster.address)
-        i, j, sim = read_edges(files)
+        yield cluster.address, removed
     finally:
         watcher.join(timeout=130)
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_copy_graph_survives_losing_the_node_of_an_index_holder_mid_query(setup, tmp_path):
+    """Head + 2 workers; the index holder on one worker hangs in its first query range. That node is
+    removed while the range is out: the holder dies with it, its range goes back to the queue, the
+    other holders answer it, and the edges equal one local search, bit for bit."""
+    import numpy as np
+
+    from curate.copy_graph_parts import read_edges
+    from curate.dedup import as_parts, knn_edges, pool_index, valid_rows
+    from curate.index import IndexSpec
+    from pipelines.stages.dedup import _ray_edges
+
+    root, _, _ = setup
+    emb_dir = root / "ref" / "embed" / "pixels-12"
+    parts = as_parts(str(emb_dir))
+    index = pool_index(parts, IndexSpec(kind="flat"))
+    ok = valid_rows(parts)
+    ref = knn_edges(str(emb_dir), 8, 0.5, index=index)  # a low threshold: most k-NN pairs are edges
+    with _losing_a_node(tmp_path, STUCK_HOLDER_SITE) as (address, removed):
+        files, _ = _ray_edges(emb_dir, IndexSpec(kind="flat"), ok, type("Dedup", (), {"k": 8}), 0.5, tmp_path,
+                              np.array([0, parts.n]), address)
+        i, j, sim = read_edges(files)
     assert removed, "no query range started on the stuck node"
     assert len(ref[0]) > 300
     assert np.array_equal(i, ref[0]) and np.array_equal(j, ref[1]) and sim.tobytes() == ref[2].tobytes()
@@ -317,12 +327,9 @@ def test_copy_groups_in_buckets_survive_losing_a_worker_node_mid_round(tmp_path)
     """Head + 2 workers; on one worker every label-propagation job hangs. That node is removed while a
     job is out: Ray reruns the lost task elsewhere (each job rewrites whole files from the previous
     round's), and the groups equal group_edges' on the driver."""
-    import threading
-
     import numpy as np
     import pyarrow as pa
     import ray
-    from ray.cluster_utils import Cluster
 
     from curate.copy_graph_parts import group_edge_files, write_edges
     from curate.dedup import group_edges
@@ -338,34 +345,10 @@ def test_copy_groups_in_buckets_survive_losing_a_worker_node_mid_round(tmp_path)
     pixels = rng.integers(1, 3, n) * 64
     bounds = np.array([0, 150, 300, 450, 600])
     write_edges(tmp_path / "edges.arrow", edges, bounds)
-    stuck = tmp_path / "stuck"
-    stuck.mkdir()
-    (stuck / "sitecustomize.py").write_text(STUCK_BUCKET_SITE)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    node = cluster.add_node(num_cpus=1, env_vars={"CURATE_TEST_STUCK": str(stuck),
-                                                  "PYTHONPATH": os.pathsep.join([str(stuck), str(ROOT)])})
-    cluster.add_node(num_cpus=1)
-    removed = []
-
-    def remove_when_stuck():
-        end = time.time() + 120
-        while not list(stuck.glob("started-*")) and time.time() < end:
-            time.sleep(0.05)
-        if list(stuck.glob("started-*")):
-            cluster.remove_node(node)
-            removed.append(time.time())
-
-    watcher = threading.Thread(target=remove_when_stuck, daemon=True)
-    watcher.start()
-    try:
-        ray.init(address=cluster.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    with _losing_a_node(tmp_path, STUCK_BUCKET_SITE) as (address, removed):
+        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         part = group_edge_files(tmp_path / "work", bounds, [tmp_path / "edges.arrow"],
-                                lambda rows: (pa.array(ids[rows]), pixels[rows]), ray_mapper(cluster.address),
-                                limits=None)
-    finally:
-        watcher.join(timeout=130)
-        ray.shutdown()
-        cluster.shutdown()
+                                lambda rows: (pa.array(ids[rows]), pixels[rows]), ray_mapper(address), limits=None)
     assert removed, "no label round started on the stuck node"
     graph = group_edges(n, edges, lambda rows: (ids[rows], pixels[rows]), limits=None)
     assert part.stats.pop("label_rounds") >= 9 and part.stats == graph.stats
