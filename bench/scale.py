@@ -327,6 +327,58 @@ def _dedup_job_peak(m: int, hashes: bool = False) -> tuple[float, float]:
     return (peak + pool.max_memory() - arrow0) / m, seconds / m
 
 
+def _band_peak(m: int, kind: str) -> tuple[float, float]:
+    """Peak bytes and seconds per record of one hash band's reduce task (`band_edges`, as a Ray reducer
+    runs it) over m records: a pHash band whose records share 4 values of the band's field (a band at
+    paper scale), or a sha256 band of distinct hashes with 1% copies; numpy/Python and Arrow peaks."""
+    import tempfile
+    import tracemalloc
+
+    import pyarrow as pa
+
+    from curate.hash_bands import band_edges, phash_fields
+
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(10 * m, m, replace=False)).astype(np.int64)
+    if kind == "phash":
+        shift, width = phash_fields(4)[0]
+        keys = rng.integers(0, 2**63, m, dtype=np.int64).astype(np.uint64) * np.uint64(2)
+        keys = (keys & ~np.uint64(((1 << width) - 1) << shift)) | (rng.integers(0, 4, m).astype(np.uint64)
+                                                                   << np.uint64(shift))
+    else:
+        keys = np.array([hashlib.sha256(str(i).encode()).hexdigest() for i in range(m)], dtype="S64")
+        keys[rng.integers(0, m, m // 100)] = keys[rng.integers(0, m, m // 100)]
+    chunks = [(rows[a::4], keys[a::4]) for a in range(4)]  # as four map tasks send them
+    del rows, keys
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = pa.default_memory_pool()
+        arrow0 = pool.bytes_allocated()
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        band_edges(f"{tmp}/e.arrow", np.array([0, 10 * m]), kind, 4, *chunks)
+        seconds = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    inputs = sum(c[0].nbytes + c[1].nbytes for c in chunks)
+    return (peak + pool.max_memory() - arrow0 + inputs) / m, seconds / m
+
+
+def calibrate_bands(sizes: tuple[int, ...] = (250_000, 1_000_000)) -> dict:
+    """Hash dedup's reduce task bytes per band record (`hashdedup_band_record_bytes`), its input chunks
+    included, and seconds per record, for a pHash and a sha256 band; each in a fresh process."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out: dict = {}
+    for kind in ("phash", "sha"):
+        for m in sizes:
+            with ctx.Pool(1) as pool:
+                b, s = pool.apply(_band_peak, (m, kind))
+            out.setdefault(f"{kind}_band_record_bytes", {})[m] = round(b, 1)
+            out.setdefault(f"{kind}_band_record_s", {})[m] = float(f"{s:.3g}")
+    return out
+
+
 def calibrate_dedup(sizes: tuple[int, ...] = (200_000, 1_000_000)) -> dict:
     """Copy dedup's bytes per record with an edge, each size in a fresh process: `dedup_node_bytes` of
     the plan, the peak of a bucket job holding them all (see _dedup_job_peak), with its seconds per node
@@ -479,6 +531,8 @@ def main() -> None:
                     "record with an edge (the plan's dedup_node_bytes)")
     ap.add_argument("--ray-address", help="run the stages with executor ray on this running cluster "
                     "(`ray start --head`); the RSS measured is then the driver's")
+    ap.add_argument("--calibrate-bands", action="store_true", help="only measure a hash band reduce task's bytes "
+                    "and seconds per record")
     ap.add_argument("--set", action="append", default=[], help="a config override KEY=VALUE (repeatable)")
     ap.add_argument("--compare", type=Path, help="scale.json of a smaller run: RSS and time ratios per stage")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -488,6 +542,9 @@ def main() -> None:
         return
     if args.calibrate:
         print(json.dumps({"bench": "scale-calibrate", **calibrate()}))
+        return
+    if args.calibrate_bands:
+        print(json.dumps({"bench": "scale-calibrate-bands", **calibrate_bands()}))
         return
     if args.calibrate_dedup:
         print(json.dumps({"bench": "scale-calibrate-dedup", **calibrate_dedup()}))

@@ -47,9 +47,11 @@ COSTS: dict[str, Cost] = {
     "hashdedup_node_bytes": Cost(785, "bytes per linked record in a hash dedup bucket job (as dedup_node_bytes, "
                                  "with its pHash and sha256 and its keeper's)", "python bench/scale.py "
                                  "--calibrate-dedup: 781.2 B at 200k and at 1M linked records, one bucket"),
-    "hashdedup_band_record_bytes": Cost(100, "task bytes per band record with executor ray (the band, its sort and "
-                                        "links)", "ASSUMPTION, not measured (Ray workers' RSS): 16 B per pHash-field "
-                                        "record and 72 B per sha256 record, with sort and search temporaries"),
+    "hashdedup_band_record_bytes": Cost(370, "task bytes per band record with executor ray (its chunks from the "
+                                        "maps, its search and links)", "python bench/scale.py --calibrate-bands: a "
+                                        "sha256 band 368.7 B per record at 250k and 1M records, a pHash band whose "
+                                        "records share 4 values of its field 112.9 and 100.5 B (numpy/Python and "
+                                        "Arrow peaks plus the input chunks)"),
     "hashdedup_band_bytes": Cost(150 * 2**20, "driver bytes (one band of 250k records, the 64 MB spill buffer)",
                                  f"{_SCALE10}: the intercept of peak RSS 356 MB at 0.98M and 411 MB at 9.8M ok "
                                  "records, above base_rss"),
