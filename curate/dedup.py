@@ -54,6 +54,11 @@ def _valid_mask(vecs: np.ndarray, table: Path | None) -> np.ndarray:
     return ok
 
 
+def file_valid(path: str | os.PathLike) -> np.ndarray:
+    """Rows of the embedding part file `path` (memory-mapped) that may form edges, as part_valid."""
+    return _valid_mask(np.load(path, mmap_mode="r"), Path(path).with_suffix(".parquet"))
+
+
 def part_valid(parts: EmbeddingParts, p: int) -> np.ndarray:
     """Rows of part p that may form edges (see valid_rows)."""
     return _valid_mask(parts.part(p), Path(parts.paths[p]).with_suffix(".parquet") if parts.paths else None)

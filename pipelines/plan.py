@@ -185,7 +185,8 @@ def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
     queries that write their edges to files, and the copy graph's bucket jobs (tasks under Ray; one after
     the other in the driver otherwise). A job holds the records with an edge among its bucket's rows (at
     most twice the copy share), twice that for the groups it owns (a group's smallest row is more often
-    a low one); the driver holds one byte per record and O(buckets)."""
+    a low one). Under Ray the driver holds O(parts + buckets); the index holders also load the valid rows
+    (one byte per record)."""
     spec_name, d, _, known = _embedding(cfg, cfg.dedup.embedding, embs)
     spec, index = _index(cfg, f.kept, d)
     spread = cfg.executor == "ray"
@@ -196,17 +197,19 @@ def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
     job = cost("base_rss") + 2 * bucket * share * cost("dedup_node_bytes")
     valid = f.kept * cost("dedup_valid_bytes")
     builder = cost("base_rss") + index + train  # the process that builds the index
-    if spread:  # one index per node, shared by that node's query actor; the bucket jobs as tasks
-        driver = cost("base_rss") + valid
-        node = max(driver, builder, index + cl.cpus_per_node * cost("base_rss"), cl.cpus_per_node * job)
+    if spread:  # one index per node with the valid rows, shared by that node's query actor; the bucket jobs as tasks
+        driver = cost("base_rss")
+        node = max(driver, builder, index + valid + cl.cpus_per_node * cost("base_rss"), cl.cpus_per_node * job)
     else:
         driver = node = cost("base_rss") + valid + max(index + train, job - cost("base_rss"))
     notes = [f"{spec.kind} index of {f.kept:,} x {d} ({fmt_bytes(index)})"
              + (f", nlist {spec.nlist}, nprobe {spec.nprobe}" if spec.nlist else "")
              + ("" if known else f"; embedding {spec_name!r} not in the config: d={d} assumed"),
              f"copy graph: {buckets:,} bucket jobs of {bucket:,} rows ({fmt_bytes(job)} each, up to "
-             f"{f.kept * share:,.0f} records with an edge in all); the driver holds {fmt_bytes(valid)} (which rows "
-             "may form edges)"]
+             f"{f.kept * share:,.0f} records with an edge in all); "
+             + ("the valid rows written per part by tasks, loaded by the index holders "
+                f"({fmt_bytes(valid)}); the driver holds O(parts)" if spread else
+                f"the driver holds the valid rows ({fmt_bytes(valid)})")]
     if cfg.dedup.verify == "local" or (cfg.dedup.verify == "auto" and not cfg.dedup.copy_descriptor):
         notes.append("local verification of candidate pairs is not estimated (decodes images: ~ms per pair; "
                      "its candidates, pHashes and verified edges are per record, on the driver)")
@@ -226,7 +229,7 @@ def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
     rounds = cost("dedup_rounds") + 4  # the label rounds and build, owners, groups, cuts, number, collect
     seconds = (_search_seconds(spec, f.kept, f.kept, d, cl, spread) + f.kept * share * cost("dedup_node_s") / cores
                + (rounds * cost("ray_call_s") if spread else 0))
-    largest = max(driver, builder, index + cost("base_rss"), job) if spread else driver  # the index's holders
+    largest = max(driver, builder, index + valid + cost("base_rss"), job) if spread else driver  # the index holders
     return StagePlan("dedup", "cluster" if spread else "driver", largest, node, f.kept * 40, (cl.nodes - 1) * index
                      if spread else 0, seconds, f.kept, notes)
 

@@ -39,13 +39,15 @@ class _IndexHolder:
     def __init__(self, path: str, emb_dir: str) -> None:
         from curate.index import VectorIndex
 
-        self.index, self.emb_dir = VectorIndex.load(path), emb_dir
+        self.index, self.emb_dir, self.ok = VectorIndex.load(path), emb_dir, None
 
-    def edges(self, lo: int, hi: int, path: str, ok: np.ndarray, k: int, threshold: float, bounds: np.ndarray) -> int:
+    def edges(self, lo: int, hi: int, path: str, ok, k: int, threshold: float, bounds: np.ndarray) -> int:
         from curate.copy_graph_parts import write_edges
         from curate.dedup import knn_edges
 
-        edges = knn_edges(self.emb_dir, k, threshold, index=self.index, query_rows=(lo, hi), checked=ok)
+        if self.ok is None:  # the valid rows: an array, or the per-part files the valid-row tasks wrote
+            self.ok = ok if isinstance(ok, np.ndarray) else np.concatenate([np.load(f) for f in ok])
+        edges = knn_edges(self.emb_dir, k, threshold, index=self.index, query_rows=(lo, hi), checked=self.ok)
         return write_edges(path, edges, bounds)
 
 
@@ -62,10 +64,11 @@ def _save_pool_index(emb_dir: str, spec, path: str) -> str:
     return index.kind
 
 
-def _ray_edges(emb_dir: Path, spec, ok: np.ndarray, dc, threshold: float, work: Path, bounds: np.ndarray,
+def _ray_edges(emb_dir: Path, spec, ok, dc, threshold: float, work: Path, bounds: np.ndarray,
                address: str | None) -> tuple[list[str], str]:
     """k-NN graph queries over Ray: the index built and saved by one task and loaded once per node (one
-    actor each), the valid rows computed once on the driver; query ranges queued to the actors, a range
+    actor each), the valid rows (`ok`: an array, or the per-part files of `valid_files`) loaded once
+    per actor; query ranges queued to the actors, a range
     whose actor dies (its node lost) goes back to the queue. Each range's edges are written to a file of
     `work` for the buckets of `bounds` (never sent to the driver). Returns the files and the index kind."""
     import ray
@@ -81,11 +84,11 @@ def _ray_edges(emb_dir: Path, spec, ok: np.ndarray, dc, threshold: float, work: 
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
     holders = [ray.remote(_IndexHolder).options(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(
         node, soft=True)).remote(str(path), str(emb_dir)) for node in nodes]
-    cuts = np.linspace(0, len(ok), max(RANGES_PER_HOLDER * len(holders), len(bounds) - 1) + 1).astype(int)
+    cuts = np.linspace(0, int(bounds[-1]), max(RANGES_PER_HOLDER * len(holders), len(bounds) - 1) + 1).astype(int)
     queue = [(int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo]
     queue = [(lo, hi, str(work / "edges" / f"{q:06d}.arrow")) for q, (lo, hi) in enumerate(queue)]
     files = [job[2] for job in queue]
-    ok_ref, idle, running = ray.put(ok), list(holders), {}
+    ok_ref, idle, running = ray.put(ok), list(holders), {}  # ray.put: one copy per node, not per call
     try:
         while queue or running:
             while queue and idle:
@@ -109,15 +112,44 @@ def _ray_edges(emb_dir: Path, spec, ok: np.ndarray, dc, threshold: float, work: 
     return files, kind
 
 
-def _threshold(cfg: Config, emb_dir: Path, model: str, valid: np.ndarray):
-    """The cosine threshold and how it was chosen (given, copy descriptor, or calibrated on the pool)."""
+def _part_valid(path: str, out: str) -> int:
+    """The valid rows of the embedding part at `path` (curate.dedup.part_valid: non-zero vectors with
+    status ok in its Parquet) saved to `out`."""
+    from curate.dedup import file_valid
+
+    v = file_valid(path)
+    tmp = Path(out).with_name(Path(out).name + ".tmp.npy")
+    np.save(tmp, v)
+    tmp.replace(out)
+    return int(v.sum())
+
+
+def valid_files(paths: list[str], work: Path, mapper) -> tuple[list[str], int]:
+    """The rows that may form edges, one file per embedding part written by a job each (a task with
+    executor ray: the parts' vectors are read there, never by the driver); returns the files and the
+    count. Whoever needs the rows concatenates the files (1 byte per record)."""
+    from curate.parts import map_in_order
+
+    (work / "valid").mkdir(parents=True, exist_ok=True)
+    files = [str(work / "valid" / f"{p:06d}.npy") for p in range(len(paths))]
+    counts = map_in_order(mapper, _part_valid, list(zip(map(str, paths), files)))
+    return files, int(sum(counts))
+
+
+def _load_valid(files: list[str]) -> np.ndarray:
+    return np.concatenate([np.load(f) for f in files]) if files else np.zeros(0, dtype=bool)
+
+
+def _threshold(cfg: Config, emb_dir: Path, model: str, valid):
+    """The cosine threshold and how it was chosen (given, copy descriptor, or calibrated on the pool;
+    `valid()` gives the valid rows, read only to calibrate)."""
     from curate.calibrate import choose_threshold, evaluate_embedder
     from pipelines.copy_images import calibration_sample, embedder_fn
 
     dc = cfg.dedup
 
     def calibrate():
-        originals, copies = calibration_sample(cfg, emb_dir, valid)
+        originals, copies = calibration_sample(cfg, emb_dir, valid())
         return evaluate_embedder(embedder_fn(cfg, model), originals, copies, target_precision=dc.target_precision)
 
     return choose_threshold(model, "auto" if dc.threshold is None else dc.threshold, dc.copy_descriptor, calibrate)
@@ -213,14 +245,15 @@ def run(cfg: Config, force: bool = False) -> StageResult:
 
     The components, keepers and group numbers are computed by jobs over buckets of whole parts
     (curate.copy_graph_parts; Ray tasks with executor ray), which exchange edges, labels and members
-    through files in the stage's `_graph` folder: the driver holds O(buckets) and one byte per record
-    (which rows may form edges), never an id, an edge or an int64 per record. With verify none the k-NN
-    queries write their edges there too (under Ray the pool index is built by a task and searched by
-    one actor per node, so the driver never holds it). (verify local still holds per-record pHashes,
-    candidates and the verified edges: it decodes every image anyway.)
+    through files in the stage's `_graph` folder, where jobs also write each part's valid rows (which
+    rows may form edges). With verify none under Ray the pool index is built by a task and searched by
+    one actor per node, each loading the valid rows and writing its query ranges' edges: the driver
+    holds O(parts + buckets), never an id, an edge or a byte per record. (The local executor loads the
+    valid rows, one byte per record; verify local still holds per-record pHashes, candidates and the
+    verified edges: it decodes every image anyway.)
     """
     from curate.copy_graph_parts import group_edge_files, part_buckets, write_edges
-    from curate.dedup import CopyDedupRefused, SafetyLimits, as_parts, knn_edges, pool_index, valid_rows
+    from curate.dedup import CopyDedupRefused, SafetyLimits, as_parts, knn_edges, pool_index
     from pipelines.aligned import EmbeddingLayout
     from pipelines.copy_images import verify_mode
     from pipelines.executors import stage_mapper
@@ -243,14 +276,16 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     layout = EmbeddingLayout(stage_dir(cfg, "ingest"), emb_dir)
     mapper = stage_mapper(cfg.executor, cfg.ray_address)
     parts = as_parts(str(emb_dir))
-    valid = valid_rows(parts)
+    work = d / "_graph"
+    shutil.rmtree(work, ignore_errors=True)  # an interrupted run's messages
+    valid_at, n_valid = valid_files(parts.paths, work, mapper)
     limits = SafetyLimits(max_component_share=dc.max_component_share, max_removed_share=dc.max_removed_share)
     notes = []
     try:
         try:
-            choice = _threshold(cfg, emb_dir, model, valid)
+            choice = _threshold(cfg, emb_dir, model, lambda: _load_valid(valid_at))
             if not 0 <= choice.threshold < 1:  # e.g. calibrated on a pool of one image
-                raise ValueError(f"calibration gave no usable cosine ({choice.threshold}) on {int(valid.sum())} images")
+                raise ValueError(f"calibration gave no usable cosine ({choice.threshold}) on {n_valid} images")
         except ValueError as exc:
             if mode != "local" or dc.threshold is not None:
                 raise
@@ -261,11 +296,9 @@ def run(cfg: Config, force: bool = False) -> StageResult:
             choice = ThresholdChoice(1.0, "none (calibration found none)", {"spec": model, "reason": str(exc)})
             notes.append(f"no cosine of {model} reached precision {dc.target_precision} on the pool: pairs too flat "
                          "to verify are not linked (give dedup.threshold to link them)")
-        work = d / "_graph"
-        shutil.rmtree(work, ignore_errors=True)  # an interrupted run's messages
         bounds = part_buckets(layout.offsets, dc.bucket_records)
         if mode == "local":
-            edges, extra = _verified_edges(cfg, emb_dir, valid, choice.threshold)
+            edges, extra = _verified_edges(cfg, emb_dir, _load_valid(valid_at), choice.threshold)
             decision, index_kind = f"local verification (cosine > {choice.threshold:.4g} where too flat)", "given edges"
             files = [work / "edges" / "000000.arrow"]
             write_edges(files[0], edges, bounds)
@@ -273,18 +306,18 @@ def run(cfg: Config, force: bool = False) -> StageResult:
         else:
             extra, decision = {}, None
             if cfg.executor == "ray":
-                files, index_kind = _ray_edges(emb_dir, index_spec(cfg), valid, dc, choice.threshold, work, bounds,
-                                               cfg.ray_address)
+                files, index_kind = _ray_edges(emb_dir, index_spec(cfg), valid_at, dc, choice.threshold, work,
+                                               bounds, cfg.ray_address)
             else:
-                index = pool_index(parts, index_spec(cfg))
+                index, valid = pool_index(parts, index_spec(cfg)), _load_valid(valid_at)
                 files = [work / "edges" / f"{b:06d}.arrow" for b in range(len(bounds) - 1)]
                 for b, f in enumerate(files):  # queries a bucket at a time: the driver holds one bucket's edges
                     write_edges(f, knn_edges(parts, dc.k, choice.threshold, index=index, checked=valid,
                                              query_rows=(int(bounds[b]), int(bounds[b + 1]))), bounds)
                 index_kind = index.kind
-                del index
+                del index, valid
         extra["threshold_choice"] = choice.manifest()
-        graph = group_edge_files(work, bounds, files, _NodeInfo(layout), mapper, valid=int(valid.sum()), k=dc.k,
+        graph = group_edge_files(work, bounds, files, _NodeInfo(layout), mapper, valid=n_valid, k=dc.k,
                                  threshold=choice.threshold, max_component=dc.max_component, limits=limits,
                                  decision=decision, index_kind=index_kind)
     except CopyDedupRefused:
