@@ -78,8 +78,8 @@ COSTS: dict[str, Cost] = {
     "kmeans_rec_s": Cost(2.5e-8, "core-s per record and dimension per pass (read, sums)", f"{_CAL}: 2.0-2.9e-8"),
     "ivf_scan_s": Cost(1.2e-9, "core-s per scanned vector-dimension (IVF k-NN)", f"{_SCALE}: dedup 112 CPU-s, "
                        "~70 of them scanning 6e10 vector-dimensions (the rest training, adding, components)"),
-    "dedup_valid_bytes": Cost(1, "driver bytes per record (which rows may form edges)", "the bool mask "
-                              "curate.dedup.valid_rows holds (bench/scale.py dedup: RESULTS 'Copy dedup over the "
+    "dedup_valid_bytes": Cost(1, "bytes per record (which rows may form edges; in each index holder under Ray, "
+                              "in the driver otherwise)", "the bool mask curate.dedup.valid_rows holds (bench/scale.py dedup: RESULTS 'Copy dedup over the "
                               "records with an edge')"),
     "dedup_node_bytes": Cost(355, "bytes per record with an edge in a copy-graph bucket job (adjacency, labels, "
                              "ids, the groups and members tables, the ids' uniqueness check)", "python bench/scale.py "
