@@ -309,7 +309,7 @@ def _dedup_job_peak(m: int, hashes: bool = False) -> tuple[float, float]:
         names = pc.binary_join_element_wise("ingest-000123/", pa.array(rows).cast(pa.string()), "")
         if not hashes:
             return pa.chunked_array([names]), rng.integers(1, 9, len(rows)) * 1000
-        sha = pc.utf8_lpad(pa.array(rows // 2).cast(pa.string()), 64, "0")  # a pair shares its sha256
+        sha = pc.utf8_lpad(pa.array(rows).cast(pa.string()), 64, "0")  # 64 characters, as a sha256
         return (pa.chunked_array([names]), rng.integers(1, 9, len(rows)) * 1000,
                 {"phash": rng.integers(0, 2**63, len(rows)).astype(np.uint64), "sha": pa.chunked_array([sha])})
 
