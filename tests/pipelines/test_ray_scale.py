@@ -1,6 +1,6 @@
 """The bounded-memory Ray paths on a simulated 2-node cluster equal the local computation bit for bit:
-k-means passes reduced in part order as parts arrive, and copy-graph queries answered by one index
-holder per node."""
+k-means passes reduced in part order as parts arrive, copy-graph queries answered by one index holder
+per node, and the copy groups' bucket jobs."""
 
 import numpy as np
 import pyarrow as pa
