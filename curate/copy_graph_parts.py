@@ -78,11 +78,26 @@ def _send(path: Path, table: pa.Table, dest: np.ndarray, buckets: int) -> int:
     return len(table)
 
 
+def _open(path: str | Path) -> pa.Table:
+    """An exchange file, memory-mapped, its offsets kept in the schema's metadata."""
+    return ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def _read(path: str | Path) -> pa.Table:
+    """A file written whole (`_write`), memory-mapped."""
+    return _open(path).replace_schema_metadata(None)
+
+
+def _write(path: Path, table: pa.Table) -> int:
+    """Write a table whole (one destination), atomically."""
+    return _send(path, table, np.zeros(len(table), dtype=np.int64), 1)
+
+
 def _receive(paths: Sequence[Path], b: int, schema: pa.Schema) -> pa.Table:
     """The rows every file in `paths` sent to bucket b, in file order (files memory-mapped)."""
     got = []
     for p in paths:
-        t = ipc.open_file(pa.memory_map(str(p))).read_all()
+        t = _open(p)
         off = json.loads(t.schema.metadata[b"offsets"])
         got.append(t.slice(off[b], off[b + 1] - off[b]).replace_schema_metadata(None))
     return pa.concat_tables(got).combine_chunks() if got else schema.empty_table()
@@ -110,8 +125,7 @@ def read_edges(paths: Sequence[str | Path]) -> tuple[np.ndarray, np.ndarray, np.
     """The edges `write_edges` files hold, as one knn_edges run gives them (i < j, unique, sorted)."""
     from curate.dedup import merge_edges
 
-    t = pa.concat_tables([ipc.open_file(pa.memory_map(str(p))).read_all().replace_schema_metadata(None)
-                          for p in paths]) if paths else EDGE.empty_table()
+    t = pa.concat_tables([_read(p) for p in paths]) if paths else EDGE.empty_table()
     t = t.filter(pc.less(t["u"], t["v"]))
     return merge_edges((_col(t, "u"), _col(t, "v"), _col(t, "sim")))
 
@@ -224,8 +238,7 @@ def _groups(work: str, buckets: int, b: int) -> tuple[dict, list[str]]:
             columns[f"keeper_{name}"] = t.column(name).take(keeper)
     groups = pa.table({**columns, "size": pa.array(sizes), "max_sim": pa.array(group_max.astype(np.float32))})
     groups = groups.sort_by("min_id")
-    path = w / "groups" / f"{b:06d}.arrow"
-    _send(path, groups, np.zeros(len(groups), dtype=np.int64), 1)
+    _write(_path(w, "groups", b), groups)
     hist_sizes, counts = np.unique(sizes, return_counts=True)
     pick = np.unique(np.linspace(0, len(groups) - 1, min(SAMPLES, len(groups))).astype(np.int64))
     return dict(zip(hist_sizes.tolist(), counts.tolist())), groups.column("min_id").take(pick).to_pylist()
@@ -251,7 +264,7 @@ def _cuts(work: str, splitters: list[str], b: int) -> np.ndarray:
     """Where bucket b's groups (by smallest id) cross the splitters: range r holds [cuts[r], cuts[r + 1]).
     Every member id is sent to its range too, where `_number` checks that no id repeats."""
     w = Path(work)
-    t = ipc.open_file(pa.memory_map(str(w / "groups" / f"{b:06d}.arrow"))).read_all()
+    t = _read(_path(w, "groups", b))
     ids = pc.list_flatten(t.column("m_id")).combine_chunks()
     ids = ids.take(pc.sort_indices(ids))
     at = np.r_[0, _bisect(ids, splitters), len(ids)]
@@ -273,13 +286,12 @@ def _number(work: str, bounds: np.ndarray, start: int, slices: Sequence[tuple[in
             raise ValueError(f"ids must be unique: {ids[pc.index(same, True).as_py()].as_py()!r} is repeated")
     got = []
     for b, (lo, hi) in enumerate(slices):
-        t = ipc.open_file(pa.memory_map(str(w / "groups" / f"{b:06d}.arrow"))).read_all()
-        got.append(t.slice(lo, hi - lo).replace_schema_metadata(None))  # an empty slice keeps the schema
+        got.append(_read(_path(w, "groups", b)).slice(lo, hi - lo))  # an empty slice keeps the schema
     t = pa.concat_tables(got).sort_by("min_id").combine_chunks()
     group = np.arange(start, start + len(t), dtype=np.int64)
     out = pa.table({"group": group, "keeper": t.column("keeper"), "members": t.column("m_id"),
                     "size": t.column("size"), "max_sim": t.column("max_sim")})
-    _send(w / "out" / f"{r:06d}.arrow", out, np.zeros(len(out), dtype=np.int64), 1)
+    _write(_path(w, "out", r), out)
     sizes = _col(t, "size")
     of = pa.array(np.repeat(np.arange(len(t)), sizes))
     rows = pc.list_flatten(t.column("m_row")).to_numpy()
@@ -297,7 +309,7 @@ def _collect(work: str, buckets: int, b: int) -> int:
     """Round 6 for bucket b: its members' outcomes sorted by row."""
     w = Path(work)
     t = _receive(_paths(w, "members", buckets), b, MEMBER).sort_by("row")
-    _send(w / "result" / f"{b:06d}.arrow", t, np.zeros(len(t), dtype=np.int64), 1)
+    _write(_path(w, "result", b), t)
     return len(t)
 
 
@@ -319,16 +331,15 @@ class PartitionedGraph:
         b = min(int(bucket_of(self.bounds, np.array([lo]))[0]), len(self.bounds) - 2)
         if hi > max(lo, self.bounds[b + 1]):
             raise ValueError(f"rows {lo}..{hi - 1} cross bucket {b}'s end {int(self.bounds[b + 1])}")
-        t = ipc.open_file(pa.memory_map(str(self.work / "result" / f"{b:06d}.arrow"))).read_all()
+        t = _read(_path(self.work, "result", b))
         rows = _col(t, "row")
         a, z = np.searchsorted(rows, [lo, max(lo, hi)])
-        return t.slice(int(a), int(z - a)).replace_schema_metadata(None)
+        return t.slice(int(a), int(z - a))
 
     def group_tables(self):
         """The groups table (group, keeper, members, size, max_sim) one range at a time, in group order."""
         for r in range(len(self.bounds) - 1):
-            t = ipc.open_file(pa.memory_map(str(self.work / "out" / f"{r:06d}.arrow"))).read_all()
-            yield t.replace_schema_metadata(None)
+            yield _read(_path(self.work, "out", r))
 
     def cleanup(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)

@@ -101,6 +101,14 @@ def _ingest(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
                       note])
 
 
+def _bucket_jobs(records: int, bucket_records: int, share: float, node_bytes: str) -> tuple[int, int, float]:
+    """The groups' bucket jobs (curate.copy_graph_parts) over `records`: rows per bucket, buckets, and a
+    job's bytes: its bucket's records with an edge (`share` of them), twice that for the groups it owns
+    (a group's smallest row is more often a low one)."""
+    bucket = max(1, min(records, bucket_records))
+    return bucket, -(-records // bucket), cost("base_rss") + 2 * bucket * share * cost(node_bytes)
+
+
 def _hashdedup(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
     from curate.hash_bands import phash_fields
 
@@ -109,11 +117,9 @@ def _hashdedup(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
     hc = cfg.hashdedup
     dups = f.ok * cost("hash_dup_share")
     band_bytes = f.ok * (16 * len(phash_fields(hc.phash_max_distance)) + (72 if hc.exact else 0))  # every band
-    # the linked records' groups: jobs over buckets of whole parts, each holding its bucket's linked records
-    # (at most twice the duplicates), twice that for the groups it owns
-    bucket = max(1, min(f.ok, hc.bucket_records))
-    buckets = -(-f.ok // bucket)
-    job = cost("base_rss") + 2 * bucket * min(1.0, 2 * cost("hash_dup_share")) * cost("hashdedup_node_bytes")
+    # the linked records' groups: at most twice the duplicates have a link
+    bucket, buckets, job = _bucket_jobs(f.ok, hc.bucket_records, min(1.0, 2 * cost("hash_dup_share")),
+                                        "hashdedup_node_bytes")
     group_s = 2 * dups * cost("dedup_node_s")  # core-seconds of the bucket jobs' rounds
     rounds = cost("dedup_rounds") + 4
     if "hashdedup" in ON_RAY and cfg.executor == "ray":
@@ -183,18 +189,14 @@ def _search_seconds(spec, n_index: int, n_queries: int, d: int, cl: Cluster, spr
 def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
     """The pool index (built by a task and held once per node under Ray; in the driver otherwise), k-NN
     queries that write their edges to files, and the copy graph's bucket jobs (tasks under Ray; one after
-    the other in the driver otherwise). A job holds the records with an edge among its bucket's rows (at
-    most twice the copy share), twice that for the groups it owns (a group's smallest row is more often
-    a low one). Under Ray the driver holds O(parts + buckets); the index holders also load the valid rows
+    the other in the driver otherwise; at most twice the copy share have an edge). Under Ray the driver holds O(parts + buckets); the index holders also load the valid rows
     (one byte per record)."""
     spec_name, d, _, known = _embedding(cfg, cfg.dedup.embedding, embs)
     spec, index = _index(cfg, f.kept, d)
     spread = cfg.executor == "ray"
     train = (spec.train_size or 0) * d * 4
     share = min(1.0, 2 * cost("copy_dup_share"))
-    bucket = max(1, min(f.kept, cfg.dedup.bucket_records))
-    buckets = -(-f.kept // bucket)
-    job = cost("base_rss") + 2 * bucket * share * cost("dedup_node_bytes")
+    bucket, buckets, job = _bucket_jobs(f.kept, cfg.dedup.bucket_records, share, "dedup_node_bytes")
     valid = f.kept * cost("dedup_valid_bytes")
     builder = cost("base_rss") + index + train  # the process that builds the index
     if spread:  # one index per node with the valid rows, shared by that node's query actor; the bucket jobs as tasks

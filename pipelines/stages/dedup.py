@@ -46,7 +46,7 @@ class _IndexHolder:
         from curate.dedup import knn_edges
 
         if self.ok is None:  # the valid rows: an array, or the per-part files the valid-row tasks wrote
-            self.ok = ok if isinstance(ok, np.ndarray) else np.concatenate([np.load(f) for f in ok])
+            self.ok = ok if isinstance(ok, np.ndarray) else _load_valid(ok)
         edges = knn_edges(self.emb_dir, k, threshold, index=self.index, query_rows=(lo, hi), checked=self.ok)
         return write_edges(path, edges, bounds)
 
@@ -137,6 +137,7 @@ def valid_files(paths: list[str], work: Path, mapper) -> tuple[list[str], int]:
 
 
 def _load_valid(files: list[str]) -> np.ndarray:
+    """The valid rows of `valid_files`' files, one array (a byte per record)."""
     return np.concatenate([np.load(f) for f in files]) if files else np.zeros(0, dtype=bool)
 
 
