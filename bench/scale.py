@@ -399,6 +399,59 @@ def calibrate_dedup(sizes: tuple[int, ...] = (200_000, 1_000_000)) -> dict:
     return out
 
 
+def _round_graph(shape: str, m: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (i < j) of one component of m rows: a chain with rows rising along it or in a random order,
+    a random tree, 1-d points each linked to its 3 nearest on either side (rows in a random order), or
+    m / 2 pairs."""
+    r = rng.permutation(m) if shape != "chain-up" else np.arange(m)
+    if shape == "pairs":
+        i, j = r[0::2], r[1::2]
+    elif shape.startswith("chain"):
+        i, j = r[:-1], r[1:]
+    elif shape == "tree":
+        i, j = r[1:], r[rng.integers(0, np.arange(1, m))]
+    else:
+        i = np.concatenate([r[:-d] for d in (1, 2, 3)])
+        j = np.concatenate([r[d:] for d in (1, 2, 3)])
+    return np.minimum(i, j).astype(np.int64), np.maximum(i, j).astype(np.int64)
+
+
+def calibrate_rounds(sizes: tuple[int, ...] = (2, 10, 1000, 1_000_000), buckets: int = 4) -> dict:
+    """Label rounds of the copy graph's bucket jobs (`dedup_rounds`) per component shape and size, and
+    their wall time (local calls) as a ratio to scipy's connected components on the same edges; and the
+    core-seconds per node of a label round past a pair's (`dedup_round_node_s`): the largest random chain
+    against as many nodes in pairs."""
+    import tempfile
+
+    import pyarrow as pa
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from curate.copy_graph_parts import group_edge_files, write_edges
+
+    out: dict = {}
+    for shape in ("chain-up", "chain-random", "tree", "knn-1d", "pairs"):
+        for m in sizes if shape != "pairs" else sizes[-1:]:
+            i, j = _round_graph(shape, m, np.random.default_rng(m))
+            bounds = np.linspace(0, m, buckets + 1).astype(np.int64)
+            with tempfile.TemporaryDirectory() as d:
+                write_edges(f"{d}/e.arrow", (i, j, np.ones(len(i), np.float32)), bounds)
+                t0, c0 = time.perf_counter(), time.process_time()
+                g = group_edge_files(f"{d}/w", bounds, [f"{d}/e.arrow"], lambda rows: (
+                    pa.array(rows.astype(str)), np.ones(len(rows), np.int64)), limits=None, max_component=m)
+                took, cpu = time.perf_counter() - t0, time.process_time() - c0
+            t0 = time.perf_counter()
+            comps = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(m, m)), directed=False)[0]
+            base = time.perf_counter() - t0
+            assert g.stats["groups"] == comps == (m // 2 if shape == "pairs" else 1)
+            out[f"{shape}/{m}"] = {"rounds": g.stats["label_rounds"], "seconds": round(took, 3),
+                                   "cpu_s": round(cpu, 3), "vs_scipy": round(took / max(base, 1e-6), 1)}
+            print(shape, m, out[f"{shape}/{m}"], file=sys.stderr, flush=True)
+    chain, pairs = out[f"chain-random/{sizes[-1]}"], out[f"pairs/{sizes[-1]}"]
+    out["dedup_round_node_s"] = float(f"{(chain['cpu_s'] - pairs['cpu_s']) / (chain['rounds'] - 2) / sizes[-1]:.3g}")
+    return out
+
+
 def run_child(stage: str, work: Path, args: argparse.Namespace) -> dict:
     """One stage in this process; returns its counts."""
     from pipelines.config import load_config
@@ -533,6 +586,8 @@ def main() -> None:
                     "(`ray start --head`); the RSS measured is then the driver's")
     ap.add_argument("--calibrate-bands", action="store_true", help="only measure a hash band reduce task's bytes "
                     "and seconds per record")
+    ap.add_argument("--calibrate-rounds", action="store_true", help="only count the copy graph's label rounds "
+                    "per component shape and size")
     ap.add_argument("--set", action="append", default=[], help="a config override KEY=VALUE (repeatable)")
     ap.add_argument("--compare", type=Path, help="scale.json of a smaller run: RSS and time ratios per stage")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -548,6 +603,9 @@ def main() -> None:
         return
     if args.calibrate_dedup:
         print(json.dumps({"bench": "scale-calibrate-dedup", **calibrate_dedup()}))
+        return
+    if args.calibrate_rounds:
+        print(json.dumps({"bench": "scale-calibrate-rounds", **calibrate_rounds()}))
         return
     from pipelines.config import load_config, to_yaml
 

@@ -109,6 +109,12 @@ def _bucket_jobs(records: int, bucket_records: int, share: float, node_bytes: st
     return bucket, -(-records // bucket), cost("base_rss") + 2 * bucket * share * cost(node_bytes)
 
 
+def _group_core_s(nodes: float) -> float:
+    """Core-seconds of the bucket jobs for `nodes` records with an edge: a pair's rounds (build, one label
+    round, owners, groups, cuts, number, collect) and every further label round over all of them."""
+    return nodes * (cost("dedup_node_s") + (cost("dedup_rounds") - 2) * cost("dedup_round_node_s"))
+
+
 def _hashdedup(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
     from curate.hash_bands import phash_fields
 
@@ -120,7 +126,7 @@ def _hashdedup(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
     # the linked records' groups: at most twice the duplicates have a link
     bucket, buckets, job = _bucket_jobs(f.ok, hc.bucket_records, min(1.0, 2 * cost("hash_dup_share")),
                                         "hashdedup_node_bytes")
-    group_s = 2 * dups * cost("dedup_node_s")  # core-seconds of the bucket jobs' rounds
+    group_s = _group_core_s(2 * dups)
     rounds = cost("dedup_rounds") + 4
     if "hashdedup" in ON_RAY and cfg.executor == "ray":
         # banded map/reduce: the maps and the band reduces as tasks on every core, the bands in the object store
@@ -229,7 +235,7 @@ def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
                           "the driver)")
     cores = min(cl.nodes * cl.cpus_per_node, buckets) if spread else 1  # a round runs its buckets side by side
     rounds = cost("dedup_rounds") + 4  # the label rounds and build, owners, groups, cuts, number, collect
-    seconds = (_search_seconds(spec, f.kept, f.kept, d, cl, spread) + f.kept * share * cost("dedup_node_s") / cores
+    seconds = (_search_seconds(spec, f.kept, f.kept, d, cl, spread) + _group_core_s(f.kept * share) / cores
                + (rounds * cost("ray_call_s") if spread else 0))
     largest = max(driver, builder, index + valid + cost("base_rss"), job) if spread else driver  # the index holders
     return StagePlan("dedup", "cluster" if spread else "driver", largest, node, f.kept * 40, (cl.nodes - 1) * index

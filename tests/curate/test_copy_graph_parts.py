@@ -76,6 +76,32 @@ def test_buckets_give_group_edges_result(tmp_path, seed, bounds, files):
     assert part.stats["label_rounds"] > 5  # chains of 17 took several rounds
 
 
+@pytest.mark.parametrize("order", ["up", "down", "random"])
+def test_long_chains_take_logarithmic_rounds(tmp_path, order):
+    """Labels jump along label chains: a chain of 3,000 records (rows rising along it, falling, or in a
+    random order) and one of 300 settle in at most 3 log2 L + 6 rounds (propagation alone took up to L),
+    with group_edges's result."""
+    rng = np.random.default_rng(7)
+    n = 3300
+    rows = {"up": np.arange(n), "down": np.arange(n)[::-1], "random": rng.permutation(n)}[order]
+    i = np.r_[rows[:2999], rows[3000:3299]]
+    j = np.r_[rows[1:3000], rows[3001:3300]]
+    edges = (np.minimum(i, j), np.maximum(i, j), rng.uniform(0.9, 1.0, len(i)).astype(np.float32))
+    ids, pixels = np.array([f"{rng.integers(0, 10**9):09d}-{r}" for r in range(n)]), rng.integers(1, 3, n)
+    part = run_parts(tmp_path, edges, ids, pixels, np.array([0, 1000, 2000, n]), limits=None, max_component=n)
+    graph = group_edges(n, merge_edges(edges), lambda rows: (ids[rows], pixels[rows]), limits=None, max_component=n)
+    assert graph.stats["groups"] == 2 and graph.stats["largest_component"] == 3000
+    assert 2 * np.log2(3000) - 6 < part.stats["label_rounds"] <= 3 * np.log2(3000) + 6
+    assert_same(part, graph)
+
+
+def test_a_pair_takes_two_rounds(tmp_path):
+    edges = (np.array([3]), np.array([8]), np.ones(1, np.float32))
+    ids, pixels = np.array([f"r{r}" for r in range(10)]), np.ones(10, dtype=np.int64)
+    part = run_parts(tmp_path, edges, ids, pixels, np.array([0, 5, 10]), limits=None)
+    assert part.stats["label_rounds"] == 2 and part.stats["groups"] == 1
+
+
 def test_no_edges_and_retried_jobs(tmp_path):
     none = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     ids, pixels = np.array([f"r{r}" for r in range(10)]), np.ones(10, dtype=np.int64)
