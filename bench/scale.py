@@ -365,7 +365,9 @@ def _band_peak(m: int, kind: str) -> tuple[float, float]:
 
 def calibrate_bands(sizes: tuple[int, ...] = (250_000, 1_000_000)) -> dict:
     """Hash dedup's reduce task bytes per band record (`hashdedup_band_record_bytes`), its input chunks
-    included, and seconds per record, for a pHash and a sha256 band; each in a fresh process."""
+    included, and seconds per record, for a pHash and a sha256 band; each in a fresh process. The pHash
+    band's seconds per record grow with the records that share its field value: `phash_shared_s`, the
+    slope between the two sizes (4 values per band)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -376,6 +378,8 @@ def calibrate_bands(sizes: tuple[int, ...] = (250_000, 1_000_000)) -> dict:
                 b, s = pool.apply(_band_peak, (m, kind))
             out.setdefault(f"{kind}_band_record_bytes", {})[m] = round(b, 1)
             out.setdefault(f"{kind}_band_record_s", {})[m] = float(f"{s:.3g}")
+    (m1, s1), (m2, s2) = list(out["phash_band_record_s"].items())[:2]  # records per field value: m / 4
+    out["phash_shared_s"] = float(f"{(s2 - s1) / ((m2 - m1) / 4):.3g}")
     return out
 
 

@@ -15,6 +15,7 @@ from pipelines.framework import enabled
 from pipelines.plan_kmeans import level_plan
 from pipelines.plan_costs import (
     COSTS,
+    HASH_RATES_OK,
     Cluster,
     PlanRefused,
     StagePlan,
@@ -115,6 +116,15 @@ def _group_core_s(nodes: float) -> float:
     return nodes * (cost("dedup_node_s") + (cost("dedup_rounds") - 2) * cost("dedup_round_node_s"))
 
 
+def _phash_shared_s(ok: float, max_distance: int) -> float:
+    """Core-seconds per ok record that hash dedup's rates (measured at 9.8M ok records) leave out: each
+    pHash band's search grows with the records sharing the band's field value (ok / 2^width)."""
+    from curate.hash_bands import phash_fields
+
+    return sum(cost("phash_shared_s") * max(0.0, ok - HASH_RATES_OK) / 2**width
+               for _, width in phash_fields(max_distance))
+
+
 def _hashdedup(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
     from curate.hash_bands import phash_fields
 
@@ -127,13 +137,14 @@ def _hashdedup(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
     bucket, buckets, job = _bucket_jobs(f.ok, hc.bucket_records, min(1.0, 2 * cost("hash_dup_share")),
                                         "hashdedup_node_bytes")
     group_s = _group_core_s(2 * dups)
+    shared = _phash_shared_s(f.ok, hc.phash_max_distance)
     rounds = cost("dedup_rounds") + 4
     if "hashdedup" in ON_RAY and cfg.executor == "ray":
         # banded map/reduce: the maps and the band reduces as tasks on every core, the bands in the object store
         # (moved between nodes); the groups by bucket jobs as tasks; the driver holds O(parts)
         cores = cl.nodes * cl.cpus_per_node
         band = cost("base_rss") + RAY_BAND_ROWS * cost("hashdedup_band_record_bytes")
-        seconds = (f.ok * cost("hashdedup_ray_s") / cores + group_s / min(cores, buckets)
+        seconds = (f.ok * (cost("hashdedup_ray_s") + shared) / cores + group_s / min(cores, buckets)
                    + rounds * cost("ray_call_s"))
         return StagePlan("hashdedup", "cluster", max(band, job), cl.cpus_per_node * max(band, job),
                          f.inputs * 30, band_bytes * (1 - 1 / cl.nodes), seconds, f.ok,
@@ -142,7 +153,7 @@ def _hashdedup(cfg: Config, f: _Flow, cl: Cluster) -> StagePlan:
                           f"({fmt_bytes(job)} each); the driver holds O(parts)"])
     mem = cost("base_rss") + max(cost("hashdedup_band_bytes"), job - cost("base_rss"))
     return StagePlan("hashdedup", "driver", mem, mem, f.inputs * 30 + band_bytes, 0,
-                     f.ok * cost("hashdedup_s") + group_s, f.ok,
+                     f.ok * (cost("hashdedup_s") + shared) + group_s, f.ok,
                      ["one process: the bands spilled to disk and reduced one at a time, then the groups by "
                       f"{buckets:,} bucket jobs of {bucket:,} rows, one after the other"])
 

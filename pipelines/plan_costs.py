@@ -24,6 +24,7 @@ class Cost:
 _SCALE = "python bench/scale.py --records 1000000 (RESULTS 'Plan and scale'; CPU time, RSS above a ~200 MB process)"
 _CAL = "python bench/scale.py --calibrate (one thread, CPU time)"
 _SCALE10 = "bench/scale.py at 1M and 10M records, the slope (RESULTS 'Plan and scale')"
+HASH_RATES_OK = 9.8e6  # ok records of the runs hashdedup_s and hashdedup_ray_s were measured on
 COSTS: dict[str, Cost] = {
     "ingest_s": Cost(1 / 1348, "core-s per image", "RESULTS 'Folder ingest vs bare decode': 1,348 img/s, one "
                      "process, 512x384 JPEG (python bench/ingest.py --n 2000 --size 512x384 --repeat 3)"),
@@ -44,6 +45,10 @@ COSTS: dict[str, Cost] = {
                             "python bench/scale.py --records 10000000 --stages hashdedup --ray-address A (ray start, "
                             "2 CPUs): 672.6 s wall for 9.8M ok records (37.5 s for 0.98M: 7.6e-5; pHash candidates "
                             "grow faster than the records, so more records cost more per record)"),
+    "phash_shared_s": Cost(2.47e-10, "core-s per ok record, per pHash field, per record sharing its field value "
+                           "beyond the 9.8M-record runs above", "python bench/scale.py --calibrate-bands: pHash bands "
+                           "of 250k and 1M records sharing 4 values of their field, 31.3 and 77.6 us per record "
+                           "(one thread): the slope against 62.5k and 250k records per value"),
     "hashdedup_node_bytes": Cost(785, "bytes per linked record in a hash dedup bucket job (as dedup_node_bytes, "
                                  "with its pHash and sha256 and its keeper's)", "python bench/scale.py "
                                  "--calibrate-dedup: 781.2 B at 200k and at 1M linked records, one bucket"),
