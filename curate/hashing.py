@@ -155,14 +155,19 @@ def choose_plan(n: int, max_distance: int) -> SearchPlan:
     """
     import faiss
 
-    threads = max(1, faiss.omp_get_max_threads())
+    return cheapest_plan(n, max_distance, max(1, faiss.omp_get_max_threads()))[0]
+
+
+def cheapest_plan(n: int, max_distance: int, threads: int) -> tuple[SearchPlan, float]:
+    """The cheapest exact plan for an all-pairs search of n hashes on `threads` threads, and its
+    estimated wall seconds (the cost model above; `curate plan` uses it too)."""
     best, best_cost = SearchPlan(0, 64, 0), n * n / 2 * _NS_FLAT / threads
     for tables in range(2, _MAX_TABLES + 1):
         plan = _mih_plan(tables, max_distance)
         cost = _mih_cost(plan, n, threads)
         if cost < best_cost:
             best, best_cost = plan, cost
-    return best
+    return best, best_cost * 1e-9
 
 
 def _as_codes(values: np.ndarray) -> np.ndarray:

@@ -203,11 +203,41 @@ def _search_seconds(spec, n_index: int, n_queries: int, d: int, cl: Cluster, spr
     return (build + coarse) / rate + scanned * width * cost("ivf_scan_s") / cores
 
 
+def _verify_local(cfg: Config, n: int, cl: Cluster, spec, index_bytes: float, d: int,
+                  spread: bool) -> tuple[float, float, str]:
+    """dedup.verify local (pipelines/stages/dedup.py `_verified_edges`): every image decoded again for its
+    content and mirrored pHashes (tasks under Ray), the pHash candidates searched over all 2n hashes and
+    the embedding candidates by a k-NN index, both in the driver, then the candidate pairs verified by
+    local features (tasks under Ray). Returns the driver's bytes, the seconds and a note."""
+    from curate.hashing import cheapest_plan
+
+    dc = cfg.dedup
+    cores = cl.nodes * cl.cpus_per_node if spread else 1
+    # the per-image cap bounds the pairs: the demo's pool reaches 97% of it (9.7 kept pairs per image), the
+    # photographs of RESULTS 'Copy detection a user can trust' 59% (2,112-2,146 pairs among 358 images)
+    pairs = n * dc.max_pairs_per_image / 2
+    # per record: pHash, mirrored pHash, decoded flag; the k-NN and pHash candidates (int64 i, j, float64 cost)
+    # before the cap, the capped pairs and their verdicts
+    driver = cost("base_rss") + index_bytes + n * 17 + 24 * (n * dc.candidate_k + 3 * pairs)
+    search_plan, search_s = cheapest_plan(2 * n, dc.candidate_phash, cl.cpus_per_node)
+    knn_s = _search_seconds(spec, n, n, d, cl, False)  # one node's cores or GPUs
+    seconds = n * cost("ingest_s") / cores + search_s + knn_s + pairs * cost("verify_pair_s") / cores
+    how = "brute force" if search_plan.tables == 0 else f"{search_plan.tables} hash tables"
+    note = (f"local verification: every image decoded again ({fmt_time(n * cost('ingest_s') / cores)}), the "
+            f"pHash candidates within {dc.candidate_phash} bits over {2 * n:,} hashes by {how} in the driver "
+            f"({fmt_time(search_s)}), the k-NN candidates in the driver ({fmt_time(knn_s)}), up to {pairs:,.0f} "
+            f"pairs verified ({fmt_time(pairs * cost('verify_pair_s') / cores)}); the driver holds "
+            f"{fmt_bytes(driver)} (index, pHashes and candidates per record); at scale use a copy descriptor "
+            "with dedup.verify none")
+    return driver, seconds, note
+
+
 def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
     """The pool index (built by a task and held once per node under Ray; in the driver otherwise), k-NN
     queries that write their edges to files, and the copy graph's bucket jobs (tasks under Ray; one after
-    the other in the driver otherwise; at most twice the copy share have an edge). Under Ray the driver holds O(parts + buckets); the index holders also load the valid rows
-    (one byte per record)."""
+    the other in the driver otherwise; at most twice the copy share have an edge). Under Ray the driver holds
+    O(parts + buckets); the index holders also load the valid rows (one byte per record). With dedup.verify
+    local the edges are verified candidate pairs instead, found in the driver (see _verify_local)."""
     spec_name, d, _, known = _embedding(cfg, cfg.dedup.embedding, embs)
     spec, index = _index(cfg, f.kept, d)
     spread = cfg.executor == "ray"
@@ -229,9 +259,19 @@ def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
              + ("the valid rows written per part by tasks, loaded by the index holders "
                 f"({fmt_bytes(valid)}); the driver holds O(parts)" if spread else
                 f"the driver holds the valid rows ({fmt_bytes(valid)})")]
-    if cfg.dedup.verify == "local" or (cfg.dedup.verify == "auto" and not cfg.dedup.copy_descriptor):
-        notes.append("local verification of candidate pairs is not estimated (decodes images: ~ms per pair; "
-                     "its candidates, pHashes and verified edges are per record, on the driver)")
+    verify = cfg.dedup.verify == "local" or (cfg.dedup.verify == "auto" and not cfg.dedup.copy_descriptor)
+    verify_bytes, verify_s = 0.0, 0.0
+    if verify:  # no pool index held per node: the edges are the verified pairs
+        verify_bytes, verify_s, note = _verify_local(cfg, f.kept, cl, spec, index + train, d, spread)
+        builder = verify_bytes + valid
+        driver = builder if spread else max(builder, valid + job)  # the bucket jobs after it, in the driver
+        node = max(driver, cl.cpus_per_node * job) if spread else driver
+        notes[1] = notes[1].split("; ")[0] + f"; the driver holds the valid rows ({fmt_bytes(valid)})"
+        notes.append(note)
+    if verify and driver > cl.mem:
+        raise PlanRefused(f"dedup.verify local: the k-NN index and the candidates need {fmt_bytes(driver)} in the "
+                          f"driver, over {cl.mem_per_node_gb:g} GB per node; use a copy descriptor with dedup.verify "
+                          "none")
     if builder > cl.mem:
         raise PlanRefused(f"dedup.index: the {spec.kind} index of {f.kept:,} x {d} vectors needs "
                           f"{fmt_bytes(builder)} in one process (index {fmt_bytes(index)}), over "
@@ -246,11 +286,12 @@ def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
                           "the driver)")
     cores = min(cl.nodes * cl.cpus_per_node, buckets) if spread else 1  # a round runs its buckets side by side
     rounds = cost("dedup_rounds") + 4  # the label rounds and build, owners, groups, cuts, number, collect
-    seconds = (_search_seconds(spec, f.kept, f.kept, d, cl, spread) + _group_core_s(f.kept * share) / cores
-               + (rounds * cost("ray_call_s") if spread else 0))
-    largest = max(driver, builder, index + valid + cost("base_rss"), job) if spread else driver  # the index holders
-    return StagePlan("dedup", "cluster" if spread else "driver", largest, node, f.kept * 40, (cl.nodes - 1) * index
-                     if spread else 0, seconds, f.kept, notes)
+    search_s = verify_s if verify else _search_seconds(spec, f.kept, f.kept, d, cl, spread)
+    seconds = search_s + _group_core_s(f.kept * share) / cores + (rounds * cost("ray_call_s") if spread else 0)
+    holders = 0.0 if verify else index + valid + cost("base_rss")  # the index holders
+    largest = max(driver, builder, holders, job) if spread else driver
+    return StagePlan("dedup", "cluster" if spread else "driver", largest, node, f.kept * 40,
+                     (cl.nodes - 1) * index if spread and not verify else 0, seconds, f.kept, notes)
 
 
 def _decontaminate(cfg: Config, f: _Flow, cl: Cluster, embs: dict, eval_images: int) -> StagePlan:

@@ -101,6 +101,10 @@ COSTS: dict[str, Cost] = {
     "dedup_round_node_s": Cost(0.54e-6, "core-s per record with an edge per label round past a pair's",
                                "python bench/scale.py --calibrate-rounds: a chain of 1M records in random row order, 4 "
                                "buckets, local calls, 58 rounds in 33.2 CPU-s, against 3.1 for 500k pairs (2 rounds)"),
+    "verify_pair_s": Cost(0.08, "core-s per candidate pair verified by local features (dedup.verify local)",
+                          "RESULTS 'Copy detection a user can trust': 52-110 ms per pair including the feature "
+                          "extraction, 2 feature sets per image (cd bench && python copy_real.py --seeds 0 1 2 "
+                          "--sources photos --grid 4)"),
     "balance_s": Cost(3.2e-6, "core-s per record (four passes over the cluster parts)", f"{_SCALE10}: 30.7 and "
                       "31.6 CPU-s for 9.7M records, local executor (RESULTS 'Balance streamed over parts')"),
     "balance_bytes": Cost(1, "driver bytes per record (O(clusters): leaf sizes, cut-offs, histograms)",
