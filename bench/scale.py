@@ -287,12 +287,13 @@ def _dedup_node_peak(m: int) -> float:
     return (peak + pool.max_memory() - arrow0) / m
 
 
-def _dedup_job_peak(m: int, hashes: bool = False) -> tuple[float, float]:
+def _dedup_job_peak(m: int, hashes: bool = False, chain: int = 2) -> tuple[float, float]:
     """Peak bytes per node and seconds per node of copy dedup's bucket jobs when one bucket holds all m
     records with an edge (curate.copy_graph_parts, local calls; the edges and ids of _dedup_node_peak,
     counted the same way: numpy/Python and Arrow peaks added; the message files the jobs map are clean
     file pages, not counted). hashes: with hash dedup's extra columns (a pHash and a 64-character sha256
-    per node, carried to the members with their keeper's)."""
+    per node, carried to the members with their keeper's). chain: records per component, linked as chains
+    in random row order (2: pairs)."""
     import tempfile
     import tracemalloc
 
@@ -314,8 +315,12 @@ def _dedup_job_peak(m: int, hashes: bool = False) -> tuple[float, float]:
                 {"phash": rng.integers(0, 2**63, len(rows)).astype(np.uint64), "sha": pa.chunked_array([sha])})
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_edges(f"{tmp}/e.arrow", (nodes[0::2], nodes[1::2], rng.random(m // 2).astype(np.float32)), bounds)
-        del nodes
+        c = (nodes if chain == 2 else np.random.default_rng(1).permutation(nodes))[:m // chain * chain]
+        c = c.reshape(-1, chain)
+        i, j = c[:, :-1].ravel(), c[:, 1:].ravel()
+        write_edges(f"{tmp}/e.arrow", (np.minimum(i, j), np.maximum(i, j), rng.random(len(i)).astype(np.float32)),
+                    bounds)
+        del nodes, c, i, j
         pool = pa.default_memory_pool()
         arrow0 = pool.bytes_allocated()
         tracemalloc.start()
@@ -400,6 +405,11 @@ def calibrate_dedup(sizes: tuple[int, ...] = (200_000, 1_000_000)) -> dict:
             out["hashdedup_node_bytes"][m] = round(pool.apply(_dedup_job_peak, (m, True))[0], 1)
         with ctx.Pool(1) as pool:
             out["group_edges_node_bytes"][m] = round(pool.apply(_dedup_node_peak, (m,)), 1)
+    for chain in (10, 100):  # more label rounds: not the peak
+        with ctx.Pool(1) as pool:
+            b, s = pool.apply(_dedup_job_peak, (sizes[-1], False, chain))
+        out[f"dedup_node_bytes_chains_of_{chain}"] = {sizes[-1]: round(b, 1)}
+        out[f"dedup_node_s_chains_of_{chain}"] = {sizes[-1]: float(f"{s:.3g}")}
     return out
 
 
