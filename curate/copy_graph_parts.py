@@ -184,7 +184,7 @@ def _build(work: str, bounds: np.ndarray, edge_files: Sequence[str], b: int) -> 
 
 
 def _spread(work: str, bounds: np.ndarray, r: int, b: int) -> int:
-    """Odd label round r for bucket b: the hooks and jump answers sent to its nodes applied (min-into);
+    """Label round r (2, 4, ...) for bucket b: the hooks and jump answers sent to its nodes applied (min-into);
     each node whose label fell sends it to its neighbours above that label (a neighbour's label is at
     most its row, so only those can take it) and every node that is not its own label asks its label's
     label (a jump: `ask` rows, `label` the asker). Returns the labels sent along edges: none means every
@@ -206,7 +206,7 @@ def _spread(work: str, bounds: np.ndarray, r: int, b: int) -> int:
 
 
 def _hook(work: str, bounds: np.ndarray, r: int, b: int) -> int:
-    """Even label round r for bucket b: each node takes the smallest label its neighbours sent and, when
+    """Label round r (3, 5, ...) for bucket b: each node takes the smallest label its neighbours sent and, when
     that lowers it, hooks its old label to it (a message to that row: min-into); each ask is answered
     with the asked row's label where it is below the row (the asker's label then jumps to it)."""
     w = Path(work)
