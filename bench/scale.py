@@ -190,7 +190,8 @@ def shard_plan(cfg) -> dict:
 
 def calibrate(dim: int = 64) -> dict:
     """Per-core rates `curate plan` uses (CPU time): faiss nearest-centroid FLOP/s (k = 4096), the rest of a
-    k-means pass per record and dimension (float16 read, bookkeeping, float64 sums; k = 16), k-means++ FLOP/s."""
+    k-means pass per record and dimension (float16 read, bookkeeping, float64 sums; k = 16), k-means++ FLOP/s,
+    and a flat index's self k-NN (20k x 256, k = 16) per query, indexed vector and dimension."""
     import faiss
 
     from curate.kmeans import ArrayVectors, kmeans_plusplus, local_step_fn
@@ -212,7 +213,14 @@ def calibrate(dim: int = 64) -> dict:
     t0 = time.process_time()
     kmeans_plusplus(x[:16384], 128, 0)
     pp = time.process_time() - t0
+    flat = faiss.IndexFlatIP(256)  # a flat index's self k-NN (k = 16): the GEMM and the top-k selection
+    y = rng.standard_normal((20000, 256)).astype(np.float32)
+    flat.add(y)
+    t0 = time.process_time()
+    flat.search(y, 16)
+    knn = time.process_time() - t0
     return {"faiss_flops_per_core": round(2 * len(x) * 4096 * dim / search / 1e9, 1) * 1e9,
+            "flat_scan_s": float(f"{knn / len(y) ** 2 / 256:.3g}"),
             "kmeans_pass_s_per_record_dim": per_pass / len(x) / dim,
             "kmeans_pp_flops_per_core": round(2 * 16384 * dim * 128 * (3 + np.log(128)) / pp / 1e9, 1) * 1e9}
 

@@ -200,7 +200,8 @@ def _search_seconds(spec, n_index: int, n_queries: int, d: int, cl: Cluster, spr
     if cl.gpus_per_node:
         return (build + coarse + 2 * scanned * width) / rate
     cores = (cl.nodes if spread else 1) * cl.cpus_per_node
-    return (build + coarse) / rate + scanned * width * cost("ivf_scan_s") / cores
+    scan = cost("flat_scan_s") if spec.kind == "flat" else cost("ivf_scan_s")  # BLAS blocks, or inverted lists
+    return (build + coarse) / rate + scanned * width * scan / cores
 
 
 def _verify_local(cfg: Config, n: int, cl: Cluster, spec, index_bytes: float, d: int,
