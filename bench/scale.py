@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import curate  # noqa: E402,F401  (its OPENBLAS_CORETYPE before faiss loads: curate.blas)
 
 STAGES = ["generate_ingest", "hashdedup", "generate_embed", "dedup", "cluster", "balance", "shard_plan"]
 EMBEDDING = "semantic"

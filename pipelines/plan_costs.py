@@ -83,10 +83,10 @@ COSTS: dict[str, Cost] = {
     "kmeans_rec_s": Cost(2.5e-8, "core-s per record and dimension per pass (read, sums)", f"{_CAL}: 2.0-2.9e-8"),
     "ivf_scan_s": Cost(1.2e-9, "core-s per scanned vector-dimension (IVF k-NN)", f"{_SCALE}: dedup 112 CPU-s, "
                        "~70 of them scanning 6e10 vector-dimensions (the rest training, adding, components)"),
-    "flat_scan_s": Cost(1.0e-10, "core-s per query, indexed vector and dimension (flat k-NN, k = 16)",
-                        f"{_CAL}: 0.85-1.08e-10 at 20k x 256; faiss IndexFlatIP self-search, 2 threads, CPU time: "
-                        "1.04e-10 at 40k x 768, 1.03e-10 at 80k x 128 (ivf_scan_s is 12x this: the flat search "
-                        "runs in BLAS blocks)"),
+    "flat_scan_s": Cost(2.4e-11, "core-s per query, indexed vector and dimension (flat k-NN, k = 16)",
+                        f"{_CAL}: 2.44-2.45e-11 at 20k x 256; faiss IndexFlatIP self-search, 2 threads, CPU time: "
+                        "2.28e-11 at 40k x 768 (with OpenBLAS's AVX-512 kernel, curate.blas; its generic fallback "
+                        "took 0.85-1.08e-10; ivf_scan_s is 50x this: the flat search runs in BLAS blocks)"),
     "dedup_valid_bytes": Cost(1, "bytes per record (which rows may form edges; in each index holder under Ray, "
                               "in the driver otherwise)", "the bool mask curate.dedup.valid_rows holds (bench/scale.py dedup: RESULTS 'Copy dedup over the "
                               "records with an edge')"),
