@@ -47,6 +47,7 @@ MAX_ROUNDS = 1_000  # label rounds before giving up (a chain of 10^9 records tak
 
 EDGE = pa.schema([("u", pa.int64()), ("v", pa.int64()), ("sim", pa.float32())])
 LABEL = pa.schema([("v", pa.int64()), ("label", pa.int64())])
+ASK = pa.schema([("v", pa.int64()), ("label", pa.int64()), ("ask", pa.bool_())])  # spread's: labels and asks
 NODE = pa.schema([("label", pa.int64()), ("row", pa.int64()), ("id", pa.string()), ("pixels", pa.int64()),
                   ("max_sim", pa.float32())])
 MEMBER = pa.schema([("row", pa.int64()), ("copy_of", pa.string()), ("group", pa.int64()),
@@ -159,7 +160,7 @@ def _send_labels(work: Path, r: int, b: int, bounds: np.ndarray, v: np.ndarray, 
                  len(bounds) - 1)
 
 
-def _build(work: str, bounds: np.ndarray, edge_files: Sequence[str], b: int) -> tuple[int, int, int]:
+def _build(work: str, bounds: np.ndarray, edge_files: Sequence[str], b: int) -> tuple[int, int]:
     """Round 1 for bucket b: its nodes, adjacency, each node's max similarity and first label (the
     smallest row among itself and its neighbours; every neighbour already knows its row)."""
     w = Path(work)
@@ -180,7 +181,7 @@ def _build(work: str, bounds: np.ndarray, edge_files: Sequence[str], b: int) -> 
     os.replace(tmp, w / "adj" / f"{b:06d}.npz")
     _save(_labels_path(w, 1, b), np.stack([label, nodes]))  # labels, and the labels the neighbours know
     _send_labels(w, 1, b, bounds, np.zeros(0, np.int64), np.zeros(0, np.int64))  # no jump or hook yet
-    return len(nodes), int((u < v).sum()), 0
+    return len(nodes), int((u < v).sum())
 
 
 def _spread(work: str, bounds: np.ndarray, r: int, b: int) -> int:
@@ -199,8 +200,8 @@ def _spread(work: str, bounds: np.ndarray, r: int, b: int) -> int:
     at = (label < known)[pos] & (label[pos] < v)
     ask = np.flatnonzero(label != nodes)
     _save(_labels_path(w, r, b), np.stack([label, label]))
-    t = pa.table({"v": np.concatenate([v[at], label[ask]]), "label": np.concatenate([label[pos][at], nodes[ask]]),
-                  "ask": np.r_[np.zeros(int(at.sum()), bool), np.ones(len(ask), bool)]})
+    t = pa.table([np.concatenate([v[at], label[ask]]), np.concatenate([label[pos][at], nodes[ask]]),
+                  np.r_[np.zeros(int(at.sum()), bool), np.ones(len(ask), bool)]], schema=ASK)
     _send(_path(w, f"r{r:05d}", b), t, bucket_of(bounds, _col(t, "v")), len(bounds) - 1)
     return int(at.sum())
 
@@ -213,8 +214,7 @@ def _hook(work: str, bounds: np.ndarray, r: int, b: int) -> int:
     adj = np.load(w / "adj" / f"{b:06d}.npz")
     nodes = adj["nodes"]
     old, known = np.load(_labels_path(w, r - 1, b))
-    got = _receive(_paths(w, f"r{r - 1:05d}", len(bounds) - 1), b,
-                   pa.schema([("v", pa.int64()), ("label", pa.int64()), ("ask", pa.bool_())]))
+    got = _receive(_paths(w, f"r{r - 1:05d}", len(bounds) - 1), b, ASK)
     ask = _col(got, "ask").astype(bool) if len(got) else np.zeros(0, bool)
     at, lab = np.searchsorted(nodes, _col(got, "v")), _col(got, "label")
     label = old.copy()

@@ -256,18 +256,19 @@ def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
              + (f", nlist {spec.nlist}, nprobe {spec.nprobe}" if spec.nlist else "")
              + ("" if known else f"; embedding {spec_name!r} not in the config: d={d} assumed"),
              f"copy graph: {buckets:,} bucket jobs of {bucket:,} rows ({fmt_bytes(job)} each, up to "
-             f"{f.kept * share:,.0f} records with an edge in all); "
-             + ("the valid rows written per part by tasks, loaded by the index holders "
-                f"({fmt_bytes(valid)}); the driver holds O(parts)" if spread else
-                f"the driver holds the valid rows ({fmt_bytes(valid)})")]
+             f"{f.kept * share:,.0f} records with an edge in all); "]
     verify = cfg.dedup.verify == "local" or (cfg.dedup.verify == "auto" and not cfg.dedup.copy_descriptor)
-    verify_bytes, verify_s = 0.0, 0.0
+    verify_s = 0.0
+    if spread and not verify:
+        notes[1] += f"the valid rows written per part by tasks, loaded by the index holders ({fmt_bytes(valid)}); " \
+                    "the driver holds O(parts)"
+    else:
+        notes[1] += f"the driver holds the valid rows ({fmt_bytes(valid)})"
     if verify:  # no pool index held per node: the edges are the verified pairs
         verify_bytes, verify_s, note = _verify_local(cfg, f.kept, cl, spec, index + train, d, spread)
         builder = verify_bytes + valid
         driver = builder if spread else max(builder, valid + job)  # the bucket jobs after it, in the driver
         node = max(driver, cl.cpus_per_node * job) if spread else driver
-        notes[1] = notes[1].split("; ")[0] + f"; the driver holds the valid rows ({fmt_bytes(valid)})"
         notes.append(note)
     if verify and driver > cl.mem:
         raise PlanRefused(f"dedup.verify local: the k-NN index and the candidates need {fmt_bytes(driver)} in the "

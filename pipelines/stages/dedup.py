@@ -113,14 +113,14 @@ def _ray_edges(emb_dir: Path, spec, ok, dc, threshold: float, work: Path, bounds
 
 
 def _part_valid(path: str, out: str) -> int:
-    """The valid rows of the embedding part at `path` (curate.dedup.part_valid: non-zero vectors with
-    status ok in its Parquet) saved to `out`."""
+    """The valid rows of the embedding part at `path` (curate.dedup.file_valid: non-zero vectors with
+    status ok in its Parquet) saved to `out`, atomically."""
     from curate.dedup import file_valid
+    from curate.parts import atomic_path
 
     v = file_valid(path)
-    tmp = Path(out).with_name(Path(out).name + ".tmp.npy")
-    np.save(tmp, v)
-    tmp.replace(out)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.save(f, v)
     return int(v.sum())
 
 
