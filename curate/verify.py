@@ -406,6 +406,24 @@ def _best_per_pair(i: np.ndarray, j: np.ndarray, cost: np.ndarray, n: int) -> tu
     return keys[first] // max(n, 1), keys[first] % max(n, 1), cost[first]
 
 
+def ranked_pairs(n: int, i: np.ndarray, j: np.ndarray, cost: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates (i, j, cost) among rows 0 .. n - 1 as one row per pair (i < j, its lowest cost, sorted by
+    (i, j)), with the pair's rank among the pairs of each of its rows (a row's pairs, whichever end it is,
+    ranked by (cost, other row); 0 is the best). Returns (i, j, cost, rank at i, rank at j)."""
+    i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+    a, b = np.minimum(i, j), np.maximum(i, j)
+    keep = a != b
+    a, b, cost = _best_per_pair(a[keep], b[keep], np.asarray(cost, dtype=np.float64)[keep], n)
+    m = len(a)
+    mine, other, both = np.concatenate([a, b]), np.concatenate([b, a]), np.concatenate([cost, cost])
+    order = np.lexsort((other, both, mine))  # every pair of a row ranked together, whichever end it is
+    start = np.searchsorted(mine[order], mine[order], side="left")
+    rank = np.empty(2 * m, dtype=np.int64)
+    rank[order] = np.arange(2 * m) - start
+    return a, b, cost, rank[:m], rank[m:]
+
+
 def candidate_pairs(
     n: int, *sources: tuple[np.ndarray, np.ndarray, np.ndarray], max_pairs_per_image: int = DEFAULT_MAX_PAIRS_PER_IMAGE,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -416,16 +434,8 @@ def candidate_pairs(
     Returns (i, j, stats) with i < j sorted; stats count the pairs dropped by the cap.
     """
     cat = [np.concatenate([np.asarray(s[c]) for s in sources]) if sources else np.zeros(0) for c in range(3)]
-    i, j = np.minimum(cat[0], cat[1]).astype(np.int64), np.maximum(cat[0], cat[1]).astype(np.int64)
-    keep = i != j
-    i, j, cost = _best_per_pair(i[keep], j[keep], cat[2][keep].astype(np.float64), n)
-    ok = np.ones(len(i), dtype=bool)
-    for mine, other in ((i, j), (j, i)):
-        order = np.lexsort((other, cost, mine))
-        start = np.searchsorted(mine[order], mine[order], side="left")
-        rank = np.empty(len(i), dtype=np.int64)
-        rank[order] = np.arange(len(i)) - start
-        ok &= rank < max_pairs_per_image
+    i, j, _, rank_i, rank_j = ranked_pairs(n, cat[0], cat[1], cat[2])
+    ok = (rank_i < max_pairs_per_image) & (rank_j < max_pairs_per_image)
     stats = {"candidates": int(len(i)), "kept": int(ok.sum()), "dropped_by_cap": int((~ok).sum()),
              "max_pairs_per_image": max_pairs_per_image}
     return i[ok], j[ok], stats

@@ -121,6 +121,11 @@ def test_candidate_cap_keeps_best_pairs_of_both_rows():
     assert stats == {"candidates": 4, "kept": 3, "dropped_by_cap": 1, "max_pairs_per_image": 2}
     i, j, _ = candidate_pairs(5, src, max_pairs_per_image=1)
     assert list(zip(i.tolist(), j.tolist())) == [(0, 1), (3, 4)]
+    # a row's pairs are ranked together whichever end it is: row 2's best two are (2, 3) and (2, 4), so
+    # (0, 2) goes although it is row 2's only pair with a smaller row (at most n * cap / 2 pairs in all)
+    src = (np.array([0, 2, 2]), np.array([2, 3, 4]), np.array([0.2, 0.1, 0.15]))
+    i, j, stats = candidate_pairs(5, src, max_pairs_per_image=2)
+    assert list(zip(i.tolist(), j.tolist())) == [(2, 3), (2, 4)] and stats["dropped_by_cap"] == 1
 
 
 def test_phash_candidates_find_mirrors_and_embedding_candidates(edited):
