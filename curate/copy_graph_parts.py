@@ -70,7 +70,7 @@ def bucket_of(bounds: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.searchsorted(bounds, rows, side="right") - 1
 
 
-def _send(path: Path, table: pa.Table, dest: np.ndarray, buckets: int) -> int:
+def send(path: Path, table: pa.Table, dest: np.ndarray, buckets: int) -> int:
     """Write `table` sorted by destination bucket (stable) with each bucket's offsets; atomic."""
     order = np.argsort(dest, kind="stable")
     offsets = np.searchsorted(dest[order], np.arange(buckets + 1), side="left")
@@ -95,10 +95,10 @@ def _read(path: str | Path) -> pa.Table:
 
 def _write(path: Path, table: pa.Table) -> int:
     """Write a table whole (one destination), atomically."""
-    return _send(path, table, np.zeros(len(table), dtype=np.int64), 1)
+    return send(path, table, np.zeros(len(table), dtype=np.int64), 1)
 
 
-def _receive(paths: Sequence[Path], b: int, schema: pa.Schema) -> pa.Table:
+def receive(paths: Sequence[Path], b: int, schema: pa.Schema) -> pa.Table:
     """The rows every file in `paths` sent to bucket b, in file order (files memory-mapped)."""
     got = []
     for p in paths:
@@ -122,7 +122,7 @@ def write_edges(path: str | Path, edges: tuple[np.ndarray, np.ndarray, np.ndarra
         raise ValueError(f"edges name rows outside 0..{n - 1}")
     u, v = np.concatenate([i, j]), np.concatenate([j, i])
     table = pa.table([u, v, np.concatenate([sim, sim])], schema=EDGE)
-    _send(Path(path), table, bucket_of(bounds, u), len(bounds) - 1)
+    send(Path(path), table, bucket_of(bounds, u), len(bounds) - 1)
     return len(i)
 
 
@@ -156,7 +156,7 @@ def _save(path: Path, arr: np.ndarray) -> None:
 
 def _send_labels(work: Path, r: int, b: int, bounds: np.ndarray, v: np.ndarray, label: np.ndarray) -> int:
     """Round r's messages of bucket b: `label` offered to each row `v` (min-into), sorted by v's bucket."""
-    return _send(_path(work, f"r{r:05d}", b), pa.table([v, label], schema=LABEL), bucket_of(bounds, v),
+    return send(_path(work, f"r{r:05d}", b), pa.table([v, label], schema=LABEL), bucket_of(bounds, v),
                  len(bounds) - 1)
 
 
@@ -164,7 +164,7 @@ def _build(work: str, bounds: np.ndarray, edge_files: Sequence[str], b: int) -> 
     """Round 1 for bucket b: its nodes, adjacency, each node's max similarity and first label (the
     smallest row among itself and its neighbours; every neighbour already knows its row)."""
     w = Path(work)
-    t = _receive([Path(p) for p in edge_files], b, EDGE)
+    t = receive([Path(p) for p in edge_files], b, EDGE)
     u, v, sim = _col(t, "u"), _col(t, "v"), _col(t, "sim")
     order = np.lexsort((-sim, v, u))  # one entry per (u, v): a pair two query ranges both found
     u, v, sim = u[order], v[order], sim[order]
@@ -194,7 +194,7 @@ def _spread(work: str, bounds: np.ndarray, r: int, b: int) -> int:
     adj = np.load(w / "adj" / f"{b:06d}.npz")
     nodes, pos, v = adj["nodes"], adj["pos"], adj["v"]
     label, known = np.load(_labels_path(w, r - 1, b))
-    got = _receive(_paths(w, f"r{r - 1:05d}", len(bounds) - 1), b, LABEL)
+    got = receive(_paths(w, f"r{r - 1:05d}", len(bounds) - 1), b, LABEL)
     label = label.copy()
     np.minimum.at(label, np.searchsorted(nodes, _col(got, "v")), _col(got, "label"))
     at = (label < known)[pos] & (label[pos] < v)
@@ -202,7 +202,7 @@ def _spread(work: str, bounds: np.ndarray, r: int, b: int) -> int:
     _save(_labels_path(w, r, b), np.stack([label, label]))
     t = pa.table([np.concatenate([v[at], label[ask]]), np.concatenate([label[pos][at], nodes[ask]]),
                   np.r_[np.zeros(int(at.sum()), bool), np.ones(len(ask), bool)]], schema=ASK)
-    _send(_path(w, f"r{r:05d}", b), t, bucket_of(bounds, _col(t, "v")), len(bounds) - 1)
+    send(_path(w, f"r{r:05d}", b), t, bucket_of(bounds, _col(t, "v")), len(bounds) - 1)
     return int(at.sum())
 
 
@@ -214,7 +214,7 @@ def _hook(work: str, bounds: np.ndarray, r: int, b: int) -> int:
     adj = np.load(w / "adj" / f"{b:06d}.npz")
     nodes = adj["nodes"]
     old, known = np.load(_labels_path(w, r - 1, b))
-    got = _receive(_paths(w, f"r{r - 1:05d}", len(bounds) - 1), b, ASK)
+    got = receive(_paths(w, f"r{r - 1:05d}", len(bounds) - 1), b, ASK)
     ask = _col(got, "ask").astype(bool) if len(got) else np.zeros(0, bool)
     at, lab = np.searchsorted(nodes, _col(got, "v")), _col(got, "label")
     label = old.copy()
@@ -243,7 +243,7 @@ def _owners(work: str, bounds: np.ndarray, r: int, info: Callable, b: int) -> in
     for name, values in (extra[0] if extra else {}).items():
         table = table.append_column(f"x_{name}", pa.chunked_array([values]) if isinstance(values, pa.Array) else
                                     values if isinstance(values, pa.ChunkedArray) else pa.array(values))
-    return _send(_path(w, "own", b), table, bucket_of(bounds, label), len(bounds) - 1)
+    return send(_path(w, "own", b), table, bucket_of(bounds, label), len(bounds) - 1)
 
 
 def _extras(t: pa.Table) -> list[str]:
@@ -254,7 +254,7 @@ def _groups(work: str, buckets: int, b: int) -> tuple[dict, list[str]]:
     """Round 4 for the groups whose label is in bucket b: keeper, members by id, size, max similarity,
     sorted by smallest id. Returns records per group -> groups, and a sample of smallest ids."""
     w = Path(work)
-    t = _receive(_paths(w, "own", buckets), b, NODE)
+    t = receive(_paths(w, "own", buckets), b, NODE)
     t = t.sort_by([("label", "ascending"), ("id", "ascending")]).combine_chunks()  # members by id
     label = _col(t, "label")
     head = np.flatnonzero(np.r_[True, label[1:] != label[:-1]]) if len(t) else np.zeros(0, dtype=np.int64)
@@ -301,7 +301,7 @@ def _cuts(work: str, splitters: list[str], b: int) -> np.ndarray:
     ids = pc.list_flatten(t.column("m_id")).combine_chunks()
     ids = ids.take(pc.sort_indices(ids))
     at = np.r_[0, _bisect(ids, splitters), len(ids)]
-    _send(_path(w, "ids", b), pa.table({"id": ids}), np.repeat(np.arange(len(at) - 1), np.diff(at)),
+    send(_path(w, "ids", b), pa.table({"id": ids}), np.repeat(np.arange(len(at) - 1), np.diff(at)),
           len(splitters) + 1)
     return np.r_[0, _bisect(t.column("min_id").combine_chunks(), splitters), len(t)]
 
@@ -311,7 +311,7 @@ def _number(work: str, bounds: np.ndarray, start: int, slices: Sequence[tuple[in
     smallest id, written as groups part r; each member sent its keeper id (null: the keeper), group, max
     similarity, and its own and its keeper's extra columns."""
     w = Path(work)
-    ids = _receive(_paths(w, "ids", len(slices)), r, pa.schema([("id", pa.string())])).column("id").combine_chunks()
+    ids = receive(_paths(w, "ids", len(slices)), r, pa.schema([("id", pa.string())])).column("id").combine_chunks()
     ids = ids.take(pc.sort_indices(ids))
     if len(ids) > 1:
         same = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))
@@ -335,13 +335,13 @@ def _number(work: str, bounds: np.ndarray, start: int, slices: Sequence[tuple[in
     for name in (c[4:] for c in t.column_names if c.startswith("m_x_")):
         members = members.append_column(name, pc.list_flatten(t.column(f"m_x_{name}")))
         members = members.append_column(f"keeper_{name}", t.column(f"keeper_x_{name}").take(of))
-    return _send(_path(w, "members", r), members, bucket_of(bounds, rows), len(bounds) - 1)
+    return send(_path(w, "members", r), members, bucket_of(bounds, rows), len(bounds) - 1)
 
 
 def _collect(work: str, buckets: int, b: int) -> int:
     """Round 6 for bucket b: its members' outcomes sorted by row."""
     w = Path(work)
-    t = _receive(_paths(w, "members", buckets), b, MEMBER).sort_by("row")
+    t = receive(_paths(w, "members", buckets), b, MEMBER).sort_by("row")
     _write(_path(w, "result", b), t)
     return len(t)
 

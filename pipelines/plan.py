@@ -204,33 +204,40 @@ def _search_seconds(spec, n_index: int, n_queries: int, d: int, cl: Cluster, spr
     return (build + coarse) / rate + scanned * width * scan / cores
 
 
-def _verify_local(cfg: Config, n: int, cl: Cluster, spec, index_bytes: float, d: int,
-                  spread: bool) -> tuple[float, float, str]:
-    """dedup.verify local (pipelines/stages/dedup.py `_verified_edges`): every image decoded again for its
-    content and mirrored pHashes (tasks under Ray), the pHash candidates searched over all 2n hashes and
-    the embedding candidates by a k-NN index, both in the driver, then the candidate pairs verified by
-    local features (tasks under Ray). Returns the driver's bytes, the seconds and a note."""
-    from curate.hashing import cheapest_plan
+def _verify_local(cfg: Config, n: int, cl: Cluster, spec, d: int, spread: bool,
+                  buckets: int) -> tuple[float, float, float, str]:
+    """dedup.verify local (pipelines.copy_verify): every image decoded again for its content and mirrored
+    pHashes, each value partition's hashes searched against all 2n within candidate_phash bits (brute
+    force), the embedding's k-NN candidates (the index holders), cap jobs that keep each row's best
+    max_pairs_per_image, and the kept pairs verified by local features; all jobs (Ray tasks, or one after
+    the other in the driver). Returns a cap or search job's bytes, the messages' bytes on disk, the seconds
+    and a note."""
+    from curate.hashing import _NS_FLAT
+    from pipelines.copy_verify import VALUES_PER_PARTITION
 
     dc = cfg.dedup
     cores = cl.nodes * cl.cpus_per_node if spread else 1
     # the per-image cap bounds the pairs: the demo's pool reaches 97% of it (9.7 kept pairs per image), the
     # photographs of RESULTS 'Copy detection a user can trust' 59% (2,112-2,146 pairs among 358 images)
     pairs = n * dc.max_pairs_per_image / 2
-    # per record: pHash, mirrored pHash, decoded flag; the k-NN and pHash candidates (int64 i, j, float64 cost)
-    # before the cap, the capped pairs and their verdicts
-    driver = cost("base_rss") + index_bytes + n * 17 + 24 * (n * dc.candidate_k + 3 * pairs)
-    search_plan, search_s = cheapest_plan(2 * n, dc.candidate_phash, cl.cpus_per_node)
-    knn_s = _search_seconds(spec, n, n, d, cl, False)  # one node's cores or GPUs
-    seconds = n * cost("ingest_s") / cores + search_s + knn_s + pairs * cost("verify_pair_s") / cores
-    how = "brute force" if search_plan.tables == 0 else f"{search_plan.tables} hash tables"
-    note = (f"local verification: every image decoded again ({fmt_time(n * cost('ingest_s') / cores)}), the "
-            f"pHash candidates within {dc.candidate_phash} bits over {2 * n:,} hashes by {how} in the driver "
-            f"({fmt_time(search_s)}), the k-NN candidates in the driver ({fmt_time(knn_s)}), up to {pairs:,.0f} "
-            f"pairs verified ({fmt_time(pairs * cost('verify_pair_s') / cores)}); the driver holds "
-            f"{fmt_bytes(driver)} (index, pHashes and candidates per record); at scale use a copy descriptor "
-            "with dedup.verify none")
-    return driver, seconds, note
+    partitions = max(1, buckets, -(-2 * n // VALUES_PER_PARTITION))
+    # a job holds its rows' (or values') best candidates and as many gathered (u, v, cost: 24 B), with the
+    # sorts' copies (x3)
+    bucket = max(1, min(n, dc.bucket_records))
+    job = cost("base_rss") + max(bucket, 2 * n / partitions) * 2 * dc.max_pairs_per_image * 72
+    # the messages: each k-NN candidate and each pHash pair a search job sends, to both rows' buckets
+    disk = n * (2 * dc.candidate_k + 4 * dc.max_pairs_per_image) * 24
+    search_s = (2 * n) ** 2 * _NS_FLAT * 1e-9 / (min(partitions, cores) if spread else cl.cpus_per_node)
+    knn_s = _search_seconds(spec, n, n, d, cl, spread)
+    decode_s, verify_s = n * cost("ingest_s") / cores, pairs * cost("verify_pair_s") / cores
+    seconds = decode_s + search_s + knn_s + verify_s
+    where = "tasks" if spread else "the driver"
+    note = (f"local verification by jobs ({where}): every image decoded again ({fmt_time(decode_s)}), the pHash "
+            f"candidates within {dc.candidate_phash} bits over {2 * n:,} hashes by brute force in {partitions:,} "
+            f"jobs ({fmt_time(search_s)}), the k-NN candidates ({fmt_time(knn_s)}), up to {pairs:,.0f} pairs "
+            f"verified ({fmt_time(verify_s)}); cap and search jobs of {fmt_bytes(job)}, {fmt_bytes(disk)} of "
+            "candidates exchanged; at scale use a copy descriptor with dedup.verify none")
+    return job, disk, seconds, note
 
 
 def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
@@ -238,42 +245,41 @@ def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
     queries that write their edges to files, and the copy graph's bucket jobs (tasks under Ray; one after
     the other in the driver otherwise; at most twice the copy share have an edge). Under Ray the driver holds
     O(parts + buckets); the index holders also load the valid rows (one byte per record). With dedup.verify
-    local the edges are verified candidate pairs instead, found in the driver (see _verify_local)."""
+    local the k-NN edges are candidates, with the pHash candidates ranked by cap jobs and verified by
+    local features before they are edges (see _verify_local)."""
     spec_name, d, _, known = _embedding(cfg, cfg.dedup.embedding, embs)
     spec, index = _index(cfg, f.kept, d)
     spread = cfg.executor == "ray"
     train = (spec.train_size or 0) * d * 4
     share = min(1.0, 2 * cost("copy_dup_share"))
     bucket, buckets, job = _bucket_jobs(f.kept, cfg.dedup.bucket_records, share, "dedup_node_bytes")
-    valid = f.kept * cost("dedup_valid_bytes")
-    builder = cost("base_rss") + index + train  # the process that builds the index
-    if spread:  # one index per node with the valid rows, shared by that node's query actor; the bucket jobs as tasks
-        driver = cost("base_rss")
-        node = max(driver, builder, index + valid + cl.cpus_per_node * cost("base_rss"), cl.cpus_per_node * job)
-    else:
-        driver = node = cost("base_rss") + valid + max(index + train, job - cost("base_rss"))
     notes = [f"{spec.kind} index of {f.kept:,} x {d} ({fmt_bytes(index)})"
              + (f", nlist {spec.nlist}, nprobe {spec.nprobe}" if spec.nlist else "")
              + ("" if known else f"; embedding {spec_name!r} not in the config: d={d} assumed"),
              f"copy graph: {buckets:,} bucket jobs of {bucket:,} rows ({fmt_bytes(job)} each, up to "
              f"{f.kept * share:,.0f} records with an edge in all); "]
     verify = cfg.dedup.verify == "local" or (cfg.dedup.verify == "auto" and not cfg.dedup.copy_descriptor)
-    verify_s = 0.0
-    if spread and not verify:
+    exchanged = 0.0
+    if verify:  # the index holders find candidates; cap jobs rank them, as the bucket jobs run
+        cap_job, exchanged, search_s, note = _verify_local(cfg, f.kept, cl, spec, d, spread, buckets)
+        notes.append(note)
+        if cap_job > cl.mem / (cl.cpus_per_node if spread else 1):
+            raise PlanRefused(f"dedup.verify local: a cap or search job needs {fmt_bytes(cap_job)}, "
+                              f"{'with one per core ' if spread else ''}over {cl.mem_per_node_gb:g} GB per node; "
+                              "lower dedup.bucket_records, or use a copy descriptor with dedup.verify none")
+        job = max(job, cap_job)
+    else:
+        search_s = _search_seconds(spec, f.kept, f.kept, d, cl, spread)
+    valid = f.kept * cost("dedup_valid_bytes")
+    builder = cost("base_rss") + index + train  # the process that builds the index
+    if spread:  # one index per node with the valid rows, shared by that node's query actor; the bucket jobs as tasks
+        driver = cost("base_rss")
+        node = max(driver, builder, index + valid + cl.cpus_per_node * cost("base_rss"), cl.cpus_per_node * job)
         notes[1] += f"the valid rows written per part by tasks, loaded by the index holders ({fmt_bytes(valid)}); " \
                     "the driver holds O(parts)"
     else:
+        driver = node = cost("base_rss") + valid + max(index + train, job - cost("base_rss"))
         notes[1] += f"the driver holds the valid rows ({fmt_bytes(valid)})"
-    if verify:  # no pool index held per node: the edges are the verified pairs
-        verify_bytes, verify_s, note = _verify_local(cfg, f.kept, cl, spec, index + train, d, spread)
-        builder = verify_bytes + valid
-        driver = builder if spread else max(builder, valid + job)  # the bucket jobs after it, in the driver
-        node = max(driver, cl.cpus_per_node * job) if spread else driver
-        notes.append(note)
-    if verify and driver > cl.mem:
-        raise PlanRefused(f"dedup.verify local: the k-NN index and the candidates need {fmt_bytes(driver)} in the "
-                          f"driver, over {cl.mem_per_node_gb:g} GB per node; use a copy descriptor with dedup.verify "
-                          "none")
     if builder > cl.mem:
         raise PlanRefused(f"dedup.index: the {spec.kind} index of {f.kept:,} x {d} vectors needs "
                           f"{fmt_bytes(builder)} in one process (index {fmt_bytes(index)}), over "
@@ -288,12 +294,11 @@ def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
                           "the driver)")
     cores = min(cl.nodes * cl.cpus_per_node, buckets) if spread else 1  # a round runs its buckets side by side
     rounds = cost("dedup_rounds") + 4  # the label rounds and build, owners, groups, cuts, number, collect
-    search_s = verify_s if verify else _search_seconds(spec, f.kept, f.kept, d, cl, spread)
     seconds = search_s + _group_core_s(f.kept * share) / cores + (rounds * cost("ray_call_s") if spread else 0)
-    holders = 0.0 if verify else index + valid + cost("base_rss")  # the index holders
+    holders = index + valid + cost("base_rss")  # the index holders
     largest = max(driver, builder, holders, job) if spread else driver
-    return StagePlan("dedup", "cluster" if spread else "driver", largest, node, f.kept * 40,
-                     (cl.nodes - 1) * index if spread and not verify else 0, seconds, f.kept, notes)
+    return StagePlan("dedup", "cluster" if spread else "driver", largest, node, f.kept * 40 + exchanged,
+                     (cl.nodes - 1) * index + exchanged if spread else 0, seconds, f.kept, notes)
 
 
 def _decontaminate(cfg: Config, f: _Flow, cl: Cluster, embs: dict, eval_images: int) -> StagePlan:

@@ -64,13 +64,14 @@ def _save_pool_index(emb_dir: str, spec, path: str) -> str:
     return index.kind
 
 
-def _ray_edges(emb_dir: Path, spec, ok, dc, threshold: float, work: Path, bounds: np.ndarray,
-               address: str | None) -> tuple[list[str], str]:
+def _ray_edges(emb_dir: Path, spec, ok, k: int, threshold: float, work: Path, bounds: np.ndarray,
+               address: str | None, out: str = "edges") -> tuple[list[str], str]:
     """k-NN graph queries over Ray: the index built and saved by one task and loaded once per node (one
     actor each), the valid rows (`ok`: an array, or the per-part files of `valid_files`) loaded once
     per actor; query ranges queued to the actors, a range
-    whose actor dies (its node lost) goes back to the queue. Each range's edges are written to a file of
-    `work` for the buckets of `bounds` (never sent to the driver). Returns the files and the index kind."""
+    whose actor dies (its node lost) goes back to the queue. Each range's edges (k neighbours above
+    `threshold`) are written to a file of `work / out` for the buckets of `bounds` (never sent to the
+    driver). Returns the files and the index kind."""
     import ray
     from ray.exceptions import RayActorError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -86,14 +87,14 @@ def _ray_edges(emb_dir: Path, spec, ok, dc, threshold: float, work: Path, bounds
         node, soft=True)).remote(str(path), str(emb_dir)) for node in nodes]
     cuts = np.linspace(0, int(bounds[-1]), max(RANGES_PER_HOLDER * len(holders), len(bounds) - 1) + 1).astype(int)
     queue = [(int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo]
-    queue = [(lo, hi, str(work / "edges" / f"{q:06d}.arrow")) for q, (lo, hi) in enumerate(queue)]
+    queue = [(lo, hi, str(work / out / f"{q:06d}.arrow")) for q, (lo, hi) in enumerate(queue)]
     files = [job[2] for job in queue]
     ok_ref, idle, running = ray.put(ok), list(holders), {}  # ray.put: one copy per node, not per call
     try:
         while queue or running:
             while queue and idle:
                 holder, job = idle.pop(), queue.pop(0)
-                running[holder.edges.remote(*job, ok_ref, dc.k, threshold, bounds)] = (holder, job)
+                running[holder.edges.remote(*job, ok_ref, k, threshold, bounds)] = (holder, job)
             if not running:
                 raise RuntimeError(f"every index holder died with {len(queue)} query range(s) left; rerun dedup")
             [ref], _ = ray.wait(list(running), num_returns=1)
@@ -156,37 +157,38 @@ def _threshold(cfg: Config, emb_dir: Path, model: str, valid):
     return choose_threshold(model, "auto" if dc.threshold is None else dc.threshold, dc.copy_descriptor, calibrate)
 
 
-def _verified_edges(cfg: Config, emb_dir: Path, valid: np.ndarray, threshold: float) -> tuple[tuple, dict]:
-    """Candidates (content and mirrored pHash neighbours, embedding k-NN) verified by local features;
-    a pair too flat to judge (few keypoints) is linked when its cosine is > threshold."""
-    from curate.dedup import as_parts, pair_sims
-    from curate.verify import candidate_pairs, embedding_candidates, phash_candidates
-    from pipelines.copy_images import content_hashes, verify_image_pairs, verify_settings
-    from pipelines.executors import stage_mapper
+def _knn_files(cfg: Config, emb_dir: Path, parts, valid_at: list[str], k: int, threshold: float, work: Path,
+               bounds: np.ndarray, out: str) -> tuple[list[str], str]:
+    """Each valid row's k nearest neighbours above `threshold` sent to the buckets of `bounds` (write_edges)
+    in files of `work / out`: by index holders on the nodes with executor ray (`_ray_edges`), else by the
+    driver, which holds the index and queries a bucket at a time. Returns the files and the index kind."""
+    from curate.copy_graph_parts import write_edges
+    from curate.dedup import knn_edges, pool_index
+
+    if cfg.executor == "ray":
+        return _ray_edges(emb_dir, index_spec(cfg), valid_at, k, threshold, work, bounds, cfg.ray_address, out)
+    index, valid = pool_index(parts, index_spec(cfg)), _load_valid(valid_at)
+    files = [str(work / out / f"{b:06d}.arrow") for b in range(len(bounds) - 1)]
+    for b, f in enumerate(files):  # the driver holds one bucket's edges at a time
+        write_edges(f, knn_edges(parts, k, threshold, index=index, checked=valid,
+                                 query_rows=(int(bounds[b]), int(bounds[b + 1]))), bounds)
+    return files, index.kind
+
+
+def _verified_edges(cfg: Config, emb_dir: Path, layout, parts, valid_at: list[str], threshold: float, work: Path,
+                    bounds: np.ndarray, mapper) -> tuple[list[str], dict]:
+    """Candidates (content and mirrored pHash neighbours, embedding k-NN) verified by local features, by
+    jobs over buckets (pipelines.copy_verify); a pair too flat to judge is linked when its cosine is >
+    threshold. Returns the edge files and the manifest's record."""
+    from pipelines.copy_images import verify_settings
+    from pipelines.copy_verify import verified_edge_files
 
     dc = cfg.dedup
-    n = len(valid)
-    mapper = stage_mapper(cfg.executor, cfg.ray_address)  # decoding, hashing and verifying as Ray tasks with executor ray
     ingest = stage_dir(cfg, "ingest")
-    emb_rows = RowMap(ingest, emb_dir).emb_rows
-    sources = [embedding_candidates(str(emb_dir), dc.candidate_k, dc.candidate_cosine, valid=valid,
-                                    index_spec=index_spec(cfg))]
-    ph, mirror, decoded, hash_seconds = content_hashes(ingest, emb_rows, mapper)
-    i, j, cost = phash_candidates(ph, dc.candidate_phash, mirror)
-    usable = decoded & valid
-    take = usable[i] & usable[j]
-    sources.append((i[take], j[take], cost[take]))
-    ci, cj, cstats = candidate_pairs(n, *sources, max_pairs_per_image=dc.max_pairs_per_image)
-    res = verify_image_pairs([(ingest, emb_rows)], ci, cj, verify_settings(cfg), mapper)
-    parts = as_parts(str(emb_dir))
-    sims = pair_sims(parts, res.i, parts, res.j)
-    flat = res.abstained & (sims > threshold)
-    take = res.verified | flat
-    edges = (res.i[take], res.j[take], np.where(res.verified, res.share, sims)[take].astype(np.float32))
-    info = {"candidates": cstats, "content_hash_seconds": round(hash_seconds, 2), "verify_stats": res.stats,
-            "verify_settings": verify_settings(cfg).to_dict(),
-            "linked": {"verified": int(res.verified.sum()), "too_flat_cosine": int(flat.sum())}}
-    return edges, info
+    knn, _ = _knn_files(cfg, emb_dir, parts, valid_at, dc.candidate_k, dc.candidate_cosine, work, bounds, "knn")
+    files, info = verified_edge_files(work, layout, RowMap(ingest).offsets, valid_at, knn, bounds, dc,
+                                      verify_settings(cfg), threshold, str(emb_dir), str(ingest), mapper)
+    return files, {**info, "verify_settings": verify_settings(cfg).to_dict()}
 
 
 class _NodeInfo:
@@ -247,14 +249,15 @@ def run(cfg: Config, force: bool = False) -> StageResult:
     The components, keepers and group numbers are computed by jobs over buckets of whole parts
     (curate.copy_graph_parts; Ray tasks with executor ray), which exchange edges, labels and members
     through files in the stage's `_graph` folder, where jobs also write each part's valid rows (which
-    rows may form edges). With verify none under Ray the pool index is built by a task and searched by
-    one actor per node, each loading the valid rows and writing its query ranges' edges: the driver
-    holds O(parts + buckets), never an id, an edge or a byte per record. (The local executor loads the
-    valid rows, one byte per record; verify local still holds per-record pHashes, candidates and the
-    verified edges: it decodes every image anyway.)
+    rows may form edges). Under Ray the pool index is built by a task and searched by one actor per node,
+    each loading the valid rows and writing its query ranges' edges (verify none), or candidates (verify
+    local: with the content hashes, their search, the cap and the verification as jobs of
+    pipelines.copy_verify): the driver holds O(parts + buckets + verification jobs), never an id, a hash,
+    an edge or a byte per record. (The local executor loads the valid rows, one byte per record, and holds
+    the index.)
     """
-    from curate.copy_graph_parts import group_edge_files, part_buckets, write_edges
-    from curate.dedup import CopyDedupRefused, SafetyLimits, as_parts, knn_edges, pool_index
+    from curate.copy_graph_parts import group_edge_files, part_buckets
+    from curate.dedup import CopyDedupRefused, SafetyLimits, as_parts
     from pipelines.aligned import EmbeddingLayout
     from pipelines.copy_images import verify_mode
     from pipelines.executors import stage_mapper
@@ -299,24 +302,13 @@ def run(cfg: Config, force: bool = False) -> StageResult:
                          "to verify are not linked (give dedup.threshold to link them)")
         bounds = part_buckets(layout.offsets, dc.bucket_records)
         if mode == "local":
-            edges, extra = _verified_edges(cfg, emb_dir, _load_valid(valid_at), choice.threshold)
+            files, extra = _verified_edges(cfg, emb_dir, layout, parts, valid_at, choice.threshold, work, bounds,
+                                           mapper)
             decision, index_kind = f"local verification (cosine > {choice.threshold:.4g} where too flat)", "given edges"
-            files = [work / "edges" / "000000.arrow"]
-            write_edges(files[0], edges, bounds)
-            del edges
         else:
             extra, decision = {}, None
-            if cfg.executor == "ray":
-                files, index_kind = _ray_edges(emb_dir, index_spec(cfg), valid_at, dc, choice.threshold, work,
-                                               bounds, cfg.ray_address)
-            else:
-                index, valid = pool_index(parts, index_spec(cfg)), _load_valid(valid_at)
-                files = [work / "edges" / f"{b:06d}.arrow" for b in range(len(bounds) - 1)]
-                for b, f in enumerate(files):  # queries a bucket at a time: the driver holds one bucket's edges
-                    write_edges(f, knn_edges(parts, dc.k, choice.threshold, index=index, checked=valid,
-                                             query_rows=(int(bounds[b]), int(bounds[b + 1]))), bounds)
-                index_kind = index.kind
-                del index, valid
+            files, index_kind = _knn_files(cfg, emb_dir, parts, valid_at, dc.k, choice.threshold, work, bounds,
+                                           "edges")
         extra["threshold_choice"] = choice.manifest()
         graph = group_edge_files(work, bounds, files, _NodeInfo(layout), mapper, valid=n_valid, k=dc.k,
                                  threshold=choice.threshold, max_component=dc.max_component, limits=limits,

@@ -157,23 +157,25 @@ def test_ingest_hash_dedup_and_shards_spread_over_the_nodes_with_executor_ray():
     assert on_ray["hashdedup"].mem_process == half.mem_process < 2**30
 
 
-def test_local_verification_is_estimated_and_refused_where_its_driver_cannot_hold_it():
-    """dedup.verify local searches pHash candidates over all 2n hashes and k-NN candidates in the driver:
-    the plan counts them (the brute-force pHash search grows with n^2, the rest with n), ships no index to
-    the nodes, and refuses where the driver cannot hold the index and the candidates."""
-    from curate.hashing import cheapest_plan
+def test_local_verification_is_estimated_and_refused_where_its_jobs_cannot_fit():
+    """dedup.verify local runs as jobs (pipelines.copy_verify): the plan counts the brute-force pHash search
+    over all 2n hashes (n^2 over its jobs), the verified pairs (n), the index per node and the candidates
+    exchanged, keeps the driver at O(parts), and refuses where a cap or search job cannot fit one per core."""
+    from curate.hashing import _NS_FLAT
 
-    def dedup(records, mem=1024, verify="local"):
-        cfg = load_config("configs/lvd142m.yaml", [f"dedup.verify={verify}"])
+    def dedup(records, mem=1024, verify="local", bucket=2_000_000):
+        cfg = load_config("configs/lvd142m.yaml", [f"dedup.verify={verify}", f"dedup.bucket_records={bucket}"])
         cl = Cluster(nodes=20, gpus_per_node=8, cpus_per_node=96, mem_per_node_gb=mem)
         return next(p for p in plan(cfg, records, cl, {"copy": 512}) if p.stage == "dedup")
 
     small, large, none = dedup(100_000_000), dedup(1_200_000_000), dedup(1_200_000_000, verify="none")
-    search_s = cheapest_plan(2 * large.records, 16, 96)[1]
-    assert search_s > 60 * 86400 and large.seconds > search_s  # brute force over 1.94B hashes: two months
-    assert large.seconds > 100 * none.seconds and large.network == 0 < none.network  # no index per node
-    assert small.seconds < large.seconds / 50  # n^2: 12x the records, ~140x the search
-    assert large.mem_process > 500 * 2**30  # the 123 GB index, 1.94B hashes, up to 9.7B candidate pairs in the driver
-    assert "local verification" in large.notes[-1] and "brute force" in large.notes[-1]
-    with pytest.raises(PlanRefused, match="dedup.verify local"):
+    search_s = (2 * large.records) ** 2 * _NS_FLAT * 1e-9 / 1920  # every core busy: 7,393 search jobs
+    assert 6 * 86400 < search_s < large.seconds < 14 * 86400
+    assert large.seconds > 100 * none.seconds and large.network > none.network > 0  # candidates exchanged too
+    assert small.seconds < large.seconds / 20
+    assert large.mem_process == none.mem_process  # the index holders; the jobs hold 5.6 GB each, the driver little
+    assert "local verification by jobs (tasks)" in large.notes[-1] and "7,393 jobs" in large.notes[-1]
+    with pytest.raises(PlanRefused, match="dedup.verify local: a cap or search job"):
         dedup(1_200_000_000, mem=512)
+    with pytest.raises(PlanRefused, match="dedup.verify local: a cap or search job"):
+        dedup(1_200_000_000, bucket=4_000_000)  # 11.5 GB, over 1024 GB / 96 cores

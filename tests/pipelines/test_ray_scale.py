@@ -71,8 +71,6 @@ def test_ray_kmeans_pass_equals_local(two_nodes, emb_dir, tmp_path):
 
 
 def test_ray_copy_graph_with_an_index_per_node_equals_local(two_nodes, emb_dir, tmp_path):
-    from types import SimpleNamespace
-
     from curate.copy_graph_parts import read_edges
     from curate.dedup import as_parts, knn_edges, pool_index, valid_rows
     from curate.index import IndexSpec
@@ -82,7 +80,7 @@ def test_ray_copy_graph_with_an_index_per_node_equals_local(two_nodes, emb_dir, 
     index = pool_index(parts, IndexSpec(kind="flat"))
     ok = valid_rows(parts)
     bounds = np.array([0, parts.n // 3, parts.n])
-    files, kind = _ray_edges(emb_dir, IndexSpec(kind="flat"), ok, SimpleNamespace(k=8), 0.9, tmp_path, bounds,
+    files, kind = _ray_edges(emb_dir, IndexSpec(kind="flat"), ok, 8, 0.9, tmp_path, bounds,
                              two_nodes)
     assert kind == "flat"  # built by a task from the spec, the same index as the local one
     assert len(files) >= 16

@@ -312,7 +312,7 @@ def test_copy_graph_survives_losing_the_node_of_an_index_holder_mid_query(setup,
     ok = valid_rows(parts)
     ref = knn_edges(str(emb_dir), 8, 0.5, index=index)  # a low threshold: most k-NN pairs are edges
     with _losing_a_node(tmp_path, STUCK_HOLDER_SITE) as (address, removed):
-        files, _ = _ray_edges(emb_dir, IndexSpec(kind="flat"), ok, type("Dedup", (), {"k": 8}), 0.5, tmp_path,
+        files, _ = _ray_edges(emb_dir, IndexSpec(kind="flat"), ok, 8, 0.5, tmp_path,
                               np.array([0, parts.n]), address)
         i, j, sim = read_edges(files)
     assert removed, "no query range started on the stuck node"
