@@ -21,8 +21,9 @@ Rounds (files under the stage's `_graph` folder):
 5. cap, a job per row bucket: each row's candidates ranked by cost (pHash distance / 64, or 1 - cosine),
    then the other row; the best max_pairs_per_image kept on its side (the job holds its rows' best and
    one batch of messages at a time); 6. keep: a pair is kept when both its rows kept it.
-7. verify, jobs of VERIFY_PAIRS_PER_JOB kept pairs: local features decide; a pair too flat to judge is
-   linked when its cosine is > the threshold; the links sent as the copy graph's edges.
+7. verify, jobs of VERIFY_PAIRS_PER_JOB kept pairs (a bucket's pairs in one job without a mapper): local
+   features decide; a pair too flat to judge is linked when its cosine is > the threshold; the links sent
+   as the copy graph's edges.
 
 The kept pairs and the verified edges are the ones curate.verify.candidate_pairs and verify_image_pairs
 give over the whole pool held in one process (tests/pipelines/test_copy_verify.py), except that hashes
@@ -295,8 +296,10 @@ def verified_edge_files(work: str | Path, layout, ingest_offsets: np.ndarray, va
     capped = map_in_order(mapper, cap_job, [(b,) for b in range(buckets)],
                           (str(w), cand, [str(f) for f in knn_files], bounds, dc.max_pairs_per_image))
     kept = map_in_order(mapper, keep_job, [(b,) for b in range(buckets)], (str(w), buckets))
-    vjobs = [(b, lo, min(lo + VERIFY_PAIRS_PER_JOB, kept[b])) for b in range(buckets)
-             for lo in range(0, kept[b], VERIFY_PAIRS_PER_JOB)]
+    # tasks of VERIFY_PAIRS_PER_JOB pairs side by side; here, a bucket's pairs in one job (one feature cache:
+    # an image's features computed once, not once per piece)
+    size = [VERIFY_PAIRS_PER_JOB if mapper is not None else max(1, k) for k in kept]
+    vjobs = [(b, lo, min(lo + size[b], kept[b])) for b in range(buckets) for lo in range(0, kept[b], size[b])]
     stats = map_in_order(mapper, verify_job, vjobs, (str(w), str(ingest_dir), str(emb_dir),
                                                      np.asarray(layout.offsets[:-1]), settings, threshold, bounds))
     files = [str(w / "edges" / f"{b:06d}_{lo:012d}.arrow") for b, lo, _ in vjobs]

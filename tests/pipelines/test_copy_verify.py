@@ -70,8 +70,14 @@ def test_bucketed_verification_equals_the_whole_pool(pool, tmp_path, monkeypatch
     from pipelines.stages.dedup import _verified_edges, valid_files
 
     cfg, root = pool
+    mapper = None
     if bucket_records == 12:  # cap jobs that rank a few messages at a time with their rows' best so far
         monkeypatch.setattr("pipelines.copy_verify.MERGE_ROWS", 7)
+    if bucket_records == 24:  # with a mapper (as Ray tasks are): verification jobs of 5 pairs
+        from curate.parts import local_map
+
+        mapper = local_map
+        monkeypatch.setattr("pipelines.copy_verify.VERIFY_PAIRS_PER_JOB", 5)
     ingest, emb_dir = stage_dir(cfg, "ingest"), root / "w" / "embed" / "pixels-16"
     layout = EmbeddingLayout(ingest, emb_dir)
     assert len(layout.emb_parts) == 4 and layout.n == 42
@@ -79,7 +85,7 @@ def test_bucketed_verification_equals_the_whole_pool(pool, tmp_path, monkeypatch
     bounds = part_buckets(layout.offsets, bucket_records)
     work = tmp_path / "_graph"
     valid_at, n_valid = valid_files(parts.paths, work, None)
-    files, info = _verified_edges(cfg, emb_dir, layout, parts, valid_at, 0.95, work, bounds, None)
+    files, info = _verified_edges(cfg, emb_dir, layout, parts, valid_at, 0.95, work, bounds, mapper)
     (ri, rj, rs), stats, res, hashed = _reference(cfg, ingest, emb_dir, 0.95)
     order = np.lexsort((rj, ri))
     gi, gj, gs = read_edges(files)
@@ -93,7 +99,9 @@ def test_bucketed_verification_equals_the_whole_pool(pool, tmp_path, monkeypatch
     vs = info["verify_stats"]
     assert (vs["pairs"], vs["verified"], vs["abstained"], vs["reasons"]) == (
         len(res.i), int(res.verified.sum()), int(res.abstained.sum()), res.stats["reasons"])
-    assert vs["pieces"] == len(files) and len(bounds) - 1 == {10**6: 1, 12: 4, 24: 2}[bucket_records]
+    assert len(bounds) - 1 == {10**6: 1, 12: 4, 24: 2}[bucket_records]
+    assert vs["pieces"] == len(files)  # a job per bucket with pairs, or per 5 of a bucket's pairs
+    assert -(-len(res.i) // 5) <= len(files) < len(res.i) // 5 + len(bounds) if mapper else len(files) <= len(bounds) - 1
     # pixel-identical PNGs hash alike: linked as a star to the smallest row of the three
     uri = np.array([u.rsplit("/", 1)[1] for u in RowMap(ingest).column(ingest, "uri").to_pylist()])
     names = uri[RowMap(ingest, emb_dir).emb_rows]
