@@ -158,6 +158,12 @@ def choose_plan(n: int, max_distance: int) -> SearchPlan:
     return cheapest_plan(n, max_distance, max(1, faiss.omp_get_max_threads()))[0]
 
 
+def brute_force_seconds(comparisons: float, threads: int) -> float:
+    """Estimated wall seconds of `comparisons` 64-bit Hamming comparisons by brute force (the cost model
+    above) on `threads` threads."""
+    return comparisons * _NS_FLAT * 1e-9 / max(1, threads)
+
+
 def cheapest_plan(n: int, max_distance: int, threads: int) -> tuple[SearchPlan, float]:
     """The cheapest exact plan for an all-pairs search of n hashes on `threads` threads, and its
     estimated wall seconds (the cost model above; `curate plan` uses it too)."""

@@ -212,7 +212,7 @@ def _verify_local(cfg: Config, n: int, cl: Cluster, spec, d: int, spread: bool,
     max_pairs_per_image, and the kept pairs verified by local features; all jobs (Ray tasks, or one after
     the other in the driver). Returns a cap or search job's bytes, the messages' bytes on disk, the seconds
     and a note."""
-    from curate.hashing import _NS_FLAT
+    from curate.hashing import brute_force_seconds
     from pipelines.copy_verify import VALUES_PER_PARTITION
 
     dc = cfg.dedup
@@ -227,7 +227,8 @@ def _verify_local(cfg: Config, n: int, cl: Cluster, spec, d: int, spread: bool,
     job = cost("base_rss") + max(bucket, 2 * n / partitions) * 2 * dc.max_pairs_per_image * 72
     # the messages: each k-NN candidate and each pHash pair a search job sends, to both rows' buckets
     disk = n * (2 * dc.candidate_k + 4 * dc.max_pairs_per_image) * 24
-    search_s = (2 * n) ** 2 * _NS_FLAT * 1e-9 / (min(partitions, cores) if spread else cl.cpus_per_node)
+    # each value against all 2n (a pair is searched from both ends), the partitions' jobs side by side
+    search_s = brute_force_seconds((2 * n) ** 2, min(partitions, cores) if spread else cl.cpus_per_node)
     knn_s = _search_seconds(spec, n, n, d, cl, spread)
     decode_s, verify_s = n * cost("ingest_s") / cores, pairs * cost("verify_pair_s") / cores
     seconds = decode_s + search_s + knn_s + verify_s

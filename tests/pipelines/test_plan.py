@@ -161,7 +161,7 @@ def test_local_verification_is_estimated_and_refused_where_its_jobs_cannot_fit()
     """dedup.verify local runs as jobs (pipelines.copy_verify): the plan counts the brute-force pHash search
     over all 2n hashes (n^2 over its jobs), the verified pairs (n), the index per node and the candidates
     exchanged, keeps the driver at O(parts), and refuses where a cap or search job cannot fit one per core."""
-    from curate.hashing import _NS_FLAT
+    from curate.hashing import brute_force_seconds
 
     def dedup(records, mem=1024, verify="local", bucket=2_000_000):
         cfg = load_config("configs/lvd142m.yaml", [f"dedup.verify={verify}", f"dedup.bucket_records={bucket}"])
@@ -169,7 +169,7 @@ def test_local_verification_is_estimated_and_refused_where_its_jobs_cannot_fit()
         return next(p for p in plan(cfg, records, cl, {"copy": 512}) if p.stage == "dedup")
 
     small, large, none = dedup(100_000_000), dedup(1_200_000_000), dedup(1_200_000_000, verify="none")
-    search_s = (2 * large.records) ** 2 * _NS_FLAT * 1e-9 / 1920  # every core busy: 7,393 search jobs
+    search_s = brute_force_seconds((2 * large.records) ** 2, 1920)  # every core busy: 7,393 search jobs
     assert 6 * 86400 < search_s < large.seconds < 14 * 86400
     assert large.seconds > 100 * none.seconds and large.network > none.network > 0  # candidates exchanged too
     assert small.seconds < large.seconds / 20
