@@ -7,11 +7,10 @@ Rounds (files under the stage's `_graph` folder):
 1. hash, a job per slice of an embedding part: each usable row's image (valid, and it decodes) hashed by
    its content and its mirror (ShardImages.content_hashes); the hashes sent to value partitions, each
    row's global ingest row saved for the verification jobs.
-2. values, a job per value partition (one per bucket, or per VALUES_PER_PARTITION hashes if more):
-   equal hashes collapsed to their first (the content hash of the smallest row, before any mirror),
-   which is linked to the others (distance 0), as curate.hashing.phash_pairs does over all content and
-   mirror hashes at once.
-3. search, a job per value partition: its distinct values against all others within
+2. values, a job per value partition (one per row bucket): equal hashes collapsed to their first (the
+   content hash of the smallest row, before any mirror), which is linked to the others (distance 0), as
+   curate.hashing.phash_pairs does over all content and mirror hashes at once.
+3. search, a job per SEARCH_VALUES distinct values of a partition: each against all others within
    dedup.candidate_phash bits, pairs between the values' first rows (exact: FAISS binary range search,
    brute force: the radius defeats multi-index hashing); only each of its rows' max_pairs_per_image best
    are sent (at most that many per value, however many hashes lie within the radius), which drops only
@@ -44,10 +43,10 @@ from curate.copy_graph_parts import EDGE, bucket_of, receive, send, write_edges
 HASH = pa.schema([("value", pa.uint64()), ("at", pa.int64())])  # at: the row, or n + row for a mirror hash
 CAND = pa.schema([("u", pa.int64()), ("v", pa.int64()), ("cost", pa.float64())])
 PAIR = pa.schema([("u", pa.int64()), ("v", pa.int64())])
-HASH_ROWS_PER_JOB = 4096  # images decoded and hashed per job
+HASH_ROWS_PER_JOB = 16384  # images decoded and hashed per job (at most one part's)
 VERIFY_PAIRS_PER_JOB = 2048  # kept pairs verified per job
 SEARCH_CHUNK = 4096  # hashes queried at once by a search job (near hashes can be many: its results' size)
-VALUES_PER_PARTITION = 1 << 18  # hashes per value partition at most (a search job's queries), or one per bucket
+SEARCH_VALUES = 1 << 18  # distinct hashes a search job queries (against all): the search's jobs side by side
 
 
 def partition_of(values: np.ndarray, partitions: int) -> np.ndarray:
@@ -163,19 +162,19 @@ class _Best:
 
 
 def search_job(work: str, max_distance: int, max_pairs: int, n: int, bounds: np.ndarray, partitions: int,
-               p: int) -> tuple[int, int]:
-    """Round 3 for value partition p: its values against every distinct value of all partitions within
-    max_distance bits (FAISS binary range search, one partition at a time), each found pair costing
-    distance / 64 between the values' first rows; sent: each of p's rows' best max_pairs. A pair is found
-    from both ends' partitions, and each end's job sees all of that end's pHash pairs through that hash:
-    a pair sent by neither is among the best of neither row (those found rank before it there too), so it
-    is not kept and takes no row's place in the ranking. Each job sends at most max_pairs pairs per value.
+               p: int, lo: int, hi: int) -> tuple[int, int]:
+    """Round 3 for values lo .. hi - 1 of value partition p: each against every distinct value of all
+    partitions within max_distance bits (FAISS binary range search, one partition at a time), a found pair
+    costing distance / 64 between the values' first rows; sent: each of their rows' best max_pairs. A pair
+    is found from both ends, and each end's job sees all of that end's pHash pairs through that hash: a
+    pair sent by neither is among the best of neither row (those found rank before it there too), so it is
+    not kept and takes no row's place in the ranking. A job sends at most max_pairs pairs per value.
     Returns the pairs found and those sent."""
     import faiss
 
     w = Path(work)
     a = receive(_paths(w, "values", [f"{p:06d}"]), 0, HASH)
-    va, ra = a.column("value").to_numpy(), a.column("at").to_numpy() % n
+    va, ra = a.column("value").to_numpy()[lo:hi], a.column("at").to_numpy()[lo:hi] % n
     best, found_all = _Best(max_pairs), 0
     for q in range(partitions if len(va) and max_distance > 0 else 0):
         b = a if q == p else receive(_paths(w, "values", [f"{q:06d}"]), 0, HASH)
@@ -185,11 +184,11 @@ def search_job(work: str, max_distance: int, max_pairs: int, n: int, bounds: np.
         for s in range(0, len(va), SEARCH_CHUNK):
             lims, dist, found = index.range_search(_codes(va[s:s + SEARCH_CHUNK]), min(max_distance, 64) + 1)
             query = np.repeat(np.arange(s, min(s + SEARCH_CHUNK, len(va))), np.diff(lims).astype(np.int64))
-            other = found != query if q == p else np.ones(len(found), dtype=bool)  # not the value itself
+            other = found != query + lo if q == p else np.ones(len(found), dtype=bool)  # not the value itself
             found_all += int(other.sum())
             best.add(ra[query[other]], rb[found[other]], dist[other] / 64.0)
     mine, far, cost = best.result()
-    return found_all, _send_candidates(w / "cand" / f"near{p:06d}.arrow", mine, far, cost, bounds)
+    return found_all, _send_candidates(w / "cand" / f"near{p:06d}_{lo:012d}.arrow", mine, far, cost, bounds)
 
 
 def cap_job(work: str, files: list[str], knn_files: list[str], bounds: np.ndarray, max_pairs: int,
@@ -280,7 +279,7 @@ def verified_edge_files(work: str | Path, layout, ingest_offsets: np.ndarray, va
 
     w = Path(work)
     n, buckets = int(bounds[-1]), len(bounds) - 1
-    partitions = max(1, buckets, -(-2 * n // VALUES_PER_PARTITION))
+    partitions = max(1, buckets)
     jobs = []
     for k in range(len(layout.emb_parts)):
         size = int(layout.sizes[k])
@@ -289,10 +288,13 @@ def verified_edge_files(work: str | Path, layout, ingest_offsets: np.ndarray, va
                          int(ingest_offsets[k]), int(layout.offsets[k]), lo, min(lo + HASH_ROWS_PER_JOB, size)))
     hash_files = [str(w / "hash" / f"{job[0]:06d}_{job[6]:012d}.arrow") for job in jobs]
     hash_seconds = sum(map_in_order(mapper, hash_job, jobs, (str(w), str(ingest_dir), n, partitions)))
-    map_in_order(mapper, values_job, [(p,) for p in range(partitions)], (str(w), hash_files, n, bounds))
-    searched = map_in_order(mapper, search_job, [(p,) for p in range(partitions)],
+    distinct = map_in_order(mapper, values_job, [(p,) for p in range(partitions)], (str(w), hash_files, n, bounds))
+    sjobs = [(p, lo, min(lo + SEARCH_VALUES, distinct[p])) for p in range(partitions)
+             for lo in range(0, distinct[p], SEARCH_VALUES)]
+    searched = map_in_order(mapper, search_job, sjobs,
                             (str(w), dc.candidate_phash, dc.max_pairs_per_image, n, bounds, partitions))
-    cand = [str(w / "cand" / f"{kind}{p:06d}.arrow") for kind in ("star", "near") for p in range(partitions)]
+    cand = [str(w / "cand" / f"star{p:06d}.arrow") for p in range(partitions)] + \
+        [str(w / "cand" / f"near{p:06d}_{lo:012d}.arrow") for p, lo, _ in sjobs]
     capped = map_in_order(mapper, cap_job, [(b,) for b in range(buckets)],
                           (str(w), cand, [str(f) for f in knn_files], bounds, dc.max_pairs_per_image))
     kept = map_in_order(mapper, keep_job, [(b,) for b in range(buckets)], (str(w), buckets))

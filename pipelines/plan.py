@@ -213,28 +213,28 @@ def _verify_local(cfg: Config, n: int, cl: Cluster, spec, d: int, spread: bool,
     the other in the driver). Returns a cap or search job's bytes, the messages' bytes on disk, the seconds
     and a note."""
     from curate.hashing import brute_force_seconds
-    from pipelines.copy_verify import VALUES_PER_PARTITION
+    from pipelines.copy_verify import SEARCH_VALUES
 
     dc = cfg.dedup
     cores = cl.nodes * cl.cpus_per_node if spread else 1
     # the per-image cap bounds the pairs at n * cap / 2: the demo's pool reaches 68% of it (6.8 kept pairs per
     # image), the photographs of RESULTS 'Copy detection a user can trust' 51% (1,833-1,846 among 358 images)
     pairs = n * dc.max_pairs_per_image / 2
-    partitions = max(1, buckets, -(-2 * n // VALUES_PER_PARTITION))
+    searches = -(-2 * n // SEARCH_VALUES)  # search jobs (at most: hashes collapse to distinct values)
     # a job holds its rows' (or values') best candidates and as many gathered (u, v, cost: 24 B), with the
     # sorts' copies (x3)
     bucket = max(1, min(n, dc.bucket_records))
-    job = cost("base_rss") + max(bucket, 2 * n / partitions) * 2 * dc.max_pairs_per_image * 72
+    job = cost("base_rss") + max(bucket, SEARCH_VALUES) * 2 * dc.max_pairs_per_image * 72
     # the messages: each k-NN candidate and each pHash pair a search job sends, to both rows' buckets
     disk = n * (2 * dc.candidate_k + 4 * dc.max_pairs_per_image) * 24
-    # each value against all 2n (a pair is searched from both ends), the partitions' jobs side by side
-    search_s = brute_force_seconds((2 * n) ** 2, min(partitions, cores) if spread else cl.cpus_per_node)
+    # each value against all 2n (a pair is searched from both ends), the search jobs side by side
+    search_s = brute_force_seconds((2 * n) ** 2, min(searches, cores) if spread else cl.cpus_per_node)
     knn_s = _search_seconds(spec, n, n, d, cl, spread)
     decode_s, verify_s = n * cost("ingest_s") / cores, pairs * cost("verify_pair_s") / cores
     seconds = decode_s + search_s + knn_s + verify_s
     where = "tasks" if spread else "the driver"
     note = (f"local verification by jobs ({where}): every image decoded again ({fmt_time(decode_s)}), the pHash "
-            f"candidates within {dc.candidate_phash} bits over {2 * n:,} hashes by brute force in {partitions:,} "
+            f"candidates within {dc.candidate_phash} bits over {2 * n:,} hashes by brute force in {searches:,} "
             f"jobs ({fmt_time(search_s)}), the k-NN candidates ({fmt_time(knn_s)}), up to {pairs:,.0f} pairs "
             f"verified ({fmt_time(verify_s)}); cap and search jobs of {fmt_bytes(job)}, {fmt_bytes(disk)} of "
             "candidates exchanged; at scale use a copy descriptor with dedup.verify none")

@@ -58,7 +58,11 @@ def _reference(cfg, ingest, emb_dir, threshold):
     sims = pair_sims(parts, res.i, parts, res.j)
     link = res.verified | (res.abstained & (sims > threshold))
     edges = (res.i[link], res.j[link], np.where(res.verified, res.share, sims)[link].astype(np.float32))
-    return edges, stats, res, (i[take], j[take])
+    from curate.hashing import phash_pairs
+
+    codes = np.concatenate([ph[usable], mirror[usable]])
+    distinct_pairs = int((phash_pairs(codes, dc.candidate_phash)[2] > 0).sum())  # between distinct values
+    return edges, stats, res, (i[take], j[take]), distinct_pairs
 
 
 @pytest.mark.parametrize("bucket_records", [10**6, 12, 24])
@@ -71,6 +75,8 @@ def test_bucketed_verification_equals_the_whole_pool(pool, tmp_path, monkeypatch
 
     cfg, root = pool
     mapper = None
+    if bucket_records == 10**6:  # one value partition, searched by jobs of 7 values
+        monkeypatch.setattr("pipelines.copy_verify.SEARCH_VALUES", 7)
     if bucket_records == 12:  # cap jobs that rank a few messages at a time with their rows' best so far
         monkeypatch.setattr("pipelines.copy_verify.MERGE_ROWS", 7)
     if bucket_records == 24:  # with a mapper (as Ray tasks are): verification jobs of 5 pairs
@@ -86,13 +92,14 @@ def test_bucketed_verification_equals_the_whole_pool(pool, tmp_path, monkeypatch
     work = tmp_path / "_graph"
     valid_at, n_valid = valid_files(parts.paths, work, None)
     files, info = _verified_edges(cfg, emb_dir, layout, parts, valid_at, 0.95, work, bounds, mapper)
-    (ri, rj, rs), stats, res, hashed = _reference(cfg, ingest, emb_dir, 0.95)
+    (ri, rj, rs), stats, res, hashed, distinct_pairs = _reference(cfg, ingest, emb_dir, 0.95)
     order = np.lexsort((rj, ri))
     gi, gj, gs = read_edges(files)
     assert np.array_equal(gi, ri[order]) and np.array_equal(gj, rj[order]) and np.array_equal(gs, rs[order])
     got = info["candidates"]
     assert got["kept"] == stats["kept"] and stats["dropped_by_cap"] > 0  # the cap binds here
     # the search jobs drop pairs that cannot count (among no row's best found there)
+    assert got["found_by_search"] == 2 * distinct_pairs  # each pair of distinct values, from both ends
     assert got["found_by_search"] > got["sent_by_search"] or bucket_records != 10**6
     assert got["messages"] >= 2 * stats["kept"]
     assert info["linked"]["verified"] == int(res.verified.sum()) >= 12  # 4 flips, 4 crops, 2 x 3 same pixels
