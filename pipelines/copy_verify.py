@@ -45,7 +45,8 @@ CAND = pa.schema([("u", pa.int64()), ("v", pa.int64()), ("cost", pa.float64())])
 PAIR = pa.schema([("u", pa.int64()), ("v", pa.int64())])
 HASH_ROWS_PER_JOB = 16384  # images decoded and hashed per job (at most one part's)
 VERIFY_PAIRS_PER_JOB = 2048  # kept pairs verified per job
-SEARCH_CHUNK = 4096  # hashes queried at once by a search job (near hashes can be many: its results' size)
+SEARCH_CHUNK = 4096  # hashes a search job queries at once at most
+SEARCH_RESULTS = 1 << 22  # pairs one range search should return (near hashes can be many: fewer queries then)
 SEARCH_VALUES = 1 << 18  # distinct hashes a search job queries (against all): the search's jobs side by side
 
 
@@ -181,12 +182,15 @@ def search_job(work: str, max_distance: int, max_pairs: int, n: int, bounds: np.
         rb = b.column("at").to_numpy() % n
         index = faiss.IndexBinaryFlat(64)
         index.add(_codes(b.column("value").to_numpy()))
-        for s in range(0, len(va), SEARCH_CHUNK):
-            lims, dist, found = index.range_search(_codes(va[s:s + SEARCH_CHUNK]), min(max_distance, 64) + 1)
-            query = np.repeat(np.arange(s, min(s + SEARCH_CHUNK, len(va))), np.diff(lims).astype(np.int64))
+        s, chunk = 0, 256
+        while s < len(va):  # query chunks sized so that a search returns about SEARCH_RESULTS pairs
+            lims, dist, found = index.range_search(_codes(va[s:s + chunk]), min(max_distance, 64) + 1)
+            query = np.repeat(np.arange(s, min(s + chunk, len(va))), np.diff(lims).astype(np.int64))
             other = found != query + lo if q == p else np.ones(len(found), dtype=bool)  # not the value itself
             found_all += int(other.sum())
             best.add(ra[query[other]], rb[found[other]], dist[other] / 64.0)
+            s += chunk
+            chunk = int(np.clip(chunk * SEARCH_RESULTS / max(len(found), 1), 1, SEARCH_CHUNK))
     mine, far, cost = best.result()
     return found_all, _send_candidates(w / "cand" / f"near{p:06d}_{lo:012d}.arrow", mine, far, cost, bounds)
 

@@ -77,8 +77,9 @@ def test_bucketed_verification_equals_the_whole_pool(pool, tmp_path, monkeypatch
     mapper = None
     if bucket_records == 10**6:  # one value partition, searched by jobs of 7 values
         monkeypatch.setattr("pipelines.copy_verify.SEARCH_VALUES", 7)
-    if bucket_records == 12:  # cap jobs that rank a few messages at a time with their rows' best so far
-        monkeypatch.setattr("pipelines.copy_verify.MERGE_ROWS", 7)
+    if bucket_records == 12:  # cap jobs that rank a few messages at a time with their rows' best so far,
+        monkeypatch.setattr("pipelines.copy_verify.MERGE_ROWS", 7)  # range searches of a few queries each
+        monkeypatch.setattr("pipelines.copy_verify.SEARCH_RESULTS", 3)
     if bucket_records == 24:  # with a mapper (as Ray tasks are): verification jobs of 5 pairs
         from curate.parts import local_map
 
