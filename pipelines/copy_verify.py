@@ -28,7 +28,9 @@ The kept pairs and the verified edges are the ones curate.verify.candidate_pairs
 give over the whole pool held in one process (tests/pipelines/test_copy_verify.py), except that hashes
 are searched among usable rows only: there, an unusable row with the same hash as usable ones could stand
 for them and take their candidates with it. No job sees all of a pair's copies, so the candidates are
-counted as found and sent by the search jobs and as messages to the cap jobs, not as distinct pairs.
+counted as found and sent by the search jobs and as messages to the cap jobs, not as distinct pairs (the
+messages also depend on how the k-NN queries were cut into ranges: a pair found from both ends' ranges
+comes twice).
 """
 
 from __future__ import annotations

@@ -356,3 +356,42 @@ def test_copy_groups_in_buckets_survive_losing_a_worker_node_mid_round(tmp_path)
     got = pa.concat_tables([part.members(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])])
     assert got.column("copy_of").combine_chunks().equals(graph.copy_of().cast(pa.string()))
     assert np.array_equal(got.column("group").to_numpy(), graph.group)
+
+
+STUCK_HASH_SITE = _stuck_site("pipelines.copy_verify", "hash_job")  # local verification's hash jobs hang there
+
+
+def test_local_verification_survives_losing_a_worker_node_mid_round(setup, tmp_path):
+    """Head + 2 workers; on one worker every hash job of local verification (pipelines.copy_verify, its
+    first round) hangs. That node is removed while a job is out: Ray reruns the lost task elsewhere (each
+    job rewrites whole files), the later rounds run on the nodes left, and the verified edges and the
+    manifest's counts equal the local executor's."""
+    import numpy as np
+
+    from curate.copy_graph_parts import part_buckets, read_edges
+    from curate.dedup import as_parts
+    from pipelines.aligned import EmbeddingLayout
+    from pipelines.executors import ray_mapper
+    from pipelines.stages.dedup import _verified_edges, valid_files
+
+    root, _, _ = setup
+    emb_dir = root / "ref" / "embed" / "pixels-12"
+    layout = EmbeddingLayout(root / "ref" / "ingest", emb_dir)
+    parts = as_parts(str(emb_dir))
+    bounds = part_buckets(layout.offsets, 100)  # 3 buckets of 1-2 parts
+
+    def edges(work, cfg, mapper):
+        valid_at, _ = valid_files(parts.paths, work, mapper)
+        files, info = _verified_edges(cfg, emb_dir, layout, parts, valid_at, 0.95, work, bounds, mapper)
+        return read_edges(files), info
+
+    local, info = edges(tmp_path / "local", load_config(root / "c.yaml", [f"workdir={root / 'ref'}"]), None)
+    with _losing_a_node(tmp_path, STUCK_HASH_SITE) as (address, removed):
+        cfg = load_config(root / "c.yaml", [f"workdir={root / 'ref'}", "executor=ray", f"ray_address={address}"])
+        got, got_info = edges(tmp_path / "ray", cfg, ray_mapper(address))
+    assert removed, "no hash job started on the stuck node"
+    assert len(bounds) - 1 == 3 and len(local[0]) >= 1, info
+    assert all(np.array_equal(a, b) for a, b in zip(got, local))
+    assert got_info["linked"] == info["linked"] and info["candidates"]["kept"] > 100
+    same = ("found_by_search", "sent_by_search", "kept")  # messages: as the k-NN queries were cut into ranges
+    assert {k: got_info["candidates"][k] for k in same} == {k: info["candidates"][k] for k in same}
