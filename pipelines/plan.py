@@ -224,7 +224,7 @@ def _verify_local(cfg: Config, n: int, cl: Cluster, spec, d: int, spread: bool,
     # a job holds its rows' (or values') best candidates and as many gathered (u, v, cost: 24 B), with the
     # sorts' copies (x3)
     bucket = max(1, min(n, dc.bucket_records))
-    job = cost("base_rss") + max(bucket, SEARCH_VALUES) * 2 * dc.max_pairs_per_image * 72
+    job = cost("base_rss") + max(bucket, min(SEARCH_VALUES, 2 * n)) * 2 * dc.max_pairs_per_image * 72
     # the messages: each k-NN candidate and each pHash pair a search job sends, to both rows' buckets
     disk = n * (2 * dc.candidate_k + 4 * dc.max_pairs_per_image) * 24
     # each value against all 2n (a pair is searched from both ends), the search jobs side by side
@@ -235,7 +235,7 @@ def _verify_local(cfg: Config, n: int, cl: Cluster, spec, d: int, spread: bool,
     where = "tasks" if spread else "the driver"
     note = (f"local verification by jobs ({where}): every image decoded again ({fmt_time(decode_s)}), the pHash "
             f"candidates within {dc.candidate_phash} bits over {2 * n:,} hashes by brute force in {searches:,} "
-            f"jobs ({fmt_time(search_s)}), the k-NN candidates ({fmt_time(knn_s)}), up to {pairs:,.0f} pairs "
+            f"job(s) ({fmt_time(search_s)}), the k-NN candidates ({fmt_time(knn_s)}), up to {pairs:,.0f} pairs "
             f"verified ({fmt_time(verify_s)}); cap and search jobs of {fmt_bytes(job)}, {fmt_bytes(disk)} of "
             "candidates exchanged; at scale use a copy descriptor with dedup.verify none")
     return job, disk, seconds, note

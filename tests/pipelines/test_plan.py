@@ -174,7 +174,7 @@ def test_local_verification_is_estimated_and_refused_where_its_jobs_cannot_fit()
     assert large.seconds > 100 * none.seconds and large.network > none.network > 0  # candidates exchanged too
     assert small.seconds < large.seconds / 20
     assert large.mem_process == none.mem_process  # the index holders; the jobs hold 5.6 GB each, the driver little
-    assert "local verification by jobs (tasks)" in large.notes[-1] and "7,393 jobs" in large.notes[-1]
+    assert "local verification by jobs (tasks)" in large.notes[-1] and "7,393 job(s)" in large.notes[-1]
     with pytest.raises(PlanRefused, match="dedup.verify local: a cap or search job"):
         dedup(1_200_000_000, mem=512)
     with pytest.raises(PlanRefused, match="dedup.verify local: a cap or search job"):
