@@ -157,7 +157,7 @@ def _save(path: Path, arr: np.ndarray) -> None:
 def _send_labels(work: Path, r: int, b: int, bounds: np.ndarray, v: np.ndarray, label: np.ndarray) -> int:
     """Round r's messages of bucket b: `label` offered to each row `v` (min-into), sorted by v's bucket."""
     return send(_path(work, f"r{r:05d}", b), pa.table([v, label], schema=LABEL), bucket_of(bounds, v),
-                 len(bounds) - 1)
+                len(bounds) - 1)
 
 
 def _build(work: str, bounds: np.ndarray, edge_files: Sequence[str], b: int) -> tuple[int, int]:
@@ -302,7 +302,7 @@ def _cuts(work: str, splitters: list[str], b: int) -> np.ndarray:
     ids = ids.take(pc.sort_indices(ids))
     at = np.r_[0, _bisect(ids, splitters), len(ids)]
     send(_path(w, "ids", b), pa.table({"id": ids}), np.repeat(np.arange(len(at) - 1), np.diff(at)),
-          len(splitters) + 1)
+         len(splitters) + 1)
     return np.r_[0, _bisect(t.column("min_id").combine_chunks(), splitters), len(t)]
 
 

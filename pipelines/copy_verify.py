@@ -311,12 +311,11 @@ def verified_edge_files(work: str | Path, layout, ingest_offsets: np.ndarray, va
     stats = map_in_order(mapper, verify_job, vjobs, (str(w), str(ingest_dir), str(emb_dir),
                                                      np.asarray(layout.offsets[:-1]), settings, threshold, bounds))
     files = [str(w / "edges" / f"{b:06d}_{lo:012d}.arrow") for b, lo, _ in vjobs]
-    merged = _merge_stats(stats) if stats else {"pairs": 0, "verified": 0, "pieces": 0}
     info = {"candidates": {"found_by_search": sum(found for found, _ in searched),
                            "sent_by_search": sum(sent for _, sent in searched),
                            "messages": sum(m for m, _ in capped), "kept": sum(kept),
                            "max_pairs_per_image": dc.max_pairs_per_image},
-            "content_hash_seconds": round(hash_seconds, 2), "verify_stats": merged,
+            "content_hash_seconds": round(hash_seconds, 2), "verify_stats": _merge_stats(stats),
             "linked": {"verified": sum(s["linked"] for s in stats), "too_flat_cosine": sum(s["flat"] for s in stats)}}
     return files, info
 
