@@ -1,6 +1,6 @@
 """Copy dedup's local verification by jobs over buckets (pipelines.copy_verify, what `dedup.verify local`
-runs) against the same steps over the whole pool in one process (curate.verify.candidate_pairs and
-pipelines.copy_images.verify_image_pairs: what the stage ran before), side by side on one generated pool.
+runs) against the same steps over the whole pool in one process (pipelines.copy_verify.whole_pool: what the
+stage ran before), side by side on one generated pool.
 
 Per run, a fresh process (multiprocessing spawn) computes the verified edges; it reports its seconds and
 peak RSS, and the edges' digest (both must give the same edges). The pool: pipelines.synth.write_pool
@@ -40,31 +40,15 @@ def _digest(i, j, s) -> str:
 
 
 def _whole(work: str, buckets: int, n: int, out) -> None:
-    """The whole pool in this process: hashes, candidates, cap, verification."""
-    from curate.dedup import as_parts, pair_sims, valid_rows
-    from curate.verify import candidate_pairs, embedding_candidates, phash_candidates
-    from pipelines.aligned import RowMap
-    from pipelines.copy_images import content_hashes, verify_image_pairs, verify_settings
+    """The whole pool in this process: hashes, candidates, cap, verification (copy_verify.whole_pool)."""
+    from pipelines.copy_verify import whole_pool
     from pipelines.framework import stage_dir
 
     cfg = _config(Path(work), buckets, n)
     t0 = time.perf_counter()
-    dc, ingest, emb_dir = cfg.dedup, stage_dir(cfg, "ingest"), Path(work) / "w" / "embed" / "pixels-16"
-    parts = as_parts(str(emb_dir))
-    valid = valid_rows(parts)
-    emb_rows = RowMap(ingest, emb_dir).emb_rows
-    ph, mirror, decoded, _ = content_hashes(ingest, emb_rows)
-    i, j, cost = phash_candidates(ph, dc.candidate_phash, mirror)
-    take = (decoded & valid)[i] & (decoded & valid)[j]
-    knn = embedding_candidates(str(emb_dir), dc.candidate_k, dc.candidate_cosine, valid=valid)
-    ci, cj, _ = candidate_pairs(parts.n, knn, (i[take], j[take], cost[take]),
-                                max_pairs_per_image=dc.max_pairs_per_image)
-    res = verify_image_pairs([(ingest, emb_rows)], ci, cj, verify_settings(cfg))
-    sims = pair_sims(parts, res.i, parts, res.j)
-    link = res.verified | (res.abstained & (sims > 0.95))
-    edges = (res.i[link], res.j[link], np.where(res.verified, res.share, sims)[link])
-    out.put({"seconds": time.perf_counter() - t0, "rss_mb": peak_rss_mb(), "pairs": len(ci),
-             "edges": int(link.sum()), "digest": _digest(*edges)})
+    ref = whole_pool(cfg, stage_dir(cfg, "ingest"), Path(work) / "w" / "embed" / "pixels-16", 0.95)
+    out.put({"seconds": time.perf_counter() - t0, "rss_mb": peak_rss_mb(), "pairs": ref["stats"]["kept"],
+             "edges": len(ref["edges"][0]), "digest": _digest(*ref["edges"])})
 
 
 def _jobs(work: str, buckets: int, n: int, out) -> None:

@@ -176,7 +176,7 @@ def cheapest_plan(n: int, max_distance: int, threads: int) -> tuple[SearchPlan, 
     return best, best_cost * 1e-9
 
 
-def _as_codes(values: np.ndarray) -> np.ndarray:
+def as_codes(values: np.ndarray) -> np.ndarray:
     """uint64 values as an (n, 8) uint8 code array with 8 zero bytes of slack after the end.
 
     IndexBinaryMultiHash reads each substring with an unaligned 8-byte load, which can run up to
@@ -198,7 +198,7 @@ def _unique_pairs(
     """
     import faiss
 
-    codes = _as_codes(values)
+    codes = as_codes(values)
     if plan.tables == 0:
         index = faiss.IndexBinaryFlat(64)
     else:

@@ -382,7 +382,7 @@ def phash_candidates(
     i, j, d = phash_pairs(codes, max_distance)
     i, j = i % n, j % n  # a mirrored row stands for its image
     keep = i != j
-    return _best_per_pair(np.minimum(i, j)[keep], np.maximum(i, j)[keep], d[keep] / 64.0, n)
+    return best_per_pair(np.minimum(i, j)[keep], np.maximum(i, j)[keep], d[keep] / 64.0, n)
 
 
 def embedding_candidates(
@@ -396,8 +396,8 @@ def embedding_candidates(
     return i, j, 1.0 - sim.astype(np.float64)
 
 
-def _best_per_pair(i: np.ndarray, j: np.ndarray, cost: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One row per (i, j) with its lowest cost, sorted by (i, j)."""
+def best_per_pair(i: np.ndarray, j: np.ndarray, cost: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One row per (i, j) (rows 0 .. n - 1) with its lowest cost, sorted by (i, j)."""
     keys = i.astype(np.int64) * max(n, 1) + j
     order = np.lexsort((cost, keys))
     keys, cost = keys[order], np.asarray(cost, dtype=np.float64)[order]
@@ -414,14 +414,19 @@ def ranked_pairs(n: int, i: np.ndarray, j: np.ndarray, cost: np.ndarray
     i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
     a, b = np.minimum(i, j), np.maximum(i, j)
     keep = a != b
-    a, b, cost = _best_per_pair(a[keep], b[keep], np.asarray(cost, dtype=np.float64)[keep], n)
-    m = len(a)
-    mine, other, both = np.concatenate([a, b]), np.concatenate([b, a]), np.concatenate([cost, cost])
-    order = np.lexsort((other, both, mine))  # every pair of a row ranked together, whichever end it is
-    start = np.searchsorted(mine[order], mine[order], side="left")
-    rank = np.empty(2 * m, dtype=np.int64)
-    rank[order] = np.arange(2 * m) - start
+    a, b, cost = best_per_pair(a[keep], b[keep], np.asarray(cost, dtype=np.float64)[keep], n)
+    m = len(a)  # every pair of a row ranked together, whichever end it is
+    rank = row_ranks(np.concatenate([a, b]), np.concatenate([b, a]), np.concatenate([cost, cost]))
     return a, b, cost, rank[:m], rank[m:]
+
+
+def row_ranks(mine: np.ndarray, other: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """Each candidate's rank among its row's (`mine`) candidates, by (cost, other row); 0 is the best."""
+    order = np.lexsort((other, cost, mine))
+    start = np.searchsorted(mine[order], mine[order], side="left")
+    rank = np.empty(len(mine), dtype=np.int64)
+    rank[order] = np.arange(len(mine)) - start
+    return rank
 
 
 def candidate_pairs(

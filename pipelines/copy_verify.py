@@ -115,49 +115,34 @@ def values_job(work: str, hash_files: list[str], n: int, bounds: np.ndarray, p: 
     return int(first.sum())
 
 
-def _codes(values: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(values, dtype=np.uint64)).view(np.uint8).reshape(-1, 8)
-
-
-def _top(mine: np.ndarray, other: np.ndarray, cost: np.ndarray, max_pairs: int) -> tuple[np.ndarray, ...]:
-    """Each row's best max_pairs candidates (one per other row, at its lowest cost), ranked by (cost,
-    other row), sorted by row."""
-    order = np.lexsort((cost, other, mine))  # per (mine, other) its lowest cost first
-    mine, other, cost = mine[order], other[order], cost[order]
-    first = np.ones(len(mine), dtype=bool)
-    first[1:] = (mine[1:] != mine[:-1]) | (other[1:] != other[:-1])
-    mine, other, cost = mine[first], other[first], cost[first]
-    order = np.lexsort((other, cost, mine))
-    start = np.searchsorted(mine[order], mine[order], side="left")
-    ok = order[np.arange(len(order)) - start < max_pairs]
-    return mine[ok], other[ok], cost[ok]
-
-
 MERGE_ROWS = 1 << 20  # candidates gathered before they are ranked with the rows' best so far
 
 
 class _Best:
-    """Each row's best max_pairs candidates over batches (mine, other, cost), ranked with the best so far
-    whenever as many have gathered as it holds: the best of a union is the best of the parts' best, so it
-    holds its rows' best plus one batch, however many candidates pass through."""
+    """Each row's best max_pairs candidates (mine, other, cost; rows 0 .. n - 1) over batches: one per other
+    row at its lowest cost, ranked by (cost, other row), ranked again with the best so far whenever as many
+    have gathered as it holds. The best of a union is the best of the parts' best, so it holds its rows'
+    best plus one batch, however many candidates pass through."""
 
-    def __init__(self, max_pairs: int) -> None:
-        self.max_pairs, self.seen, self.pending = max_pairs, 0, []
+    def __init__(self, max_pairs: int, n: int) -> None:
+        self.max_pairs, self.n, self.pending = max_pairs, n, []
         self.best = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64))
 
     def add(self, mine: np.ndarray, other: np.ndarray, cost: np.ndarray) -> None:
         keep = mine != other  # a row's content hash near its own mirror's is no candidate
         self.pending.append((mine[keep].astype(np.int64), other[keep].astype(np.int64),
                              np.asarray(cost, dtype=np.float64)[keep]))
-        self.seen += int(keep.sum())
         if sum(len(x[0]) for x in self.pending) >= max(MERGE_ROWS, len(self.best[0])):
             self._merge()
 
     def _merge(self) -> None:
+        from curate.verify import best_per_pair, row_ranks
+
         if self.pending:
-            self.best = _top(*(np.concatenate([x[c] for x in (self.best, *self.pending)]) for c in range(3)),
-                             self.max_pairs)
-            self.pending = []
+            mine, other, cost = best_per_pair(*(np.concatenate([x[c] for x in (self.best, *self.pending)])
+                                                for c in range(3)), self.n)
+            keep = row_ranks(mine, other, cost) < self.max_pairs
+            self.best, self.pending = (mine[keep], other[keep], cost[keep]), []
 
     def result(self) -> tuple[np.ndarray, ...]:
         self._merge()
@@ -175,18 +160,20 @@ def search_job(work: str, max_distance: int, max_pairs: int, n: int, bounds: np.
     Returns the pairs found and those sent."""
     import faiss
 
+    from curate.hashing import as_codes
+
     w = Path(work)
     a = receive(_paths(w, "values", [f"{p:06d}"]), 0, HASH)
     va, ra = a.column("value").to_numpy()[lo:hi], a.column("at").to_numpy()[lo:hi] % n
-    best, found_all = _Best(max_pairs), 0
+    best, found_all = _Best(max_pairs, n), 0
     for q in range(partitions if len(va) and max_distance > 0 else 0):
         b = a if q == p else receive(_paths(w, "values", [f"{q:06d}"]), 0, HASH)
         rb = b.column("at").to_numpy() % n
         index = faiss.IndexBinaryFlat(64)
-        index.add(_codes(b.column("value").to_numpy()))
+        index.add(as_codes(b.column("value").to_numpy()))
         s, chunk = 0, 256
         while s < len(va):  # query chunks sized so that a search returns about SEARCH_RESULTS pairs
-            lims, dist, found = index.range_search(_codes(va[s:s + chunk]), min(max_distance, 64) + 1)
+            lims, dist, found = index.range_search(as_codes(va[s:s + chunk]), min(max_distance, 64) + 1)
             query = np.repeat(np.arange(s, min(s + chunk, len(va))), np.diff(lims).astype(np.int64))
             other = found != query + lo if q == p else np.ones(len(found), dtype=bool)  # not the value itself
             found_all += int(other.sum())
@@ -203,7 +190,7 @@ def cap_job(work: str, files: list[str], knn_files: list[str], bounds: np.ndarra
     lowest cost, ranked by (cost, other row); read a file at a time, `_Best`) sent to the pair's smaller
     row's bucket. Returns the messages received and the pairs this side kept."""
     w = Path(work)
-    best, received = _Best(max_pairs), 0
+    best, received = _Best(max_pairs, int(bounds[-1])), 0
     for path, schema in [(Path(f), CAND) for f in files] + [(Path(f), EDGE) for f in knn_files]:
         t = receive([path], b, schema)
         cost = t.column("cost").to_numpy() if schema is CAND else 1.0 - t.column("sim").to_numpy().astype(np.float64)
@@ -319,3 +306,32 @@ def verified_edge_files(work: str | Path, layout, ingest_offsets: np.ndarray, va
             "linked": {"verified": sum(s["linked"] for s in stats), "too_flat_cosine": sum(s["flat"] for s in stats)}}
     return files, info
 
+
+def whole_pool(cfg, ingest_dir: str | Path, emb_dir: str | Path, threshold: float) -> dict:
+    """The same verification over the whole pool in one process (what the dedup stage ran before these
+    jobs): content hashes, pHash and k-NN candidates, curate.verify.candidate_pairs' cap and
+    verify_image_pairs. The reference tests/pipelines/test_copy_verify.py and bench/copy_verify.py compare
+    the jobs with. Returns the edges, the cap's stats, the VerifyResult, the usable rows' pHash candidates
+    (i, j) and their content and mirror hashes."""
+    from curate.dedup import as_parts, pair_sims, valid_rows
+    from curate.verify import candidate_pairs, embedding_candidates, phash_candidates
+    from pipelines.aligned import RowMap
+    from pipelines.copy_images import content_hashes, verify_image_pairs, verify_settings
+
+    dc = cfg.dedup
+    parts = as_parts(str(emb_dir))
+    valid = valid_rows(parts)
+    emb_rows = RowMap(ingest_dir, emb_dir).emb_rows
+    ph, mirror, decoded, _ = content_hashes(ingest_dir, emb_rows)
+    i, j, cost = phash_candidates(ph, dc.candidate_phash, mirror)
+    usable = decoded & valid
+    take = usable[i] & usable[j]
+    knn = embedding_candidates(str(emb_dir), dc.candidate_k, dc.candidate_cosine, valid=valid)
+    ci, cj, stats = candidate_pairs(parts.n, knn, (i[take], j[take], cost[take]),
+                                    max_pairs_per_image=dc.max_pairs_per_image)
+    res = verify_image_pairs([(ingest_dir, emb_rows)], ci, cj, verify_settings(cfg))
+    sims = pair_sims(parts, res.i, parts, res.j)
+    link = res.verified | (res.abstained & (sims > threshold))
+    edges = (res.i[link], res.j[link], np.where(res.verified, res.share, sims)[link].astype(np.float32))
+    return {"edges": edges, "stats": stats, "result": res, "hashed": (i[take], j[take]),
+            "codes": np.concatenate([ph[usable], mirror[usable]])}

@@ -205,7 +205,7 @@ def _search_seconds(spec, n_index: int, n_queries: int, d: int, cl: Cluster, spr
 
 
 def _verify_local(cfg: Config, n: int, cl: Cluster, spec, d: int, spread: bool,
-                  buckets: int) -> tuple[float, float, float, str]:
+                  bucket: int) -> tuple[float, float, float, str]:
     """dedup.verify local (pipelines.copy_verify): every image decoded again for its content and mirrored
     pHashes, each value partition's hashes searched against all 2n within candidate_phash bits (brute
     force), the embedding's k-NN candidates (the index holders), cap jobs that keep each row's best
@@ -223,7 +223,6 @@ def _verify_local(cfg: Config, n: int, cl: Cluster, spec, d: int, spread: bool,
     searches = -(-2 * n // SEARCH_VALUES)  # search jobs (at most: hashes collapse to distinct values)
     # a job holds its rows' (or values') best candidates and as many gathered (u, v, cost: 24 B), with the
     # sorts' copies (x3)
-    bucket = max(1, min(n, dc.bucket_records))
     job = cost("base_rss") + max(bucket, min(SEARCH_VALUES, 2 * n)) * 2 * dc.max_pairs_per_image * 72
     # the messages: each k-NN candidate and each pHash pair a search job sends, to both rows' buckets
     disk = n * (2 * dc.candidate_k + 4 * dc.max_pairs_per_image) * 24
@@ -262,7 +261,7 @@ def _dedup(cfg: Config, f: _Flow, cl: Cluster, embs: dict) -> StagePlan:
     verify = cfg.dedup.verify == "local" or (cfg.dedup.verify == "auto" and not cfg.dedup.copy_descriptor)
     exchanged = 0.0
     if verify:  # the index holders find candidates; cap jobs rank them, as the bucket jobs run
-        cap_job, exchanged, search_s, note = _verify_local(cfg, f.kept, cl, spec, d, spread, buckets)
+        cap_job, exchanged, search_s, note = _verify_local(cfg, f.kept, cl, spec, d, spread, bucket)
         notes.append(note)
         if cap_job > cl.mem / (cl.cpus_per_node if spread else 1):
             raise PlanRefused(f"dedup.verify local: a cap or search job needs {fmt_bytes(cap_job)}, "

@@ -186,9 +186,10 @@ def _verified_edges(cfg: Config, emb_dir: Path, layout, parts, valid_at: list[st
     dc = cfg.dedup
     ingest = stage_dir(cfg, "ingest")
     knn, _ = _knn_files(cfg, emb_dir, parts, valid_at, dc.candidate_k, dc.candidate_cosine, work, bounds, "knn")
-    files, info = verified_edge_files(work, layout, RowMap(ingest).offsets, valid_at, knn, bounds, dc,
-                                      verify_settings(cfg), threshold, str(emb_dir), str(ingest), mapper)
-    return files, {**info, "verify_settings": verify_settings(cfg).to_dict()}
+    settings = verify_settings(cfg)
+    files, info = verified_edge_files(work, layout, RowMap(ingest).offsets, valid_at, knn, bounds, dc, settings,
+                                      threshold, str(emb_dir), str(ingest), mapper)
+    return files, {**info, "verify_settings": settings.to_dict()}
 
 
 class _NodeInfo:

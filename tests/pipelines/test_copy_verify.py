@@ -1,5 +1,6 @@
 """Local verification by jobs over buckets (pipelines.copy_verify) against the same steps over the whole
-pool in one process (curate.verify.candidate_pairs, pipelines.copy_images.verify_image_pairs)."""
+pool in one process (pipelines.copy_verify.whole_pool: curate.verify.candidate_pairs,
+pipelines.copy_images.verify_image_pairs)."""
 
 import numpy as np
 import pytest
@@ -36,35 +37,6 @@ def pool(tmp_path_factory):
     return cfg, root
 
 
-def _reference(cfg, ingest, emb_dir, threshold):
-    """The candidates and verified edges over the whole pool in one process."""
-    from curate.dedup import as_parts, pair_sims, valid_rows
-    from curate.verify import candidate_pairs, embedding_candidates, phash_candidates
-    from pipelines.aligned import RowMap
-    from pipelines.copy_images import content_hashes, verify_image_pairs, verify_settings
-
-    dc = cfg.dedup
-    parts = as_parts(str(emb_dir))
-    valid = valid_rows(parts)
-    emb_rows = RowMap(ingest, emb_dir).emb_rows
-    ph, mirror, decoded, _ = content_hashes(ingest, emb_rows)
-    i, j, cost = phash_candidates(ph, dc.candidate_phash, mirror)
-    usable = decoded & valid
-    take = usable[i] & usable[j]
-    knn = embedding_candidates(str(emb_dir), dc.candidate_k, dc.candidate_cosine, valid=valid)
-    ci, cj, stats = candidate_pairs(parts.n, knn, (i[take], j[take], cost[take]),
-                                    max_pairs_per_image=dc.max_pairs_per_image)
-    res = verify_image_pairs([(ingest, emb_rows)], ci, cj, verify_settings(cfg))
-    sims = pair_sims(parts, res.i, parts, res.j)
-    link = res.verified | (res.abstained & (sims > threshold))
-    edges = (res.i[link], res.j[link], np.where(res.verified, res.share, sims)[link].astype(np.float32))
-    from curate.hashing import phash_pairs
-
-    codes = np.concatenate([ph[usable], mirror[usable]])
-    distinct_pairs = int((phash_pairs(codes, dc.candidate_phash)[2] > 0).sum())  # between distinct values
-    return edges, stats, res, (i[take], j[take]), distinct_pairs
-
-
 @pytest.mark.parametrize("bucket_records", [10**6, 12, 24])
 def test_bucketed_verification_equals_the_whole_pool(pool, tmp_path, monkeypatch, bucket_records):
     from curate.copy_graph_parts import part_buckets, read_edges
@@ -93,7 +65,12 @@ def test_bucketed_verification_equals_the_whole_pool(pool, tmp_path, monkeypatch
     work = tmp_path / "_graph"
     valid_at, n_valid = valid_files(parts.paths, work, None)
     files, info = _verified_edges(cfg, emb_dir, layout, parts, valid_at, 0.95, work, bounds, mapper)
-    (ri, rj, rs), stats, res, hashed, distinct_pairs = _reference(cfg, ingest, emb_dir, 0.95)
+    from curate.hashing import phash_pairs
+    from pipelines.copy_verify import whole_pool
+
+    ref = whole_pool(cfg, ingest, emb_dir, 0.95)
+    (ri, rj, rs), stats, res, hashed = ref["edges"], ref["stats"], ref["result"], ref["hashed"]
+    distinct_pairs = int((phash_pairs(ref["codes"], cfg.dedup.candidate_phash)[2] > 0).sum())  # distinct values
     order = np.lexsort((rj, ri))
     gi, gj, gs = read_edges(files)
     assert np.array_equal(gi, ri[order]) and np.array_equal(gj, rj[order]) and np.array_equal(gs, rs[order])
